@@ -1,0 +1,52 @@
+"""Where we run: CUDA or CPU, which backend, which optional accelerators are importable."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on (its local GPU, or the CPU)."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_backend() -> str:
+    return "nccl" if has_cuda() else "gloo"
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_transformer_engine() -> bool:
+    return has_cuda() and has_module("transformer_engine")
+
+
+def has_flash_attn() -> bool:
+    return has_cuda() and has_module("flash_attn")
+
+
+def has_triton() -> bool:
+    """Triton kernels can run: on a GPU, or anywhere under TRITON_INTERPRET=1."""
+    if not has_module("triton"):
+        return False
+    return has_cuda() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def prepare_megatron() -> None:
+    """Call before building megatron-core objects: installs the CPU layer when CUDA is absent."""
+    from megatron_unihetero.platform import megatron_cpu
+
+    megatron_cpu.install()
