@@ -1,0 +1,283 @@
+"""The on-disk shard format: the contract between preprocessing and the training loader.
+
+A shard is a set of files sharing a path prefix ``S`` (datasets are split into shards named
+``PREFIX_00000``, ``PREFIX_00001``, ...; see :func:`shard_name` and :func:`list_shards`):
+
+``S.text.bin/.idx``
+    megatron.core IndexedDataset, dtype int32, ONE sequence (and one document) per sample:
+    ``BOS ... EOS``. Every image of the sample appears as exactly one placeholder wrapped as
+    ``<image_start> <image> <image_end>``; the loader expands ``<image>`` to the model's
+    tokens-per-image.
+``S.images.bin/.idx``  (``image_store == "pixels"``)
+    IndexedDataset, dtype uint8, one sequence per image: ``image_size*image_size*3`` RGB bytes
+    in HWC order, images in the order they appear across samples.
+``S.features.bin/.idx``  (``image_store == "features"``)
+    Frozen vision-encoder features, one sequence per image of shape ``feature_shape`` =
+    ``[tokens, dim]``. IndexedDataset has no float16 dtype, so the float16 values are stored
+    as their int16 bit patterns (``feature_dtype == "float16"``, ``feature_storage ==
+    "int16_bits"``); :meth:`ShardReader.images` views them back as float16.
+``S.image_offsets.npy``
+    int64 ``[num_samples + 1]``, cumulative image counts: sample i owns images
+    ``off[i]:off[i+1]``.
+``S.lossmask.bin/.idx``  (optional, ``has_loss_mask``)
+    IndexedDataset, dtype int8, same lengths as the text: 1 = this token is a training target
+    (label). Written only when some input had a prompt/answer split (QA samples: loss on the
+    answer and EOS only). Without it, :meth:`ShardReader.loss_mask` returns the default: every
+    token is a target except the three image tokens.
+``S.json``
+    Metadata (see :meth:`ShardWriter.finalize`). Written LAST: a shard exists iff its json does.
+
+Every file is written under a temporary name (``S.tmp.*``) and renamed to its final name only
+by :meth:`ShardWriter.finalize`, json last, so an interrupted run never leaves a shard that
+looks whole.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SHARD_INDEX_DIGITS = 5
+
+TEXT, IMAGES, FEATURES, LOSSMASK = "text", "images", "features", "lossmask"
+_DTYPES = {TEXT: np.int32, IMAGES: np.uint8, FEATURES: np.int16, LOSSMASK: np.int8}
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """The prefix of shard ``index`` of dataset ``prefix``: ``PREFIX_00003``."""
+    return f"{prefix}_{index:0{SHARD_INDEX_DIGITS}d}"
+
+
+def list_shards(prefix: str) -> list[str]:
+    """All finished shards of dataset ``prefix``, in index order.
+
+    Accepts either a dataset prefix (finds ``PREFIX_NNNNN.json``) or the prefix of a single
+    shard (``PREFIX.json`` exists, e.g. the output of tools/merge_shards.py).
+    """
+    if os.path.exists(prefix + ".json"):
+        return [prefix]
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_(\d{%d,})\.json$" % SHARD_INDEX_DIGITS)
+    found = []
+    for path in glob.glob(glob.escape(prefix) + "_*.json"):
+        m = pattern.match(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path[: -len(".json")]))
+    return [p for _, p in sorted(found)]
+
+
+def _indexed_dataset_module():
+    # Imported lazily: megatron.core takes seconds to import and spawned workers never need it.
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
+class ShardWriter:
+    """Writes one shard. Use as a context manager: an exception aborts (deletes the temp files).
+
+    Args:
+        prefix: final path prefix of the shard.
+        image_store: "pixels" (uint8 HWC images of ``image_size``) or "features".
+        image_size: side of the square images (pixels store).
+        feature_shape: ``(tokens, dim)`` of each image's features (features store).
+        with_loss_mask: write ``S.lossmask.*``; then every :meth:`add_sample` needs a mask.
+        metadata: extra entries for ``S.json`` (tokenizer, sources, template, ...).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        image_store: str = "pixels",
+        image_size: Optional[int] = None,
+        feature_shape: Optional[Sequence[int]] = None,
+        with_loss_mask: bool = False,
+        metadata: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        if image_store not in ("pixels", "features"):
+            raise ValueError(f"image_store must be 'pixels' or 'features', got {image_store!r}")
+        if image_store == "pixels" and not image_size:
+            raise ValueError("image_store='pixels' needs image_size")
+        if image_store == "features" and (feature_shape is None or len(feature_shape) != 2):
+            raise ValueError(f"image_store='features' needs feature_shape=(tokens, dim), got {feature_shape}")
+        self.prefix = prefix
+        self.image_store = image_store
+        self.image_size = image_size
+        self.feature_shape = tuple(int(x) for x in feature_shape) if feature_shape is not None else None
+        self.with_loss_mask = with_loss_mask
+        self.metadata = dict(metadata or {})
+        self._kinds = [TEXT, IMAGES if image_store == "pixels" else FEATURES] + ([LOSSMASK] if with_loss_mask else [])
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        idx = _indexed_dataset_module()
+        self._builders = {k: idx.IndexedDatasetBuilder(self._tmp(k) + ".bin", dtype=_DTYPES[k]) for k in self._kinds}
+        self._offsets = [0]
+        self._num_tokens = 0
+        self.bytes_written = 0
+        self._done = False
+
+    def _tmp(self, kind: str) -> str:
+        return f"{self.prefix}.tmp.{kind}"
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+
+    def add_sample(self, tokens: np.ndarray, images: Sequence[np.ndarray] = (), loss_mask: Optional[np.ndarray] = None) -> None:
+        """Append one sample: its token ids, its images (in placeholder order) and loss mask."""
+        import torch
+
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ValueError(f"{self.prefix}: sample {len(self)}: tokens must be a non-empty 1-D array")
+        if self.with_loss_mask:
+            if loss_mask is None or len(loss_mask) != len(tokens):
+                raise ValueError(f"{self.prefix}: sample {len(self)}: loss_mask must have len(tokens)={len(tokens)}")
+            self._add(LOSSMASK, np.asarray(loss_mask, dtype=np.int8), torch)
+        elif loss_mask is not None:
+            raise ValueError(f"{self.prefix}: writer was created with with_loss_mask=False but got a loss_mask")
+        for img in images:
+            self._add(self._kinds[1], self._check_image(img), torch)
+        self._add(TEXT, tokens, torch)
+        self._offsets.append(self._offsets[-1] + len(images))
+        self._num_tokens += len(tokens)
+
+    def _add(self, kind: str, arr: np.ndarray, torch) -> None:
+        b = self._builders[kind]
+        b.add_item(torch.from_numpy(np.ascontiguousarray(arr).reshape(-1)))
+        b.end_document()
+        self.bytes_written += arr.nbytes
+
+    def _check_image(self, img: np.ndarray) -> np.ndarray:
+        img = np.asarray(img)
+        if self.image_store == "pixels":
+            want = (self.image_size, self.image_size, 3)
+            if img.shape != want or img.dtype != np.uint8:
+                raise ValueError(f"{self.prefix}: sample {len(self)}: image must be uint8 {want}, got {img.dtype} {img.shape}")
+            return img
+        if tuple(img.shape) != self.feature_shape:
+            raise ValueError(f"{self.prefix}: sample {len(self)}: features must be {self.feature_shape}, got {img.shape}")
+        return np.asarray(img, dtype=np.float16).view(np.int16)
+
+    def abort(self) -> None:
+        """Close and delete every temporary file; no final-named file is created."""
+        if self._done:
+            return
+        self._done = True
+        for kind, b in self._builders.items():
+            try:
+                b.data_file.close()
+            except Exception:
+                pass
+            for ext in (".bin", ".idx"):
+                if os.path.exists(self._tmp(kind) + ext):
+                    os.remove(self._tmp(kind) + ext)
+        if os.path.exists(self._tmp("image_offsets") + ".npy"):
+            os.remove(self._tmp("image_offsets") + ".npy")
+
+    def finalize(self, **extra_metadata: Any) -> Dict[str, Any]:
+        """Write the indices and metadata, then rename everything to final names (json last)."""
+        if self._done:
+            raise RuntimeError(f"{self.prefix}: writer already finalized or aborted")
+        for kind, b in self._builders.items():
+            b.finalize(self._tmp(kind) + ".idx")
+        np.save(self._tmp("image_offsets") + ".npy", np.asarray(self._offsets, dtype=np.int64))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "num_samples": len(self),
+            "num_images": int(self._offsets[-1]),
+            "num_tokens": int(self._num_tokens),
+            "image_store": self.image_store,
+            "image_size": self.image_size,
+            "image_layout": "HWC uint8 RGB" if self.image_store == "pixels" else None,
+            "feature_shape": list(self.feature_shape) if self.feature_shape else None,
+            "feature_dtype": "float16" if self.image_store == "features" else None,
+            "feature_storage": "int16_bits" if self.image_store == "features" else None,
+            "has_loss_mask": self.with_loss_mask,
+            "loss_mask_default": "all tokens except <image_start>/<image>/<image_end>",
+            **self.metadata,
+            **extra_metadata,
+        }
+        with open(self._tmp("meta") + ".json", "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        for kind in self._kinds:
+            for ext in (".bin", ".idx"):
+                os.replace(self._tmp(kind) + ext, f"{self.prefix}.{kind}{ext}")
+        os.replace(self._tmp("image_offsets") + ".npy", f"{self.prefix}.image_offsets.npy")
+        os.replace(self._tmp("meta") + ".json", f"{self.prefix}.json")
+        self._done = True
+        return meta
+
+
+class ShardReader:
+    """Random access to one finished shard (memory-mapped)."""
+
+    def __init__(self, prefix: str) -> None:
+        meta_path = prefix + ".json"
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: not a finished shard (interrupted preprocessing?)")
+        with open(meta_path) as f:
+            self.metadata: Dict[str, Any] = json.load(f)
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {self.metadata.get('format_version')} != {FORMAT_VERSION}")
+        idx = _indexed_dataset_module()
+        self.prefix = prefix
+        self._text = idx.IndexedDataset(f"{prefix}.{TEXT}")
+        self._store = IMAGES if self.metadata["image_store"] == "pixels" else FEATURES
+        self._images = idx.IndexedDataset(f"{prefix}.{self._store}")
+        self._mask = idx.IndexedDataset(f"{prefix}.{LOSSMASK}") if self.metadata.get("has_loss_mask") else None
+        self.image_offsets = np.load(f"{prefix}.image_offsets.npy")
+        n = self.metadata["num_samples"]
+        if len(self._text) != n or len(self.image_offsets) != n + 1 or len(self._images) != self.image_offsets[-1]:
+            raise ValueError(
+                f"{prefix}: inconsistent shard (json says {n} samples; text has {len(self._text)}, "
+                f"offsets {len(self.image_offsets) - 1}, images {len(self._images)} vs {self.image_offsets[-1]})"
+            )
+        tok = self.metadata.get("tokenizer") or {}
+        self._image_token_ids = np.asarray(
+            [tok[k] for k in ("image_start_id", "image_token_id", "image_end_id") if k in tok], dtype=np.int32
+        )
+
+    def __len__(self) -> int:
+        return int(self.metadata["num_samples"])
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        """Token count of every sample (for packing without reading the tokens)."""
+        return self._text.sequence_lengths
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self._text[i]
+
+    def num_images(self, i: int) -> int:
+        return int(self.image_offsets[i + 1] - self.image_offsets[i])
+
+    def images(self, i: int) -> np.ndarray:
+        """Sample i's images: uint8 ``[n, H, W, 3]`` (pixels) or float16 ``[n, tokens, dim]``."""
+        lo, hi = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+        if self._store == IMAGES:
+            s = self.metadata["image_size"]
+            shape = (s, s, 3)
+        else:
+            shape = tuple(self.metadata["feature_shape"])
+        out = [self._images[j].reshape(shape) for j in range(lo, hi)]
+        arr = np.stack(out) if out else np.zeros((0, *shape), dtype=np.uint8 if self._store == IMAGES else np.int16)
+        return arr if self._store == IMAGES else arr.view(np.float16)
+
+    def loss_mask(self, i: int) -> np.ndarray:
+        """int8 mask, 1 = the token is a training target. See the module docstring for the default."""
+        if self._mask is not None:
+            return self._mask[i]
+        tokens = self.tokens(i)
+        return (~np.isin(tokens, self._image_token_ids)).astype(np.int8)
