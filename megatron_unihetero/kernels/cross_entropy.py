@@ -1,0 +1,236 @@
+"""Fused LM head + cross-entropy that never materialises the full [N, V] logits.
+
+    loss_sum, num_tokens = fused_linear_cross_entropy(hidden, weight, labels)
+
+hidden [N, H]; weight [V_local, H] (the LM head, or this rank's vocab shard); labels [N] int64,
+``ignore_index`` where there is no loss. Returns the SUM of per-token cross-entropy over the
+non-ignored tokens (fp32 scalar) and their count (int64 scalar tensor): divide by a *global*
+token count upstream (DESIGN.md section 2), never here.
+
+Tensor parallelism (``tp_group``): rank r holds vocab ids [r*V_local, (r+1)*V_local); labels are
+global ids and hidden is replicated, identical on every rank. The log-sum-exp and the target
+logit are combined across ranks (Megatron's vocab-parallel cross-entropy), so the loss is the
+same on every rank. Gradient convention: the gradient returned for ``hidden`` is the FULL one,
+already all-reduced (summed) over the TP group, i.e. the same on every rank; the caller must NOT
+also pass hidden through megatron's ``copy_to_tensor_model_parallel_region`` (that would sum it
+twice). The gradient for ``weight`` is this rank's shard only.
+
+How (Liger-kernel style): N is processed in chunks of ``chunk_size`` rows. For each chunk the
+forward computes the logits, the loss and, when a gradient is needed, the gradient of the loss
+with respect to the logits (softmax - one_hot), which it immediately contracts into the hidden
+and weight gradients. Only those two gradients (the size of hidden and weight) are kept for the
+backward, which just scales them by the incoming gradient. Peak extra memory is a few
+[chunk_size, V_local] buffers instead of several [N, V] ones. Cost: the backward work runs in the
+forward even under ``torch.no_grad`` callers that later call backward (not possible) -- it is
+skipped when no input needs a gradient, so evaluation pays the forward only.
+
+impl: "torch" (chunked, torch ops; the CPU fallback), "triton" (chunked, the softmax statistics
+and the logits gradient in Triton kernels that work in the logits' own dtype, CUDA or
+TRITON_INTERPRET=1), "naive" (full logits + F.cross_entropy under autograd: the reference for
+tests and benchmarks), "auto" (triton on CUDA, else torch; MEGATRON_UNIHETERO_KERNELS=torch
+forces torch).
+
+Approximation: with bf16/fp16 inputs the hidden gradient is accumulated and all-reduced in the
+input dtype (as Megatron does); the weight gradient is accumulated in fp32 across chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_usable
+
+IMPLS = ("torch", "triton", "naive")
+
+# Default chunk: about 8M logits per chunk (32 MiB in fp32) -- large enough to keep the matmuls
+# efficient, small enough that the [chunk, V_local] buffers are a small fraction of the naive path.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(num_tokens: int, vocab_local: int) -> int:
+    rows = max(64, _CHUNK_ELEMENTS // max(1, vocab_local))
+    rows = 1 << (rows.bit_length() - 1)  # power of two: friendly to matmul tiling
+    return max(1, min(num_tokens, rows))
+
+
+def _tp_info(tp_group) -> Tuple[int, int]:
+    if tp_group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def _row_stats_torch(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row max and sum(exp(x - max)) of this shard's logits, in fp32."""
+    logits = logits.float()
+    row_max = logits.max(dim=1).values
+    sumexp = (logits - row_max[:, None]).exp_().sum(dim=1)
+    return row_max, sumexp
+
+
+def _logits_grad_torch(logits, lse, target_local, weight_rows):
+    """(softmax - one_hot) * weight_rows, in fp32 (a fresh buffer)."""
+    grad = logits.float().sub_(lse[:, None]).exp_()
+    rows = (target_local >= 0).nonzero().squeeze(1)
+    grad[rows, target_local[rows]] -= 1.0
+    return grad.mul_(weight_rows[:, None])
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, tp_group, chunk_size, use_triton):
+        n, _ = hidden.shape
+        v_local = weight.shape[0]
+        rank, world = _tp_info(tp_group)
+        vocab_start = rank * v_local
+        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if use_triton:
+            from megatron_unihetero.kernels import _triton_cross_entropy as tk
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad_h else None
+        # fp32 accumulator across chunks; for fp32 weights it is the final buffer.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
+
+        for start in range(0, n, chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
+            logits = h @ weight.t()  # [c, V_local], input dtype (fp32 accumulation inside matmul)
+            valid = y != ignore_index
+            local = y - vocab_start
+            in_shard = valid & (local >= 0) & (local < v_local)
+            target_local = torch.where(in_shard, local, torch.full_like(local, -1))
+            # This rank's contribution to the target logit (zero unless the label is in the shard).
+            picked = logits.gather(1, local.clamp(0, v_local - 1)[:, None]).squeeze(1).float()
+            target_logit = torch.where(in_shard, picked, torch.zeros_like(picked))
+
+            row_max, sumexp = tk.row_stats(logits) if use_triton else _row_stats_torch(logits)
+            if world > 1:
+                # Combine shard statistics: global max, then rescale each shard's sum to it.
+                global_max = row_max.clone()
+                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+                sumexp = sumexp * torch.exp(row_max - global_max)
+                dist.all_reduce(sumexp, group=tp_group)
+                dist.all_reduce(target_logit, group=tp_group)
+                row_max = global_max
+            lse = row_max + sumexp.log()
+            weight_rows = valid.float()
+            loss_sum += ((lse - target_logit) * weight_rows).sum()
+
+            if not (want_grad_h or want_grad_w):
+                continue
+            if use_triton:
+                grad_logits = tk.logits_grad_(logits, lse, target_local, weight_rows)  # in place
+            else:
+                grad_logits = _logits_grad_torch(logits, lse, target_local, weight_rows).to(hidden.dtype)
+            del logits
+            if want_grad_h:
+                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
+            if want_grad_w:
+                if grad_logits.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:
+                    grad_weight += (grad_logits.t() @ h).float()
+
+        if want_grad_h and world > 1:
+            # Megatron convention: hidden is replicated and each rank only saw its vocab shard,
+            # so the true gradient is the sum over shards (what copy_to_tensor_model_parallel_region
+            # would do in its backward).
+            dist.all_reduce(grad_hidden, group=tp_group)
+        if want_grad_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _naive(hidden, weight, labels, ignore_index, tp_group):
+    """Full logits, autograd through F.cross_entropy (vocab-parallel via megatron's formula)."""
+    rank, world = _tp_info(tp_group)
+    logits = (hidden @ weight.t()).float()
+    if world == 1:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    # Differentiable all-gather of the vocab shards, then the TP=1 formula. The hidden gradient
+    # through this shard is partial; the caller wraps hidden in _AllReduceGrad to sum it.
+    full_logits = _GatherVocab.apply(logits, tp_group)
+    return F.cross_entropy(full_logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+class _GatherVocab(torch.autograd.Function):
+    """All-gather along the vocab dim; backward keeps this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        ctx.rank, ctx.width, ctx.group = dist.get_rank(group), logits.shape[1], group
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank computes the same full loss, so the gradient of the gathered logits is the
+        # same everywhere: this rank keeps its own slice (no scaling by the world size).
+        return grad[:, ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width].contiguous(), None
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; all-reduce (sum) of the gradient in backward (Megatron's
+    copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    tp_group: Optional["dist.ProcessGroup"] = None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of non-ignored tokens); see the module docstring."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H], weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
+    num_tokens = (labels != ignore_index).sum()
+
+    order = (["triton"] if hidden.is_cuda and triton_usable(hidden.device) else []) + ["torch"]
+    impl = resolve_impl("fused_linear_cross_entropy", impl, IMPLS, order)
+    if impl == "naive":
+        _, world = _tp_info(tp_group)
+        h = _AllReduceGrad.apply(hidden, tp_group) if world > 1 else hidden
+        return _naive(h, weight, labels, ignore_index, tp_group), num_tokens
+    if impl == "triton":
+        require(triton_usable(hidden.device), "fused_linear_cross_entropy", impl,
+                "needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0).float(), num_tokens
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    loss = _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, labels, ignore_index, tp_group, chunk, impl == "triton"
+    )
+    return loss, num_tokens

@@ -1,0 +1,57 @@
+"""RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * weight.
+
+    y = rms_norm(x, weight, eps=1e-5)
+
+x [..., H] (any leading shape), weight [H]; y has x's shape and dtype. Numerics: statistics and
+the product with the weight are computed in fp32 and the result is cast once to x's dtype. (HF
+Llama casts the normalised x to the input dtype *before* multiplying by the weight; in bf16 the
+two differ by one rounding, within the tests' bf16 tolerance.)
+
+impl: "torch" (reference and CPU fallback), "triton" (one row per program; forward stores the
+per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1), "apex" (apex's fused_rms_norm_affine,
+CUDA), "auto" (apex, then triton, on CUDA; torch otherwise; MEGATRON_UNIHETERO_KERNELS=torch
+forces torch). TransformerEngine's RMSNorm is a module owning its weight, so it is reached through
+the layer specs (megatron-core's TENorm), not through this function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_unihetero.kernels._dispatch import optional_import, require, resolve_impl, triton_usable
+
+IMPLS = ("torch", "triton", "apex")
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * rstd * weight.float()).to(x.dtype)
+
+
+def _apex_rms_norm():
+    module = optional_import("apex.normalization.fused_layer_norm")
+    return getattr(module, "fused_rms_norm_affine", None) if module is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm of ``x`` over its last dim, scaled by ``weight``; see the module docstring."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    order = []
+    if x.is_cuda and _apex_rms_norm() is not None:
+        order.append("apex")
+    if x.is_cuda and triton_usable(x.device):
+        order.append("triton")
+    order.append("torch")
+    impl = resolve_impl("rms_norm", impl, IMPLS, order)
+    if impl == "apex":
+        fn = _apex_rms_norm()
+        require(fn is not None and x.is_cuda, "rms_norm", impl, "needs apex with CUDA extensions")
+        return fn(x, weight, weight.shape, eps)
+    if impl == "triton":
+        require(triton_usable(x.device), "rms_norm", impl, "needs triton and CUDA (or TRITON_INTERPRET=1)")
+        from megatron_unihetero.kernels import _triton_rmsnorm
+
+        return _triton_rmsnorm.RMSNormFunction.apply(x, weight, eps)
+    return _rms_norm_torch(x, weight, eps)
