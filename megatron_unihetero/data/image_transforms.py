@@ -1,0 +1,64 @@
+"""Image tensors for the model: uint8 HWC from shards -> normalised float32 NCHW.
+
+Shards already hold decoded, resized RGB pixels, so the training-time work is a layout change
+and a normalisation (plus a resize only when blended datasets were preprocessed at a
+different size than the model's). :func:`decode_resize` is the on-the-fly path from encoded
+bytes, kept for the throughput benchmark's baseline and for tools that read raw data.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNormalizer:
+    """``(uint8 [n, H, W, 3]) -> float32 [n, 3, S, S]``: ``(x / 255 - mean) / std``.
+
+    Args:
+        mean, std: per-channel, in [0, 1] units.
+        image_size: output side; images of another size are resized (bilinear, antialiased).
+            None: keep the stored size.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 image_size: Optional[int] = None) -> None:
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 channels, got {mean} and {std}")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.image_size = image_size
+        # Folded into one multiply-add: x * scale + shift with scale = 1/(255 std), shift = -mean/std.
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 [n, H, W, 3] images, got {images.dtype} {images.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        size = self.image_size
+        if size is not None and x.shape[-2:] != (size, size) and x.shape[0] > 0:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if size is not None and x.shape[0] == 0:
+            x = x.new_zeros((0, 3, size, size))
+        return (x * self._scale + self._shift).contiguous()
+
+
+def decode_resize(data: bytes, image_size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 [S, S, 3] RGB (PIL decode, bicubic resize)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,303 @@
+"""The training loader: blended samples -> packed rows -> per-rank micro-batches, resumable.
+
+The pipeline, identical on every data-parallel rank (so all ranks agree on the order without
+talking to each other):
+
+1. :class:`BlendedSampleStream` yields sample references (dataset, index, expanded length).
+2. The stream is cut into windows of ``pack_window`` samples; :class:`WindowPacker` turns each
+   window into rows (best-fit-decreasing, then a seeded shuffle of the rows).
+3. The rows of all windows, in order, form the *global row stream*. It is consumed in groups
+   of ``micro_batch_size * dp_size`` rows; rank r takes rows ``[r*B, (r+1)*B)`` of each group.
+   Only then does a rank read token and image data, and only for its own rows.
+
+Position and resume: the state is ``(window index, stream state at the window's start, rows of
+the window already consumed)``. Resuming re-draws that one window from the stream, re-packs it
+(deterministic) and skips the consumed rows, so a resumed loader yields exactly the batches
+the uninterrupted one would have. The global row stream does not depend on ``dp_size`` or
+``micro_batch_size``, so a checkpoint can resume on a different data-parallel size.
+
+All ranks hold the same state; saving rank 0's is enough.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from megatron_unihetero.data.blending import BlendedSampleStream, parse_data_path
+from megatron_unihetero.data.collate import Collator
+from megatron_unihetero.data.dataset import MultimodalDataset
+from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageNormalizer
+from megatron_unihetero.data.packing import SampleRef, WindowPacker
+
+STATE_VERSION = 1
+_END = object()
+
+
+class MultimodalLoader:
+    """Iterator of micro-batches (see :mod:`megatron_unihetero.data.collate` for the contract).
+
+    Args:
+        datasets: one dataset or several to blend.
+        weights: blending weights (default equal).
+        seq_length: tokens per row.
+        micro_batch_size: rows per batch on this rank.
+        tokens_per_image: the model's visual tokens per image (placeholder expansion).
+        dp_rank, dp_size: this rank's data-parallel coordinates.
+        seed: shuffling and row order.
+        num_samples: samples to draw in total (None: endless, epochs repeat). The last group
+            of rows is completed with all-padding rows so that every rank yields the same
+            number of batches.
+        pack_window: samples per packing window (larger: better packing, more memory per window).
+        image_mean, image_std: normalisation, [0, 1] units.
+        image_size: output image side; None keeps the stored size (must then be one size).
+        prefetch: batches prepared ahead in a background thread (0: build in ``__next__``).
+    """
+
+    def __init__(
+        self,
+        datasets: Union[MultimodalDataset, Sequence[MultimodalDataset]],
+        *,
+        seq_length: int,
+        micro_batch_size: int,
+        tokens_per_image: int,
+        weights: Optional[Sequence[float]] = None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 1234,
+        num_samples: Optional[int] = None,
+        pack_window: int = 2048,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        image_size: Optional[int] = None,
+        prefetch: int = 2,
+    ) -> None:
+        if isinstance(datasets, MultimodalDataset):
+            datasets = [datasets]
+        self.datasets = list(datasets)
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, dp_size={dp_size})")
+        if micro_batch_size <= 0 or tokens_per_image <= 0 or pack_window <= 0:
+            raise ValueError("micro_batch_size, tokens_per_image and pack_window must be positive")
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.tokens_per_image, self.seed, self.pack_window = tokens_per_image, seed, pack_window
+        self.dp_rank, self.dp_size, self.prefetch = dp_rank, dp_size, prefetch
+
+        self.stream = BlendedSampleStream(self.datasets, weights, seed=seed, tokens_per_image=tokens_per_image,
+                                          num_samples=num_samples)
+        self.packer = WindowPacker(seq_length, seed, describe=lambda r: self.datasets[r.dataset].describe(r.index))
+        self.collator = self._make_collator(image_mean, image_std, image_size)
+        self._fingerprint = {
+            "seq_length": seq_length, "tokens_per_image": tokens_per_image, "seed": seed,
+            "pack_window": pack_window, "num_samples": num_samples,
+            "weights": [float(w) for w in self.stream.weights],
+            "datasets": [[d.name, d.split, len(d)] for d in self.datasets],
+        }
+        # Position in the global row stream (the producer's; see _consumed for the caller's).
+        self._window = -1  # no window drawn yet
+        self._window_start: Dict[str, Any] = self.stream.state_dict()
+        self._rows: List[List[SampleRef]] = []
+        self._row_in_window = 0
+        self._rows_consumed = 0
+        self._ended = False
+        self._consumed = self._snapshot()  # the state after the last batch handed to the caller
+        self._thread: Optional[threading.Thread] = None
+        self._queue: Optional[queue.Queue] = None
+        self._stop = threading.Event()
+
+    def _make_collator(self, mean, std, image_size) -> Collator:
+        first = self.datasets[0]
+        for d in self.datasets[1:]:
+            for key in ("image_token_id", "pad_id"):
+                if d.tokenizer_ids[key] != first.tokenizer_ids[key]:
+                    raise ValueError(f"datasets {first.name} and {d.name} disagree on {key} "
+                                     f"({first.tokenizer_ids[key]} vs {d.tokenizer_ids[key]}): preprocess with one tokenizer")
+            if d.image_store != first.image_store:
+                raise ValueError(f"datasets {first.name} ({first.image_store}) and {d.name} ({d.image_store}) "
+                                 "store images differently: cannot blend pixels with features")
+        if first.image_store == "pixels":
+            side = image_size or first.metadata["image_size"]
+            shape = (3, side, side)
+        else:
+            shape = tuple(first.metadata["feature_shape"])
+        return Collator(seq_length=self.seq_length, tokens_per_image=self.tokens_per_image,
+                        image_token_id=first.tokenizer_ids["image_token_id"], pad_id=first.tokenizer_ids["pad_id"],
+                        image_store=first.image_store, image_shape=shape,
+                        normalizer=ImageNormalizer(mean, std, image_size))
+
+    # --- the global row stream -------------------------------------------------------------
+
+    def _draw_window(self, count: bool) -> None:
+        """Draw and pack the next window; skips windows whose samples were all rejected."""
+        while True:
+            self._window += 1
+            self._window_start = self.stream.state_dict()
+            self._row_in_window = 0
+            refs = self.stream.take(self.pack_window)
+            if not refs:
+                self._rows, self._ended = [], True
+                return
+            self._rows = self.packer.pack(refs, self._window, count=count)
+            if self._rows:
+                return
+
+    def _next_row(self) -> Optional[List[SampleRef]]:
+        if self._row_in_window >= len(self._rows) and not self._ended:
+            self._draw_window(count=True)
+        if self._ended:
+            return None
+        row = self._rows[self._row_in_window]
+        self._row_in_window += 1
+        self._rows_consumed += 1
+        self.packer.count_emitted(row)
+        return row
+
+    def _produce(self) -> Optional[dict]:
+        """The next batch of this rank, or None at the end of a finite stream."""
+        group = [self._next_row() for _ in range(self.micro_batch_size * self.dp_size)]
+        if group[0] is None:
+            return None
+        mine = group[self.dp_rank * self.micro_batch_size:(self.dp_rank + 1) * self.micro_batch_size]
+        rows = [[self.datasets[r.dataset].sample(r.index) for r in row] if row is not None else [] for row in mine]
+        return self.collator(rows)
+
+    # --- iteration, optionally prefetched --------------------------------------------------
+
+    def __iter__(self) -> "MultimodalLoader":
+        return self
+
+    def __next__(self) -> dict:
+        if self.prefetch <= 0:
+            batch = self._produce()
+            if batch is None:
+                raise StopIteration
+            self._consumed = self._snapshot()
+            return batch
+        if self._thread is None:
+            self._start_thread()
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted on further calls
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._consumed = item
+        return batch
+
+    def _start_thread(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._worker, name="MultimodalLoader-prefetch", daemon=True)
+        self._thread.start()
+
+    def _worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self._produce()
+                self._put(_END if batch is None else (batch, self._snapshot()))
+                if batch is None:
+                    return
+        except BaseException as e:  # surfaced to the caller by __next__
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        # Bounded wait so that close() can always stop a producer blocked on a full queue.
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the position stays that of the last batch returned)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread, self._queue = None, None
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "config": self._fingerprint,
+            "window": self._window,
+            "window_start": dict(self._window_start),
+            "row_in_window": self._row_in_window,
+            "rows_consumed": self._rows_consumed,
+            "ended": self._ended,
+            "packing": {k: v for k, v in self.packer.stats.as_dict().items() if k != "efficiency"},
+        }
+
+    def state_dict(self) -> dict:
+        """The position after the last batch returned by ``__next__`` (small, picklable)."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._consumed.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the batch at which ``state`` was taken (any dp_size / batch size)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        diff = {k: (state["config"].get(k), v) for k, v in self._fingerprint.items() if state["config"].get(k) != v}
+        if diff:
+            raise ValueError(f"loader state was saved with a different data configuration (saved, now): {diff}")
+        self.close()
+        self._window = state["window"]
+        self._rows_consumed = state["rows_consumed"]
+        self._ended = state["ended"]
+        for k, v in state["packing"].items():
+            setattr(self.packer.stats, k, v)
+        if self._window >= 0 and not self._ended:
+            # Re-draw the current window from its start; rejections were already counted.
+            self.stream.load_state_dict(state["window_start"])
+            self._window -= 1
+            self._draw_window(count=False)
+            if self._window != state["window"]:
+                raise RuntimeError(f"resume drew window {self._window}, expected {state['window']}: data changed?")
+            self._row_in_window = state["row_in_window"]
+        else:
+            self.stream.load_state_dict(state["window_start"])
+            self._window_start, self._rows, self._row_in_window = dict(state["window_start"]), [], state["row_in_window"]
+        self._consumed = self._snapshot()
+
+    @property
+    def stats(self) -> dict:
+        """Packing efficiency and rejection counts up to the last batch returned."""
+        p = self._consumed["packing"]
+        eff = p["tokens"] / (p["rows"] * self.seq_length) if p["rows"] else 0.0
+        return {**p, "efficiency": eff, "rows_consumed": self._consumed["rows_consumed"]}
+
+
+def build_loader(
+    data_path: Union[str, Sequence[str]],
+    *,
+    split: str = "train",
+    valid_fraction: float = 0.0,
+    split_seed: int = 0,
+    weights: Optional[Sequence[float]] = None,
+    num_samples: Optional[int] = None,
+    **loader_kwargs: Any,
+) -> MultimodalLoader:
+    """A loader from dataset prefixes: ``"prefix"``, ``[p1, p2]`` or Megatron-style ``[w1, p1, w2, p2]``.
+
+    For ``split="valid"`` without ``num_samples``, the loader makes one pass over the
+    validation samples (each dataset's share by its weight) and stops.
+    """
+    spec = [data_path] if isinstance(data_path, str) else list(data_path)
+    if weights is None and len(spec) > 1 and len(spec) % 2 == 0 and _is_number(spec[0]):
+        prefixes, weights = parse_data_path(spec)
+    else:
+        prefixes = spec
+    datasets = [MultimodalDataset(p, split=split, valid_fraction=valid_fraction, split_seed=split_seed) for p in prefixes]
+    if split == "valid" and num_samples is None:
+        num_samples = sum(len(d) for d in datasets)
+    return MultimodalLoader(datasets, weights=weights, num_samples=num_samples, **loader_kwargs)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
