@@ -170,6 +170,38 @@ class ShardWriter:
             raise ValueError(f"{self.prefix}: sample {len(self)}: features must be {self.feature_shape}, got {img.shape}")
         return np.asarray(img, dtype=np.float16).view(np.int16)
 
+    def append_shard(self, reader: "ShardReader") -> None:
+        """Append a whole finished shard by concatenating its files (IndexedDatasetBuilder.add_index).
+
+        The shard must match this writer's image store and geometry. A shard without a loss
+        mask merged into a writer with one gets its default mask written sample by sample.
+        """
+        import torch
+
+        m = reader.metadata
+        if m["image_store"] != self.image_store or m.get("image_size") != self.image_size or (
+            m.get("feature_shape") and tuple(m["feature_shape"]) != self.feature_shape
+        ):
+            raise ValueError(
+                f"{reader.prefix}: image store {m['image_store']}/{m.get('image_size')}/{m.get('feature_shape')} "
+                f"does not match {self.prefix}: {self.image_store}/{self.image_size}/{self.feature_shape}"
+            )
+        self._builders[TEXT].add_index(f"{reader.prefix}.{TEXT}")
+        self._builders[self._kinds[1]].add_index(f"{reader.prefix}.{self._kinds[1]}")
+        if self.with_loss_mask:
+            if m.get("has_loss_mask"):
+                self._builders[LOSSMASK].add_index(f"{reader.prefix}.{LOSSMASK}")
+            else:
+                for i in range(len(reader)):
+                    self._add(LOSSMASK, reader.loss_mask(i), torch)
+        elif m.get("has_loss_mask"):
+            raise ValueError(f"{reader.prefix} has a loss mask but the output writer was created without one")
+        base = self._offsets[-1]
+        self._offsets.extend(int(base + x) for x in reader.image_offsets[1:])
+        self._num_tokens += int(m.get("num_tokens", int(reader.sequence_lengths.sum())))
+        for kind in (TEXT, self._kinds[1]):
+            self.bytes_written += os.path.getsize(f"{reader.prefix}.{kind}.bin")
+
     def abort(self) -> None:
         """Close and delete every temporary file; no final-named file is created."""
         if self._done:

@@ -1,0 +1,219 @@
+"""Preprocessing driver: inputs -> chunks -> workers -> shards, rejects and a summary.
+
+Why it is shaped this way:
+  * Order and determinism: rows are cut into fixed-size chunks and results are consumed in
+    chunk order, so the shards are byte-identical for any ``--workers``.
+  * Bounded memory: at most ``window`` chunks are in flight (``Pool.imap`` would read the
+    whole input ahead), and readers stream their files.
+  * Robustness: each bad row is skipped, counted by reason and listed in
+    ``PREFIX.rejects.jsonl``; shards are only renamed to final names when whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+
+from megatron_unihetero.data.preprocess import worker as W
+from megatron_unihetero.data.preprocess.readers import count_rows, detect_format, iter_records
+from megatron_unihetero.data.preprocess.samples import SampleConfig
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: List[str]
+    output_prefix: str
+    tokenizer_model: str
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    input_format: Optional[str] = None  # None: from each file's extension
+    workers: int = 1
+    chunk_size: int = 64                # rows per task; part of the output's determinism
+    shard_size_mb: float = 1024.0
+    max_reject_fraction: float = 0.01
+    vision_model: Optional[str] = None  # set: store frozen-encoder features instead of pixels
+    progress: bool = True
+
+
+class ShardSink:
+    """Writes samples into PREFIX_00000, PREFIX_00001, ... rolling over at ``shard_size_mb``."""
+
+    def __init__(self, cfg: PreprocessConfig, metadata: Dict[str, Any]) -> None:
+        self.cfg, self.metadata = cfg, metadata
+        self.limit = int(cfg.shard_size_mb * 1024 * 1024)
+        self.writer = None
+        self.shards: List[str] = []
+        self.num_samples = 0
+        self.feature_shape = None
+
+    def _open(self, first_images) -> None:
+        from megatron_unihetero.data.shards import ShardWriter, shard_name
+
+        prefix = shard_name(self.cfg.output_prefix, len(self.shards))
+        if self.cfg.vision_model:
+            if self.feature_shape is None:
+                if not first_images:
+                    raise ValueError("the first sample has no image: cannot tell the feature shape")
+                self.feature_shape = tuple(first_images[0].shape)
+            kw = dict(image_store="features", feature_shape=self.feature_shape, image_size=self.cfg.sample.image_size)
+        else:
+            kw = dict(image_store="pixels", image_size=self.cfg.sample.image_size)
+        self.writer = ShardWriter(prefix, with_loss_mask=self.cfg.sample.has_loss_mask, metadata=self.metadata, **kw)
+
+    def add(self, sample) -> None:
+        if self.writer is None:
+            self._open(sample.images)
+        self.writer.add_sample(sample.tokens, sample.images, sample.loss_mask)
+        self.num_samples += 1
+        if self.writer.bytes_written >= self.limit:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.finalize(shard_index=len(self.shards))
+            self.shards.append(self.writer.prefix)
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def _chunks(cfg: PreprocessConfig) -> Iterator[List[W.Row]]:
+    chunk: List[W.Row] = []
+    for path in cfg.inputs:
+        fmt = cfg.input_format or detect_format(path)
+        s = cfg.sample
+        for row, rec in iter_records(path, fmt, text_column=s.text_column, image_column=s.image_column,
+                                     columns=s.columns(), batch_size=cfg.chunk_size):
+            chunk.append((path, row, rec))
+            if len(chunk) == cfg.chunk_size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, initarg: Any, window: int) -> Iterator:
+    """``map(fn, tasks)`` in order over a spawn pool, at most ``window`` tasks in flight."""
+    if workers <= 1:
+        init(initarg)
+        for t in tasks:
+            yield fn(t)
+        return
+    # spawn, not fork: forked children inherit torch/gloo state and can deadlock (DESIGN.md 4).
+    with mp.get_context("spawn").Pool(workers, initializer=init, initargs=(initarg,)) as pool:
+        pending: collections.deque = collections.deque()
+        for t in tasks:
+            pending.append(pool.apply_async(fn, (t,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _remove_old_shards(prefix: str) -> None:
+    """A rerun replaces the dataset: stale shards of a bigger earlier run must not be mixed in."""
+    from megatron_unihetero.data.shards import list_shards
+
+    for shard in list_shards(prefix):
+        if shard == prefix:
+            continue
+        os.remove(shard + ".json")  # first: the shard stops looking whole
+        for name in os.listdir(os.path.dirname(os.path.abspath(shard))):
+            path = os.path.join(os.path.dirname(os.path.abspath(shard)), name)
+            if name.startswith(os.path.basename(shard) + "."):
+                os.remove(path)
+
+
+def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
+    """Run preprocessing; returns the summary (also written to ``PREFIX.summary.json``)."""
+    from tqdm import tqdm
+
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+
+    for path in cfg.inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input file {path} does not exist")
+    tokenizer = build_tokenizer(cfg.tokenizer_model)  # fail fast here, not in every worker
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    _remove_old_shards(cfg.output_prefix)
+    metadata = {
+        "tokenizer": tokenizer.metadata(),
+        "sources": [os.path.abspath(p) for p in cfg.inputs],
+        "sample_config": asdict(cfg.sample),
+        "dataset_name": os.path.basename(cfg.output_prefix),
+    }
+    wcfg = W.WorkerConfig(cfg.tokenizer_model, cfg.sample, cfg.vision_model,
+                          torch_threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)) if cfg.workers > 1 else 0)
+    if cfg.vision_model:
+        from megatron_unihetero.data.preprocess.features import FeatureExtractor
+
+        metadata.update(FeatureExtractor(cfg.vision_model, cfg.sample.image_size).metadata())  # validates early
+    totals = [count_rows(p, cfg.input_format or detect_format(p)) for p in cfg.inputs]
+    total = sum(totals) if all(t is not None for t in totals) else None
+
+    sink = ShardSink(cfg, metadata)
+    reasons: collections.Counter = collections.Counter()
+    rows = 0
+    t0 = time.time()
+    rejects_path = cfg.output_prefix + ".rejects.jsonl"
+    bar = tqdm(total=total, unit="row", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        with open(rejects_path, "w") as rejects:
+            results = ordered_map(W.process_chunk, _chunks(cfg), cfg.workers, W.init_worker, wcfg, window=2 * max(1, cfg.workers))
+            for chunk in results:
+                for r in chunk:
+                    rows += 1
+                    if r.samples is None:
+                        reasons[r.reason] += 1
+                        rejects.write(json.dumps({"file": r.source, "row": r.row, "reason": r.reason, "detail": r.detail}) + "\n")
+                        continue
+                    for s in r.samples:
+                        sink.add(s)
+                bar.update(len(chunk))
+                bar.set_postfix(samples=sink.num_samples, rejected=sum(reasons.values()),
+                                samples_per_s=f"{sink.num_samples / max(time.time() - t0, 1e-9):.0f}")
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    rejected = sum(reasons.values())
+    summary = {
+        "rows": rows,
+        "samples": sink.num_samples,
+        "rejected": rejected,
+        "reject_fraction": rejected / rows if rows else 0.0,
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "shards": sink.shards,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(sink.num_samples / seconds, 1) if seconds > 0 else None,
+        "workers": cfg.workers,
+        "rejects_file": rejects_path,
+    }
+    summary["ok"] = summary["reject_fraction"] <= cfg.max_reject_fraction
+    with open(cfg.output_prefix + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def format_summary(summary: Dict[str, Any], max_reject_fraction: float) -> str:
+    lines = [
+        f"rows read: {summary['rows']}  samples written: {summary['samples']}  "
+        f"shards: {len(summary['shards'])}  time: {summary['seconds']:.1f}s  ({summary['samples_per_s']} samples/s)",
+        f"rejected: {summary['rejected']} ({100 * summary['reject_fraction']:.2f}%, limit {100 * max_reject_fraction:.2f}%)"
+        + (f"  -> see {summary['rejects_file']}" if summary["rejected"] else ""),
+    ]
+    for reason, n in summary["rejects_by_reason"].items():
+        lines.append(f"  {reason}: {n}")
+    if not summary["ok"]:
+        lines.append("FAILED: the rejected fraction exceeds --max-reject-fraction")
+    return "\n".join(lines)
