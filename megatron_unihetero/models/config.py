@@ -1,0 +1,123 @@
+"""Typed configuration of the UniHetero model: LLM, vision encoder, projector and heads.
+
+Each dataclass validates itself in ``__post_init__`` so that a bad value fails where it is
+written, with the field named, instead of deep inside megatron-core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+IGNORE_INDEX = -100
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class LLMConfig:
+    """A Llama-architecture decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= num_attention_heads)
+    ffn_hidden_size: int = 172
+    vocab_size: int = 512
+    max_sequence_length: int = 256
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    attention_impl: str = "auto"  # see megatron_unihetero.kernels.attention
+    transformer_impl: str = "local"  # local | transformer_engine (GPU, when installed)
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"llm.hidden_size ({self.hidden_size}) must be divisible by "
+               f"llm.num_attention_heads ({self.num_attention_heads})")
+        _check(self.num_attention_heads % self.num_query_groups == 0,
+               f"llm.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+               f"llm.num_query_groups ({self.num_query_groups})")
+        _check(self.transformer_impl in ("local", "transformer_engine"),
+               f"llm.transformer_impl must be 'local' or 'transformer_engine', "
+               f"got {self.transformer_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VisionConfig:
+    """A HuggingFace vision encoder (Dinov2 by default), built from a config or a local folder."""
+
+    model_type: str = "dinov2"  # dinov2 | siglip | clip
+    path: Optional[str] = None  # local HF folder; None: build from `hf_config` (random init)
+    hf_config: Dict[str, Any] = field(default_factory=lambda: dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8,
+    ))
+    feature_layer: int = -1  # which hidden state feeds the projector (-1: last; -2: penultimate)
+    drop_cls_token: bool = True  # keep only patch tokens (LLaVA's "patch" feature selection)
+    frozen: bool = True
+
+    def __post_init__(self):
+        _check(self.model_type in ("dinov2", "siglip", "clip"),
+               f"vision.model_type must be dinov2, siglip or clip; got {self.model_type!r}")
+
+
+@dataclass
+class ProjectorConfig:
+    """The LLaVA projector: Linear -> GELU -> Linear from encoder width to LLM width."""
+
+    frozen: bool = False
+
+
+@dataclass
+class SemanticGenConfig:
+    """Semantic generation: regress the next visual embedding from the LLM's hidden state."""
+
+    weight: float = 0.0  # 0 disables the objective (und-only)
+    loss: str = "mse"  # mse | cosine | smooth_l1
+    target: str = "input_embedding"  # input_embedding | ema_input_embedding | encoder_output
+    head: str = "linear"  # linear | mlp
+    ema_decay: float = 0.999
+    warmup_steps: int = 0  # the weight ramps linearly from 0 over this many steps
+
+    def __post_init__(self):
+        _check(self.loss in ("mse", "cosine", "smooth_l1"),
+               f"semantic.loss must be mse, cosine or smooth_l1; got {self.loss!r}")
+        _check(self.target in ("input_embedding", "ema_input_embedding", "encoder_output"),
+               f"semantic.target must be input_embedding, ema_input_embedding or "
+               f"encoder_output; got {self.target!r}")
+        _check(self.head in ("linear", "mlp"), f"semantic.head must be linear or mlp; got {self.head!r}")
+        _check(0.0 <= self.ema_decay < 1.0, f"semantic.ema_decay must be in [0, 1); got {self.ema_decay}")
+        _check(self.weight >= 0.0, f"semantic.weight must be >= 0; got {self.weight}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0.0
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    semantic: SemanticGenConfig = field(default_factory=SemanticGenConfig)
+    image_token_id: int = 3
+    freeze_llm: bool = False
+
+    def __post_init__(self):
+        _check(0 <= self.image_token_id < self.llm.vocab_size,
+               f"model.image_token_id ({self.image_token_id}) must be a token id below "
+               f"llm.vocab_size ({self.llm.vocab_size})")

@@ -1,0 +1,82 @@
+"""Output heads and their losses: the LM head (text) and the embedding-regression head.
+
+Every loss is returned as (sum over contributing tokens, number of those tokens) so the caller
+can normalise by the *global* token count of the step: then gradient accumulation and data
+parallelism do not change the loss (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from torch import nn
+
+from megatron_unihetero.models.config import IGNORE_INDEX
+
+LossAndCount = Tuple[torch.Tensor, torch.Tensor]
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token regression loss [N]; ``target`` is detached here (a stop-gradient target)."""
+    target = target.detach().to(prediction.dtype)
+    if kind == "mse":
+        return (prediction - target).pow(2).mean(dim=-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(prediction, target, reduction="none", beta=1.0).mean(dim=-1)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(prediction, target, dim=-1, eps=1e-8)
+    raise ValueError(f"unknown regression loss {kind!r}; expected mse, cosine or smooth_l1")
+
+
+class SemanticHead(nn.Module):
+    """Predicts the next visual embedding from an LLM hidden state (linear, or a 2-layer MLP).
+
+    Replicated over tensor-parallel ranks: its input (the last stage's hidden states) is
+    replicated there, so every rank computes the same prediction and gradients.
+    """
+
+    def __init__(self, hidden_size: int, target_dim: int, kind: str = "linear"):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.proj = nn.Linear(hidden_size, target_dim)
+        elif kind == "mlp":
+            self.fc1 = nn.Linear(hidden_size, hidden_size)
+            self.proj = nn.Linear(hidden_size, target_dim)
+        else:
+            raise ValueError(f"semantic head must be linear or mlp; got {kind!r}")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mlp":
+            hidden = F.gelu(self.fc1(hidden))
+        return self.proj(hidden)
+
+
+def semantic_loss(head: SemanticHead, hidden: torch.Tensor, target: torch.Tensor,
+                  kind: str) -> LossAndCount:
+    """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``."""
+    count = torch.tensor(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    if hidden.shape[0] == 0:
+        # Keep the head in the graph so every rank runs the same backward.
+        return sum(p.sum() for p in head.parameters()) * 0.0, count
+    per_token = regression_loss(head(hidden).float(), target.float(), kind)
+    return per_token.sum(), count
+
+
+def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor,
+              excluded_label: int) -> LossAndCount:
+    """Summed next-token cross-entropy over positions with a text label.
+
+    ``hidden`` [N, H] and ``labels`` [N]; labels equal to IGNORE_INDEX or ``excluded_label``
+    (the image placeholder: predicting it is the semantic head's job) do not count. The logits
+    stay vocab-parallel: megatron's vocab-parallel cross-entropy reduces across TP ranks.
+    """
+    keep = (labels != IGNORE_INDEX) & (labels != excluded_label)
+    count = keep.sum()
+    logits, _ = output_layer(hidden[None])  # [1, N, V / tp]
+    safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels[None])[0]
+    return (per_token * keep).sum(), count

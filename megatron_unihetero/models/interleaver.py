@@ -1,0 +1,159 @@
+"""The vision-token interleaver: where each image's embeddings go in the LLM input sequence.
+
+Token sequences carry each image as ``tokens_per_image`` consecutive placeholder tokens
+(``image_token_id``), the way HF's LlavaProcessor expands ``<image>``. Images are given in
+order of appearance: row 0's images, then row 1's, and so on.
+
+The work is split in two so the last pipeline stage, which has no embeddings, can still build
+the semantic-generation targets:
+
+* :func:`layout` validates placeholders and returns the masks (text, visual, semantic
+  positions) and, for each visual position, which image token sits there. It needs only token
+  ids, so every pipeline stage can compute it.
+* :func:`scatter_visual` writes the visual embeddings into the text embeddings (first stage).
+* :func:`semantic_targets` gathers, for every semantic position i, the target of position i+1
+  (last stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class InterleaveError(ValueError):
+    """Placeholders and images do not agree; the message names the sample and the problem."""
+
+
+@dataclass
+class Layout:
+    """Where text and images sit in a batch [B, S] (after any truncation)."""
+
+    tokens: torch.Tensor  # [B, S] the (possibly truncated) token ids
+    segment_ids: torch.Tensor  # [B, S] document index per position, -1 for padding
+    visual_mask: torch.Tensor  # [B, S] bool: position holds an image embedding
+    text_mask: torch.Tensor  # [B, S] bool: position holds a text token (not padding)
+    semantic_mask: torch.Tensor  # [B, S] bool: the next position is visual, same document
+    visual_index: torch.Tensor  # [num_visual] flat index (image * T + token) per visual position
+    images_per_sample: torch.Tensor  # [B] images each row holds before truncation
+    num_truncated_tokens: int  # tokens cut from the end of rows longer than max_length
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images_per_sample.sum())
+
+
+def layout(
+    tokens: torch.Tensor,
+    *,
+    image_token_id: int,
+    tokens_per_image: int,
+    num_images: int,
+    segment_ids: Optional[torch.Tensor] = None,
+    images_per_sample: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+) -> Layout:
+    """Validate the image placeholders of a batch and compute where everything goes.
+
+    Raises :class:`InterleaveError` naming the sample when a row's placeholders are not whole
+    blocks of ``tokens_per_image``, when a row's image count disagrees with
+    ``images_per_sample``, or when the batch's total disagrees with ``num_images``.
+    Rows longer than ``max_length`` are truncated; an image cut by the truncation keeps its
+    first embeddings, images entirely past the end are not placed (both are counted in
+    ``num_truncated_tokens``).
+    """
+    if tokens.dim() != 2:
+        raise InterleaveError(f"tokens must be [batch, seq]; got shape {list(tokens.shape)}")
+    batch, seq = tokens.shape
+    if segment_ids is None:
+        segment_ids = torch.zeros_like(tokens, dtype=torch.int32)
+        if pad_token_id is not None:
+            segment_ids = torch.where(tokens == pad_token_id, -1, segment_ids)
+    is_image = tokens == image_token_id
+
+    counts = _validate_blocks(is_image, tokens_per_image)
+    if images_per_sample is not None:
+        images_per_sample = images_per_sample.to(counts.device)
+        for row in range(batch):
+            if int(counts[row]) != int(images_per_sample[row]):
+                raise InterleaveError(
+                    f"sample {row}: {int(counts[row]) * tokens_per_image} image placeholder tokens "
+                    f"({int(counts[row])} image(s) of {tokens_per_image} tokens) but "
+                    f"{int(images_per_sample[row])} image(s) were given for it"
+                )
+    if int(counts.sum()) != num_images:
+        raise InterleaveError(
+            f"the batch's placeholders make {int(counts.sum())} image(s) "
+            f"(per sample: {counts.tolist()}, {tokens_per_image} tokens each) but {num_images} "
+            f"image(s) were given"
+        )
+
+    truncated = 0
+    if max_length is not None and seq > max_length:
+        valid = segment_ids[:, max_length:] >= 0
+        truncated = int(valid.sum())
+        tokens, segment_ids, is_image = (
+            tokens[:, :max_length], segment_ids[:, :max_length], is_image[:, :max_length]
+        )
+
+    visual_mask = is_image & (segment_ids >= 0)
+    text_mask = ~is_image & (segment_ids >= 0)
+    semantic_mask = torch.zeros_like(visual_mask)
+    semantic_mask[:, :-1] = visual_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])
+
+    # The k-th visual position of row b holds token k of that row's image stream, which starts
+    # at flat offset (images before row b) * T.
+    row_offsets = (torch.cumsum(counts, 0) - counts) * tokens_per_image
+    rank_in_row = torch.cumsum(visual_mask.long(), dim=1) - 1
+    visual_index = (rank_in_row + row_offsets[:, None])[visual_mask]
+    return Layout(tokens, segment_ids, visual_mask, text_mask, semantic_mask, visual_index,
+                  counts, truncated)
+
+
+def _validate_blocks(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """Each row's placeholders must form whole runs of ``tokens_per_image``; returns images/row."""
+    counts = []
+    for row in range(is_image.shape[0]):
+        flags = is_image[row].to(torch.int8)
+        edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
+        starts = torch.nonzero(edges == 1).flatten()
+        ends = torch.nonzero(edges == -1).flatten()
+        lengths = ends - starts
+        bad = lengths % tokens_per_image != 0
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0])
+            raise InterleaveError(
+                f"sample {row}: a run of {int(lengths[first])} image placeholder tokens starts at "
+                f"position {int(starts[first])}; each image takes exactly {tokens_per_image} "
+                f"(a run may hold several whole images)"
+            )
+        counts.append(int(lengths.sum()) // tokens_per_image)
+    return torch.tensor(counts, dtype=torch.long, device=is_image.device)
+
+
+def scatter_visual(
+    text_embeddings: torch.Tensor, visual_embeddings: torch.Tensor, layout: Layout
+) -> torch.Tensor:
+    """Put image embeddings [n_img, T, H] at the visual positions of text embeddings [B, S, H]."""
+    flat = visual_embeddings.reshape(-1, visual_embeddings.shape[-1])
+    out = text_embeddings.clone()
+    out[layout.visual_mask] = flat[layout.visual_index].to(out.dtype)
+    return out
+
+
+def semantic_targets(visual_targets: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Targets [num_semantic, D]: for each semantic position i, the target of position i+1.
+
+    ``visual_targets`` is [n_img, T, D], aligned with the images (the projector output, an
+    EMA projector's output, or the encoder features). Callers pass detached tensors: the
+    target is a stop-gradient.
+    """
+    flat = visual_targets.reshape(-1, visual_targets.shape[-1])
+    per_position = torch.full(layout.visual_mask.shape, -1, dtype=torch.long,
+                              device=layout.visual_mask.device)
+    per_position[layout.visual_mask] = layout.visual_index
+    next_index = per_position[:, 1:][layout.semantic_mask[:, :-1]]
+    return flat[next_index]

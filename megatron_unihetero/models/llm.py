@@ -1,0 +1,150 @@
+"""The Llama-architecture LLM on megatron-core layers (tensor- and pipeline-parallel).
+
+Model code here reads as single-device code: megatron-core's layers (column/row-parallel
+linears, vocab-parallel embedding) take their tensor-parallel group from ``parallel_state``,
+and the pipeline stage is given by ``pre_process`` / ``post_process``. Parallel state itself is
+set up in one place, :mod:`megatron_unihetero.parallel`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_unihetero import platform
+from megatron_unihetero.models.attention import CoreAttention
+from megatron_unihetero.models.config import ConfigError, LLMConfig
+
+
+def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
+                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU)."""
+    if llm.num_attention_heads % tp_size or llm.num_query_groups % tp_size:
+        raise ConfigError(
+            f"tensor parallel size {tp_size} must divide llm.num_attention_heads "
+            f"({llm.num_attention_heads}) and llm.num_query_groups ({llm.num_query_groups})"
+        )
+    if llm.num_layers % pp_size:
+        raise ConfigError(f"pipeline parallel size {pp_size} must divide llm.num_layers ({llm.num_layers})")
+    if llm.ffn_hidden_size % tp_size or llm.vocab_size % tp_size:
+        raise ConfigError(
+            f"tensor parallel size {tp_size} must divide llm.ffn_hidden_size ({llm.ffn_hidden_size}) "
+            f"and llm.vocab_size ({llm.vocab_size})"
+        )
+    config = TransformerConfig(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        kv_channels=llm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=llm.init_method_std,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # The full weight is initialised on the CPU and then split, so a model has the same
+        # weights whatever its tensor-parallel size (given the seed).
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+    )
+    config.unihetero_attention_impl = llm.attention_impl
+    return config
+
+
+def layer_spec(llm: LLMConfig) -> ModuleSpec:
+    """The decoder layer spec: TransformerEngine's when asked for and importable, else local.
+
+    Both get our :class:`CoreAttention` (packed-document attention through our kernels).
+    """
+    if llm.transformer_impl == "transformer_engine":
+        if not platform.has_transformer_engine():
+            raise ConfigError("llm.transformer_impl=transformer_engine but transformer_engine "
+                              "is not importable on this machine (it needs CUDA)")
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = CoreAttention
+    return spec
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """RoPE frequencies at explicit position ids, so packed documents restart at 0.
+
+    Returns [s, b, 1, head_dim] (megatron's layout; the rotate-half convention of HF Llama).
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
+        return emb.transpose(0, 1)[:, :, None, :]
+
+
+class LlamaDecoder(MegatronModule):
+    """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last)."""
+
+    def __init__(self, llm: LLMConfig, config: TransformerConfig, *, pre_process: bool,
+                 post_process: bool):
+        super().__init__(config=config)
+        self.llm = llm
+        self.pre_process = pre_process
+        self.post_process = post_process
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size=llm.vocab_size, max_sequence_length=llm.max_sequence_length,
+                position_embedding_type="rope",
+            )
+        self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
+        self.decoder = TransformerBlock(config, layer_spec(llm), pre_process=pre_process,
+                                        post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_bias_add=True,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive their input from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings in megatron's [s, b, h] layout."""
+        return self.embedding(tokens, position_ids=None)
+
+    def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
+        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        rotary = self.rotary(position_ids)
+        return self.decoder(hidden_states=decoder_input, attention_mask=segment_ids,
+                            rotary_pos_emb=rotary)

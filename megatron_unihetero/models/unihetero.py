@@ -1,0 +1,157 @@
+"""UniHeteroModel: vision encoder -> projector -> interleaver -> LLM -> heads.
+
+One pipeline stage of the model is built from ``pre_process`` (first stage: vision encoder,
+projector, embeddings) and ``post_process`` (last stage: final norm, LM head, semantic head).
+
+How the semantic-generation targets reach the last stage (DESIGN.md section 3): the target of
+the semantic head is a stop-gradient function of the image only (the projector output, an EMA
+copy of it, or the encoder output), never of the LLM. So instead of sending targets alongside
+the activations (doubling pipeline traffic), the last stage recomputes them: it keeps a frozen
+copy of the vision encoder and a ``target_projector`` that is either an exact mirror of the
+projector (synced from the first stage after every optimizer step) or its EMA copy. At PP=1 the
+projector output itself is used (``input_embedding``) and no copy exists. The sync lives in
+:mod:`megatron_unihetero.parallel.semantic_sync`; tests show PP=2 equals PP=1.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_unihetero.models import interleaver
+from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic_loss, text_loss
+from megatron_unihetero.models.llm import LlamaDecoder
+from megatron_unihetero.models.projector import Projector
+from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
+
+# The vision encoder is built under this seed on every stage that holds one, so a randomly
+# initialised encoder (tests, tiny runs) is the same on the first and the last stage.
+VISION_INIT_SEED = 1234
+
+
+def _build_vision(config: ModelConfig) -> VisionEncoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VISION_INIT_SEED)
+        return VisionEncoder(config.vision)
+
+
+class UniHeteroModel(MegatronModule):
+    def __init__(self, config: ModelConfig, transformer_config: TransformerConfig, *,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=transformer_config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.cfg = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        semantic = config.semantic
+
+        # The vision side: on the first stage, and on the last when it must recompute targets.
+        needs_targets_here = post_process and semantic.enabled
+        recompute_targets = needs_targets_here and (
+            not pre_process or semantic.target == "ema_input_embedding")
+        if pre_process or needs_targets_here:
+            self.vision = _build_vision(config)
+        encoder_dim = load_hf_vision_config(config.vision).hidden_size
+        self.tokens_per_image = tokens_per_image(config.vision)
+        if pre_process:
+            self.projector = Projector(encoder_dim, config.llm.hidden_size)
+            if config.projector.frozen:
+                self.projector.requires_grad_(False)
+        if recompute_targets and semantic.target != "encoder_output":
+            self.target_projector = Projector(encoder_dim, config.llm.hidden_size)
+            self.target_projector.requires_grad_(False)
+
+        self.llm = LlamaDecoder(config.llm, transformer_config, pre_process=pre_process,
+                                post_process=post_process)
+        if config.freeze_llm:
+            self.llm.requires_grad_(False)
+        if needs_targets_here:
+            target_dim = encoder_dim if semantic.target == "encoder_output" else config.llm.hidden_size
+            self.semantic_head = SemanticHead(config.llm.hidden_size, target_dim, semantic.head)
+
+    # -- pipeline plumbing -------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def vision_features(self, images: Optional[torch.Tensor],
+                        image_features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Encoder features [n, T, d_enc], from pixels or from precomputed features."""
+        if image_features is not None:
+            return image_features
+        return self.vision(images)
+
+    def semantic_targets(self, features: torch.Tensor,
+                         visual_embeddings: Optional[torch.Tensor]) -> torch.Tensor:
+        """Stop-gradient regression targets per image token [n, T, D]."""
+        target = self.cfg.semantic.target
+        with torch.no_grad():
+            if target == "encoder_output":
+                return features.detach()
+            if hasattr(self, "target_projector"):
+                return self.target_projector(features)
+            return visual_embeddings.detach()
+
+    def _layout(self, tokens, segment_ids, num_images: int) -> interleaver.Layout:
+        return interleaver.layout(
+            tokens, image_token_id=self.cfg.image_token_id,
+            tokens_per_image=self.tokens_per_image, num_images=num_images,
+            segment_ids=segment_ids,
+        )
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None,
+                image_features: Optional[torch.Tensor] = None):
+        """First/middle stages return hidden states [s, b, h]; the last stage returns
+        ``{objective: (loss_sum, token_count)}`` when labels are given, else hidden states."""
+        num_images = _num_images(images, image_features)
+        if not (self.pre_process or self.post_process):
+            return self.llm(None, position_ids, segment_ids)  # a middle pipeline stage
+        layout = self._layout(tokens, segment_ids, num_images)
+        features = visual = None
+        if num_images and (self.pre_process or hasattr(self, "semantic_head")):
+            features = self.vision_features(images, image_features)
+
+        decoder_input = None
+        if self.pre_process:
+            embeddings = self.llm.embed(tokens)  # [s, b, h]
+            if num_images:
+                visual = self.projector(features)
+                embeddings = interleaver.scatter_visual(
+                    embeddings.transpose(0, 1), visual, layout).transpose(0, 1)
+            decoder_input = embeddings
+
+        hidden = self.llm(decoder_input, position_ids, segment_ids)
+        if not self.post_process or labels is None:
+            return hidden
+        return self.losses(hidden, labels, layout, features, visual)
+
+    def losses(self, hidden, labels, layout, features, visual) -> Dict[str, LossAndCount]:
+        hidden_bsh = hidden.transpose(0, 1)
+        mask = layout.segment_ids >= 0
+        out = {"text": text_loss(self.llm.output_layer, hidden_bsh[mask], labels[mask],
+                                 self.cfg.image_token_id)}
+        if hasattr(self, "semantic_head"):
+            sem_hidden = hidden_bsh[layout.semantic_mask]
+            if features is not None:
+                targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
+            else:
+                targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
+            out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
+                                            self.cfg.semantic.loss)
+        return out
+
+
+def _num_images(images, image_features) -> int:
+    if image_features is not None:
+        return int(image_features.shape[0])
+    if images is not None:
+        return int(images.shape[0])
+    return 0

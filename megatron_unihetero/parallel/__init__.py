@@ -1,0 +1,130 @@
+"""Parallelism in one visible place: process groups, which stage builds what, and the syncs.
+
+Model code (megatron_unihetero/models) reads as single-device code; this package decides the
+tensor-parallel (TP) x pipeline-parallel (PP) x data-parallel (DP) grid, builds this rank's
+pipeline stage, and keeps the last stage's semantic-target projector in step with the first's.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_unihetero import platform
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Join the process group torchrun / the deepspeed launcher set up in the environment."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if platform.has_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(platform.distributed_backend(),
+                            timeout=timedelta(minutes=timeout_minutes))
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Create megatron-core's TP/PP/DP groups over the running process group and seed RNGs."""
+    platform.prepare_megatron()
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_distributed()
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    # Same seed on every rank: weights are initialised on the CPU in full and then split
+    # (TransformerConfig.use_cpu_initialization), so every TP/PP layout gets the same model.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def build_model(model_config, params_dtype: torch.dtype = torch.float32):
+    """This rank's pipeline stage of the UniHetero model, on this rank's device."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero.models.llm import transformer_config
+    from megatron_unihetero.models.unihetero import UniHeteroModel
+
+    tconfig = transformer_config(
+        model_config.llm,
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=params_dtype,
+    )
+    model = UniHeteroModel(
+        model_config, tconfig,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    model.to(device=platform.device(), dtype=params_dtype)
+    sync_semantic_targets(model, ema=False)
+    return model
+
+
+def rank_layout(model):
+    """This rank's place in the TP x PP grid, for (un)sharding full state dicts."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero.checkpointing.sharding import RankLayout
+
+    layers = model.llm.decoder.layers
+    offset = layers[0].layer_number - 1 if len(layers) else 0
+    return RankLayout(parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_world_size(), offset)
+
+
+@torch.no_grad()
+def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
+    """Bring the last stage's ``target_projector`` up to date with the first stage's projector.
+
+    Call after every optimizer step (and once after building/loading). Mirror mode
+    (target=input_embedding at PP>1) copies the projector; EMA mode (ema_input_embedding)
+    moves the EMA copy towards it: ema = decay * ema + (1 - decay) * projector. With
+    ``ema=False`` an EMA copy is reset to the projector (initialisation).
+    """
+    from megatron.core import parallel_state
+
+    semantic = model.cfg.semantic
+    if not semantic.enabled or semantic.target == "encoder_output":
+        return
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    is_ema = semantic.target == "ema_input_embedding"
+    if pp == 1 and not is_ema:
+        return  # PP=1 uses the projector output directly
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    if pp > 1 and not (first or last):
+        return
+    source = [p.detach().clone() for p in model.projector.parameters()] if first else None
+    if pp > 1:
+        # First and last stage of one pipeline share megatron's embedding group.
+        group = parallel_state.get_embedding_group()
+        src = parallel_state.get_pipeline_model_parallel_first_rank()
+        if last:
+            source = [torch.empty_like(p) for p in model.target_projector.parameters()]
+        for tensor in source:
+            dist.broadcast(tensor, src=src, group=group)
+    if not last:
+        return
+    decay = semantic.ema_decay if (is_ema and ema is not False) else 0.0
+    for target, value in zip(model.target_projector.parameters(), source):
+        target.mul_(decay).add_(value, alpha=1.0 - decay)
