@@ -1,0 +1,83 @@
+"""Tokenizers: special tokens for images and padding, for every supported kind."""
+
+import pytest
+
+from megatron_unihetero.data import tokenizer as T
+from megatron_unihetero.data.preprocess.fixtures import train_tiny_tokenizer
+
+TEXT = "a large red circle at the top left"
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    return train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def _check_common(tok):
+    ids = {tok.bos_id, tok.eos_id, tok.pad_id, tok.image_token_id, tok.image_start_id, tok.image_end_id}
+    assert len(ids) == 6, "special ids must be distinct"
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    text = f"{T.IMAGE_START_TOKEN}{T.IMAGE_TOKEN}{T.IMAGE_END_TOKEN} {TEXT}"
+    enc = tok.encode(text)
+    assert enc[:3] == [tok.image_start_id, tok.image_token_id, tok.image_end_id]
+    assert enc.count(tok.image_token_id) == 1
+    assert tok.image_token_id not in tok.encode(TEXT)
+    assert TEXT in tok.decode(enc) and tok.decode(enc).startswith(T.IMAGE_START_TOKEN) and T.IMAGE_TOKEN in tok.decode(enc)
+    meta = tok.metadata()
+    for k in ("kind", "vocab_size", "bos_id", "eos_id", "pad_id", "image_token_id", "image_start_id", "image_end_id"):
+        assert k in meta
+
+
+def test_trained_sentencepiece_has_specials_built_in(spm_path):
+    tok = T.build_tokenizer(spm_path)
+    _check_common(tok)
+    assert tok.appended == [] and tok.vocab_size == tok.base_vocab_size
+    assert tok.sp.id_to_piece(tok.image_token_id) == T.IMAGE_TOKEN
+    emoji = "naïve 😀 ünïcödé"
+    assert tok.decode(tok.encode(emoji)) == emoji  # byte fallback: nothing becomes <unk>
+    assert tok.sp.unk_id() not in tok.encode(emoji)
+
+
+def test_sentencepiece_without_specials_gets_them_appended(tmp_path):
+    import sentencepiece as spm
+
+    words = [TEXT, "a small blue square at the top", "the green triangle in the center"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(words), model_prefix=str(tmp_path / "plain"),
+                                   vocab_size=40, hard_vocab_limit=False, minloglevel=2)
+    tok = T.build_tokenizer(str(tmp_path / "plain.model"))
+    base = tok.sp.get_piece_size()
+    assert tok.appended == list(T.SPECIAL_TOKENS)  # Llama-2 style model: none were present
+    assert [tok.image_token_id, tok.image_start_id, tok.image_end_id, tok.pad_id] == [base, base + 1, base + 2, base + 3]
+    assert tok.vocab_size == base + 4
+    _check_common(tok)
+    assert tok.decode(tok.encode(f"red{T.IMAGE_TOKEN}top")) == f"red{T.IMAGE_TOKEN}top"
+
+
+def test_hf_tokenizer_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + TEXT.split())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path / "hf")
+    tok = T.build_tokenizer(str(tmp_path / "hf"))
+    assert tok.kind == "huggingface" and tok.bos_id == 1 and tok.eos_id == 2
+    _check_common(tok)
+    # save + reload keeps every id
+    tok.save(str(tmp_path / "saved"))
+    again = T.build_tokenizer(str(tmp_path / "saved"))
+    assert {k: v for k, v in again.metadata().items() if k != "path"} == {k: v for k, v in tok.metadata().items() if k != "path"}
+
+
+def test_sentencepiece_save_and_reload(spm_path, tmp_path):
+    tok = T.build_tokenizer(spm_path)
+    tok.save(str(tmp_path / "saved"))
+    again = T.build_tokenizer(str(tmp_path / "saved"))
+    assert again.encode(TEXT) == tok.encode(TEXT)
+    assert {k: v for k, v in again.metadata().items() if k != "path"} == {k: v for k, v in tok.metadata().items() if k != "path"}
+
+
+def test_hub_ids_are_not_downloaded():
+    with pytest.raises(FileNotFoundError, match="hub ids are not downloaded"):
+        T.build_tokenizer("meta-llama/Llama-2-7b-hf")
