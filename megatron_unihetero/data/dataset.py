@@ -143,10 +143,12 @@ class MultimodalDataset:
 
     def sample(self, index: int, *, with_images: bool = True) -> Sample:
         reader, local = self.locate(index)
-        tokens = np.asarray(reader.tokens(local))
+        # Copies, not views of the memory map: IndexedDataset unmaps its file when collected, and
+        # a Sample may outlive its reader (the arrays are small; images are stacked copies anyway).
+        tokens = np.array(reader.tokens(local))
         mask = reader.loss_mask(local)
         images = reader.images(local) if with_images else None
-        return Sample(tokens=tokens, images=images, loss_mask=None if mask is None else np.asarray(mask),
+        return Sample(tokens=tokens, images=images, loss_mask=None if mask is None else np.array(mask),
                       shard=_shard_name(reader), index=local)
 
     def epoch_order(self, epoch: int, seed: int, salt: int = 0) -> np.ndarray:
