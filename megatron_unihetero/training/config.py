@@ -1,0 +1,125 @@
+"""The run configuration: one YAML file, sections mirroring the system's parts.
+
+Validated up front (:meth:`RunConfig.validate`) so a bad run fails before any rank builds a
+model: TP must divide the heads, the world size must be TP x PP x DP, data paths must exist.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_unihetero.models.config import ConfigError, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=list)  # shard prefixes (PREFIX or PREFIX_00000...)
+    weights: Optional[List[float]] = None  # blending weights, one per entry of `train`
+    valid_fraction: float = 0.05
+    seq_length: int = 128
+    micro_batch_size: int = 4
+    tokenizer: Optional[str] = None  # SentencePiece .model or a local HF tokenizer folder
+    num_workers: int = 0
+    pack_window: int = 512
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    engine: str = "megatron"  # megatron | deepspeed
+    zero_stage: int = 1  # deepspeed engine only
+    deepspeed_config: Optional[str] = None  # a user's DeepSpeed JSON (overrides the generated one)
+    timeout_minutes: int = 30
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    grad_accumulation: int = 1  # micro-batches per step on each data-parallel rank
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
+    # model.freeze_llm.
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    save_interval: int = 50
+    keep_last: int = 2
+    resume: bool = True  # restart the same command -> resume from `latest`
+    load: Optional[str] = None  # start from this checkpoint (weights only) when not resuming
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_batches: int = 4
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron_unihetero"
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Check what needs the world: parallel layout, data paths, engine options."""
+        par, llm = self.parallel, self.model.llm
+        tp, pp = par.tensor_parallel, par.pipeline_parallel
+        if tp < 1 or pp < 1:
+            raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not TP x PP x DP: it is not divisible "
+                              f"by parallel.tensor_parallel x parallel.pipeline_parallel = {tp} x {pp}")
+        if llm.num_attention_heads % tp or llm.num_query_groups % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.llm."
+                              f"num_attention_heads={llm.num_attention_heads} and "
+                              f"num_query_groups={llm.num_query_groups}")
+        if llm.num_layers % pp:
+            raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide "
+                              f"model.llm.num_layers={llm.num_layers}")
+        if par.engine not in ("megatron", "deepspeed"):
+            raise ConfigError(f"parallel.engine must be megatron or deepspeed; got {par.engine!r}")
+        if par.engine == "deepspeed":
+            if par.zero_stage not in (0, 1, 2, 3):
+                raise ConfigError(f"parallel.zero_stage must be 0-3; got {par.zero_stage}")
+            if pp > 1:
+                raise ConfigError("parallel.engine=deepspeed supports pipeline_parallel=1 only "
+                                  "(use engine=megatron for pipeline parallelism)")
+        if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
+            raise ConfigError(f"parallel.deepspeed_config {par.deepspeed_config!r} does not exist")
+        if not self.data.train:
+            raise ConfigError("data.train is empty: give one or more preprocessed shard prefixes")
+        for prefix in self.data.train:
+            if not (glob.glob(prefix + ".json") or glob.glob(prefix + "_[0-9]*.json")):
+                raise ConfigError(f"data.train entry {prefix!r}: no shards found "
+                                  f"({prefix}.json or {prefix}_00000.json)")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.train):
+            raise ConfigError(f"data.weights has {len(self.data.weights)} entries but data.train "
+                              f"has {len(self.data.train)}")
+        if self.data.seq_length > llm.max_sequence_length:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
+                              f"model.llm.max_sequence_length={llm.max_sequence_length}")
+        if self.train.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")
