@@ -253,7 +253,11 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Random access to one finished shard (memory-mapped)."""
+    """Random access to one finished shard (memory-mapped).
+
+    Every accessor returns a copy: IndexedDataset closes its mmap when it is garbage collected,
+    and a view outliving its reader would then segfault on access.
+    """
 
     def __init__(self, prefix: str) -> None:
         meta_path = prefix + ".json"
@@ -290,7 +294,7 @@ class ShardReader:
         return self._text.sequence_lengths
 
     def tokens(self, i: int) -> np.ndarray:
-        return self._text[i]
+        return np.array(self._text[i])
 
     def num_images(self, i: int) -> int:
         return int(self.image_offsets[i + 1] - self.image_offsets[i])
@@ -310,6 +314,6 @@ class ShardReader:
     def loss_mask(self, i: int) -> np.ndarray:
         """int8 mask, 1 = the token is a training target. See the module docstring for the default."""
         if self._mask is not None:
-            return self._mask[i]
+            return np.array(self._mask[i])
         tokens = self.tokens(i)
         return (~np.isin(tokens, self._image_token_ids)).astype(np.int8)
