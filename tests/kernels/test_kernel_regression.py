@@ -1,0 +1,94 @@
+"""fused_regression_loss: the one-pass paths (torch math, Triton) against plain autograd, forward
+and backward, for mse / smooth_l1 / cosine, fp32 and bf16, with and without bias."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_unihetero.kernels import fused_regression_loss
+from megatron_unihetero.kernels.testing import assert_close
+
+LOSSES = ["mse", "smooth_l1", "cosine"]
+
+
+def _inputs(n, h, d, dtype, device="cpu", bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(d, h, generator=gen) / h**0.5
+    b = torch.randn(d, generator=gen) * 0.1 if bias else None
+    target = torch.randn(n, d, generator=gen) * 1.5  # straddles the smooth-L1 kink at |diff| = 1
+    target[0] = 0.0  # a zero target vector: exercises the cosine eps clamp
+    cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), cast(target)
+
+
+def _run(impl, hidden, weight, bias, target, loss):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    tgt = target.detach().clone().requires_grad_()  # must NOT receive a gradient
+    out = fused_regression_loss(*leaves, tgt, loss=loss, impl=impl)
+    (out * 0.75).backward()
+    assert tgt.grad is None
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def check_parity(impl, dtype, loss, n=19, h=24, d=10, bias=True, device="cpu"):
+    inputs = _inputs(n, h, d, dtype, device, bias)
+    out, grads = _run(impl, *inputs, loss)
+    ref, ref_grads = _run("torch", *[None if t is None else t.float() for t in inputs], loss)
+    assert out.dtype == torch.float32 and out.dim() == 0
+    assert_close(out, ref, dtype, scale=n, msg=f"{impl} {loss} loss")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, msg=f"{impl} {loss} grad {name}")
+
+
+def test_reference_definitions():
+    hidden, weight, bias, target = _inputs(7, 6, 5, torch.float64)
+    pred = hidden @ weight.t() + bias
+    expected = {
+        "mse": ((pred - target) ** 2).mean(-1).sum(),
+        "smooth_l1": F.smooth_l1_loss(pred, target, reduction="none").mean(-1).sum(),
+        "cosine": (1 - F.cosine_similarity(pred, target, dim=-1)).sum(),
+    }
+    for loss, value in expected.items():
+        got = fused_regression_loss(hidden, weight, bias, target, loss=loss, impl="torch")
+        torch.testing.assert_close(got.double(), value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_matches_autograd(dtype, loss, bias):
+    check_parity("fused", dtype, loss, bias=bias)
+
+
+def test_auto_on_cpu_is_fused_and_rejects_unknown_loss():
+    hidden, weight, bias, target = _inputs(4, 6, 5, torch.float32)
+    hidden.requires_grad_()
+    out = fused_regression_loss(hidden, weight, bias, target)
+    assert type(out.grad_fn).__name__.startswith("_FusedRegression")
+    with pytest.raises(ValueError):
+        fused_regression_loss(hidden, weight, bias, target, loss="l3")
+
+
+def interpreted_cases():
+    """Run by test_kernel_triton_interpret.py in a child process with TRITON_INTERPRET=1."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for loss in LOSSES:
+            check_parity("triton", dtype, loss, n=9, h=8, d=12)
+    check_parity("triton", torch.float32, "cosine", n=5, h=8, d=6, bias=False)
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_triton_gpu_matches_autograd(dtype, loss):
+    check_parity("triton", dtype, loss, n=2048, h=512, d=1024, device="cuda")
+    check_parity("auto", dtype, loss, n=300, h=64, d=100, device="cuda")
+
+
+if __name__ == "__main__":
+    interpreted_cases()
