@@ -39,18 +39,28 @@ class ImageNormalizer:
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self._scale_np, self._shift_np = self._scale.numpy(), self._shift.numpy()
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 [n, H, W, 3] images, got {images.dtype} {images.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        n, h, w, _ = images.shape
         size = self.image_size
-        if size is not None and x.shape[-2:] != (size, size) and x.shape[0] > 0:
+        if size is not None and (h, w) != (size, size):
+            if n == 0:
+                return torch.zeros((0, 3, size, size), dtype=torch.float32)
+            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        if size is not None and x.shape[0] == 0:
-            x = x.new_zeros((0, 3, size, size))
-        return (x * self._scale + self._shift).contiguous()
+            return x.mul_(self._scale).add_(self._shift)
+        # numpy, not torch: torch's intra-op threads fight the trainer's for these small arrays
+        # (10-20x slower under load when called from the training thread); copying the
+        # transposed uint8 view into a float32 NCHW buffer then normalising in place is fastest.
+        out = np.empty((n, 3, h, w), dtype=np.float32)
+        np.copyto(out, images.transpose(0, 3, 1, 2))
+        out *= self._scale_np
+        out += self._shift_np
+        return torch.from_numpy(out)
 
 
 def decode_resize(data: bytes, image_size: int) -> np.ndarray:
