@@ -1,0 +1,229 @@
+"""Time and peak memory of the fused kernels against their naive / reference paths.
+
+    python benchmarks/kernels.py                      # CPU: chunked torch paths
+    python benchmarks/kernels.py --device cuda        # GPU: Triton / flash paths too
+    python benchmarks/kernels.py --check              # exit 1 unless fused CE meets its targets
+
+Targets (issue #7): fused linear + cross-entropy at 8k tokens x 32k vocab uses at most 25% of the
+naive path's peak memory and at most 1.1x its time (forward + backward).
+
+Measurement:
+- time: forward + backward, best of ``--repeats`` runs after one warm-up (best-of-n is the least
+  noisy estimator on a shared machine); the cases of one op are interleaved run by run so a slow
+  phase of the machine hits all of them.
+- peak memory: the extra memory at the peak of one forward + backward, inputs excluded. CUDA:
+  torch.cuda.max_memory_allocated. CPU: each case runs in a fresh child process and reports
+  ru_maxrss after the run minus the RSS before it (the whole process, allocator caching
+  included: an upper bound on what the op needs, and the number the OS would kill you for).
+- CPU default hidden size is 256 (not the model's 1024+) to keep a naive run at a few seconds on
+  two cores; the logits, which dominate memory, do not depend on it. Use --hidden to change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_unihetero.kernels import attention, fused_linear_cross_entropy, fused_regression_loss  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ cases
+# Each case builds its inputs and returns (step, description); step() runs forward + backward.
+
+def _leaf(t):
+    return t.requires_grad_()
+
+
+def case_ce(args, impl, device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = args.tokens, args.hidden, args.vocab
+    hidden = _leaf(torch.randn(n, h, generator=gen).to(device, dtype))
+    weight = _leaf((torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype))
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss, count = fused_linear_cross_entropy(hidden, weight, labels, impl=impl)
+        (loss / count).backward()
+
+    return step, f"N={n} H={h} V={v} {str(dtype)[6:]}"
+
+
+def case_attention(args, impl, device, dtype, packed=True):
+    gen = torch.Generator().manual_seed(0)
+    b, s, hq, hkv, d = args.attn_batch, args.attn_seq, 16, 4, 64
+    q, k, v = (_leaf(torch.randn(b, s, h, d, generator=gen).to(device, dtype)) for h in (hq, hkv, hkv))
+    seg = None
+    if packed:  # documents of 1/2, 1/4, 1/8... of the row, last 5% padding
+        ids = torch.zeros(s, dtype=torch.long)
+        start, doc = 0, 0
+        while start < s:
+            length = max(1, (s - start) // 2)
+            ids[start : start + length] = doc
+            start, doc = start + length, doc + 1
+        ids[int(s * 0.95):] = -1
+        seg = ids.expand(b, s).contiguous().to(device)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        out = attention(q, k, v, segment_ids=seg, impl=impl)
+        out.float().square().mean().backward()
+
+    return step, f"b={b} s={s} hq={hq} hkv={hkv} d={d} {'packed' if packed else 'causal'} {str(dtype)[6:]}"
+
+
+def case_regression(args, impl, device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    n, h, d = args.tokens, args.hidden, args.reg_dim
+    hidden = _leaf(torch.randn(n, h, generator=gen).to(device, dtype))
+    weight = _leaf((torch.randn(d, h, generator=gen) / h**0.5).to(device, dtype))
+    bias = _leaf(torch.zeros(d).to(device, dtype))
+    target = torch.randn(n, d, generator=gen).to(device, dtype)
+
+    def step():
+        hidden.grad = weight.grad = bias.grad = None
+        fused_regression_loss(hidden, weight, bias, target, loss="mse", impl=impl).backward()
+
+    return step, f"N={n} H={h} D={d} mse {str(dtype)[6:]}"
+
+
+def plan(device):
+    """(op, impl, builder, extra kwargs); the first impl of each op is its baseline."""
+    cuda = device == "cuda"
+    rows = [("linear+CE", "naive", case_ce, {}), ("linear+CE", "torch", case_ce, {})]
+    if cuda:
+        rows.append(("linear+CE", "triton", case_ce, {}))
+    rows += [("regression", "torch", case_regression, {}), ("regression", "fused", case_regression, {})]
+    if cuda:
+        rows.append(("regression", "triton", case_regression, {}))
+    rows += [("attention", "torch", case_attention, {"packed": False}),
+             ("attention", "torch", case_attention, {"packed": True})]
+    if cuda:
+        rows += [("attention", "auto", case_attention, {"packed": True})]
+    return rows
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+def _rss_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(args, index, repeats):
+    """Run plan()[index]: peak extra memory of the first (cold) run, then ``repeats`` timings."""
+    op, impl, builder, kw = plan(args.device)[index]
+    dtype = torch.bfloat16 if (args.device == "cuda" and args.bf16) else torch.float32
+    step, shape = builder(args, impl, args.device, dtype, **kw)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    if args.device == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is KiB
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return dict(op=op, impl=impl + ("" if kw.get("packed", True) else " (no segments)"), shape=shape,
+                peak_mib=peak / 2**20, times=times)
+
+
+def run_child(args, index, repeats):
+    """CPU: a fresh process per measurement, so one case's freed-but-cached memory cannot hide
+    another's peak."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(index), "--_repeats", str(repeats)]
+    cmd += [f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_") and k not in ("check",)
+            and not isinstance(v, bool)]
+    cmd += [f"--{k}" for k, v in vars(args).items() if isinstance(v, bool) and v and k != "check"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {index} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 4096 on CUDA")
+    parser.add_argument("--reg_dim", type=int, default=None, help="regression output dim (default = hidden)")
+    parser.add_argument("--attn_batch", type=int, default=None)
+    parser.add_argument("--attn_seq", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 inputs (CUDA default)")
+    parser.add_argument("--only", default="", help="comma list of ops: linear+CE,regression,attention")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the fused CE misses its targets")
+    parser.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_repeats", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.hidden = args.hidden or (4096 if cuda else 256)
+    args.reg_dim = args.reg_dim or args.hidden
+    args.attn_batch = args.attn_batch or (4 if cuda else 1)
+    args.attn_seq = args.attn_seq or (4096 if cuda else 1024)
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    torch.manual_seed(0)
+
+    if args._child is not None:
+        print(json.dumps(measure(args, args._child, args._repeats)))
+        return
+
+    rows = plan(args.device)
+    wanted = [i for i, r in enumerate(rows) if not args.only or r[0] in args.only.split(",")]
+    results = {}
+    # Memory + warm-up pass, then timing passes interleaved across cases.
+    for i in wanted:
+        results[i] = run_child(args, i, 0) if not cuda else measure(args, i, 0)
+        results[i]["times"] = []
+    for _ in range(args.repeats):
+        for i in wanted:
+            r = run_child(args, i, 1) if not cuda else measure(args, i, 1)
+            results[i]["times"] += r["times"]
+
+    print(f"\ndevice={args.device} ({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} cpus'}), "
+          f"best of {args.repeats}, forward+backward, peak = extra memory at peak, inputs excluded")
+    header = f"{'op':<11} {'impl':<20} {'shape':<44} {'time ms':>9} {'x base':>7} {'peak MiB':>9} {'x base':>7}"
+    print(header)
+    print("-" * len(header))
+    base = {}
+    verdict = True
+    for i in wanted:
+        r = results[i]
+        best = min(r["times"]) * 1e3
+        base.setdefault(r["op"], (best, r["peak_mib"]))
+        t_ratio, m_ratio = best / base[r["op"]][0], r["peak_mib"] / max(base[r["op"]][1], 1e-9)
+        print(f"{r['op']:<11} {r['impl']:<20} {r['shape']:<44} {best:9.1f} {t_ratio:7.2f} {r['peak_mib']:9.1f} {m_ratio:7.2f}")
+        if r["op"] == "linear+CE" and r["impl"] != "naive":
+            ok = t_ratio <= 1.1 and m_ratio <= 0.25
+            verdict &= ok
+            print(f"{'':<11} -> target (<=1.10x time, <=0.25x memory of naive): {'MET' if ok else 'MISSED'}")
+    if args.check and not verdict:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
