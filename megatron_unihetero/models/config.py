@@ -109,11 +109,72 @@ class SemanticGenConfig:
 
 
 @dataclass
+class PixelGenConfig:
+    """Pixel generation (the paper's ablation arm): a MAR-style diffusion head on VAE latents.
+
+    Position i (whose next position is visual) predicts the VAE latent token of position i+1,
+    like the semantic head. ``routing`` decides whether the pixel gradient reaches the LLM:
+    ``shared`` feeds the LLM hidden state straight to the denoiser (the setting the paper says
+    hurts understanding); ``hetero`` feeds *detached* hidden states through a separate small
+    modality decoder (``decoder_layers`` transformer layers) first, so no pixel gradient
+    reaches the LLM.
+    """
+
+    weight: float = 0.0  # 0 disables the objective
+    routing: str = "hetero"  # shared | hetero
+    decoder_layers: int = 2  # hetero only: layers of the modality decoder
+    decoder_heads: int = 4  # hetero only: attention heads of the modality decoder
+    denoiser_width: int = 256  # MAR's SimpleMLPAdaLN width (MAR's default: 1024)
+    denoiser_depth: int = 3  # residual AdaLN blocks (MAR's default: 3)
+    num_diffusion_steps: int = 1000  # training noise levels (MAR: 1000, cosine)
+    num_sampling_steps: int = 50  # DDIM steps at generation time
+    noise_schedule: str = "cosine"  # cosine | linear
+    prediction: str = "epsilon"  # epsilon | v
+    diffusion_batch_mul: int = 4  # noise draws per token per step (MAR: 4)
+    # Where the latent targets come from: "vae" encodes the batch's images on the last stage;
+    # "batch" reads precomputed ``image_latents`` [n_img, T, C_lat] from the batch.
+    latent_source: str = "vae"
+    vae_path: Optional[str] = None  # local diffusers AutoencoderKL folder (never a hub id)
+    vae_config: Dict[str, Any] = field(default_factory=lambda: dict(
+        block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=32,
+        layers_per_block=1, norm_num_groups=8,
+    ))
+    vae_image_size: Optional[int] = None  # pixels fed to the VAE; None: the vision image size
+    latent_channels: Optional[int] = None  # C_lat per token; None: derived from the VAE
+
+    def __post_init__(self):
+        _check(self.weight >= 0.0, f"pixel.weight must be >= 0; got {self.weight}")
+        _check(self.routing in ("shared", "hetero"),
+               f"pixel.routing must be shared or hetero; got {self.routing!r}")
+        _check(self.noise_schedule in ("cosine", "linear"),
+               f"pixel.noise_schedule must be cosine or linear; got {self.noise_schedule!r}")
+        _check(self.prediction in ("epsilon", "v"),
+               f"pixel.prediction must be epsilon or v; got {self.prediction!r}")
+        _check(self.latent_source in ("vae", "batch"),
+               f"pixel.latent_source must be vae or batch; got {self.latent_source!r}")
+        _check(self.diffusion_batch_mul >= 1,
+               f"pixel.diffusion_batch_mul must be >= 1; got {self.diffusion_batch_mul}")
+        _check(self.num_diffusion_steps >= 2 and 1 <= self.num_sampling_steps <= self.num_diffusion_steps,
+               f"pixel: need num_diffusion_steps >= 2 and 1 <= num_sampling_steps <= "
+               f"num_diffusion_steps; got {self.num_diffusion_steps}, {self.num_sampling_steps}")
+        _check(self.routing == "shared" or self.decoder_layers >= 1,
+               f"pixel.decoder_layers must be >= 1 with routing=hetero; got {self.decoder_layers}")
+        _check(self.latent_source == "vae" or self.latent_channels is not None,
+               "pixel.latent_channels must be set when pixel.latent_source=batch")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0.0
+
+
+@dataclass
 class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     semantic: SemanticGenConfig = field(default_factory=SemanticGenConfig)
+    pixel: PixelGenConfig = field(default_factory=PixelGenConfig)
     image_token_id: int = 3
     freeze_llm: bool = False
 

@@ -11,6 +11,11 @@ copy of the vision encoder and a ``target_projector`` that is either an exact mi
 projector (synced from the first stage after every optimizer step) or its EMA copy. At PP=1 the
 projector output itself is used (``input_embedding``) and no copy exists. The sync lives in
 :mod:`megatron_unihetero.parallel.semantic_sync`; tests show PP=2 equals PP=1.
+
+Pixel generation (optional, ``config.pixel``): the last stage also holds the diffusion head
+(models/pixel.py) and, with ``latent_source: vae``, a frozen VAE (models/vae.py) that encodes
+the batch's images into latent tokens there; with ``latent_source: batch`` the latents come
+precomputed as the batch key ``image_latents`` [n_img, T, C_lat].
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from megatron_unihetero.models import interleaver
 from megatron_unihetero.models.config import ModelConfig
 from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic_loss, text_loss
 from megatron_unihetero.models.llm import LlamaDecoder
+from megatron_unihetero.models.pixel import PixelHead, pixel_loss
 from megatron_unihetero.models.projector import Projector
 from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
 
@@ -73,6 +79,20 @@ class UniHeteroModel(MegatronModule):
         if needs_targets_here:
             target_dim = encoder_dim if semantic.target == "encoder_output" else config.llm.hidden_size
             self.semantic_head = SemanticHead(config.llm.hidden_size, target_dim, semantic.head)
+        if post_process and config.pixel.enabled:
+            self._build_pixel(config)
+
+    def _build_pixel(self, config: ModelConfig) -> None:
+        from megatron_unihetero.models import vae as vae_lib
+
+        grid = vae_lib.vision_grid(self.tokens_per_image)
+        pixel_vae = None
+        if config.pixel.latent_source == "vae":
+            image_size = load_hf_vision_config(config.vision).image_size
+            pixel_vae = vae_lib.PixelVAE(config.pixel, grid, image_size)
+            self.pixel_vae = pixel_vae
+        token_dim = vae_lib.latent_token_dim(config.pixel, pixel_vae)
+        self.pixel_head = PixelHead(config.pixel, config.llm.hidden_size, token_dim)
 
     # -- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -108,9 +128,11 @@ class UniHeteroModel(MegatronModule):
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                 segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None,
-                image_features: Optional[torch.Tensor] = None):
+                image_features: Optional[torch.Tensor] = None,
+                image_latents: Optional[torch.Tensor] = None):
         """First/middle stages return hidden states [s, b, h]; the last stage returns
-        ``{objective: (loss_sum, token_count)}`` when labels are given, else hidden states."""
+        ``{objective: (loss_sum, token_count)}`` when labels are given, else hidden states.
+        ``image_latents`` [n_img, T, C_lat]: precomputed pixel targets (pixel objective)."""
         num_images = _num_images(images, image_features)
         if not (self.pre_process or self.post_process):
             return self.llm(None, position_ids, segment_ids)  # a middle pipeline stage
@@ -131,9 +153,24 @@ class UniHeteroModel(MegatronModule):
         hidden = self.llm(decoder_input, position_ids, segment_ids)
         if not self.post_process or labels is None:
             return hidden
-        return self.losses(hidden, labels, layout, features, visual)
+        latents = None
+        if hasattr(self, "pixel_head") and num_images:
+            latents = self.pixel_latents(images, image_latents)
+        return self.losses(hidden, labels, layout, features, visual, latents=latents)
 
-    def losses(self, hidden, labels, layout, features, visual) -> Dict[str, LossAndCount]:
+    def pixel_latents(self, images: Optional[torch.Tensor],
+                      image_latents: Optional[torch.Tensor]) -> torch.Tensor:
+        """Latent tokens [n, T, C_lat]: precomputed in the batch, or VAE-encoded here."""
+        if image_latents is not None:
+            return image_latents
+        if not hasattr(self, "pixel_vae") or images is None:
+            raise ValueError(
+                "the pixel objective needs latent targets: give the batch key 'image_latents' "
+                "[n_img, T, C_lat], or raw 'images' with model.pixel.latent_source=vae")
+        return self.pixel_vae.encode(images)
+
+    def losses(self, hidden, labels, layout, features, visual,
+               latents=None) -> Dict[str, LossAndCount]:
         hidden_bsh = hidden.transpose(0, 1)
         mask = layout.segment_ids >= 0
         out = {"text": text_loss(self.llm.output_layer, hidden_bsh[mask], labels[mask],
@@ -146,6 +183,13 @@ class UniHeteroModel(MegatronModule):
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
             out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
                                             self.cfg.semantic.loss)
+        if hasattr(self, "pixel_head"):
+            cond = self.pixel_head.condition(hidden_bsh, layout.semantic_mask, layout.segment_ids)
+            if latents is not None:
+                pixel_targets = interleaver.semantic_targets(latents.detach(), layout)
+            else:
+                pixel_targets = cond.new_zeros(0, self.pixel_head.token_dim)
+            out["pixel"] = pixel_loss(self.pixel_head, cond, pixel_targets)
         return out
 
 

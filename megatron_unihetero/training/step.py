@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_unihetero.models.config import IGNORE_INDEX
 
-OBJECTIVES = ("text", "semantic")
+OBJECTIVES = ("text", "semantic", "pixel")
 
 
 def count_targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> Dict[str, int]:
@@ -31,7 +31,9 @@ def count_targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> Dic
     text = ((labels != IGNORE_INDEX) & (labels != image_token_id) & valid).sum()
     visual = (tokens == image_token_id) & valid
     semantic = (visual[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])).sum()
-    return {"text": int(text), "semantic": int(semantic)}
+    # The pixel objective trains on the same positions: each semantic position has the next
+    # visual token's latent as its target.
+    return {"text": int(text), "semantic": int(semantic), "pixel": int(semantic)}
 
 
 def global_counts(batches: Iterable[Mapping[str, torch.Tensor]], image_token_id: int,
@@ -115,4 +117,5 @@ def forward_backward(
     return summary
 
 
-_MODEL_INPUTS = ("tokens", "position_ids", "segment_ids", "labels", "images", "image_features")
+_MODEL_INPUTS = ("tokens", "position_ids", "segment_ids", "labels", "images", "image_features",
+                 "image_latents")
