@@ -1,0 +1,60 @@
+"""Pretrain a UniHetero model: ``python -m megatron_unihetero.pretrain --config RUN.yaml [--a.b=v ...]``.
+
+Start it with torchrun (or the deepspeed launcher) for several processes; alone it runs as a
+single process. Restarting the same command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
+from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.training.config import RunConfig
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", help="run config YAML (see examples/configs/)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        parser.error(f"unexpected arguments {bad}; overrides look like --section.key=value")
+    return args, overrides
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(RunConfig, args.config, overrides)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigLoadError, ConfigError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.training.trainer import Trainer, write_summary
+
+    parallel.init_distributed(cfg.parallel.timeout_minutes)
+    parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        os.makedirs(cfg.logging.dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
+    trainer = Trainer(cfg)
+    trainer.install_signal_handler()
+    result = trainer.train()
+    if trainer.is_logger:
+        write_summary(os.path.join(cfg.logging.dir, "train_summary.json"), result)
+        print(f"[megatron_unihetero] done: checkpoint {result.get('checkpoint')}, "
+              f"logs {cfg.logging.dir} (metrics.jsonl, tensorboard/)", flush=True)
+    parallel.destroy()
+    dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The Trainer: the loop, checkpoints, resume, validation and metrics.
+
+It owns *when* things happen (steps, logging, evaluation, saving, SIGTERM); the engine
+(megatron or deepspeed) owns *how* a step runs. Restarting the same command resumes from
+``checkpoint.dir/latest``: model, optimizer, loader position, RNG states and step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from megatron_unihetero import parallel, platform
+from megatron_unihetero.checkpointing import model_io
+from megatron_unihetero.config_io import save_config
+from megatron_unihetero.training import checkpoint as ckpt
+from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.flops import step_flops
+from megatron_unihetero.training.metrics import MetricsLogger
+from megatron_unihetero.training.optim import lr_at
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        self.ps = parallel_state
+        self.model = parallel.build_model(cfg.model, params_dtype=_params_dtype(cfg))
+        self.engine = _build_engine(self.model, cfg)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.train_loader = self._loader("train")
+        self.valid_loader_factory = lambda: self._loader("valid")
+        self.step = 0
+        self._stop_requested = False
+        self.is_logger = (parallel_state.is_pipeline_last_stage()
+                          and parallel_state.get_tensor_model_parallel_rank() == 0
+                          and self.dp_rank == 0)
+        self.metrics = MetricsLogger(cfg.logging, enabled=self.is_logger, total_steps=cfg.train.steps)
+        self._flop_terms = self._count_flop_terms()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _loader(self, split: str):
+        from megatron_unihetero.data.loader import build_loader
+
+        data = self.cfg.data
+        return build_loader(
+            data.train, split=split, valid_fraction=data.valid_fraction,
+            split_seed=self.cfg.train.seed, weights=data.weights,
+            seq_length=data.seq_length, micro_batch_size=data.micro_batch_size,
+            tokens_per_image=self.model.tokens_per_image, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, seed=self.cfg.train.seed, pack_window=data.pack_window,
+            image_size=_encoder_image_size(self.model, self.cfg),
+        )
+
+    def _count_flop_terms(self) -> dict:
+        count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0
+        cfg = self.cfg.model
+        return dict(
+            vision_params=count(getattr(self.model, "vision", None)),
+            projector_params=count(getattr(self.model, "projector", None)),
+            head_params=count(getattr(self.model, "semantic_head", None)),
+            vision_tokens_per_image=self.model.tokens_per_image,
+            vision_trainable=not cfg.vision.frozen,
+        )
+
+    def install_signal_handler(self) -> None:
+        """SIGTERM (a scheduler's preemption) -> save a checkpoint at the end of this step."""
+        def handler(signum, frame):
+            self._stop_requested = True
+        signal.signal(signal.SIGTERM, handler)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        ck = self.cfg.checkpoint
+        latest = ckpt.latest_iteration_dir(ck.dir) if ck.resume and os.path.isdir(ck.dir) else None
+        if latest is not None:
+            self.load(latest, full=True)
+            self.metrics.info(f"resumed from {latest} at step {self.step}")
+        elif ck.load:
+            self.load(_resolve_load(ck.load), full=False)
+            self.metrics.info(f"initialised weights from {ck.load}")
+
+    def load(self, iter_dir: str, full: bool) -> None:
+        layout = parallel.rank_layout(self.model)
+        model_io.load_into_model(self.model, os.path.join(iter_dir, "model"), layout,
+                                 self.ps.get_pipeline_model_parallel_rank(),
+                                 self.ps.get_pipeline_model_parallel_world_size())
+        if not full:
+            return
+        self.engine.load(iter_dir)
+        state = ckpt.load_trainer_state(iter_dir)
+        self.step = int(state["step"])
+        self.train_loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+
+    def save(self) -> str:
+        ck = self.cfg.checkpoint
+        iter_dir = ckpt.iteration_dir(ck.dir, self.step)
+        if dist.get_rank() == 0:
+            os.makedirs(iter_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(iter_dir, "config.yaml"))
+        ckpt.barrier()
+        model_dir = os.path.join(iter_dir, "model")
+        layout = parallel.rank_layout(self.model)
+        pp_rank = self.ps.get_pipeline_model_parallel_rank()
+        if self.dp_rank == 0:
+            model_io.save_model_shard(self.engine.model_state(), model_dir, layout, pp_rank)
+        offsets = self._gather_layer_offsets(layout.layer_offset)
+        self.engine.save(iter_dir)
+        if dist.get_rank() == 0:
+            model_io.write_layout(model_dir, layout.tp_size,
+                                  self.ps.get_pipeline_model_parallel_world_size(), offsets,
+                                  model_io.mirror_prefixes(self.cfg.model))
+            ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
+                                               "rng": ckpt.rng_state()})
+        ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
+        if dist.get_rank() == 0:
+            ckpt.mark_latest(ck.dir, iter_dir)
+            ckpt.prune(ck.dir, ck.keep_last)
+        ckpt.barrier()
+        return iter_dir
+
+    def _gather_layer_offsets(self, offset: int) -> Dict[int, int]:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.ps.get_pipeline_model_parallel_rank(), offset))
+        return dict(gathered)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def objective_weights(self) -> Dict[str, float]:
+        sem = self.cfg.model.semantic
+        ramp = min(1.0, (self.step + 1) / sem.warmup_steps) if sem.warmup_steps > 0 else 1.0
+        weights = {"text": 1.0, "semantic": sem.weight * ramp}
+        pixel = getattr(self.cfg.model, "pixel", None)
+        if pixel is not None:
+            weights["pixel"] = pixel.weight
+        return weights
+
+    def next_batches(self) -> List[dict]:
+        return [next(self.train_loader) for _ in range(self.cfg.train.grad_accumulation)]
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.maybe_resume()
+        self.model.train()
+        last_saved = None
+        final: dict = {}
+        while self.step < cfg.train.steps:
+            start = time.perf_counter()
+            batches = self.next_batches()
+            lr = lr_at(self.step, cfg.train)
+            summary = self.engine.train_step(batches, self.objective_weights(), lr)
+            elapsed = time.perf_counter() - start
+            self.step += 1
+            final = self._log_step(summary, batches, lr, elapsed)
+            if cfg.logging.eval_interval and self.step % cfg.logging.eval_interval == 0:
+                final.update(self.evaluate())
+            stop = self._stop_agreed()
+            if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
+                    or self.step == cfg.train.steps or stop:
+                last_saved = self.save()
+                self.metrics.info(f"saved checkpoint {last_saved}")
+            if stop:
+                self.metrics.info(f"stopping at step {self.step} on SIGTERM")
+                break
+        self.metrics.close()
+        final["checkpoint"] = last_saved
+        return final
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1 if self._stop_requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _reduce_over_dp(self, summary: Dict[str, float]) -> Dict[str, float]:
+        """Each DP rank holds its share (sum / global count): the step mean is their sum."""
+        keys = sorted(k for k in summary if k not in ("grad_norm",) and not k.startswith("count_"))
+        if not keys:
+            return summary
+        values = torch.tensor([summary[k] for k in keys], dtype=torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(values, group=self.ps.get_data_parallel_group())
+        out = dict(summary)
+        out.update(dict(zip(keys, values.tolist())))
+        return out
+
+    def _log_step(self, summary, batches, lr, elapsed) -> dict:
+        summary = self._reduce_over_dp(summary) if summary else summary
+        tokens = sum(int((b["segment_ids"] >= 0).sum()) for b in batches) * self.dp_size
+        docs = sum(int(b.get("num_documents", 0)) for b in batches) * self.dp_size
+        flops = sum(step_flops(self.cfg.model, b, **self._flop_terms) for b in batches) * self.dp_size
+        record = dict(summary, lr=lr, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
+                      samples_per_s=docs / elapsed, tflops_per_s=flops / elapsed / 1e12 / dist.get_world_size(),
+                      memory_gb=_memory_gb())
+        self.metrics.log_step(self.step, record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        loader = self.valid_loader_factory()
+        totals: Dict[str, float] = {}
+        n = 0
+        for _ in range(self.cfg.logging.eval_batches):
+            try:
+                batch = next(loader)
+            except StopIteration:
+                break
+            summary = self.engine.eval_step([batch], self.objective_weights())
+            summary = self._reduce_over_dp(summary) if summary else summary
+            for k, v in summary.items():
+                if not k.startswith("count_"):
+                    totals[k] = totals.get(k, 0.0) + v
+            n += 1
+        loader.close()
+        result = {f"valid_{k}": v / max(n, 1) for k, v in totals.items()}
+        self.metrics.log_eval(self.step, result)
+        return result
+
+
+def _params_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and platform.has_cuda()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _encoder_image_size(model, cfg: RunConfig) -> int:
+    from megatron_unihetero.models.vision import load_hf_vision_config
+
+    return int(load_hf_vision_config(cfg.model.vision).image_size)
+
+
+def _memory_gb() -> float:
+    if platform.has_cuda():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _resolve_load(path: str) -> str:
+    if os.path.isfile(os.path.join(path, ckpt.LATEST)):
+        return ckpt.latest_iteration_dir(path)
+    return path
+
+
+def _build_engine(model, cfg: RunConfig):
+    if cfg.parallel.engine == "deepspeed":
+        from megatron_unihetero.training.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg)
+    from megatron_unihetero.training.engine_megatron import MegatronEngine
+
+    return MegatronEngine(model, cfg)
+
+
+def write_summary(path: str, record: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=1, default=str)
