@@ -1,0 +1,130 @@
+"""Checkpoint (any TP/PP) -> a transformers LlavaForConditionalGeneration folder + heads file.
+
+    export_checkpoint("runs/x/checkpoints", "hf_out")            # newest complete iteration
+    export_checkpoint("runs/x/checkpoints", "hf_out", iteration=100, dtype="bf16")
+
+The folder holds config.json (LlavaConfig), generation_config.json, model.safetensors (4.x
+on-disk names; see weights.py), the tokenizer, the LlavaProcessor files (image processor +
+chat template) and, when the model has them, unihetero_heads.{safetensors,json} (heads.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from megatron_unihetero import config_io
+from megatron_unihetero.checkpointing import model_io
+from megatron_unihetero.checkpointing.sharding import RankLayout, merge_state_dicts
+from megatron_unihetero.hf import heads as heads_lib
+from megatron_unihetero.hf import processor as processor_lib
+from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, staged_output
+from megatron_unihetero.hf.configs import ConversionError, llava_config
+from megatron_unihetero.hf.weights import full_to_llava_disk, split_heads
+from megatron_unihetero.models.config import ModelConfig
+
+LATEST_FILE = "latest"
+CONFIG_FILE = "config.yaml"
+
+
+def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
+    """The iteration folder to export: ``iter_{N:07d}``, or the one ``latest`` names."""
+    if not os.path.isdir(load):
+        raise ConversionError(f"--load {load!r} is not a folder")
+    if iteration is not None:
+        name = f"iter_{iteration:07d}"
+    else:
+        latest = os.path.join(load, LATEST_FILE)
+        if not os.path.isfile(latest):
+            raise ConversionError(f"{latest} is missing: {load!r} is not a checkpoint folder "
+                                  f"(or give --iteration)")
+        with open(latest) as handle:
+            name = handle.read().strip()
+    path = os.path.join(load, name)
+    if not os.path.isdir(path):
+        raise ConversionError(f"checkpoint iteration folder {path!r} does not exist")
+    return path
+
+
+def read_run_config(iter_dir: str) -> dict:
+    path = os.path.join(iter_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} is missing: the checkpoint has no run config")
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    if "model" not in data:
+        raise ConversionError(f"{path} has no 'model' section")
+    return data
+
+
+def read_full_state(model_dir: str) -> Dict[str, torch.Tensor]:
+    """Merge every (TP, PP) shard into one TP=1/PP=1 state dict, minus derived copies.
+
+    Like model_io.load_full_state, but keeps an EMA ``target_projector`` (real state) and drops
+    only what layout.json lists in ``drop_prefixes`` (the last stage's projector mirror).
+    """
+    info = model_io.read_layout(model_dir)
+    ranks = []
+    for name, meta in info["shards"].items():
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise ConversionError(f"{path} is missing (layout.json lists it)")
+        ranks.append((RankLayout(meta["tp_rank"], meta["tp_size"], meta["layer_offset"]),
+                      load_file(path)))
+    full = merge_state_dicts(ranks, drop_mirror=False)
+    drop = tuple(info.get("drop_prefixes", ()))
+    return {k: v for k, v in full.items() if not (drop and k.startswith(drop))}
+
+
+def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dtype: str = "fp32",
+                      tokenizer: Optional[str] = None) -> str:
+    """Write the HF folder ``save`` from checkpoint ``load``; returns ``save``."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    iter_dir = iteration_dir(load, iteration)
+    run = read_run_config(iter_dir)
+    model = config_io.from_dict(ModelConfig, run["model"], "model")
+    tokenizer = tokenizer or (run.get("data") or {}).get("tokenizer")
+    if not tokenizer:
+        raise ConversionError(f"{os.path.join(iter_dir, CONFIG_FILE)}: data.tokenizer is empty; "
+                              f"give the tokenizer with --tokenizer")
+    ours_tok, fast_tok = processor_lib.hf_tokenizer(tokenizer)
+    if ours_tok.vocab_size > model.llm.vocab_size:
+        raise ConversionError(f"tokenizer {tokenizer!r} has {ours_tok.vocab_size} tokens but "
+                              f"model.llm.vocab_size is {model.llm.vocab_size}")
+    if ours_tok.image_token_id != model.image_token_id:
+        raise ConversionError(f"tokenizer {tokenizer!r} maps <image> to {ours_tok.image_token_id} "
+                              f"but model.image_token_id is {model.image_token_id}")
+
+    full = read_full_state(os.path.join(iter_dir, "model"))
+    llava_part, head_part = split_heads(full)
+    unknown = sorted(k for k in llava_part if not k.startswith(("llm.", "vision.model.", "projector.")))
+    if unknown:
+        raise ConversionError(f"{iter_dir}: tensors with no place in the export: {unknown[:5]}")
+    try:
+        disk = full_to_llava_disk(llava_part, model.llm, model.vision.model_type)
+    except KeyError as exc:
+        raise ConversionError(f"{iter_dir}: {exc.args[0]}") from None
+    target = DTYPES[dtype]
+    config = llava_config(model, pad_token_id=ours_tok.pad_id, bos_token_id=ours_tok.bos_id,
+                          eos_token_id=ours_tok.eos_id,
+                          dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
+    hf_processor = processor_lib.llava_processor(model, fast_tok)
+
+    with staged_output(save) as staging:
+        config.save_pretrained(staging)
+        _generation_config(ours_tok).save_pretrained(staging)
+        save_hf_weights(cast_floats(disk, target), staging)
+        hf_processor.save_pretrained(staging)
+        heads_lib.save_heads(staging, cast_floats(head_part, target), model)
+    return save
+
+
+def _generation_config(tok):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

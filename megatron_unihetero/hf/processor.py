@@ -1,0 +1,137 @@
+"""The exported tokenizer and LlavaProcessor: inputs prepared the way training prepared them.
+
+Training (data/preprocess) tokenizes a document as BOS + segments + EOS, each text segment
+encoded on its own (so each gets SentencePiece's dummy prefix) and each image written as
+``<image_start><image><image_end>``; the loader then repeats ``<image>`` ``tokens_per_image``
+times. Images were resized (shorter side, bicubic), centre-cropped and normalised with the
+ImageNet mean/std (data/image_transforms.py), whatever the encoder.
+
+A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
+SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the
+dummy prefix, like our per-segment encoding) with our special tokens registered at the same
+ids; :func:`check_token_ids` proves the ids match on sample text before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron_unihetero.data import tokenizer as ours_lib
+from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
+from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
+from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config
+
+# Renders messages the way a training document reads: contents concatenated, each image as
+# <image_start><image><image_end>, no role markers (the demo data has none).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}" + ours_lib.IMAGE_START_TOKEN + ours_lib.IMAGE_TOKEN
+    + ours_lib.IMAGE_END_TOKEN + "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+
+SAMPLE_TEXTS = (
+    "a large red circle at the top left",
+    " leading space,  double  spaces and trailing ",
+    "naïve 😀 ünïcödé\nnew line\ttab",
+    f"red{ours_lib.IMAGE_TOKEN}top {ours_lib.IMAGE_START_TOKEN}{ours_lib.IMAGE_TOKEN}"
+    f"{ours_lib.IMAGE_END_TOKEN} what is left of the blue square? 42",
+)
+
+
+def _sentencepiece_to_fast(ours: "ours_lib.SentencePieceTokenizer"):
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(ours.path, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE
+        raise ConversionError(f"{ours.path}: SentencePiece model type {proto.trainer_spec.model_type} "
+                              f"is not supported (unigram or bpe only)")
+    if proto.trainer_spec.model_type == 1:
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+    else:
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    # Training puts BOS at the start of every document.
+    bos = ours.sp.id_to_piece(ours.bos_id)
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, ours.bos_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=ours.sp.id_to_piece(ours.eos_id),
+        unk_token=ours.sp.id_to_piece(ours.sp.unk_id()), clean_up_tokenization_spaces=False)
+    # Registering every special as an added token makes the tokenizer split on it before
+    # normalising (as our encode does); trained-in specials keep their id, appended ones get
+    # base, base+1, ... in SPECIAL_TOKENS order, the order our tokenizer appended them in.
+    fast.add_tokens([t for t in ours_lib.SPECIAL_TOKENS if t not in ours.appended], special_tokens=True)
+    fast.add_tokens(list(ours.appended), special_tokens=True)
+    fast.pad_token = ours_lib.PAD_TOKEN if ours.pad_id == ours.special_ids[ours_lib.PAD_TOKEN] \
+        else ours.sp.id_to_piece(ours.pad_id)
+    return fast
+
+
+def hf_tokenizer(path: str):
+    """(our tokenizer, its HF equivalent) for a SentencePiece .model or an HF tokenizer folder."""
+    try:
+        ours = ours_lib.build_tokenizer(path)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"data.tokenizer {path!r} cannot be loaded: {exc}") from None
+    if isinstance(ours, ours_lib.SentencePieceTokenizer):
+        fast = _sentencepiece_to_fast(ours)
+    else:
+        fast = ours.tok  # already holds the specials our tokenizer added
+    fast.image_token = ours_lib.IMAGE_TOKEN  # LlavaProcessor reads it from the tokenizer
+    check_token_ids(ours, fast)
+    return ours, fast
+
+
+def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
+    """Raise unless the HF tokenizer gives our ids on sample text and for every special."""
+    for name in ("bos_id", "eos_id", "pad_id", "image_token_id", "image_start_id", "image_end_id"):
+        token = {"bos_id": fast.bos_token, "eos_id": fast.eos_token, "pad_id": fast.pad_token,
+                 "image_token_id": ours_lib.IMAGE_TOKEN, "image_start_id": ours_lib.IMAGE_START_TOKEN,
+                 "image_end_id": ours_lib.IMAGE_END_TOKEN}[name]
+        hf_id = fast.convert_tokens_to_ids(token)
+        if hf_id != getattr(ours, name):
+            raise ConversionError(f"the exported tokenizer maps {token!r} to {hf_id}, ours to "
+                                  f"{getattr(ours, name)} ({name}; tokenizer {ours.path!r})")
+    for text in texts:
+        expected: List[int] = ours.encode(text)
+        got = fast.encode(text, add_special_tokens=False)
+        if got != expected:
+            raise ConversionError(f"the exported tokenizer encodes {text!r} as {got}, ours as "
+                                  f"{expected} (tokenizer {ours.path!r})")
+
+
+def image_processor(model: ModelConfig):
+    from transformers import CLIPImageProcessor
+
+    size = load_hf_vision_config(model.vision).image_size
+    return CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL bicubic, as preprocess
+        do_center_crop=True, crop_size={"height": size, "width": size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
+    )
+
+
+def llava_processor(model: ModelConfig, fast_tokenizer):
+    """A LlavaProcessor that expands each ``<image>`` to ``tokens_per_image`` image tokens."""
+    from transformers import LlavaProcessor
+
+    hf_vision = load_hf_vision_config(model.vision)
+    has_cls = _HF_CLASSES[model.vision.model_type][2]
+    return LlavaProcessor(
+        image_processor=image_processor(model), tokenizer=fast_tokenizer,
+        patch_size=hf_vision.patch_size,
+        # Llava counts (size/patch)^2 + additional tokens, minus one for "default" (CLS dropped).
+        num_additional_image_tokens=int(has_cls),
+        vision_feature_select_strategy=feature_select_strategy(model.vision),
+        chat_template=CHAT_TEMPLATE, image_token=ours_lib.IMAGE_TOKEN,
+    )
