@@ -1,0 +1,160 @@
+"""Model runners: apply the metrics to a built UniHetero model on one rank (TP=1, PP=1).
+
+Samples carry preprocessed inputs (``data.py`` builds them from the demo data): image tensors
+normalised like training's, token ids with every image placeholder already expanded to
+``tokens_per_image`` copies, and a mask of the tokens to score. Rows of a batch are right-padded;
+with causal attention the padding never influences the scored positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_unihetero.eval import metrics, probes, retrieval
+
+
+@dataclass
+class TextSample:
+    """One sequence: its images [n_img, 3, S, S], expanded token ids and scoring mask."""
+
+    images: torch.Tensor
+    tokens: List[int]
+    target_mask: List[bool] = field(default_factory=list)  # empty: score nothing
+
+
+@dataclass
+class QuestionSample:
+    """A question scored over candidate answers: one TextSample per candidate (same image and
+    question, the candidate's tokens masked) and the index of the right one."""
+
+    candidates: List[TextSample]
+    answer: int
+
+
+def _check(model) -> None:
+    if not (model.pre_process and model.post_process):
+        raise ValueError("evaluation runners need the whole model on one rank (PP=1)")
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ValueError("evaluation runners need TP=1 (the logits are not gathered)")
+
+
+def _batch(samples: Sequence[TextSample], pad_id: int = 0):
+    length = max(len(s.tokens) for s in samples)
+    tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        tokens[row, :len(sample.tokens)] = torch.tensor(sample.tokens, dtype=torch.long)
+        if sample.target_mask:
+            mask[row, :len(sample.target_mask)] = torch.tensor(sample.target_mask, dtype=torch.bool)
+    images = [s.images for s in samples if s.images is not None and s.images.shape[0]]
+    images = torch.cat(images) if images else None
+    return tokens, mask, images
+
+
+@torch.no_grad()
+def hidden_states(model, tokens: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
+    """Last-layer hidden states [B, S, H] (after the final norm)."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens).contiguous()
+    if images is not None:
+        images = images.to(device=device, dtype=next(model.parameters()).dtype)
+    return model(tokens, position_ids, images=images).transpose(0, 1)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, samples: Sequence[TextSample]) -> torch.Tensor:
+    """Sum of log-probs of each sample's masked tokens [len(samples)] (float64, on CPU)."""
+    tokens, mask, images = _batch(samples)
+    hidden = hidden_states(model, tokens, images)
+    logits, _ = model.llm.output_layer(hidden)
+    return metrics.target_logprobs(logits.float().cpu(), tokens, mask)
+
+
+def answer_accuracy(model, questions: Sequence[QuestionSample]) -> Dict[str, object]:
+    """Pick, per question, the candidate with the highest summed log-prob; report accuracy."""
+    _check(model)
+    model.eval()
+    predictions = []
+    for question in questions:
+        scores = sequence_logprobs(model, question.candidates).tolist()
+        predictions.append(metrics.pick_candidate(scores))
+    answers = [q.answer for q in questions]
+    return {"accuracy": metrics.accuracy(predictions, answers), "num_questions": len(questions),
+            "predictions": predictions}
+
+
+def caption_perplexity(model, samples: Sequence[TextSample], batch_size: int = 8) -> Dict[str, float]:
+    """Perplexity of the masked (caption) tokens given the image and the tokens before."""
+    _check(model)
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        nll -= float(sequence_logprobs(model, chunk).sum())
+        count += sum(sum(bool(m) for m in s.target_mask[1:]) for s in chunk)
+    return {"perplexity": metrics.perplexity(nll, count),
+            "nll_per_token": nll / max(count, 1), "num_tokens": count}
+
+
+@torch.no_grad()
+def visual_hidden_means(model, samples: Sequence[TextSample], batch_size: int = 8) -> torch.Tensor:
+    """Per image [n_img, H]: the mean last-layer hidden state over its visual positions."""
+    _check(model)
+    model.eval()
+    out = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        tokens, _, images = _batch(chunk)
+        hidden = hidden_states(model, tokens, images).float().cpu()
+        layout = model._layout(tokens, None, 0 if images is None else images.shape[0])
+        visual = hidden[layout.visual_mask]  # in order of the images' tokens
+        out.append(visual.reshape(-1, model.tokens_per_image, visual.shape[-1]).mean(dim=1))
+    return torch.cat(out)
+
+
+def attribute_probes(model, samples: Sequence[TextSample], attributes: Dict[str, Sequence], *,
+                     test_fraction: float = 0.3, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """A linear probe per attribute (one label per image) on the mean visual hidden states."""
+    features = visual_hidden_means(model, samples)
+    results = {}
+    for name, labels in attributes.items():
+        if len(labels) != features.shape[0]:
+            raise ValueError(f"attribute {name!r}: {len(labels)} labels for {features.shape[0]} images")
+        results[name] = probes.probe_accuracy(features, labels, test_fraction=test_fraction, seed=seed)
+    return results
+
+
+@torch.no_grad()
+def semantic_retrieval(model, samples: Sequence[TextSample]) -> Dict[str, float]:
+    """Top-1 retrieval of the true next visual target among the sample's own visual targets."""
+    _check(model)
+    if not hasattr(model, "semantic_head"):
+        raise ValueError("semantic retrieval needs the semantic head (model.semantic.weight > 0)")
+    model.eval()
+    hits, chance = [], []
+    for sample in samples:
+        if sample.images is None or sample.images.shape[0] == 0:
+            continue
+        tokens, _, images = _batch([sample])
+        hidden = hidden_states(model, tokens, images)
+        layout = model._layout(tokens.to(hidden.device), None, images.shape[0])
+        images = images.to(device=hidden.device, dtype=hidden.dtype)
+        features = model.vision_features(images, None)
+        bank = model.semantic_targets(features, model.projector(features))
+        bank = bank.reshape(-1, bank.shape[-1])  # [n_img * T, D]: this sample's candidates
+        predictions = model.semantic_head(hidden[0][layout.semantic_mask[0]])
+        per_position = torch.full_like(tokens[0], -1).to(hidden.device)
+        per_position[layout.visual_mask[0]] = layout.visual_index
+        true_index = per_position[1:][layout.semantic_mask[0, :-1]]
+        hits.append(retrieval.top1_hits(predictions, bank, true_index))
+        chance.append(torch.full((predictions.shape[0],), 1.0 / bank.shape[0]))
+    hits_all = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return {"top1": float(hits_all.double().mean()) if len(hits_all) else float("nan"),
+            "chance": float(torch.cat(chance).mean()) if chance else float("nan"),
+            "num_predictions": int(len(hits_all))}

@@ -1,0 +1,117 @@
+"""Evaluate a checkpoint on held-out data: understanding, probes, semantic retrieval.
+
+    python -m megatron_unihetero.evaluate --load CKPT --data DIR [--tokenizer PATH] \\
+        [--max-samples N] [--output metrics.json]
+
+``--load`` is a checkpoint folder: either the run's checkpoint dir (``CKPT/latest`` names the
+iteration folder) or an iteration folder itself. The iteration folder holds the run's
+``config.yaml`` (a RunConfig) and the model weights in ``model/`` (checkpointing/model_io.py).
+``--data`` is the demo data folder (its ``valid.parquet`` is read) or a parquet file.
+Runs on one process (TP=1, PP=1); a checkpoint saved at any TP/PP is merged on load.
+
+Metrics (megatron_unihetero/eval): answer accuracy over each question's candidates, caption
+perplexity, linear-probe test accuracy of the mean visual hidden state for each first-object
+attribute, and top-1 retrieval of the true next visual embedding (semantic head only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Optional
+
+ITERATION_CONFIG = "config.yaml"
+
+
+def resolve_iteration_dir(load: str) -> str:
+    """CKPT/latest -> CKPT/<iteration>; or ``load`` itself when it holds config.yaml."""
+    latest = os.path.join(load, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as handle:
+            name = handle.read().strip()
+        path = os.path.join(load, name)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{latest} names {name!r}, but {path} does not exist")
+        return path
+    if os.path.isfile(os.path.join(load, ITERATION_CONFIG)):
+        return load
+    raise FileNotFoundError(f"--load {load!r}: neither a checkpoint dir with a 'latest' file nor "
+                            f"an iteration folder with {ITERATION_CONFIG}")
+
+
+def build_from_checkpoint(iteration_dir: str):
+    """(RunConfig, model) with the checkpoint's weights, on this single process."""
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing.model_io import load_into_model
+    from megatron_unihetero.config_io import load_config
+    from megatron_unihetero.training.config import RunConfig
+
+    run_config = load_config(RunConfig, os.path.join(iteration_dir, ITERATION_CONFIG))
+    parallel.initialize(1, 1, seed=run_config.train.seed)
+    model = parallel.build_model(run_config.model)
+    load_into_model(model, os.path.join(iteration_dir, "model"), parallel.rank_layout(model),
+                    pp_rank=0, pp_size=1)
+    model.eval()
+    return run_config, model
+
+
+def evaluate_model(model, sets, *, min_probe_samples: int = 10) -> Dict[str, object]:
+    """Every metric that applies to this model and data."""
+    from megatron_unihetero.eval import runners
+
+    results: Dict[str, object] = {"num_samples": len(sets.captions)}
+    accuracy = runners.answer_accuracy(model, sets.questions)
+    results["answer_accuracy"] = accuracy["accuracy"]
+    results.update({f"caption_{k}": v for k, v in runners.caption_perplexity(model, sets.captions).items()})
+    if len(sets.captions) >= min_probe_samples:
+        probes = runners.attribute_probes(model, sets.captions, sets.attributes)
+        results["probes"] = probes
+    if hasattr(model, "semantic_head"):
+        results["semantic_retrieval"] = runners.semantic_retrieval(model, sets.captions)
+    return results
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoint dir or iteration folder")
+    parser.add_argument("--data", required=True, help="demo data folder (valid.parquet) or a parquet file")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: the run config's data.tokenizer)")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--output", help="write the metrics here as JSON")
+    args = parser.parse_args(argv)
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.eval.data import build_eval_sets, read_rows
+    from megatron_unihetero.models.vision import load_hf_vision_config
+
+    iteration_dir = resolve_iteration_dir(args.load)
+    run_config, model = build_from_checkpoint(iteration_dir)
+    tokenizer_path = args.tokenizer or run_config.data.tokenizer
+    if not tokenizer_path:
+        parser.error("no tokenizer: pass --tokenizer (the run config has no data.tokenizer)")
+    tokenizer = build_tokenizer(tokenizer_path)
+    if tokenizer.image_token_id != run_config.model.image_token_id:
+        parser.error(f"tokenizer {tokenizer_path!r} has <image> id {tokenizer.image_token_id}, "
+                     f"the model was trained with model.image_token_id="
+                     f"{run_config.model.image_token_id}")
+    data_path = os.path.join(args.data, "valid.parquet") if os.path.isdir(args.data) else args.data
+    rows = read_rows(data_path, args.max_samples)
+    sets = build_eval_sets(rows, tokenizer, tokens_per_image=model.tokens_per_image,
+                           image_size=load_hf_vision_config(run_config.model.vision).image_size)
+    results = {"checkpoint": os.path.abspath(iteration_dir), "data": os.path.abspath(data_path),
+               **evaluate_model(model, sets)}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text + "\n")
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
