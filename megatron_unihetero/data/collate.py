@@ -84,25 +84,11 @@ class Collator:
         positions = np.zeros((B, S), dtype=np.int64)
         segments = np.full((B, S), -1, dtype=np.int32)
         images: List[np.ndarray] = []
-        num_docs = 0
         for b, row in enumerate(rows):
-            at = 0
-            for seg, sample in enumerate(row):
-                tok, target = expand_sample(sample, self.image_token_id, self.tokens_per_image)
-                n = len(tok)
-                if at + n > S:
-                    raise ValueError(f"shard {sample.shard}: sample {sample.index}: does not fit row {b} "
-                                     f"({at} + {n} > seq_length {S}); packing and collation disagree")
-                tokens[b, at:at + n] = tok
-                # labels[i] = tok[i+1] where i+1 is a target of the same document.
-                lab = labels[b, at:at + n - 1]
-                lab[:] = np.where(target[1:], tok[1:], IGNORE_INDEX)
-                positions[b, at:at + n] = np.arange(n)
-                segments[b, at:at + n] = seg
-                if sample.images is not None and len(sample.images):
-                    images.append(sample.images)
-                at += n
-                num_docs += 1
+            if row:
+                self._fill_row(b, row, tokens[b], labels[b], positions[b], segments[b])
+                images += [s.images for s in row if s.images is not None and len(s.images)]
+        num_docs = sum(len(row) for row in rows)
         batch = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
@@ -116,6 +102,41 @@ class Collator:
         else:
             batch["image_features"] = self._features(images)
         return batch
+
+    def _fill_row(self, b: int, row: Sequence[Sample], tokens, labels, positions, segments) -> None:
+        """Write one row's documents into the row views (vectorised over the whole row)."""
+        doc_tokens = [np.asarray(s.tokens, dtype=np.int64) for s in row]
+        masks = []
+        for s, t in zip(row, doc_tokens):
+            if s.loss_mask is None:
+                masks.append(np.ones(len(t), dtype=bool))
+            elif len(s.loss_mask) != len(t):
+                raise ValueError(f"shard {s.shard}: sample {s.index}: 'lossmask' has {len(s.loss_mask)} entries "
+                                 f"for {len(t)} tokens")
+            else:
+                masks.append(np.asarray(s.loss_mask) != 0)
+        tok = np.concatenate(doc_tokens)
+        target = np.concatenate(masks)
+        doc = np.repeat(np.arange(len(row)), [len(t) for t in doc_tokens])
+        is_image = tok == self.image_token_id
+        placeholders = np.bincount(doc[is_image], minlength=len(row))
+        for s, n in zip(row, placeholders.tolist()):
+            if s.images is not None and len(s.images) != n:
+                raise ValueError(f"shard {s.shard}: sample {s.index}: {n} <image> placeholders (token id "
+                                 f"{self.image_token_id}) in 'text' but {len(s.images)} entries in 'images' (image_offsets)")
+        repeats = np.where(is_image, self.tokens_per_image, 1)
+        tok, target, doc = np.repeat(tok, repeats), np.repeat(target, repeats), np.repeat(doc, repeats)
+        n = len(tok)
+        if n > self.seq_length:
+            s = row[-1]
+            raise ValueError(f"row {b} (last: shard {s.shard}, sample {s.index}) has {n} tokens > seq_length "
+                             f"{self.seq_length}: packing and collation disagree")
+        doc_start = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+        tokens[:n] = tok
+        # labels[i] = tok[i+1] where i+1 is a target of the same document.
+        labels[:n - 1] = np.where(target[1:] & (doc[1:] == doc[:-1]), tok[1:], IGNORE_INDEX)
+        positions[:n] = np.arange(n) - np.repeat(doc_start, np.diff(np.r_[doc_start, n]))
+        segments[:n] = doc
 
     def _pixels(self, images: List[np.ndarray]) -> torch.Tensor:
         if not images:

@@ -1,14 +1,13 @@
 """Image tensors for the model: uint8 HWC from shards -> normalised float32 NCHW.
 
-Shards already hold decoded, resized RGB pixels, so the training-time work is a layout change
-and a normalisation (plus a resize only when blended datasets were preprocessed at a
-different size than the model's). :func:`decode_resize` is the on-the-fly path from encoded
-bytes, kept for the throughput benchmark's baseline and for tools that read raw data.
+Shards already hold decoded, resized RGB pixels (decoding and resizing belong to
+preprocessing: ``preprocess/images.py``), so the training-time work is a layout change and a
+normalisation, plus a resize only when blended datasets were preprocessed at a different size
+than the model's.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Optional, Sequence
 
 import numpy as np
@@ -62,13 +61,3 @@ class ImageNormalizer:
         out += self._shift_np
         return torch.from_numpy(out)
 
-
-def decode_resize(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 [S, S, 3] RGB (PIL decode, bicubic resize)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        return np.asarray(img, dtype=np.uint8)

@@ -210,6 +210,12 @@ class MultimodalLoader:
             except queue.Full:
                 continue
 
+    def __enter__(self) -> "MultimodalLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the prefetch thread (the position stays that of the last batch returned)."""
         if self._thread is not None:

@@ -92,6 +92,8 @@ def test_placeholder_image_count_mismatch_names_shard_and_sample():
     bad = _sample([1, 3, IMG, 5, 2], [], index=7)
     with pytest.raises(ValueError, match=r"shard mem: sample 7: 1 <image> placeholders .* 0 entries"):
         expand_sample(bad, IMG, TPI)
+    with pytest.raises(ValueError, match=r"shard mem: sample 7: 1 <image> placeholders .* 0 entries"):
+        _collator(16)([[_sample([1, 11, 2]), bad]])
 
 
 def test_expand_sample_repeats_mask_of_placeholder():
