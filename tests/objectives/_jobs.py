@@ -127,3 +127,157 @@ def sampling_job(output_path):
     with Image.open(output_path) as image:
         assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
     parallel.destroy()
+
+
+def _text_samples():
+    from megatron_unihetero.eval.runners import TextSample
+
+    gen = torch.Generator().manual_seed(4)
+    samples = []
+    for length in (24, 30):
+        tokens = torch.randint(10, VOCAB, (length,), generator=gen)
+        tokens[2:2 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[2 + TOKENS_PER_IMAGE:] = True
+        samples.append(TextSample(images=torch.randn(1, 3, 32, 32, generator=gen),
+                                  tokens=tokens.tolist(), target_mask=mask.tolist()))
+    return samples
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in semantic head that returns fixed predictions."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, hidden):
+        assert hidden.shape[0] == self.value.shape[0]
+        return self.value
+
+
+def runners_job():
+    """The runners agree with the model's own loss, ignore padding, and index retrieval right."""
+    from megatron_unihetero import parallel
+    from megatron_unihetero.eval import runners
+    from megatron_unihetero.eval.runners import QuestionSample
+    from megatron_unihetero.models import interleaver
+
+    parallel.initialize(1, 1, seed=13)
+    model = parallel.build_model(tiny_config())
+    model.eval()
+    samples = _text_samples()
+    batched = runners.sequence_logprobs(model, samples)
+    for i, sample in enumerate(samples):
+        alone = runners.sequence_logprobs(model, [sample])
+        torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-5)  # padding is inert
+        # Summed log-probs = minus the text loss over the same targets.
+        tokens = torch.tensor(sample.tokens)[None]
+        labels = torch.full_like(tokens, -100)
+        mask = torch.tensor(sample.target_mask)
+        labels[0, :-1] = torch.where(mask[1:], tokens[0, 1:], torch.tensor(-100))
+        with torch.no_grad():
+            out = model(tokens, torch.arange(tokens.shape[1])[None], labels=labels,
+                        images=sample.images)
+        torch.testing.assert_close(float(alone[0]), -float(out["text"][0]), rtol=1e-5, atol=1e-4)
+
+    scores = batched.tolist()
+    best, worst = max(range(2), key=lambda i: scores[i]), min(range(2), key=lambda i: scores[i])
+    assert runners.answer_accuracy(model, [QuestionSample(samples, best)])["accuracy"] == 1.0
+    assert runners.answer_accuracy(model, [QuestionSample(samples, worst)])["accuracy"] == 0.0
+
+    result = runners.caption_perplexity(model, samples)
+    count = sum(sum(s.target_mask[1:]) for s in samples)
+    assert result["num_tokens"] == count
+    torch.testing.assert_close(result["nll_per_token"], -float(batched.sum()) / count)
+
+    means = runners.visual_hidden_means(model, samples)
+    assert means.shape == (2, 32)
+
+    # Retrieval with an oracle head (returns the true next targets) is perfect; one that returns
+    # the target of the position itself (off by one) essentially never is.
+    sample = samples[0]
+    tokens = torch.tensor(sample.tokens)[None]
+    layout = model._layout(tokens, None, 1)
+    features = model.vision(sample.images)
+    truth = interleaver.semantic_targets(model.semantic_targets(features, model.projector(features)), layout)
+    real_head = model.semantic_head
+    model.semantic_head = _Fixed(truth)
+    oracle = runners.semantic_retrieval(model, [sample])
+    assert oracle["top1"] == 1.0 and oracle["num_predictions"] == TOKENS_PER_IMAGE, oracle
+    assert abs(oracle["chance"] - 1.0 / TOKENS_PER_IMAGE) < 1e-9
+    shifted = torch.cat([truth[1:], truth[:1]])
+    model.semantic_head = _Fixed(shifted)
+    assert runners.semantic_retrieval(model, [sample])["top1"] == 0.0
+    model.semantic_head = real_head
+    real = runners.semantic_retrieval(model, samples)
+    assert 0.0 <= real["top1"] <= 1.0 and real["num_predictions"] == 2 * TOKENS_PER_IMAGE
+    parallel.destroy()
+
+
+def evaluate_cli_job(workdir, tokenizer_path):
+    """Save a checkpoint the way training does, then run the evaluate CLI on demo data."""
+    import json
+    import os
+
+    from megatron_unihetero import evaluate, parallel
+    from megatron_unihetero.checkpointing.model_io import (
+        mirror_prefixes, save_model_shard, write_layout)
+    from megatron_unihetero.config_io import save_config
+    from megatron_unihetero.data.demo_world import write_demo_data
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.training.config import DataConfig, RunConfig
+
+    tokenizer = build_tokenizer(tokenizer_path)
+    model_cfg = tiny_config()
+    model_cfg.llm.vocab_size = tokenizer.vocab_size
+    model_cfg.image_token_id = tokenizer.image_token_id
+    run_cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer_path))
+    data_dir = os.path.join(workdir, "data")
+    write_demo_data(data_dir, 24, seed=5, image_size=32, valid_fraction=0.5)
+
+    parallel.initialize(1, 1, seed=17)
+    model = parallel.build_model(model_cfg)
+    iteration = os.path.join(workdir, "ckpt", "iter_0000003")
+    save_model_shard(model.state_dict(), os.path.join(iteration, "model"),
+                     parallel.rank_layout(model), pp_rank=0)
+    write_layout(os.path.join(iteration, "model"), 1, 1, {0: 0}, mirror_prefixes(model_cfg))
+    save_config(run_cfg, os.path.join(iteration, "config.yaml"))
+    with open(os.path.join(workdir, "ckpt", "latest"), "w") as handle:
+        handle.write("iter_0000003\n")
+    parallel.destroy()
+
+    output = os.path.join(workdir, "metrics.json")
+    assert evaluate.main(["--load", os.path.join(workdir, "ckpt"), "--data", data_dir,
+                          "--max-samples", "12", "--output", output]) == 0
+    with open(output) as handle:
+        results = json.load(handle)
+    assert results["num_samples"] == 12
+    assert 0.0 <= results["answer_accuracy"] <= 1.0
+    assert results["caption_perplexity"] > 1.0 and results["caption_num_tokens"] > 0
+    assert set(results["probes"]) == {"shape", "colour", "position", "size"}
+    assert results["semantic_retrieval"]["num_predictions"] == 12 * TOKENS_PER_IMAGE
+
+
+def all_model_jobs(result_path, workdir, tokenizer_path):
+    """Run every job in one spawned process (megatron's import costs ~20 s per process) and
+    record each one's traceback, so each test reports its own failure."""
+    import json
+    import os
+    import traceback
+
+    jobs = {"routing": routing_job, "ema": ema_job,
+            "sampling": lambda: sampling_job(os.path.join(workdir, "sample.png")),
+            "runners": runners_job,
+            "evaluate_cli": lambda: evaluate_cli_job(workdir, tokenizer_path)}
+    results = {}
+    for name, job in jobs.items():
+        try:
+            job()
+            results[name] = None
+        except BaseException:  # record and go on: the other jobs still run
+            results[name] = traceback.format_exc()
+            from megatron_unihetero import parallel
+            parallel.destroy()
+    with open(result_path, "w") as handle:
+        json.dump(results, handle)
