@@ -30,11 +30,6 @@ class Sample:
     index: int  # index within the shard
 
 
-def _open(shard: Union[str, Any]) -> Any:
-    # Anything with the ShardReader interface may stand in for a path (tests, in-memory data).
-    return ShardReader(shard) if isinstance(shard, str) else shard
-
-
 def _shard_name(reader: Any) -> str:
     return getattr(reader, "prefix", repr(reader))
 
@@ -44,7 +39,7 @@ class MultimodalDataset:
 
     Args:
         shards: a dataset prefix (all its shards via :func:`list_shards`), a shard prefix, or a
-            list of prefixes / reader objects.
+            list of them; objects with the ShardReader interface may stand in for paths.
         name: for logs and stats (default: the first shard's prefix).
         split: "train" or "valid".
         valid_fraction: fraction of samples held out for "valid" (at least one when > 0).
@@ -65,11 +60,16 @@ class MultimodalDataset:
         if not 0.0 <= valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
         if isinstance(shards, str):
-            paths = list_shards(shards)
+            shards = [shards]
+        self.readers: List[Any] = []
+        for s in shards:
+            if not isinstance(s, str):
+                self.readers.append(s)
+                continue
+            paths = list_shards(s)
             if not paths:
-                raise FileNotFoundError(f"no shards found for {shards!r} (expected {shards}.json or {shards}_00000.json)")
-            shards = paths
-        self.readers: List[Any] = [_open(s) for s in shards]
+                raise FileNotFoundError(f"no shards found for {s!r} (expected {s}.json or {s}_00000.json)")
+            self.readers += [ShardReader(p) for p in paths]
         if not self.readers:
             raise ValueError("a dataset needs at least one shard")
         self.name = name or _shard_name(self.readers[0])

@@ -21,6 +21,7 @@ All ranks hold the same state; saving rank 0's is enough.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -92,7 +93,8 @@ class MultimodalLoader:
             "seq_length": seq_length, "tokens_per_image": tokens_per_image, "seed": seed,
             "pack_window": pack_window, "num_samples": num_samples,
             "weights": [float(w) for w in self.stream.weights],
-            "datasets": [[d.name, d.split, len(d)] for d in self.datasets],
+            # Base names only: moving the data to another folder must not block a resume.
+            "datasets": [[os.path.basename(d.name), d.split, len(d)] for d in self.datasets],
         }
         # Position in the global row stream (the producer's; see _consumed for the caller's).
         self._window = -1  # no window drawn yet

@@ -120,14 +120,18 @@ class WindowPacker:
     def pack(self, refs: Sequence[SampleRef], window_index: int, count: bool = True) -> List[List[SampleRef]]:
         """Rows of the window. Over-long samples are left out, and counted and logged when
         ``count`` (False when a resumed loader re-packs a window it had already counted)."""
-        kept = [r for r in refs if r.length <= self.seq_length or (count and self._reject(r))]
+        kept = []
+        for r in refs:
+            if r.length <= self.seq_length:
+                kept.append(r)
+            elif count:
+                self._reject(r)
         bins = best_fit_decreasing([r.length for r in kept], self.seq_length)
         rows = [[kept[i] for i in b] for b in bins]
         perm = np.random.default_rng([self.seed, window_index, 0x9ACC]).permutation(len(rows))
         return [rows[i] for i in perm]
 
-    def _reject(self, ref: SampleRef) -> bool:
-        # Returns False so it can sit in the filter above; the sample is counted, not packed.
+    def _reject(self, ref: SampleRef) -> None:
         shard, index = self.describe(ref)
         st = self.stats
         st.rejected_samples += 1
@@ -141,7 +145,6 @@ class WindowPacker:
             )
         elif st.rejected_samples == MAX_REJECTION_LOG_LINES + 1:
             logger.warning("packing: more over-long samples rejected; see the loader's stats for the count")
-        return False
 
     def count_emitted(self, row: Sequence[SampleRef]) -> None:
         """Account a row the loader actually consumed (for the efficiency figure)."""

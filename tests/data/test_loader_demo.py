@@ -1,6 +1,5 @@
 """The loader on shards written by the real preprocessing of the demo data (shapes world)."""
 
-import numpy as np
 import pytest
 import torch
 

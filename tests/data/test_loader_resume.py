@@ -202,3 +202,12 @@ def test_feature_shards(tmp_path):
     feats = batch["image_features"]
     assert feats.dtype == torch.float32 and feats.shape[1:] == (TPI, 6)
     assert int((batch["tokens"] == IMG).sum()) == TPI * feats.shape[0]
+
+
+def test_dataset_from_several_prefixes_and_missing_prefix(data):
+    both = MultimodalDataset([str(data / "cap"), str(data / "qa")])
+    assert len(both) == 241 + 90 and len(both.readers) == 4
+    shard, index = both.describe(241)  # first sample after the 'cap' shards
+    assert shard.endswith("qa_00000") and index == 0
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        MultimodalDataset(str(data / "nope"))
