@@ -183,6 +183,7 @@ class MultimodalLoader:
             self._queue.put(_END)  # stay exhausted on further calls
             raise StopIteration
         if isinstance(item, BaseException):
+            self._queue.put(item)  # the producer has stopped: fail again on further calls
             raise item
         batch, self._consumed = item
         return batch

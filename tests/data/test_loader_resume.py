@@ -211,3 +211,18 @@ def test_dataset_from_several_prefixes_and_missing_prefix(data):
     assert shard.endswith("qa_00000") and index == 0
     with pytest.raises(FileNotFoundError, match="no shards found"):
         MultimodalDataset(str(data / "nope"))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_corrupt_sample_error_names_shard_sample_and_field(tmp_path, prefetch):
+    with ShardWriter(str(tmp_path / "bad"), image_size=4, metadata={"tokenizer": TOKENIZER}) as w:
+        # (one real image: ShardReader cannot open a shard whose images file is empty)
+        w.add_sample(np.asarray([1, 3, IMG, 5, 2]), [np.zeros((4, 4, 3), np.uint8)])
+        w.add_sample(np.asarray([1, 3, IMG, 5, 2]))  # a placeholder without its image
+        w.finalize()
+    loader = build_loader(str(tmp_path / "bad"), seq_length=64, micro_batch_size=1, tokens_per_image=2,
+                          prefetch=prefetch)
+    for _ in range(2):  # the error is raised again, never swallowed
+        with pytest.raises(ValueError, match=r"bad: sample 1: 1 <image> placeholders .* 'text' but 0 entries in 'images'"):
+            for _ in range(3):
+                next(loader)
