@@ -82,8 +82,8 @@ def test_qa_template_masks_all_but_the_answer(env):
 
 
 def test_workers_do_not_change_output_and_shards_merge(env):
-    s1, p1 = run(env, [env["demo"]], "w1/ds", workers=1, shard_size_mb=0.004, template="both")
-    s2, p2 = run(env, [env["demo"]], "w2/ds", workers=2, shard_size_mb=0.004, template="both")
+    s1, p1 = run(env, [env["demo"]], "w1/ds", workers=1, shard_size_mb=0.02, template="both")
+    s2, p2 = run(env, [env["demo"]], "w2/ds", workers=2, shard_size_mb=0.02, template="both")
     shards = list_shards(p1)
     assert len(shards) > 2, "shard-size-mb split"
     names = sorted(f for f in os.listdir(os.path.dirname(p1)) if f.startswith("ds_"))
