@@ -17,6 +17,22 @@ the uninterrupted one would have. The global row stream does not depend on ``dp_
 ``micro_batch_size``, so a checkpoint can resume on a different data-parallel size.
 
 All ranks hold the same state; saving rank 0's is enough.
+
+In a trainer::
+
+    from megatron.core import parallel_state as ps
+    train = build_loader(["0.7", "data/caps", "0.3", "data/qa"], split="train", valid_fraction=0.01,
+                         seq_length=2048, micro_batch_size=4, tokens_per_image=cfg.tokens_per_image,
+                         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                         seed=args.seed)
+    if resuming:
+        train.load_state_dict(checkpoint["data_loader"])   # before the first next()
+    batch = next(train)                                    # one micro-batch per call
+    checkpoint["data_loader"] = train.state_dict()         # plain ints/lists/dicts: JSON-safe
+    valid = build_loader(..., split="valid", ...)          # same prefixes and valid_fraction; one pass
+
+Tensor- and pipeline-parallel ranks of one data-parallel rank build the same loader and get
+identical batches, so nothing needs to be broadcast.
 """
 
 from __future__ import annotations
