@@ -34,10 +34,12 @@ class Trainer:
         self.cfg = cfg
         self.ps = parallel_state
         self.model = parallel.build_model(cfg.model, params_dtype=_params_dtype(cfg))
+        self._weights_loaded = self._load_initial_weights()
         self.engine = _build_engine(self.model, cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.train_loader = self._loader("train")
+        check_tokenizer_matches(cfg, self.train_loader.datasets)
         self.valid_loader_factory = lambda: self._loader("valid")
         self.step = 0
         self._stop_requested = False
@@ -79,21 +81,34 @@ class Trainer:
         signal.signal(signal.SIGTERM, handler)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def maybe_resume(self) -> None:
+    def _latest(self):
         ck = self.cfg.checkpoint
-        latest = ckpt.latest_iteration_dir(ck.dir) if ck.resume and os.path.isdir(ck.dir) else None
+        return ckpt.latest_iteration_dir(ck.dir) if ck.resume and os.path.isdir(ck.dir) else None
+
+    def _load_initial_weights(self) -> bool:
+        """``checkpoint.load`` (weights only) when not resuming; before the engine wraps the model."""
+        if self._latest() is None and self.cfg.checkpoint.load:
+            self.load(_resolve_load(self.cfg.checkpoint.load), full=False)
+            return True
+        return False
+
+    def maybe_resume(self) -> None:
+        latest = self._latest()
         if latest is not None:
             self.load(latest, full=True)
             self.metrics.info(f"resumed from {latest} at step {self.step}")
-        elif ck.load:
-            self.load(_resolve_load(ck.load), full=False)
-            self.metrics.info(f"initialised weights from {ck.load}")
+        elif self._weights_loaded:
+            self.metrics.info(f"initialised weights from {self.cfg.checkpoint.load}")
 
     def load(self, iter_dir: str, full: bool) -> None:
-        layout = parallel.rank_layout(self.model)
-        model_io.load_into_model(self.model, os.path.join(iter_dir, "model"), layout,
-                                 self.ps.get_pipeline_model_parallel_rank(),
-                                 self.ps.get_pipeline_model_parallel_world_size())
+        zero3 = self.cfg.parallel.engine == "deepspeed" and self.cfg.parallel.zero_stage == 3
+        if not (full and zero3):
+            # Under ZeRO-3 the parameters are partitioned: a full resume restores them through
+            # DeepSpeed's own checkpoint; a weights-only start loads before the engine exists.
+            layout = parallel.rank_layout(self.model)
+            model_io.load_into_model(self.model, os.path.join(iter_dir, "model"), layout,
+                                     self.ps.get_pipeline_model_parallel_rank(),
+                                     self.ps.get_pipeline_model_parallel_world_size())
         if not full:
             return
         self.engine.load(iter_dir)
@@ -112,8 +127,9 @@ class Trainer:
         model_dir = os.path.join(iter_dir, "model")
         layout = parallel.rank_layout(self.model)
         pp_rank = self.ps.get_pipeline_model_parallel_rank()
+        state = self.engine.model_state()  # collective under ZeRO-3: every rank calls it
         if self.dp_rank == 0:
-            model_io.save_model_shard(self.engine.model_state(), model_dir, layout, pp_rank)
+            model_io.save_model_shard(state, model_dir, layout, pp_rank)
         offsets = self._gather_layer_offsets(layout.layer_offset)
         self.engine.save(iter_dir)
         if dist.get_rank() == 0:
@@ -225,7 +241,25 @@ class Trainer:
         return result
 
 
+def check_tokenizer_matches(cfg: RunConfig, datasets) -> None:
+    """The shards' tokenizer must agree with the model's image token and vocabulary."""
+    from megatron_unihetero.models.config import ConfigError
+
+    for dataset in datasets:
+        ids = dataset.tokenizer_ids
+        image_id = ids.get("image_token_id")
+        if image_id is not None and image_id != cfg.model.image_token_id:
+            raise ConfigError(f"data {dataset.name!r} was tokenized with <image> = {image_id}, but "
+                              f"model.image_token_id = {cfg.model.image_token_id}")
+        vocab = ids.get("vocab_size")
+        if vocab is not None and vocab > cfg.model.llm.vocab_size:
+            raise ConfigError(f"data {dataset.name!r} uses a tokenizer of {vocab} tokens, more than "
+                              f"model.llm.vocab_size = {cfg.model.llm.vocab_size}")
+
+
 def _params_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.parallel.engine == "deepspeed":
+        return torch.float32  # DeepSpeed keeps fp32 master weights and casts for bf16 itself
     if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and platform.has_cuda()):
         return torch.bfloat16
     return torch.float32

@@ -1,0 +1,78 @@
+"""The pretrain entry point end to end on CPU: engines, parallel layouts, resume, config errors."""
+
+import os
+
+import pytest
+
+from megatron_unihetero.config_io import ConfigLoadError, load_config
+from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.testing import run_distributed_test
+from megatron_unihetero.training.config import RunConfig
+
+from tests.training import _train_jobs as jobs
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    return jobs.make_data(str(tmp_path_factory.mktemp("data")))
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path):
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, straight))
+    # Stop after step 3 (a checkpoint is saved there), then run the same command again.
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, stopped, **{"train.steps": 3}))
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, stopped))
+    full, resumed = jobs.train_losses(straight), jobs.train_losses(stopped)
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    assert full[6] < full[1]
+    assert open(os.path.join(stopped, "ckpt", "latest")).read().strip() == "iter_0000006"
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp, pp):
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **{"parallel.tensor_parallel": tp,
+                                                    "parallel.pipeline_parallel": pp})
+    run_distributed_test(jobs.pretrain_job, 2, args)
+    losses = jobs.train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    model_dir = os.path.join(run_dir, "ckpt", "iter_0000006", "model")
+    assert os.path.isfile(os.path.join(model_dir, "layout.json"))
+
+
+def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path):
+    run_dir = str(tmp_path / "run")
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, run_dir, **{"train.steps": 3}))
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir))
+    assert sorted(jobs.train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--parallel.tensor_parallel=3", "does not divide model.llm.num_attention_heads"),
+    ("--parallel.pipeline_parallel=3", "does not divide model.llm.num_layers"),
+    ("--data.train=[/nonexistent/prefix]", "no shards found"),
+    ("--parallel.engine=fsdp", "parallel.engine must be megatron or deepspeed"),
+])
+def test_config_errors_are_clear(override, message):
+    cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", [override])
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(world_size=12)
+
+
+def test_config_load_errors_name_the_key():
+    with pytest.raises(ConfigLoadError, match="model.llm.num_layer"):
+        load_config(RunConfig, None, ["--model.llm.num_layer=2"])
+    with pytest.raises(ConfigLoadError, match="train.steps must be an integer"):
+        load_config(RunConfig, None, ["--train.steps=abc"])
+    with pytest.raises(ConfigLoadError, match="does not exist"):
+        load_config(RunConfig, "/nonexistent.yaml")
+
+
+def test_world_size_must_be_a_multiple_of_tp_times_pp(data_prefix):
+    cfg = load_config(RunConfig, None, ["--parallel.tensor_parallel=2", f"--data.train=[{data_prefix}]"])
+    with pytest.raises(ConfigError, match="world size 3 is not TP x PP x DP"):
+        cfg.validate(world_size=3)
