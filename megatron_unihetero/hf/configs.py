@@ -113,8 +113,11 @@ def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_i
     hf_vision = load_hf_vision_config(model.vision)
     text = llama_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)
+    # Where the encoder came from is not part of the exported model (and would break the
+    # round trip's equality of config.json).
+    vision = {k: v for k, v in hf_vision.to_dict().items() if k not in ("architectures", "_name_or_path")}
     config = LlavaConfig(
-        vision_config=hf_vision.to_dict(), text_config=text.to_dict(),
+        vision_config=vision, text_config=text.to_dict(),
         image_token_index=model.image_token_id,
         projector_hidden_act="gelu",  # our Projector uses exact (erf) GELU, as does HF "gelu"
         vision_feature_select_strategy=feature_select_strategy(model.vision),

@@ -1,0 +1,115 @@
+"""HF -> checkpoint: config fidelity, strict loading at TP=2 and PP=2, and exact round trips."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from megatron_unihetero.testing import run_distributed_test
+
+LLAMA = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rms_norm_eps=1e-6, rope_theta=5000.0, tie_word_embeddings=False)
+
+
+def save_llama(folder, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).save_pretrained(folder)
+    return folder
+
+
+def load_checkpoint_job(ckpts):
+    """Each checkpoint loads strictly into a model built at its own TP/PP from its config.yaml."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero import config_io, parallel
+    from megatron_unihetero.checkpointing import model_io
+    from megatron_unihetero.models.config import ModelConfig
+
+    for ckpt, tp, pp in ckpts:
+        iter_dir = os.path.join(ckpt, "iter_0000000")
+        with open(os.path.join(iter_dir, "config.yaml")) as handle:
+            cfg = config_io.from_dict(ModelConfig, yaml.safe_load(handle)["model"])
+        parallel.initialize(tp, pp, seed=99)
+        model = parallel.build_model(cfg)
+        model_io.load_into_model(model, os.path.join(iter_dir, "model"), parallel.rank_layout(model),
+                                 parallel_state.get_pipeline_model_parallel_rank(), pp)
+        parallel.destroy()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from megatron_unihetero.data.preprocess.fixtures import save_tiny_dinov2, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("hfsrc")
+    return dict(llama=save_llama(str(root / "llama")), dinov2=save_tiny_dinov2(str(root / "dinov2")),
+                tokenizer=train_tiny_tokenizer(str(root / "tok")), root=root)
+
+
+@pytest.fixture(scope="module")
+def imported(sources):
+    from megatron_unihetero.hf import import_hf
+
+    root = sources["root"]
+    out = {}
+    for tp, pp in ((2, 1), (1, 2)):
+        out[(tp, pp)] = import_hf(sources["llama"], str(root / f"ckpt_tp{tp}_pp{pp}"),
+                                  vision=sources["dinov2"], tp=tp, pp=pp,
+                                  tokenizer=sources["tokenizer"])
+    return out
+
+
+def test_config_matches_hf(sources, imported):
+    with open(os.path.join(imported[(2, 1)], "iter_0000000", "config.yaml")) as handle:
+        run = yaml.safe_load(handle)
+    llm, vision = run["model"]["llm"], run["model"]["vision"]
+    assert (llm["vocab_size"], llm["hidden_size"], llm["num_layers"]) == (400, 64, 2)
+    assert (llm["num_attention_heads"], llm["num_query_groups"], llm["ffn_hidden_size"]) == (4, 2, 96)
+    assert (llm["rotary_base"], llm["norm_epsilon"], llm["max_sequence_length"]) == (5000.0, 1e-6, 64)
+    assert vision["model_type"] == "dinov2" and vision["path"] == os.path.abspath(sources["dinov2"])
+    assert run["model"]["image_token_id"] == 4  # the tokenizer's <image>
+    assert run["data"]["tokenizer"] == sources["tokenizer"]
+    assert run["parallel"]["tensor_parallel"] == 2
+    with open(os.path.join(imported[(2, 1)], "latest")) as handle:
+        assert handle.read().strip() == "iter_0000000"
+    shards = sorted(os.listdir(os.path.join(imported[(1, 2)], "iter_0000000", "model")))
+    assert shards == ["layout.json", "tp00_pp00.safetensors", "tp00_pp01.safetensors"]
+
+
+def test_checkpoints_load_strictly_at_their_layout(imported):
+    run_distributed_test(load_checkpoint_job, 2,
+                         [(imported[(2, 1)], 2, 1), (imported[(1, 2)], 1, 2)])
+
+
+def test_round_trip_hf_ours_hf_is_exact(sources, imported, tmp_path):
+    from transformers import Dinov2Model, LlamaForCausalLM
+
+    from megatron_unihetero.hf import export_checkpoint, import_hf
+
+    # Llama + Dinov2 -> ours (TP=2) -> Llava: the LLM and vision tensors come back unchanged.
+    first = export_checkpoint(imported[(2, 1)], str(tmp_path / "hf1"))
+    llava = load_file(os.path.join(first, "model.safetensors"))
+    llama = LlamaForCausalLM.from_pretrained(sources["llama"]).state_dict()
+    for name, tensor in llama.items():
+        key = "language_model.lm_head.weight" if name == "lm_head.weight" else "language_model." + name
+        assert torch.equal(llava[key], tensor), name
+    dinov2 = Dinov2Model.from_pretrained(sources["dinov2"]).state_dict()
+    assert torch.equal(llava["vision_tower.encoder.layer.1.attention.attention.query.weight"],
+                       dinov2["encoder.layer.1.attention.q_proj.weight"])
+    assert sum(k.startswith("vision_tower.") for k in llava) == len(dinov2)
+
+    # Llava -> ours (PP=2, heads included) -> Llava: every tensor and the heads are identical.
+    ckpt = import_hf(first, str(tmp_path / "ckpt_back"), tp=1, pp=2)
+    second = export_checkpoint(ckpt, str(tmp_path / "hf2"))
+    for file_name in ("model.safetensors", "unihetero_heads.safetensors"):
+        a = load_file(os.path.join(first, file_name))
+        b = load_file(os.path.join(second, file_name))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (file_name, name)
+    with open(os.path.join(first, "config.json")) as f1, open(os.path.join(second, "config.json")) as f2:
+        assert f1.read() == f2.read()
