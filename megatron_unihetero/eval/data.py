@@ -44,6 +44,11 @@ def _text_sample(doc, tokenizer, cfg: SampleConfig, tokens_per_image: int,
                  normalize: ImageNormalizer) -> TextSample:
     sample = encode_document(doc, tokenizer, cfg)
     tokens, mask = expand_sample(sample, tokenizer.image_token_id, tokens_per_image)
+    # A caption shard has no loss mask (every token is a target in training, image markers
+    # included); the metrics score text only: never the image tokens, their markers or BOS.
+    image_specials = [tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
+    mask = mask & ~np.isin(tokens, image_specials)
+    mask[0] = False
     images = normalize(np.stack(sample.images)) if sample.images else None
     return TextSample(images=images, tokens=tokens.tolist(), target_mask=mask.tolist())
 
