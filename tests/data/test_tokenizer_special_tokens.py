@@ -81,3 +81,20 @@ def test_sentencepiece_save_and_reload(spm_path, tmp_path):
 def test_hub_ids_are_not_downloaded():
     with pytest.raises(FileNotFoundError, match="hub ids are not downloaded"):
         T.build_tokenizer("meta-llama/Llama-2-7b-hf")
+
+
+def test_train_tokenizer_cli_on_jsonl(tmp_path):
+    import importlib.util
+    import os
+
+    from megatron_unihetero.data.preprocess.fixtures import write_jsonl
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("train_tokenizer_cli", os.path.join(root, "tools", "train_tokenizer.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    path = write_jsonl(str(tmp_path / "t.jsonl.gz"), [{"text": f"{TEXT} number {i}", "other": 1} for i in range(100)])
+    assert cli.main(["--input", path, "--vocab-size", "300", "--output", str(tmp_path / "m.model"), "--text-columns", "text"]) == 0
+    tok = T.build_tokenizer(str(tmp_path / "m.model"))
+    _check_common(tok)
+    assert tok.pad_id == tok.sp.piece_to_id(T.PAD_TOKEN)

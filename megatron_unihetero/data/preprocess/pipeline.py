@@ -2,7 +2,9 @@
 
 Why it is shaped this way:
   * Order and determinism: rows are cut into fixed-size chunks and results are consumed in
-    chunk order, so the shards are byte-identical for any ``--workers``.
+    chunk order, so the shards are byte-identical for any ``--workers``. (Known exception:
+    ``--precompute-features`` runs torch with cpu_count/workers threads per worker, and a
+    different thread count may change float16 features in the last bit.)
   * Bounded memory: at most ``window`` chunks are in flight (``Pool.imap`` would read the
     whole input ahead), and readers stream their files.
   * Robustness: each bad row is skipped, counted by reason and listed in
@@ -50,15 +52,11 @@ class ShardSink:
         self.num_samples = 0
         self.feature_shape = None
 
-    def _open(self, first_images) -> None:
+    def _open(self) -> None:
         from megatron_unihetero.data.shards import ShardWriter, shard_name
 
         prefix = shard_name(self.cfg.output_prefix, len(self.shards))
         if self.cfg.vision_model:
-            if self.feature_shape is None:
-                if not first_images:
-                    raise ValueError("the first sample has no image: cannot tell the feature shape")
-                self.feature_shape = tuple(first_images[0].shape)
             kw = dict(image_store="features", feature_shape=self.feature_shape, image_size=self.cfg.sample.image_size)
         else:
             kw = dict(image_store="pixels", image_size=self.cfg.sample.image_size)
@@ -66,7 +64,7 @@ class ShardSink:
 
     def add(self, sample) -> None:
         if self.writer is None:
-            self._open(sample.images)
+            self._open()
         self.writer.add_sample(sample.tokens, sample.images, sample.loss_mask)
         self.num_samples += 1
         if self.writer.bytes_written >= self.limit:
@@ -151,14 +149,23 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     }
     wcfg = W.WorkerConfig(cfg.tokenizer_model, cfg.sample, cfg.vision_model,
                           torch_threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)) if cfg.workers > 1 else 0)
+    feature_shape = None
     if cfg.vision_model:
+        import numpy as np
+
         from megatron_unihetero.data.preprocess.features import FeatureExtractor
 
-        metadata.update(FeatureExtractor(cfg.vision_model, cfg.sample.image_size).metadata())  # validates early
+        # Load once here: fails fast on a bad folder, and gives the feature shape even when the
+        # first documents are text-only.
+        extractor = FeatureExtractor(cfg.vision_model, cfg.sample.image_size)
+        metadata.update(extractor.metadata())
+        feature_shape = tuple(extractor([np.zeros((cfg.sample.image_size,) * 2 + (3,), np.uint8)]).shape[1:])
+        del extractor
     totals = [count_rows(p, cfg.input_format or detect_format(p)) for p in cfg.inputs]
     total = sum(totals) if all(t is not None for t in totals) else None
 
     sink = ShardSink(cfg, metadata)
+    sink.feature_shape = feature_shape
     reasons: collections.Counter = collections.Counter()
     rows = 0
     t0 = time.time()
