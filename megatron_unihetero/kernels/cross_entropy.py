@@ -20,18 +20,20 @@ forward computes the logits, the loss and, when a gradient is needed, the gradie
 with respect to the logits (softmax - one_hot), which it immediately contracts into the hidden
 and weight gradients. Only those two gradients (the size of hidden and weight) are kept for the
 backward, which just scales them by the incoming gradient. Peak extra memory is a few
-[chunk_size, V_local] buffers instead of several [N, V] ones. Cost: the backward work runs in the
-forward even under ``torch.no_grad`` callers that later call backward (not possible) -- it is
-skipped when no input needs a gradient, so evaluation pays the forward only.
+[chunk_size, V_local] buffers instead of several [N, V] ones. The gradient work happens in the
+forward only when an input needs a gradient, so evaluation (no_grad) pays the forward only. The
+incoming gradient must be a scalar multiple of the loss (it always is: the loss is a scalar).
 
-impl: "torch" (chunked, torch ops; the CPU fallback), "triton" (chunked, the softmax statistics
-and the logits gradient in Triton kernels that work in the logits' own dtype, CUDA or
-TRITON_INTERPRET=1), "naive" (full logits + F.cross_entropy under autograd: the reference for
+impl: "torch" (chunked, torch ops; the CPU fallback: the softmax of a chunk comes from
+torch.softmax's fused kernel, its log-sum-exp is read off it at the argmax), "triton" (chunked,
+the softmax statistics and the logits gradient in Triton kernels that work in the logits' own
+dtype, so no fp32 copy of a bf16 chunk exists; CUDA or TRITON_INTERPRET=1), "naive" (full logits + F.cross_entropy under autograd: the reference for
 tests and benchmarks), "auto" (triton on CUDA, else torch; MEGATRON_UNIHETERO_KERNELS=torch
 forces torch).
 
-Approximation: with bf16/fp16 inputs the hidden gradient is accumulated and all-reduced in the
-input dtype (as Megatron does); the weight gradient is accumulated in fp32 across chunks.
+Approximations: with bf16/fp16 inputs the logits are rounded to the input dtype (as in the naive
+path), and the hidden gradient is stored and all-reduced in the input dtype (as Megatron does);
+the weight gradient is accumulated in fp32 across chunks and rounded once at the end.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_u
 
 IMPLS = ("torch", "triton", "naive")
 
-# Default chunk: about 8M logits per chunk (32 MiB in fp32) -- large enough to keep the matmuls
-# efficient, small enough that the [chunk, V_local] buffers are a small fraction of the naive path.
-_CHUNK_ELEMENTS = 1 << 23
+# Default chunk: about 8M logits per chunk on CPU (32 MiB in fp32), 32M on GPU -- large enough to
+# keep the matmuls efficient (and, on GPU, the per-chunk weight-gradient update cheap next to them),
+# small enough that the [chunk, V_local] buffers are a small fraction of the naive path's [N, V].
+_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 25}
 
 
-def default_chunk_size(num_tokens: int, vocab_local: int) -> int:
-    rows = max(64, _CHUNK_ELEMENTS // max(1, vocab_local))
+def default_chunk_size(num_tokens: int, vocab_local: int, device_type: str = "cpu") -> int:
+    budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS["cuda"])
+    rows = max(64, budget // max(1, vocab_local))
     rows = 1 << (rows.bit_length() - 1)  # power of two: friendly to matmul tiling
     return max(1, min(num_tokens, rows))
 
@@ -74,6 +78,28 @@ def _softmax_torch(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=1, dtype=torch.float32)
     lse = row_max.float() - probs.gather(1, argmax[:, None]).squeeze(1).log()
     return probs, lse
+
+
+_MIXED_ADDMM_OK = {"cuda": True}
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for fp32 or half-precision a, b.
+
+    For bf16/fp16 on CUDA, addmm with out_dtype=float32 lets cuBLAS accumulate straight into the
+    fp32 buffer; the fallback (a half-precision product, then an upcast add) costs an extra
+    V x H round trip per chunk, which on a GPU is comparable to the matmul itself.
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _MIXED_ADDMM_OK["cuda"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM_OK["cuda"] = False  # older torch: remember, use the fallback from now on
+    acc += (a @ b).float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -138,10 +164,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_grad_h:
                 torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
             if want_grad_w:
-                if grad_logits.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                else:
-                    grad_weight += (grad_logits.t() @ h).float()
+                _accumulate_fp32(grad_weight, grad_logits.t(), h)
 
         if want_grad_h and world > 1:
             # Megatron convention: hidden is replicated and each rank only saw its vocab shard,
@@ -237,7 +260,7 @@ def fused_linear_cross_entropy(
                 "needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0 + weight.sum() * 0).float(), num_tokens
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device.type)
     loss = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, labels, ignore_index, tp_group, chunk, impl == "triton"
     )

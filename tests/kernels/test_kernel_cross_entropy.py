@@ -72,6 +72,7 @@ def test_no_grad_and_all_ignored():
 
 def test_default_chunk_is_bounded():
     assert default_chunk_size(8192, 32000) == 256
+    assert default_chunk_size(8192, 32000, "cuda") == 1024
     assert default_chunk_size(10, 32000) == 10
     assert default_chunk_size(100_000, 10) == 100_000  # small vocab: one chunk
     assert default_chunk_size(8192, 100_000) == 64  # huge vocab: at least 64 rows
