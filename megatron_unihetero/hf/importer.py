@@ -36,8 +36,11 @@ ITERATION_NAME = "iter_0000000"
 
 def _from_pretrained(cls, folder: str, role: str):
     """Load a local HF model; refuse silently re-initialised (missing) weights."""
-    model, info = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
-                                      output_loading_info=True)
+    try:
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
+                                          output_loading_info=True)
+    except OSError as exc:  # no weight files, unreadable files
+        raise ConversionError(f"{role} folder {folder!r} cannot be loaded: {exc}") from None
     missing = list(info.get("missing_keys", ()))
     if missing:
         raise ConversionError(f"{role} folder {folder!r}: weights missing from its files: "
@@ -207,11 +210,15 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None, tp: int = 1,
     elif kind == "llama":
         if vision is None:
             raise ConversionError("--vision is required with a Llama --llm folder")
-        image_token_id = _resolve_image_token(image_token_id, tokenizer)
+        image_token_id, tokenizer_vocab = _resolve_image_token(image_token_id, tokenizer)
         model, full = from_llama_and_vision(
             llm, vision, image_token_id=image_token_id,
             semantic=semantic or SemanticGenConfig(weight=1.0), seed=seed,
             max_sequence_length=max_sequence_length)
+        if tokenizer_vocab > model.llm.vocab_size:
+            raise ConversionError(f"tokenizer {tokenizer!r} has {tokenizer_vocab} tokens but the "
+                                  f"--llm vocab_size is {model.llm.vocab_size}: resize the LLM's "
+                                  f"embeddings first")
     else:
         raise ConversionError(f"--llm folder {llm!r} holds a {kind!r} model (architectures "
                               f"{llm_json.get('architectures')}); expected 'llama' "
@@ -222,8 +229,9 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None, tp: int = 1,
     return write_checkpoint(full, model, save, tp, pp, tokenizer)
 
 
-def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]) -> int:
-    """--image-token-id, else the tokenizer's <image> id; one of them must say it."""
+def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]):
+    """(image token id, tokenizer vocab size or 0): --image-token-id, else the tokenizer's
+    <image> id; one of them must say it."""
     if tokenizer is not None:
         from megatron_unihetero.hf.processor import hf_tokenizer
 
@@ -231,7 +239,7 @@ def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]
         if image_token_id is not None and image_token_id != ours.image_token_id:
             raise ConversionError(f"--image-token-id {image_token_id} but tokenizer {tokenizer!r} "
                                   f"maps <image> to {ours.image_token_id}")
-        return ours.image_token_id
+        return ours.image_token_id, ours.vocab_size
     if image_token_id is None:
         raise ConversionError("give --tokenizer (its <image> id is used) or --image-token-id")
-    return image_token_id
+    return image_token_id, 0

@@ -113,3 +113,33 @@ def test_round_trip_hf_ours_hf_is_exact(sources, imported, tmp_path):
             assert torch.equal(a[name], b[name]), (file_name, name)
     with open(os.path.join(first, "config.json")) as f1, open(os.path.join(second, "config.json")) as f2:
         assert f1.read() == f2.read()
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_siglip_and_clip_towers_export_and_load(sources, tmp_path, kind):
+    import transformers
+
+    from megatron_unihetero.hf import export_checkpoint, import_hf
+
+    config_cls, model_cls = {"siglip": ("SiglipVisionConfig", "SiglipVisionModel"),
+                             "clip": ("CLIPVisionConfig", "CLIPVisionModel")}[kind]
+    torch.manual_seed(1)
+    tower = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8))
+    tower.save_pretrained(str(tmp_path / kind))
+    ckpt = import_hf(sources["llama"], str(tmp_path / "ckpt"), vision=str(tmp_path / kind),
+                     tokenizer=sources["tokenizer"])
+    out = export_checkpoint(ckpt, str(tmp_path / "hf"))
+    assert any(k.startswith("vision_tower.vision_model.") for k in load_file(os.path.join(out, "model.safetensors")))
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    loaded = model.model.vision_tower.state_dict()
+    for name, tensor in tower.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    # SigLIP has no CLS token: Llava must keep every token ("full"); CLIP drops its CLS.
+    assert model.config.vision_feature_select_strategy == ("full" if kind == "siglip" else "default")
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    ids = processor(text="<image>", images=torch.zeros(3, 32, 32).numpy().transpose(1, 2, 0) + 0.5,
+                    return_tensors="pt")["input_ids"][0]
+    assert int((ids == model.config.image_token_id).sum()) == 16
