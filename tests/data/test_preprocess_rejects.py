@@ -138,3 +138,10 @@ def test_interrupted_preprocessing_leaves_no_whole_looking_shard(bad_jsonl, monk
     left = os.listdir(str(env["root"] / "cut"))
     assert list_shards(str(env["root"] / "cut" / "ds")) == []
     assert not [f for f in left if f.startswith("ds_")], left
+
+
+def test_dead_worker_fails_the_run_instead_of_hanging():
+    # os._exit kills the worker mid-task; multiprocessing.Pool then drops the task silently.
+    results = pipeline.ordered_map(os._exit, [3], workers=2, init=len, initarg=[], window=2, timeout=2)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        list(results)

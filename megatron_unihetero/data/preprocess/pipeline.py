@@ -39,6 +39,7 @@ class PreprocessConfig:
     max_reject_fraction: float = 0.01
     vision_model: Optional[str] = None  # set: store frozen-encoder features instead of pixels
     progress: bool = True
+    task_timeout_s: float = 1800.0      # per chunk; a dead worker fails the run instead of hanging it
 
 
 class ShardSink:
@@ -97,8 +98,13 @@ def _chunks(cfg: PreprocessConfig) -> Iterator[List[W.Row]]:
         yield chunk
 
 
-def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, initarg: Any, window: int) -> Iterator:
-    """``map(fn, tasks)`` in order over a spawn pool, at most ``window`` tasks in flight."""
+def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, initarg: Any, window: int,
+                timeout: float = 1800.0) -> Iterator:
+    """``map(fn, tasks)`` in order over a spawn pool, at most ``window`` tasks in flight.
+
+    ``timeout`` bounds the wait for one task: a worker killed by the OOM killer makes Pool
+    silently drop its task, and waiting for it without a timeout would hang forever.
+    """
     if workers <= 1:
         init(initarg)
         for t in tasks:
@@ -107,12 +113,24 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, ini
     # spawn, not fork: forked children inherit torch/gloo state and can deadlock (DESIGN.md 4).
     with mp.get_context("spawn").Pool(workers, initializer=init, initargs=(initarg,)) as pool:
         pending: collections.deque = collections.deque()
+        done = 0
+
+        def next_result():
+            nonlocal done
+            try:
+                result = pending.popleft().get(timeout=timeout)
+            except mp.TimeoutError:
+                raise RuntimeError(f"preprocessing chunk {done} (counting from 0) did not finish in "
+                                   f"{timeout:.0f}s: a worker was probably killed (out of memory?)") from None
+            done += 1
+            return result
+
         for t in tasks:
             pending.append(pool.apply_async(fn, (t,)))
             if len(pending) >= window:
-                yield pending.popleft().get()
+                yield next_result()
         while pending:
-            yield pending.popleft().get()
+            yield next_result()
 
 
 def _remove_old_shards(prefix: str) -> None:
@@ -173,7 +191,8 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     bar = tqdm(total=total, unit="row", disable=not cfg.progress, dynamic_ncols=True)
     try:
         with open(rejects_path, "w") as rejects:
-            results = ordered_map(W.process_chunk, _chunks(cfg), cfg.workers, W.init_worker, wcfg, window=2 * max(1, cfg.workers))
+            results = ordered_map(W.process_chunk, _chunks(cfg), cfg.workers, W.init_worker, wcfg,
+                                  window=2 * max(1, cfg.workers), timeout=cfg.task_timeout_s)
             for chunk in results:
                 for r in chunk:
                     rows += 1
