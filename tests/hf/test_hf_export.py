@@ -220,3 +220,28 @@ def test_bf16_export(exports, tmp_path):
     out = export_checkpoint(ckpt, str(tmp_path / "bf16"), dtype="bf16", iteration=7)
     model = _load_llava(out)
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_heads_file_with_pixel_head_and_ema_projector(tmp_path):
+    """The heads loader rebuilds every head kind (pixel head, EMA target projector) exactly."""
+    from megatron_unihetero.hf.heads import load_unihetero_heads, save_heads
+    from megatron_unihetero.models.config import PixelGenConfig
+    from megatron_unihetero.models.heads import SemanticHead
+    from megatron_unihetero.models.pixel import PixelHead
+    from megatron_unihetero.models.projector import Projector
+
+    cfg = tiny_model_config(4, 400, target="ema_input_embedding")
+    cfg.pixel = PixelGenConfig(weight=1.0, latent_source="batch", latent_channels=4, denoiser_width=32,
+                               decoder_layers=1, decoder_heads=2)
+    torch.manual_seed(0)
+    parts = {"semantic_head": SemanticHead(64, 64, "mlp"), "target_projector": Projector(32, 64),
+             "pixel_head": PixelHead(cfg.pixel, 64, 4)}
+    state = {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}
+    save_heads(str(tmp_path), state, cfg)
+    heads = load_unihetero_heads(str(tmp_path))
+    hidden = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(heads(hidden), parts["semantic_head"](hidden))
+        for name, tensor in heads.state_dict().items():
+            assert torch.equal(tensor, state[name]), name
+    assert heads.pixel_head.token_dim == 4
