@@ -26,15 +26,13 @@ ITERATION_CONFIG = "config.yaml"
 
 
 def resolve_iteration_dir(load: str) -> str:
-    """CKPT/latest -> CKPT/<iteration>; or ``load`` itself when it holds config.yaml."""
-    latest = os.path.join(load, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as handle:
-            name = handle.read().strip()
-        path = os.path.join(load, name)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{latest} names {name!r}, but {path} does not exist")
-        return path
+    """CKPT/latest -> CKPT/<iteration> (training/checkpoint.py), or ``load`` itself when it is
+    an iteration folder (holds config.yaml)."""
+    from megatron_unihetero.training.checkpoint import latest_iteration_dir
+
+    latest = latest_iteration_dir(load)
+    if latest is not None:
+        return latest
     if os.path.isfile(os.path.join(load, ITERATION_CONFIG)):
         return load
     raise FileNotFoundError(f"--load {load!r}: neither a checkpoint dir with a 'latest' file nor "

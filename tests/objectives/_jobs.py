@@ -64,7 +64,7 @@ def routing_job():
         out = model(**make_batch())
         assert set(out) == {"text", "semantic", "pixel"}, out.keys()
         loss_sum, count = out["pixel"]
-        assert int(count) == 2 * (TOKENS_PER_IMAGE - 0), count  # every image token has a predecessor
+        assert int(count) == 2 * TOKENS_PER_IMAGE, count  # every image token has a predecessor
         assert torch.isfinite(loss_sum) and float(loss_sum) > 0
         loss_sum.backward()
         head_grad = sum(float(p.grad.detach().norm()) for p in model.pixel_head.parameters() if p.grad is not None)
@@ -75,6 +75,11 @@ def routing_job():
             assert model.pixel_head.decoder.layers[0].linear1.weight.grad.norm() > 0
         else:
             assert llm_grad > 0.0, llm_grad
+    # The pixel-only arm (no semantic head): no vision encoder on the last stage is needed.
+    model = parallel.build_model(tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=0.0))
+    assert not hasattr(model, "semantic_head")
+    out = model(**make_batch())
+    assert set(out) == {"text", "pixel"} and int(out["pixel"][1]) == 2 * TOKENS_PER_IMAGE
     parallel.destroy()
 
 
