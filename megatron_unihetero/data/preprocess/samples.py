@@ -135,8 +135,12 @@ def _interleaved(rec: Dict[str, Any], cfg: SampleConfig) -> List[tuple]:
     return out
 
 
-def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig) -> Sample:
-    """Tokenize and decode one document (raises RowReject for bad images / too long text)."""
+def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optional[Dict[int, np.ndarray]] = None) -> Sample:
+    """Tokenize and decode one document (raises RowReject for bad images / too long text).
+
+    ``cache`` maps ``id(image value)`` to its pixels, so the caption and qa samples of one row
+    ("both") decode the shared image once; it must not outlive the row (ids get reused).
+    """
     # BOS counts as a target unless the document has a prompt: a caption sample's mask then
     # equals the default a shard without a loss mask implies (ShardReader.loss_mask).
     has_prompt = any(seg[0] == "text" and not seg[2] for seg in doc)
@@ -147,10 +151,15 @@ def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig) -> Sample:
     image_ids = [tokenizer.image_start_id, tokenizer.image_token_id, tokenizer.image_end_id]
     for seg in doc:
         if seg[0] == "image":
-            try:
-                images.append(load_image_value(seg[1], cfg.image_size, cfg.image_path_root))
-            except ImageError as e:
-                raise RowReject(e.reason, str(e)) from None
+            key = id(seg[1])
+            if cache is None or key not in cache:
+                try:
+                    pixels = load_image_value(seg[1], cfg.image_size, cfg.image_path_root)
+                except ImageError as e:
+                    raise RowReject(e.reason, str(e)) from None
+                if cache is not None:
+                    cache[key] = pixels
+            images.append(cache[key] if cache is not None else pixels)
             ids += image_ids
             mask += [0, 0, 0]
         else:
@@ -173,4 +182,5 @@ def row_to_samples(rec: Dict[str, Any], tokenizer, cfg: SampleConfig) -> List[Sa
     """All samples of one row; the whole row is rejected if any of its samples is bad."""
     if not isinstance(rec, dict):
         raise RowReject("wrong_type", f"row is {type(rec).__name__}, expected an object")
-    return [encode_document(doc, tokenizer, cfg) for doc in documents(rec, cfg)]
+    cache: Dict[int, np.ndarray] = {}
+    return [encode_document(doc, tokenizer, cfg, cache) for doc in documents(rec, cfg)]
