@@ -75,6 +75,20 @@ def routing_job():
             assert model.pixel_head.decoder.layers[0].linear1.weight.grad.norm() > 0
         else:
             assert llm_grad > 0.0, llm_grad
+    # Through the training step: the pixel objective is normalised by its own token count.
+    from megatron_unihetero.training.step import forward_backward
+
+    batch = make_batch()
+    torch.manual_seed(21)
+    with torch.no_grad():
+        loss_sum, count = model(**batch)["pixel"]
+    torch.manual_seed(21)  # the same noise draws in the step's forward
+    summary = forward_backward(model, [batch], weights={"text": 1.0, "semantic": 1.0, "pixel": 0.5},
+                               image_token_id=IMAGE_TOKEN, forward_only=True)
+    assert summary["count_pixel"] == float(count) == 2 * TOKENS_PER_IMAGE
+    assert abs(summary["pixel"] - float(loss_sum) / float(count)) < 1e-5 * float(loss_sum), summary
+    expected = summary["text"] + summary["semantic"] + 0.5 * summary["pixel"]
+    assert abs(summary["loss"] - expected) < 1e-5, summary
     # The pixel-only arm (no semantic head): no vision encoder on the last stage is needed.
     model = parallel.build_model(tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=0.0))
     assert not hasattr(model, "semantic_head")

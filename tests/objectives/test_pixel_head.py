@@ -143,3 +143,15 @@ def test_pixel_token_count_is_the_semantic_positions():
     # row 0: positions 0..3 precede an image token; 6 does (7, same doc); 5 -> 6 crosses docs.
     # row 1: position 0 precedes position 1.
     assert counts["pixel"] == counts["semantic"] == 6
+
+
+def test_bf16_head_keeps_the_schedule_in_fp32():
+    head = _head().to(torch.bfloat16)
+    assert head.alpha_bar(torch.tensor([0]), "cpu").dtype == torch.float32
+    cond = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    loss, _ = pixel_loss(head, cond, torch.randn(3, 8))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert cond.grad is not None
+    sample = head.sample(cond.detach(), num_steps=3)
+    assert sample.shape == (3, 8) and sample.dtype == torch.float32
