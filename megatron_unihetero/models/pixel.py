@@ -15,7 +15,8 @@ LLM forward. Two routings decide where the condition comes from:
 
 The head is replicated over tensor-parallel ranks like the semantic head; its noise comes from
 torch's default generator, which every rank seeds identically (parallel.initialize) and
-consumes identically, so TP replicas stay equal.
+consumes identically, so TP replicas stay equal. Approximation: data-parallel ranks then draw
+the same (t, noise) sequence too; their latents differ, so this only correlates the draws.
 """
 
 from __future__ import annotations
