@@ -44,7 +44,6 @@ SAMPLE_TEXTS = (
 
 def _sentencepiece_to_fast(ours: "ours_lib.SentencePieceTokenizer"):
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
@@ -59,10 +58,7 @@ def _sentencepiece_to_fast(ours: "ours_lib.SentencePieceTokenizer"):
     else:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
-    # Training puts BOS at the start of every document.
     bos = ours.sp.id_to_piece(ours.bos_id)
-    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                special_tokens=[(bos, ours.bos_id)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=ours.sp.id_to_piece(ours.eos_id),
         unk_token=ours.sp.id_to_piece(ours.sp.unk_id()), clean_up_tokenization_spaces=False)
@@ -86,9 +82,27 @@ def hf_tokenizer(path: str):
         fast = _sentencepiece_to_fast(ours)
     else:
         fast = ours.tok  # already holds the specials our tokenizer added
+    _start_with_bos(fast, ours)
     fast.image_token = ours_lib.IMAGE_TOKEN  # LlavaProcessor reads it from the tokenizer
     check_token_ids(ours, fast)
     return ours, fast
+
+
+def _start_with_bos(fast, ours) -> None:
+    """Training puts BOS at the start of every document: make ``fast(text)`` do the same."""
+    from tokenizers.processors import TemplateProcessing
+
+    if fast("x")["input_ids"][:1] == [ours.bos_id]:
+        return
+    backend = getattr(fast, "backend_tokenizer", None)
+    if backend is None:
+        raise ConversionError(f"tokenizer {ours.path!r} does not add BOS and is not a fast "
+                              f"tokenizer whose post-processor could be set")
+    bos = fast.convert_ids_to_tokens(ours.bos_id)
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, ours.bos_id)])
+    if fast("x")["input_ids"][:1] != [ours.bos_id]:
+        raise ConversionError(f"tokenizer {ours.path!r}: could not make it start with BOS")
 
 
 def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
