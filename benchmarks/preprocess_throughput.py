@@ -25,7 +25,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64, help="preprocessed image side")
+    p.add_argument("--source-size", type=int, default=None,
+                   help="side of the rendered demo images (default: --image-size); larger = more decode/resize work")
     p.add_argument("--template", default="both", choices=["caption", "qa", "both"])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=2, help="best of N runs per worker count")
@@ -33,9 +35,11 @@ def main(argv=None) -> int:
 
     shards._indexed_dataset_module()  # pay the megatron.core import before timing
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_data(os.path.join(tmp, "demo"), args.num_samples, seed=0, image_size=args.image_size, valid_fraction=0.0)
+        source = args.source_size or args.image_size
+        write_demo_data(os.path.join(tmp, "demo"), args.num_samples, seed=0, image_size=source, valid_fraction=0.0)
         tok = train_tiny_tokenizer(tmp)
-        print(f"demo data: {args.num_samples} rows, {args.image_size}px, template={args.template}, cpus={os.cpu_count()}")
+        print(f"demo data: {args.num_samples} rows, {source}px -> {args.image_size}px, template={args.template}, "
+              f"cpus={os.cpu_count()}")
         for w in args.workers:
             best = None
             for rep in range(args.repeats):
