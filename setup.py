@@ -23,6 +23,5 @@ setup(
         "dev": read_requirements("requirements-dev.txt"),
         # GPU accelerators: used when importable, never required.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "pixel": ["diffusers"],
     },
 )
