@@ -182,6 +182,9 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     totals = [count_rows(p, cfg.input_format or detect_format(p)) for p in cfg.inputs]
     total = sum(totals) if all(t is not None for t in totals) else None
 
+    from megatron_unihetero.data.shards import _indexed_dataset_module
+
+    _indexed_dataset_module()  # megatron.core's import (seconds) is not part of the measured rate
     sink = ShardSink(cfg, metadata)
     sink.feature_shape = feature_shape
     reasons: collections.Counter = collections.Counter()
