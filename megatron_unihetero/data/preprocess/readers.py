@@ -12,7 +12,6 @@ of memory on large inputs).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import tarfile
@@ -152,11 +151,3 @@ def iter_texts(paths: Sequence[str], columns: Sequence[str]) -> Iterator[str]:
                 v = rec.get(c)
                 if isinstance(v, str) and v.strip():
                     yield v
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-__all__ = ["RowError", "detect_format", "count_rows", "iter_records", "iter_texts", "IMAGE_EXTENSIONS", "io"]
