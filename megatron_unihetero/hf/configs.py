@@ -37,11 +37,11 @@ def read_config_json(folder: str, role: str) -> Dict[str, Any]:
         raise ConversionError(f"{path} is not valid JSON: {exc}") from None
 
 
-def vision_type_of(config: Dict[str, Any], folder: str) -> str:
+def vision_type_of(config: Dict[str, Any], folder: str, role: str = "--vision") -> str:
     model_type = config.get("model_type")
     if model_type not in VISION_MODEL_TYPES:
         raise ConversionError(
-            f"--vision folder {folder!r} holds a {model_type!r} model "
+            f"{role} folder {folder!r} holds a {model_type!r} model "
             f"(architectures {config.get('architectures')}); expected a vision encoder: "
             f"{', '.join(sorted(VISION_MODEL_TYPES))} (Dinov2Model, SiglipVisionModel, CLIPVisionModel)")
     return VISION_MODEL_TYPES[model_type]
@@ -93,7 +93,8 @@ def llama_config(llm: LLMConfig, **extra):
         intermediate_size=llm.ffn_hidden_size, num_hidden_layers=llm.num_layers,
         num_attention_heads=llm.num_attention_heads, num_key_value_heads=llm.num_query_groups,
         head_dim=llm.head_dim, hidden_act="silu", max_position_embeddings=llm.max_sequence_length,
-        rms_norm_eps=llm.norm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": llm.rotary_base},
+        rms_norm_eps=llm.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": llm.rotary_base},
         attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
         initializer_range=llm.init_method_std, **extra,
     )
@@ -137,7 +138,7 @@ def model_config_from_llava(config: Dict[str, Any], folder: str) -> ModelConfig:
     from transformers import LlavaConfig
 
     llava = LlavaConfig.from_dict(config)
-    vision_type = vision_type_of(llava.vision_config.to_dict(), folder + " (vision_config)")
+    vision_type = vision_type_of(llava.vision_config.to_dict(), folder, "Llava vision_config of")
     if not isinstance(llava.vision_feature_layer, int):
         raise ConversionError(f"{folder}: vision_feature_layer={llava.vision_feature_layer!r}; "
                               f"only a single layer is supported")

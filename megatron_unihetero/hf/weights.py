@@ -20,7 +20,7 @@ query heads then one key head then one value head (each ``head_dim`` rows); SwiG
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -206,10 +206,6 @@ def llava_module_state_to_full(state: State, llm: LLMConfig) -> State:
     """A loaded LlavaForConditionalGeneration's ``state_dict()`` (transformers-5 module names:
     ``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
     ``lm_head.weight``) -> our full-state names (LLM, vision, projector; no heads)."""
-    renames: List[Tuple[str, Callable[[str], str]]] = [
-        ("model.language_model.", lambda rest: "model." + rest),
-        ("lm_head.", lambda rest: "lm_head." + rest),
-    ]
     llama: State = {}
     out: State = {}
     for name, tensor in state.items():
@@ -218,13 +214,12 @@ def llava_module_state_to_full(state: State, llm: LLMConfig) -> State:
         elif name.startswith("model.multi_modal_projector.linear_"):
             index, kind = name[len("model.multi_modal_projector.linear_"):].split(".", 1)
             out[f"projector.linear_fc{index}.{kind}"] = tensor
+        elif name.startswith("model.language_model."):
+            llama["model." + name[len("model.language_model."):]] = tensor
+        elif name == "lm_head.weight":
+            llama[name] = tensor
         else:
-            for prefix, rename in renames:
-                if name.startswith(prefix):
-                    llama[rename(name[len(prefix):])] = tensor
-                    break
-            else:
-                raise KeyError(f"unexpected Llava tensor {name!r}")
+            raise KeyError(f"unexpected Llava tensor {name!r}")
     out.update(llm_from_hf(llama, llm))
     return out
 

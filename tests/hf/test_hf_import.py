@@ -131,7 +131,8 @@ def test_siglip_and_clip_towers_export_and_load(sources, tmp_path, kind):
     ckpt = import_hf(sources["llama"], str(tmp_path / "ckpt"), vision=str(tmp_path / kind),
                      tokenizer=sources["tokenizer"])
     out = export_checkpoint(ckpt, str(tmp_path / "hf"))
-    assert any(k.startswith("vision_tower.vision_model.") for k in load_file(os.path.join(out, "model.safetensors")))
+    on_disk = load_file(os.path.join(out, "model.safetensors"))
+    assert any(k.startswith("vision_tower.vision_model.") for k in on_disk)  # the 4.x layout
     model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     loaded = model.model.vision_tower.state_dict()
