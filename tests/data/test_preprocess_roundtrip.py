@@ -162,3 +162,18 @@ def test_precomputed_features_match_the_frozen_model(env):
         ref = Dinov2Model.from_pretrained(model_dir).eval()(pixel_values=x).last_hidden_state[0].numpy()
     np.testing.assert_allclose(feats[0].astype(np.float32), ref, atol=2e-2, rtol=1e-2)
     assert summary["samples"] == len(r) if len(list_shards(prefix)) == 1 else True
+
+
+def test_merge_caption_and_qa_shards_fills_default_masks(env):
+    _, cap = run(env, [env["demo"]], "mix/cap")
+    _, qa = run(env, [env["demo"]], "mix/qa", template="qa")
+    merged = str(env["root"] / "mix" / "all")
+    meta = merge_shards([cap, qa], merged)
+    assert meta["has_loss_mask"] and meta["num_samples"] == 120
+    want = samples_of(cap) + samples_of(qa)
+    got = samples_of(merged)
+    for (t1, i1, m1), (t2, i2, m2) in zip(got, want):
+        assert np.array_equal(t1, t2) and np.array_equal(i1, i2) and np.array_equal(m1, m2)
+    with pytest.raises(ValueError, match="image_size"):
+        _, small = run(env, [env["demo"]], "mix/small", image_size=8)
+        merge_shards([cap, small], str(env["root"] / "mix" / "bad"))
