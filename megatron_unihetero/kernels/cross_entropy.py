@@ -187,8 +187,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _naive(hidden, weight, labels, ignore_index, tp_group):
-    """Full logits, autograd through F.cross_entropy (vocab-parallel via megatron's formula)."""
-    rank, world = _tp_info(tp_group)
+    """Full [N, V] logits, autograd through F.cross_entropy; under TP the shards are all-gathered
+    (simple and obviously right, the point of a reference; it costs V/V_local times the memory)."""
+    _, world = _tp_info(tp_group)
     logits = (hidden @ weight.t()).float()
     if world == 1:
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
