@@ -79,9 +79,17 @@ def main(argv: Optional[list] = None) -> int:
     if not args.report_only:
         runner.prepare_data(args.data, args.data_sizes, num_demo_samples=args.num_demo_samples, log=log)
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-        do = lambda spec: runner.run_one(spec, work_dir=args.work_dir, data_dir=args.data,
-                                         eval_samples=args.eval_samples, config_dir=args.config_dir,
-                                         keep_checkpoints=args.keep_checkpoints, threads=threads, log=log)
+        failed = []
+
+        def do(spec):
+            try:
+                runner.run_one(spec, work_dir=args.work_dir, data_dir=args.data,
+                               eval_samples=args.eval_samples, config_dir=args.config_dir,
+                               keep_checkpoints=args.keep_checkpoints, threads=threads, log=log)
+            except Exception as exc:  # one failed run must not stop the sweep; reported below
+                failed.append(spec.name)
+                log(f"[{spec.name}] FAILED: {exc}")
+
         log(f"{len(specs)} runs, {args.jobs} at a time")
         if args.jobs > 1:
             with ThreadPoolExecutor(args.jobs) as pool:
@@ -89,6 +97,8 @@ def main(argv: Optional[list] = None) -> int:
         else:
             for spec in specs:
                 do(spec)
+        if failed:
+            log(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs in their run folders)")
     results = runner.load_finished(args.work_dir, specs)
     if not results:
         log("no finished runs: nothing to report")

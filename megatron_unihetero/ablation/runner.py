@@ -41,6 +41,14 @@ def _run(cmd: List[str], log_path: str, env: Optional[dict] = None) -> float:
     return time.perf_counter() - t0
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def subset_prefix(data_dir: str, size: int) -> str:
     return os.path.join(data_dir, f"train_n{size}")
 
@@ -172,6 +180,10 @@ def run_one(spec: RunSpec, *, work_dir: str, data_dir: str, eval_samples: int,
     config = arm.config if config_dir is None else os.path.join(config_dir, f"{spec.arm}.yaml")
     tokenizer = os.path.join(data_dir, "tokenizer.model")
     env = dict(os.environ)
+    # Each run is its own single-process job: give it its own rendezvous port so that runs
+    # side by side (--jobs > 1) or other jobs on the machine do not collide on 29500.
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(free_port())
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     warmup = max(1, int(round(0.1 * spec.steps)))
