@@ -50,9 +50,12 @@ def test_bad_weight_shape():
 
 def interpreted_cases():
     """Run by test_kernel_triton_interpret.py in a child process with TRITON_INTERPRET=1."""
+    from megatron_unihetero.kernels import _triton_rmsnorm
+
+    _triton_rmsnorm._MAX_PARTIALS = 16  # fewer backward programs than rows, on a small shape
     for dtype in (torch.float32, torch.bfloat16):
         check_parity("triton", dtype)
-        check_parity("triton", dtype, shape=(300, 24))  # more rows than backward programs
+        check_parity("triton", dtype, shape=(37, 24))
 
 
 @pytest.mark.requires_gpu
