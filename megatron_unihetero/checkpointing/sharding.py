@@ -119,16 +119,17 @@ def shard_state_dict(full: Dict[str, torch.Tensor], local_names: Iterable[str],
 
 
 def merge_state_dicts(ranks: List[Tuple[RankLayout, Dict[str, torch.Tensor]]],
-                      drop_mirror: bool = True) -> Dict[str, torch.Tensor]:
-    """Merge per-rank state dicts (any TP x PP grid, DP replicas excluded) into a full one."""
+                      drop_prefixes: Tuple[str, ...] = ()) -> Dict[str, torch.Tensor]:
+    """Merge per-rank state dicts (any TP x PP grid, DP replicas excluded) into a full one.
+
+    ``drop_prefixes``: derived copies to leave out (the last stage's projector mirror, listed
+    in the checkpoint's layout.json). Replicated tensors present on several stages (the vision
+    encoder) are taken once.
+    """
     by_name: Dict[str, Dict[int, torch.Tensor]] = {}
     for layout, state in ranks:
         for name, tensor in state.items():
-            if not is_model_state(name) or tensor is None:
-                continue
-            if drop_mirror and name.startswith(MIRROR_PREFIX) and any(
-                    n.startswith("projector.") for _, s in ranks for n in s):
-                # A mirror of the projector: the first stage's projector is the real one.
+            if not is_model_state(name) or tensor is None or name.startswith(drop_prefixes):
                 continue
             global_name = to_global_name(name, layout.layer_offset)
             by_name.setdefault(global_name, {}).setdefault(layout.tp_rank, tensor)

@@ -15,11 +15,9 @@ from typing import Dict, Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from megatron_unihetero import config_io
 from megatron_unihetero.checkpointing import model_io
-from megatron_unihetero.checkpointing.sharding import RankLayout, merge_state_dicts
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf import processor as processor_lib
 from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, staged_output
@@ -62,22 +60,11 @@ def read_run_config(iter_dir: str) -> dict:
 
 
 def read_full_state(model_dir: str) -> Dict[str, torch.Tensor]:
-    """Merge every (TP, PP) shard into one TP=1/PP=1 state dict, minus derived copies.
-
-    Like model_io.load_full_state, but keeps an EMA ``target_projector`` (real state) and drops
-    only what layout.json lists in ``drop_prefixes`` (the last stage's projector mirror).
-    """
-    info = model_io.read_layout(model_dir)
-    ranks = []
-    for name, meta in info["shards"].items():
-        path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
-            raise ConversionError(f"{path} is missing (layout.json lists it)")
-        ranks.append((RankLayout(meta["tp_rank"], meta["tp_size"], meta["layer_offset"]),
-                      load_file(path)))
-    full = merge_state_dicts(ranks, drop_mirror=False)
-    drop = tuple(info.get("drop_prefixes", ()))
-    return {k: v for k, v in full.items() if not (drop and k.startswith(drop))}
+    """Every (TP, PP) shard merged into one TP=1/PP=1 state dict, minus derived copies."""
+    try:
+        return model_io.load_full_state(model_dir)
+    except model_io.CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dtype: str = "fp32",

@@ -37,10 +37,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _rope_torch(x, cos, sin):
     rot = cos.shape[-1]
-    xr = x[..., :rot].float()
-    out = xr * cos.float() + rotate_half(xr) * sin.float()
+    # At least fp32 (bf16/fp16 inputs are upcast); fp64 inputs stay fp64.
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xr = x[..., :rot].to(compute)
+    out = xr * cos.to(compute) + rotate_half(xr) * sin.to(compute)
     if rot < x.shape[-1]:
-        out = torch.cat((out, x[..., rot:].float()), dim=-1)
+        out = torch.cat((out, x[..., rot:].to(compute)), dim=-1)
     return out.to(x.dtype)
 
 
