@@ -7,13 +7,6 @@ from megatron_unihetero.testing import run_distributed_test
 from tests.models import _parity_jobs as jobs
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("parity") / "reference.pt")
-    run_distributed_test(jobs.reference_job, 1, path, jobs.tiny_config())
-    return path
-
-
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_parallel_layout_matches_single_rank(reference, tp, pp):
     run_distributed_test(jobs.parallel_job, tp * pp, reference, jobs.tiny_config(), tp, pp)
