@@ -36,6 +36,9 @@ class LLMConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     attention_impl: str = "auto"  # see megatron_unihetero.kernels.attention
+    # LM head + cross-entropy: auto | torch | triton | naive (kernels/cross_entropy.py), or
+    # megatron (output layer + megatron-core's vocab-parallel cross-entropy).
+    loss_impl: str = "auto"
     transformer_impl: str = "local"  # local | transformer_engine (GPU, when installed)
 
     def __post_init__(self):
@@ -92,6 +95,7 @@ class SemanticGenConfig:
     head: str = "linear"  # linear | mlp
     ema_decay: float = 0.999
     warmup_steps: int = 0  # the weight ramps linearly from 0 over this many steps
+    loss_impl: str = "auto"  # head + loss: auto | fused | triton | torch (kernels) | reference
 
     def __post_init__(self):
         _check(self.loss in ("mse", "cosine", "smooth_l1"),

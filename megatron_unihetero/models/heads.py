@@ -56,27 +56,49 @@ class SemanticHead(nn.Module):
 
 
 def semantic_loss(head: SemanticHead, hidden: torch.Tensor, target: torch.Tensor,
-                  kind: str) -> LossAndCount:
-    """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``."""
+                  kind: str, impl: str = "auto") -> LossAndCount:
+    """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``.
+
+    The head's last linear layer and the loss run as one fused op (kernels/regression.py),
+    which never keeps the prediction; ``impl="reference"`` uses plain autograd instead.
+    """
     count = torch.tensor(hidden.shape[0], dtype=torch.long, device=hidden.device)
     if hidden.shape[0] == 0:
         # Keep the head in the graph so every rank runs the same backward.
         return sum(p.sum() for p in head.parameters()) * 0.0, count
-    per_token = regression_loss(head(hidden).float(), target.float(), kind)
-    return per_token.sum(), count
+    if impl == "reference":
+        return regression_loss(head(hidden).float(), target.float(), kind).sum(), count
+    from megatron_unihetero.kernels.regression import fused_regression_loss
+
+    features = F.gelu(head.fc1(hidden)) if head.kind == "mlp" else hidden
+    loss = fused_regression_loss(features, head.proj.weight, head.proj.bias,
+                                 target.detach().to(features.dtype), loss=kind, impl=impl)
+    return loss, count
 
 
-def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor,
-              excluded_label: int) -> LossAndCount:
+def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, excluded_label: int,
+              impl: str = "auto") -> LossAndCount:
     """Summed next-token cross-entropy over positions with a text label.
 
     ``hidden`` [N, H] and ``labels`` [N]; labels equal to IGNORE_INDEX or ``excluded_label``
-    (the image placeholder: predicting it is the semantic head's job) do not count. The logits
-    stay vocab-parallel: megatron's vocab-parallel cross-entropy reduces across TP ranks.
+    (the image placeholder: predicting it is the semantic head's job) do not count. The LM head
+    stays vocab-parallel under TP. ``impl``: the fused linear + cross-entropy kernel
+    (kernels/cross_entropy.py: never materialises [N, V] logits; auto | torch | triton | naive),
+    or "megatron" (the output layer, then megatron's vocab-parallel cross-entropy).
     """
     keep = (labels != IGNORE_INDEX) & (labels != excluded_label)
-    count = keep.sum()
-    logits, _ = output_layer(hidden[None])  # [1, N, V / tp]
-    safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels[None])[0]
-    return (per_token * keep).sum(), count
+    if impl == "megatron":
+        logits, _ = output_layer(hidden[None])  # [1, N, V / tp]
+        safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels[None])[0]
+        return (per_token * keep).sum(), keep.sum()
+    from megatron.core import parallel_state
+
+    from megatron_unihetero.kernels.cross_entropy import fused_linear_cross_entropy
+
+    tp_group = (parallel_state.get_tensor_model_parallel_group()
+                if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+    masked = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+    # The kernel all-reduces the hidden gradient over TP itself: no copy_to_tp_region here.
+    return fused_linear_cross_entropy(hidden, output_layer.weight, masked,
+                                      ignore_index=IGNORE_INDEX, tp_group=tp_group, impl=impl)

@@ -174,7 +174,7 @@ class UniHeteroModel(MegatronModule):
         hidden_bsh = hidden.transpose(0, 1)
         mask = layout.segment_ids >= 0
         out = {"text": text_loss(self.llm.output_layer, hidden_bsh[mask], labels[mask],
-                                 self.cfg.image_token_id)}
+                                 self.cfg.image_token_id, impl=self.cfg.llm.loss_impl)}
         if hasattr(self, "semantic_head"):
             sem_hidden = hidden_bsh[layout.semantic_mask]
             if features is not None:
@@ -182,7 +182,7 @@ class UniHeteroModel(MegatronModule):
             else:
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
             out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
-                                            self.cfg.semantic.loss)
+                                            self.cfg.semantic.loss, impl=self.cfg.semantic.loss_impl)
         if hasattr(self, "pixel_head"):
             cond = self.pixel_head.condition(hidden_bsh, layout.semantic_mask, layout.segment_ids)
             if latents is not None:

@@ -143,3 +143,39 @@ def load_resharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
             assert torch.equal(tensor, expected[name]), name
     dist.barrier()
     parallel.destroy()
+
+
+def text_loss_impls_job():
+    """The fused LM-head cross-entropy equals megatron's output layer + vocab-parallel CE."""
+    from megatron.core import tensor_parallel
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.models.heads import text_loss
+    from megatron_unihetero.models.llm import transformer_config
+
+    parallel.initialize(1, 1, seed=0)
+    cfg = tiny_config()
+    tconfig = transformer_config(cfg.llm)
+    layer = tensor_parallel.ColumnParallelLinear(cfg.llm.hidden_size, cfg.llm.vocab_size, config=tconfig,
+                                                 init_method=tconfig.init_method, bias=False,
+                                                 gather_output=False, skip_bias_add=True)
+    hidden = torch.randn(40, cfg.llm.hidden_size)
+    labels = torch.randint(0, VOCAB, (40,))
+    labels[:5] = -100
+    labels[5:9] = IMAGE_TOKEN
+    results = {}
+    for impl in ("megatron", "torch", "naive"):
+        h = hidden.clone().requires_grad_(True)
+        layer.weight.grad = None
+        loss, count = text_loss(layer, h, labels, IMAGE_TOKEN, impl=impl)
+        loss.backward()
+        results[impl] = (loss.detach(), int(count), h.grad.clone(), layer.weight.grad.clone())
+    ref = results["megatron"]
+    assert ref[1] == 31
+    for impl in ("torch", "naive"):
+        loss, count, h_grad, w_grad = results[impl]
+        assert count == ref[1]
+        torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_grad, ref[2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w_grad, ref[3], rtol=1e-5, atol=1e-6)
+    parallel.destroy()
