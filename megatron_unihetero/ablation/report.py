@@ -204,6 +204,48 @@ def markdown_tables(results: Sequence[dict], labels=None, arm_order=None) -> str
     return "\n".join(lines)
 
 
+def paired_differences(results: Sequence[dict], metric: str = "answer_accuracy", baseline: str = "und_only",
+                       arm_order=None) -> Dict[str, Dict[int, Tuple[float, float, int]]]:
+    """{arm: {size: (mean, std, n)}} of ``metric`` minus the baseline's at the same size and seed
+    (same seed = same initialisation and data order), over the seeds both have."""
+    base = {(int(r["data_size"]), int(r["seed"])): _num(r.get(metric)) for r in results if r["arm"] == baseline}
+    out: Dict[str, Dict[int, Tuple[float, float, int]]] = {}
+    for arm in _ordered_arms(results, arm_order):
+        if arm == baseline:
+            continue
+        by_size: Dict[int, List[float]] = {}
+        for r in results:
+            key = (int(r["data_size"]), int(r["seed"]))
+            v = _num(r.get(metric))
+            if r["arm"] == arm and v is not None and base.get(key) is not None:
+                by_size.setdefault(key[0], []).append(v - base[key])
+        out[arm] = {n: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                    for n, v in sorted(by_size.items())}
+    return out
+
+
+def paired_table(results: Sequence[dict], metric: str = "answer_accuracy", baseline: str = "und_only",
+                 labels=None, arm_order=None) -> str:
+    labels = labels or {}
+    diffs = paired_differences(results, metric, baseline, arm_order)
+    if not any(diffs.values()):
+        return ""
+    sizes = sorted({int(r["data_size"]) for r in results})
+    lines = [f"**{METRIC_LABELS.get(metric, metric)} minus {labels.get(baseline, baseline)}, same seed** "
+             f"(mean ± std over seeds of the paired difference)\n",
+             "| arm | " + " | ".join(f"N={n}" for n in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+    for arm, by_size in diffs.items():
+        cells = []
+        for n in sizes:
+            if n not in by_size:
+                cells.append("-")
+            else:
+                m, sd, k = by_size[n]
+                cells.append(f"{m:+.3f} ± {sd:.3f}" if k > 1 else f"{m:+.3f}")
+        lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_run_table(results: Sequence[dict]) -> str:
     cols = ["arm", "data_size", "seed", "steps", "epochs", "answer_accuracy", "caption_perplexity",
             "probe_shape", "probe_colour", "probe_position", "probe_size", "retrieval_top1",
@@ -247,6 +289,7 @@ def write_results(results: Sequence[dict], out_dir: str, *, labels=None, arm_ord
     if notes:
         md += [notes.rstrip(), ""]
     md += ["## Summary tables", "", markdown_tables(results, labels, arm_order), "",
+           paired_table(results, labels=labels, arm_order=arm_order), "",
            "![understanding](understanding.png)", ""]
     md += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in extra]
     md += ["", "## Every run", "", per_run_table(results), ""]

@@ -136,6 +136,10 @@ def test_writer_produces_csv_markdown_and_png(tmp_path):
     assert "HEADER LINE" in md and "NOTES LINE" in md and "understanding.png" in md
     assert "| +semantic | 0.300 ± 0.014 |" in md  # mean +- std over the two seeds
     assert "+0.120" in md and "-0.020" in md  # slopes per 10x
+    assert "minus und-only, same seed" in md
+    diffs = report.paired_differences(results)
+    assert diffs["semantic"][2000][0] == pytest.approx(0.07 * math.log10(4)) and diffs["semantic"][2000][1] == 0
+    assert diffs["pixel_shared"][500][0] == pytest.approx(0.0)
     slopes = report.slopes(results, "answer_accuracy")
     assert slopes["semantic"] == pytest.approx(0.12) and slopes["pixel_shared"] == pytest.approx(-0.02)
 
