@@ -118,6 +118,11 @@ class UniHeteroModel(MegatronModule):
             return visual_embeddings.detach()
 
     def _layout(self, tokens, segment_ids, num_images: int) -> interleaver.Layout:
+        if tokens.shape[1] > self.cfg.llm.max_sequence_length:
+            raise interleaver.InterleaveError(
+                f"batch rows are {tokens.shape[1]} tokens long, more than "
+                f"model.llm.max_sequence_length={self.cfg.llm.max_sequence_length}; pack or "
+                f"truncate to at most that length (interleaver.layout(max_length=...))")
         return interleaver.layout(
             tokens, image_token_id=self.cfg.image_token_id,
             tokens_per_image=self.tokens_per_image, num_images=num_images,

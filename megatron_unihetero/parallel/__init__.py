@@ -22,8 +22,12 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
+        # A single process started without a launcher: a world of one on a free local port
+        # (a fixed port would collide with other runs on the same machine).
+        from megatron_unihetero.testing.distributed import free_port
+
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if platform.has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -72,6 +72,9 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "megatron_unihetero"
     progress_bar: bool = True
+    # Peak dense TFLOP/s of one accelerator, for MFU (training/flops.py). None: 989 (H100 SXM
+    # bf16) on GPU; no MFU on CPU.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

@@ -59,7 +59,7 @@ class MetricsLogger:
         if step % self.cfg.log_interval == 0 or step == 1:
             parts = [f"step {step}"]
             for key in ("loss", "text", "semantic", "pixel", "grad_norm", "lr", "tokens_per_s",
-                        "samples_per_s", "tflops_per_s", "memory_gb"):
+                        "samples_per_s", "tflops_per_s", "mfu", "memory_gb"):
                 if key in record:
                     parts.append(f"{key} {record[key]:.4g}")
             self.info(" | ".join(parts))

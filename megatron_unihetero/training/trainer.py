@@ -27,6 +27,9 @@ from megatron_unihetero.training.metrics import MetricsLogger
 from megatron_unihetero.training.optim import lr_at
 
 
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state
@@ -216,6 +219,9 @@ class Trainer:
         record = dict(summary, lr=lr, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
                       samples_per_s=docs / elapsed, tflops_per_s=flops / elapsed / 1e12 / dist.get_world_size(),
                       memory_gb=_memory_gb())
+        peak = self.cfg.logging.peak_tflops or (H100_BF16_PEAK_TFLOPS if platform.has_cuda() else None)
+        if peak:
+            record["mfu"] = record["tflops_per_s"] / peak
         self.metrics.log_step(self.step, record)
         return record
 

@@ -179,3 +179,19 @@ def text_loss_impls_job():
         torch.testing.assert_close(h_grad, ref[2], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(w_grad, ref[3], rtol=1e-5, atol=1e-6)
     parallel.destroy()
+
+
+def too_long_job():
+    import pytest
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.models.interleaver import InterleaveError
+
+    parallel.initialize(1, 1, seed=0)
+    cfg = tiny_config()
+    model = parallel.build_model(cfg)
+    seq = cfg.llm.max_sequence_length + 1
+    tokens = torch.randint(10, VOCAB, (1, seq))
+    with pytest.raises(InterleaveError, match=f"batch rows are {seq} tokens long"):
+        model(tokens, torch.arange(seq)[None], labels=tokens)
+    parallel.destroy()

@@ -76,3 +76,29 @@ def test_world_size_must_be_a_multiple_of_tp_times_pp(data_prefix):
     cfg = load_config(RunConfig, None, ["--parallel.tensor_parallel=2", f"--data.train=[{data_prefix}]"])
     with pytest.raises(ConfigError, match="world size 3 is not TP x PP x DP"):
         cfg.validate(world_size=3)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_prefix, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **{"train.steps": 100000, "checkpoint.save_interval": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_unihetero.pretrain", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "stopping at step" in output
+    latest = open(os.path.join(run_dir, "ckpt", "latest")).read().strip()
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert latest == f"iter_{max(steps):07d}"
