@@ -84,7 +84,7 @@ def main(argv: Optional[list] = None) -> int:
     from megatron_unihetero import parallel
     from megatron_unihetero.data.tokenizer import build_tokenizer
     from megatron_unihetero.eval.data import build_eval_sets, read_rows
-    from megatron_unihetero.models.vision import load_hf_vision_config
+    from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 
     iteration_dir = resolve_iteration_dir(args.load)
     run_config, model = build_from_checkpoint(iteration_dir)
@@ -98,8 +98,10 @@ def main(argv: Optional[list] = None) -> int:
                      f"{run_config.model.image_token_id}")
     data_path = os.path.join(args.data, "valid.parquet") if os.path.isdir(args.data) else args.data
     rows = read_rows(data_path, args.max_samples)
+    mean, std = image_normalization(run_config.model.vision)
     sets = build_eval_sets(rows, tokenizer, tokens_per_image=model.tokens_per_image,
-                           image_size=load_hf_vision_config(run_config.model.vision).image_size)
+                           image_size=load_hf_vision_config(run_config.model.vision).image_size,
+                           image_mean=mean, image_std=std)
     results = {"checkpoint": os.path.abspath(iteration_dir), "data": os.path.abspath(data_path),
                **evaluate_model(model, sets)}
     text = json.dumps(results, indent=1)

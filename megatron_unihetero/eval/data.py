@@ -53,9 +53,14 @@ def _text_sample(doc, tokenizer, cfg: SampleConfig, tokens_per_image: int,
     return TextSample(images=images, tokens=tokens.tolist(), target_mask=mask.tolist())
 
 
-def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image_size: int) -> EvalSets:
-    """Questions over their candidates, caption sequences, and first-object attribute labels."""
-    normalize = ImageNormalizer(image_size=image_size)
+def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image_size: int,
+                    image_mean=None, image_std=None) -> EvalSets:
+    """Questions over their candidates, caption sequences, and first-object attribute labels.
+
+    ``image_mean`` / ``image_std``: the encoder's normalisation (default ImageNet), as in training.
+    """
+    norm = {k: v for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
+    normalize = ImageNormalizer(image_size=image_size, **norm)
     qa_cfg = SampleConfig(template="qa", image_size=image_size)
     caption_cfg = SampleConfig(template="caption", image_size=image_size)
     sets = EvalSets(attributes={name: [] for name in PROBE_ATTRIBUTES})

@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import List
 
 from megatron_unihetero.data import tokenizer as ours_lib
-from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
-from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config
+from megatron_unihetero.models.vision import _HF_CLASSES, image_normalization, load_hf_vision_config
 
 # Renders messages the way a training document reads: contents concatenated, each image as
 # <image_start><image><image_end>, no role markers (the demo data has none).
@@ -127,11 +126,12 @@ def image_processor(model: ModelConfig):
     from transformers import CLIPImageProcessor
 
     size = load_hf_vision_config(model.vision).image_size
+    mean, std = image_normalization(model.vision)
     return CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL bicubic, as preprocess
         do_center_crop=True, crop_size={"height": size, "width": size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
+        image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
     )
 
 

@@ -7,7 +7,7 @@ written, with the field named, instead of deep inside megatron-core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 IGNORE_INDEX = -100
 
@@ -72,6 +72,10 @@ class VisionConfig:
     feature_layer: int = -1  # which hidden state feeds the projector (-1: last; -2: penultimate)
     drop_cls_token: bool = True  # keep only patch tokens (LLaVA's "patch" feature selection)
     frozen: bool = True
+    # Pixel normalisation the encoder was trained with; None: its family's default
+    # (DINOv2: ImageNet; SigLIP: 0.5/0.5; CLIP: OpenAI CLIP's), see vision.image_normalization.
+    image_mean: Optional[List[float]] = None
+    image_std: Optional[List[float]] = None
 
     def __post_init__(self):
         _check(self.model_type in ("dinov2", "siglip", "clip"),

@@ -33,7 +33,12 @@ from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic
 from megatron_unihetero.models.llm import LlamaDecoder
 from megatron_unihetero.models.pixel import PixelHead, pixel_loss
 from megatron_unihetero.models.projector import Projector
-from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
+from megatron_unihetero.models.vision import (
+    VisionEncoder,
+    image_normalization,
+    load_hf_vision_config,
+    tokens_per_image,
+)
 
 # The vision encoder is built under this seed on every stage that holds one, so a randomly
 # initialised encoder (tests, tiny runs) is the same on the first and the last stage.
@@ -89,7 +94,8 @@ class UniHeteroModel(MegatronModule):
         pixel_vae = None
         if config.pixel.latent_source == "vae":
             image_size = load_hf_vision_config(config.vision).image_size
-            pixel_vae = vae_lib.PixelVAE(config.pixel, grid, image_size)
+            mean, std = image_normalization(config.vision)
+            pixel_vae = vae_lib.PixelVAE(config.pixel, grid, image_size, mean, std)
             self.pixel_vae = pixel_vae
         token_dim = vae_lib.latent_token_dim(config.pixel, pixel_vae)
         self.pixel_head = PixelHead(config.pixel, config.llm.hidden_size, token_dim)

@@ -69,7 +69,10 @@ def unpatchify(tokens: torch.Tensor, grid: int, channels: int) -> torch.Tensor:
 class PixelVAE(nn.Module):
     """Frozen AutoencoderKL: normalised images -> latent tokens, and latent tokens -> images."""
 
-    def __init__(self, config: PixelGenConfig, grid: int, image_size: int):
+    def __init__(self, config: PixelGenConfig, grid: int, image_size: int,
+                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
+        """``image_mean`` / ``image_std``: how the incoming images were normalised (the vision
+        encoder's normalisation); they are undone before the VAE's [-1, 1] input."""
         super().__init__()
         diffusers = require_diffusers()
         if config.vae_path is not None:
@@ -95,8 +98,8 @@ class PixelVAE(nn.Module):
         self.patch = self.latent_side // grid
         # Latents are scaled to about unit variance for the diffusion loss (SD/MAR convention).
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("_mean", mean, persistent=False)
         self.register_buffer("_std", std, persistent=False)
 

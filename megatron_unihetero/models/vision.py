@@ -30,6 +30,20 @@ def _hf_classes(model_type: str):
     return getattr(transformers, config_name), getattr(transformers, model_name), has_cls
 
 
+# The normalisation each encoder family was pretrained with (its HF image processor's defaults).
+_FAMILY_NORMALIZATION = {
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+def image_normalization(config: VisionConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) in [0, 1] units that images are normalised with before the encoder."""
+    mean, std = _FAMILY_NORMALIZATION[config.model_type]
+    return tuple(config.image_mean or mean), tuple(config.image_std or std)
+
+
 def load_hf_vision_config(config: VisionConfig):
     """The HF config of the encoder (from its local folder, or built from ``hf_config``)."""
     config_cls, _, _ = _hf_classes(config.model_type)

@@ -102,6 +102,10 @@ class RunConfig:
         if llm.num_layers % pp:
             raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide "
                               f"model.llm.num_layers={llm.num_layers}")
+        if pp > 1 and self.model.semantic.enabled and not self.model.vision.frozen:
+            raise ConfigError("pipeline_parallel > 1 with semantic generation needs a frozen vision "
+                              "encoder (model.vision.frozen=true): the last stage recomputes the "
+                              "targets with its own copy of the encoder, which would go stale")
         if par.engine not in ("megatron", "deepspeed"):
             raise ConfigError(f"parallel.engine must be megatron or deepspeed; got {par.engine!r}")
         if par.engine == "deepspeed":

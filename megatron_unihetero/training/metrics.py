@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict
 
 from megatron_unihetero.training.config import LoggingConfig
 

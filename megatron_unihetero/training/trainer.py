@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import psutil
 import torch
@@ -55,15 +55,17 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _loader(self, split: str):
         from megatron_unihetero.data.loader import build_loader
+        from megatron_unihetero.models.vision import image_normalization
 
         data = self.cfg.data
+        mean, std = image_normalization(self.cfg.model.vision)
         return build_loader(
             data.train, split=split, valid_fraction=data.valid_fraction,
             split_seed=self.cfg.train.seed, weights=data.weights,
             seq_length=data.seq_length, micro_batch_size=data.micro_batch_size,
             tokens_per_image=self.model.tokens_per_image, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=self.cfg.train.seed, pack_window=data.pack_window,
-            image_size=_encoder_image_size(self.model, self.cfg),
+            image_size=_encoder_image_size(self.model, self.cfg), image_mean=mean, image_std=std,
         )
 
     def _count_flop_terms(self) -> dict:

@@ -132,3 +132,13 @@ def test_model_refuses_rows_longer_than_its_maximum():
     from tests.models import _parity_jobs as jobs
 
     run_distributed_test(jobs.too_long_job, 1)
+
+
+def test_each_encoder_family_has_its_own_normalisation():
+    from megatron_unihetero.models.config import VisionConfig
+    from megatron_unihetero.models.vision import image_normalization
+
+    assert image_normalization(VisionConfig(model_type="dinov2"))[0] == (0.485, 0.456, 0.406)
+    assert image_normalization(VisionConfig(model_type="siglip")) == ((0.5,) * 3, (0.5,) * 3)
+    custom = VisionConfig(model_type="clip", image_mean=[0.1, 0.2, 0.3], image_std=[1.0, 1.0, 1.0])
+    assert image_normalization(custom) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))

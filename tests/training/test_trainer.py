@@ -56,9 +56,10 @@ def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tm
     ("--parallel.pipeline_parallel=3", "does not divide model.llm.num_layers"),
     ("--data.train=[/nonexistent/prefix]", "no shards found"),
     ("--parallel.engine=fsdp", "parallel.engine must be megatron or deepspeed"),
+    ("--parallel.pipeline_parallel=2 --model.vision.frozen=false", "needs a frozen vision encoder"),
 ])
 def test_config_errors_are_clear(override, message):
-    cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", [override])
+    cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", override.split())
     with pytest.raises(ConfigError, match=message):
         cfg.validate(world_size=12)
 
