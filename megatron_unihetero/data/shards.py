@@ -271,14 +271,17 @@ class ShardReader:
         self.prefix = prefix
         self._text = idx.IndexedDataset(f"{prefix}.{TEXT}")
         self._store = IMAGES if self.metadata["image_store"] == "pixels" else FEATURES
-        self._images = idx.IndexedDataset(f"{prefix}.{self._store}")
         self._mask = idx.IndexedDataset(f"{prefix}.{LOSSMASK}") if self.metadata.get("has_loss_mask") else None
         self.image_offsets = np.load(f"{prefix}.image_offsets.npy")
+        # A text-only shard has an empty image .bin, which cannot be memory-mapped: skip it.
+        has_images = len(self.image_offsets) > 0 and int(self.image_offsets[-1]) > 0
+        self._images = idx.IndexedDataset(f"{prefix}.{self._store}") if has_images else None
+        num_stored = len(self._images) if self._images is not None else 0
         n = self.metadata["num_samples"]
-        if len(self._text) != n or len(self.image_offsets) != n + 1 or len(self._images) != self.image_offsets[-1]:
+        if len(self._text) != n or len(self.image_offsets) != n + 1 or num_stored != self.image_offsets[-1]:
             raise ValueError(
                 f"{prefix}: inconsistent shard (json says {n} samples; text has {len(self._text)}, "
-                f"offsets {len(self.image_offsets) - 1}, images {len(self._images)} vs {self.image_offsets[-1]})"
+                f"offsets {len(self.image_offsets) - 1}, images {num_stored} vs {self.image_offsets[-1]})"
             )
         tok = self.metadata.get("tokenizer") or {}
         self._image_token_ids = np.asarray(

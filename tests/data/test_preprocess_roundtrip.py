@@ -177,3 +177,17 @@ def test_merge_caption_and_qa_shards_fills_default_masks(env):
     with pytest.raises(ValueError, match="image_size"):
         _, small = run(env, [env["demo"]], "mix/small", image_size=8)
         merge_shards([cap, small], str(env["root"] / "mix" / "bad"))
+
+
+def test_text_only_shard_opens_and_reads(tmp_path):
+    from megatron_unihetero.data.shards import ShardReader, ShardWriter
+
+    prefix = str(tmp_path / "text_only")
+    with ShardWriter(prefix, image_size=8, metadata={"tokenizer": {"image_token_id": 4}}) as writer:
+        writer.add_sample(np.array([1, 10, 11, 2], dtype=np.int32), [], None)
+        writer.add_sample(np.array([1, 12, 2], dtype=np.int32), [], None)
+        writer.finalize()
+    reader = ShardReader(prefix)
+    assert len(reader) == 2
+    assert reader.tokens(1).tolist() == [1, 12, 2]
+    assert reader.images(0).shape == (0, 8, 8, 3)
