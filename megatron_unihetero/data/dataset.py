@@ -30,6 +30,11 @@ class Sample:
     index: int  # index within the shard
 
 
+def _tokenizer_ids(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    tok = metadata.get("tokenizer") or {}
+    return {k: v for k, v in tok.items() if k.endswith("_id") or k in ("vocab_size", "kind")}
+
+
 def _shard_name(reader: Any) -> str:
     return getattr(reader, "prefix", repr(reader))
 
@@ -103,8 +108,14 @@ class MultimodalDataset:
             for k in keys:
                 if m.get(k) != first.get(k):
                     raise ValueError(f"shard {_shard_name(r)}: {k}={m.get(k)!r} differs from {_shard_name(self.readers[0])}'s {first.get(k)!r}")
-            if m.get("tokenizer") != first.get("tokenizer"):
-                raise ValueError(f"shard {_shard_name(r)}: tokenizer metadata differs from {_shard_name(self.readers[0])}'s")
+            # Compare what the loader and model rely on (ids, vocabulary), not where the
+            # tokenizer file happened to live when each shard was written.
+            ids, first_ids = _tokenizer_ids(m), _tokenizer_ids(first)
+            if ids != first_ids:
+                diff = {k: (ids.get(k), first_ids.get(k)) for k in set(ids) | set(first_ids)
+                        if ids.get(k) != first_ids.get(k)}
+                raise ValueError(f"shard {_shard_name(r)}: tokenizer differs from "
+                                 f"{_shard_name(self.readers[0])}'s (this, first): {diff}")
         tok = first.get("tokenizer") or {}
         for k in ("image_token_id", "pad_id"):
             if k not in tok:
