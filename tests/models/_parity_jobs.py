@@ -195,3 +195,41 @@ def too_long_job():
     with pytest.raises(InterleaveError, match=f"batch rows are {seq} tokens long"):
         model(tokens, torch.arange(seq)[None], labels=tokens)
     parallel.destroy()
+
+
+def dp_grads_job(ref_path, out_path):
+    """DP=2 with one micro-batch per rank gives the gradients of one rank with both micro-batches."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing.sharding import shard_state_dict
+    from megatron_unihetero.training.step import forward_backward
+
+    ref = torch.load(ref_path, weights_only=True)
+    cfg = tiny_config()
+    parallel.initialize(1, 1, seed=3)
+    model = parallel.build_model(cfg)
+    model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(),
+                                           parallel.rank_layout(model)), strict=False)
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=True),
+        model)
+    ddp.zero_grad_buffer()
+    batches = make_batches()  # the reference's two micro-batches
+    mine = [batches[dist.get_rank()]] if dist.get_world_size() > 1 else batches
+    summary = forward_backward(ddp, mine, weights={"text": 1.0, "semantic": 1.0},
+                               image_token_id=cfg.image_token_id,
+                               dp_group=parallel_state.get_data_parallel_group())
+    ddp.finish_grad_sync()
+    loss = torch.tensor([summary["loss"]], dtype=torch.float64)
+    dist.all_reduce(loss)  # each DP rank holds its share of the step mean
+    if dist.get_rank() == 0:
+        assert abs(float(loss) - ref["summary"]["loss"]) <= 1e-5 * abs(ref["summary"]["loss"])
+        for name, param in model.named_parameters():
+            if param.requires_grad and name in ref["grads"]:
+                expected = ref["grads"][name]
+                err = (param.main_grad - expected).norm()
+                assert err <= 1e-5 * expected.norm() + 1e-8, (name, float(err))
+    dist.barrier()
+    parallel.destroy()
