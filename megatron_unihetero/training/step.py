@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Mapping
 import torch
 import torch.distributed as dist
 
+from megatron_unihetero import platform
 from megatron_unihetero.models.config import IGNORE_INDEX
 
 OBJECTIVES = ("text", "semantic", "pixel")
@@ -43,7 +44,8 @@ def global_counts(batches: Iterable[Mapping[str, torch.Tensor]], image_token_id:
         for key, value in count_targets(batch, image_token_id).items():
             totals[key] += value
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        packed = torch.tensor([totals[k] for k in OBJECTIVES], dtype=torch.long)
+        # On the collective's device: NCCL reduces CUDA tensors only.
+        packed = torch.tensor([totals[k] for k in OBJECTIVES], dtype=torch.long, device=platform.device())
         dist.all_reduce(packed, group=dp_group)
         totals = dict(zip(OBJECTIVES, packed.tolist()))
     return totals

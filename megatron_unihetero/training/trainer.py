@@ -197,7 +197,7 @@ class Trainer:
         return final
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1 if self._stop_requested else 0])
+        flag = torch.tensor([1 if self._stop_requested else 0], device=platform.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -206,7 +206,7 @@ class Trainer:
         keys = sorted(k for k in summary if k not in ("grad_norm",) and not k.startswith("count_"))
         if not keys:
             return summary
-        values = torch.tensor([summary[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([summary[k] for k in keys], dtype=torch.float64, device=platform.device())
         if self.dp_size > 1:
             dist.all_reduce(values, group=self.ps.get_data_parallel_group())
         out = dict(summary)
@@ -215,9 +215,15 @@ class Trainer:
 
     def _log_step(self, summary, batches, lr, elapsed) -> dict:
         summary = self._reduce_over_dp(summary) if summary else summary
-        tokens = sum(int((b["segment_ids"] >= 0).sum()) for b in batches) * self.dp_size
-        docs = sum(int(b.get("num_documents", 0)) for b in batches) * self.dp_size
-        flops = sum(step_flops(self.cfg.model, b, **self._flop_terms) for b in batches) * self.dp_size
+        # Work of the whole step: this rank's batches, summed over the data-parallel ranks.
+        work = torch.tensor([
+            sum(int((b["segment_ids"] >= 0).sum()) for b in batches),
+            sum(int(b.get("num_documents", 0)) for b in batches),
+            sum(step_flops(self.cfg.model, b, **self._flop_terms) for b in batches),
+        ], dtype=torch.float64, device=platform.device())
+        if self.dp_size > 1:
+            dist.all_reduce(work, group=self.ps.get_data_parallel_group())
+        tokens, docs, flops = work.tolist()
         record = dict(summary, lr=lr, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
                       samples_per_s=docs / elapsed, tflops_per_s=flops / elapsed / 1e12 / dist.get_world_size(),
                       memory_gb=_memory_gb())
