@@ -27,15 +27,17 @@ from megatron_unihetero.models.config import ConfigError, LLMConfig
 
 
 def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
-                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+                       params_dtype: torch.dtype = torch.float32,
+                       vpp_size: int = None) -> TransformerConfig:
     """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU)."""
     if llm.num_attention_heads % tp_size or llm.num_query_groups % tp_size:
         raise ConfigError(
             f"tensor parallel size {tp_size} must divide llm.num_attention_heads "
             f"({llm.num_attention_heads}) and llm.num_query_groups ({llm.num_query_groups})"
         )
-    if llm.num_layers % pp_size:
-        raise ConfigError(f"pipeline parallel size {pp_size} must divide llm.num_layers ({llm.num_layers})")
+    if llm.num_layers % (pp_size * (vpp_size or 1)):
+        raise ConfigError(f"pipeline parallel size {pp_size} x virtual stages {vpp_size or 1} must "
+                          f"divide llm.num_layers ({llm.num_layers})")
     if llm.ffn_hidden_size % tp_size or llm.vocab_size % tp_size:
         raise ConfigError(
             f"tensor parallel size {tp_size} must divide llm.ffn_hidden_size ({llm.ffn_hidden_size}) "
@@ -59,6 +61,7 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
         init_method_std=llm.init_method_std,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        virtual_pipeline_model_parallel_size=vpp_size,
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -114,7 +117,7 @@ class LlamaDecoder(MegatronModule):
     """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last)."""
 
     def __init__(self, llm: LLMConfig, config: TransformerConfig, *, pre_process: bool,
-                 post_process: bool):
+                 post_process: bool, vp_stage: int = None):
         super().__init__(config=config)
         self.llm = llm
         self.pre_process = pre_process
@@ -126,7 +129,7 @@ class LlamaDecoder(MegatronModule):
             )
         self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
         self.decoder = TransformerBlock(config, layer_spec(llm), pre_process=pre_process,
-                                        post_process=post_process)
+                                        post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,

@@ -53,9 +53,11 @@ def _build_vision(config: ModelConfig) -> VisionEncoder:
 
 class UniHeteroModel(MegatronModule):
     def __init__(self, config: ModelConfig, transformer_config: TransformerConfig, *,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None):
         super().__init__(config=transformer_config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved 1F1B)
         self.cfg = config
         self.pre_process = pre_process
         self.post_process = post_process
@@ -78,7 +80,7 @@ class UniHeteroModel(MegatronModule):
             self.target_projector.requires_grad_(False)
 
         self.llm = LlamaDecoder(config.llm, transformer_config, pre_process=pre_process,
-                                post_process=post_process)
+                                post_process=post_process, vp_stage=vp_stage)
         if config.freeze_llm:
             self.llm.requires_grad_(False)
         if needs_targets_here:

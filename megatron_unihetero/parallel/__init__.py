@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,11 @@ def init_distributed(timeout_minutes: int = 30) -> None:
                             timeout=timedelta(minutes=timeout_minutes))
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Create megatron-core's TP/PP/DP groups over the running process group and seed RNGs."""
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = None) -> None:
+    """Create megatron-core's TP/PP/DP groups over the running process group and seed RNGs.
+
+    ``vpp``: virtual pipeline stages per rank (model chunks for the interleaved 1F1B schedule).
+    """
     platform.prepare_megatron()
     from megatron.core import parallel_state, tensor_parallel
 
@@ -46,8 +49,11 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if vpp is not None and pp < 2:
+        raise ValueError("virtual pipeline stages need pipeline_parallel >= 2")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             pipeline_model_parallel_size=pp)
+                                             pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp)
     # Same seed on every rank: weights are initialised on the CPU in full and then split
     # (TransformerConfig.use_cpu_initialization), so every TP/PP layout gets the same model.
     torch.manual_seed(seed)
@@ -63,25 +69,42 @@ def destroy() -> None:
 
 def build_model(model_config, params_dtype: torch.dtype = torch.float32):
     """This rank's pipeline stage of the UniHetero model, on this rank's device."""
+    chunks = build_model_chunks(model_config, params_dtype)
+    if len(chunks) != 1:
+        raise ValueError("virtual pipeline stages are set: use build_model_chunks")
+    return chunks[0]
+
+
+def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32) -> List:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+
+    Chunk v of pipeline rank p holds layer block v * PP + p, so the first chunk of the first
+    rank has the vision side and embeddings and the last chunk of the last rank has the heads.
+    """
     from megatron.core import parallel_state
 
     from megatron_unihetero.models.llm import transformer_config
     from megatron_unihetero.models.unihetero import UniHeteroModel
 
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     tconfig = transformer_config(
         model_config.llm,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        params_dtype=params_dtype,
+        params_dtype=params_dtype, vpp_size=vpp,
     )
-    model = UniHeteroModel(
-        model_config, tconfig,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    model.to(device=platform.device(), dtype=params_dtype)
-    sync_semantic_targets(model, ema=False)
-    return model
+    chunks = []
+    for vp_stage in (range(vpp) if vpp else [None]):
+        chunk = UniHeteroModel(
+            model_config, tconfig,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        chunk.to(device=platform.device(), dtype=params_dtype)
+        chunks.append(chunk)
+    sync_semantic_targets(chunks, ema=False)
+    return chunks
 
 
 def rank_layout(model):
@@ -103,11 +126,13 @@ def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
     Call after every optimizer step (and once after building/loading). Mirror mode
     (target=input_embedding at PP>1) copies the projector; EMA mode (ema_input_embedding)
     moves the EMA copy towards it: ema = decay * ema + (1 - decay) * projector. With
-    ``ema=False`` an EMA copy is reset to the projector (initialisation).
+    ``ema=False`` an EMA copy is reset to the projector (initialisation). ``model`` is a stage
+    or this rank's list of chunks (the projector is in the first, the target in the last).
     """
     from megatron.core import parallel_state
 
-    semantic = model.cfg.semantic
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    semantic = chunks[0].cfg.semantic
     if not semantic.enabled or semantic.target == "encoder_output":
         return
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -118,17 +143,17 @@ def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
     last = parallel_state.is_pipeline_last_stage()
     if pp > 1 and not (first or last):
         return
-    source = [p.detach().clone() for p in model.projector.parameters()] if first else None
+    source = [p.detach().clone() for p in chunks[0].projector.parameters()] if first else None
     if pp > 1:
         # First and last stage of one pipeline share megatron's embedding group.
         group = parallel_state.get_embedding_group()
         src = parallel_state.get_pipeline_model_parallel_first_rank()
         if last:
-            source = [torch.empty_like(p) for p in model.target_projector.parameters()]
+            source = [torch.empty_like(p) for p in chunks[-1].target_projector.parameters()]
         for tensor in source:
             dist.broadcast(tensor, src=src, group=group)
     if not last:
         return
     decay = semantic.ema_decay if (is_ema and ema is not False) else 0.0
-    for target, value in zip(model.target_projector.parameters(), source):
+    for target, value in zip(chunks[-1].target_projector.parameters(), source):
         target.mul_(decay).add_(value, alpha=1.0 - decay)

@@ -52,7 +52,7 @@ def global_counts(batches: Iterable[Mapping[str, torch.Tensor]], image_token_id:
 
 
 def forward_backward(
-    model,
+    model,  # a pipeline stage, or this rank's list of virtual-stage chunks
     batches: List[Dict[str, torch.Tensor]],
     *,
     weights: Mapping[str, float],
@@ -70,12 +70,13 @@ def forward_backward(
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     num_micro = len(batches)
     counts = global_counts(batches, image_token_id, dp_group)
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     # Undo the schedule's 1/num_microbatches and, when DDP averages gradients, its 1/dp_size.
     scale = num_micro * (dp_size if grads_averaged_over_dp else 1)
-    device = next(model.parameters()).device
+    device = next(chunks[0].parameters()).device
 
     def loss_func(outputs):
         total = torch.zeros((), device=device)
@@ -98,8 +99,9 @@ def forward_backward(
     first = batches[0]
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
+        # Interleaved 1F1B runs each micro-batch through every chunk: one iterator per chunk.
+        data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+        model=chunks,
         num_microbatches=num_micro,
         seq_length=first["tokens"].shape[1],
         micro_batch_size=first["tokens"].shape[0],

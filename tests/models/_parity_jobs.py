@@ -233,3 +233,41 @@ def dp_grads_job(ref_path, out_path):
                 assert err <= 1e-5 * expected.norm() + 1e-8, (name, float(err))
     dist.barrier()
     parallel.destroy()
+
+
+def interleaved_job(path, cfg, pp, vpp, num_micro):
+    """Interleaved 1F1B over virtual stages: the losses and gradients of PP=1."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing.sharding import shard_state_dict, to_global_name
+    from megatron_unihetero.training.step import forward_backward
+
+    ref = torch.load(path, weights_only=True)
+    parallel.initialize(1, pp, seed=11, vpp=vpp)
+    chunks = parallel.build_model_chunks(cfg)
+    for chunk in chunks:
+        local = shard_state_dict(ref["state"], chunk.state_dict().keys(), parallel.rank_layout(chunk))
+        chunk.load_state_dict(local, strict=False)
+    parallel.sync_semantic_targets(chunks, ema=False)
+    batches = make_batches()
+    batches = (batches * num_micro)[:num_micro] if num_micro != len(batches) else batches
+    summary = forward_backward(chunks, batches, weights={"text": 1.0, "semantic": cfg.semantic.weight},
+                               image_token_id=cfg.image_token_id)
+    if parallel_state.is_pipeline_last_stage():
+        for key in ("text", "semantic", "loss"):
+            assert abs(summary[key] - ref["summary"][key]) <= 1e-5 * abs(ref["summary"][key]), (
+                key, summary[key], ref["summary"][key])
+    checked = 0
+    for chunk in chunks:
+        offset = parallel.rank_layout(chunk).layer_offset
+        for name, param in chunk.named_parameters():
+            if param.grad is None:
+                continue
+            expected = ref["grads"][to_global_name(name, offset)]
+            err = (param.grad - expected).norm()
+            assert err <= 1e-5 * expected.norm() + 1e-8, (name, float(err))
+            checked += 1
+    assert checked > 0
+    dist.barrier()
+    parallel.destroy()

@@ -10,3 +10,8 @@ from tests.models import _parity_jobs as jobs
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_parallel_layout_matches_single_rank(reference, tp, pp):
     run_distributed_test(jobs.parallel_job, tp * pp, reference, jobs.tiny_config(), tp, pp)
+
+
+def test_interleaved_pipeline_matches_single_rank(reference):
+    """PP=2 with 2 virtual stages per rank (4 chunks of one layer) through interleaved 1F1B."""
+    run_distributed_test(jobs.interleaved_job, 2, reference, jobs.tiny_config(), 2, 2, 2)
