@@ -38,7 +38,8 @@ def main(argv=None) -> dict:
     from megatron_unihetero.training.trainer import Trainer, write_summary
 
     parallel.init_distributed(cfg.parallel.timeout_minutes)
-    parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
+                        vpp=cfg.parallel.virtual_pipeline)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

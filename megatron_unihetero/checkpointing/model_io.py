@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,8 +34,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def shard_file_name(tp_rank: int, pp_rank: int) -> str:
-    return f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+def shard_file_name(tp_rank: int, pp_rank: int, vp_stage: Optional[int] = None) -> str:
+    """One file per (TP rank, PP rank[, virtual stage])."""
+    vp = f"_vp{vp_stage:02d}" if vp_stage is not None else ""
+    return f"tp{tp_rank:02d}_pp{pp_rank:02d}{vp}.safetensors"
 
 
 def mirror_prefixes(model_config) -> Tuple[str, ...]:
@@ -47,28 +49,37 @@ def mirror_prefixes(model_config) -> Tuple[str, ...]:
 
 
 def save_model_shard(state: Dict[str, torch.Tensor], model_dir: str, layout: RankLayout,
-                     pp_rank: int) -> str:
-    """Write one rank's model state (call on DP rank 0 of each TP x PP coordinate)."""
+                     pp_rank: int, vp_stage: Optional[int] = None) -> str:
+    """Write one rank's (or one virtual-stage chunk's) model state; DP rank 0 of each TP x PP
+    coordinate calls it."""
     os.makedirs(model_dir, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()
                if is_model_state(k) and torch.is_tensor(v)}
-    path = os.path.join(model_dir, shard_file_name(layout.tp_rank, pp_rank))
+    path = os.path.join(model_dir, shard_file_name(layout.tp_rank, pp_rank, vp_stage))
     save_file(tensors, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
 
-def write_layout(model_dir: str, tp_size: int, pp_size: int, layer_offsets: Dict[int, int],
-                 drop_prefixes: Tuple[str, ...]) -> None:
-    """Describe the shard grid (call once, e.g. on global rank 0)."""
+def write_layout(model_dir: str, tp_size: int, pp_size: int,
+                 layer_offsets: Dict[Union[int, Tuple[int, int]], int],
+                 drop_prefixes: Tuple[str, ...], vpp_size: Optional[int] = None) -> None:
+    """Describe the shard grid (call once, e.g. on global rank 0).
+
+    ``layer_offsets`` maps a pipeline rank (or ``(pp_rank, vp_stage)`` with virtual stages) to
+    the global index of its first layer.
+    """
     shards = {}
-    for pp_rank in range(pp_size):
+    stages = [(p, v) for p in range(pp_size) for v in range(vpp_size)] if vpp_size else \
+        [(p, None) for p in range(pp_size)]
+    for pp_rank, vp_stage in stages:
+        offset = layer_offsets[(pp_rank, vp_stage) if vp_stage is not None else pp_rank]
         for tp_rank in range(tp_size):
-            shards[shard_file_name(tp_rank, pp_rank)] = dict(
-                asdict(RankLayout(tp_rank, tp_size, layer_offsets[pp_rank])), pp_rank=pp_rank)
+            shards[shard_file_name(tp_rank, pp_rank, vp_stage)] = dict(
+                asdict(RankLayout(tp_rank, tp_size, offset)), pp_rank=pp_rank, vp_stage=vp_stage)
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, LAYOUT_FILE), "w") as handle:
-        json.dump({"tp_size": tp_size, "pp_size": pp_size, "shards": shards,
+        json.dump({"tp_size": tp_size, "pp_size": pp_size, "vpp_size": vpp_size, "shards": shards,
                    "drop_prefixes": list(drop_prefixes)}, handle, indent=1)
 
 
@@ -94,11 +105,14 @@ def load_full_state(model_dir: str) -> Dict[str, torch.Tensor]:
     return merge_state_dicts(ranks, drop_prefixes=tuple(info.get("drop_prefixes", ())))
 
 
-def load_into_model(model, model_dir: str, layout: RankLayout, pp_rank: int, pp_size: int) -> None:
-    """Load a checkpoint saved at any TP/PP into this rank's stage; strict about names."""
+def load_into_model(model, model_dir: str, layout: RankLayout, pp_rank: int, pp_size: int,
+                    vp_stage: Optional[int] = None, vpp_size: Optional[int] = None) -> None:
+    """Load a checkpoint saved at any TP/PP(/VPP) into this rank's stage (or chunk); strict."""
     info = read_layout(model_dir)
-    own = os.path.join(model_dir, shard_file_name(layout.tp_rank, pp_rank))
-    if info["tp_size"] == layout.tp_size and info["pp_size"] == pp_size and os.path.isfile(own):
+    own = os.path.join(model_dir, shard_file_name(layout.tp_rank, pp_rank, vp_stage))
+    same_grid = (info["tp_size"] == layout.tp_size and info["pp_size"] == pp_size
+                 and info.get("vpp_size") == vpp_size)
+    if same_grid and os.path.isfile(own):
         local = load_file(own)
     else:
         full = load_full_state(model_dir)

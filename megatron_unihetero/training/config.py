@@ -30,6 +30,8 @@ class DataConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); None: plain 1F1B.
+    virtual_pipeline: Optional[int] = None
     engine: str = "megatron"  # megatron | deepspeed
     zero_stage: int = 1  # deepspeed engine only
     deepspeed_config: Optional[str] = None  # a user's DeepSpeed JSON (overrides the generated one)
@@ -102,6 +104,16 @@ class RunConfig:
         if llm.num_layers % pp:
             raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide "
                               f"model.llm.num_layers={llm.num_layers}")
+        vpp = par.virtual_pipeline
+        if vpp is not None:
+            if pp < 2 or vpp < 2:
+                raise ConfigError("parallel.virtual_pipeline needs pipeline_parallel >= 2 and "
+                                  "at least 2 virtual stages")
+            if llm.num_layers % (pp * vpp):
+                raise ConfigError(f"parallel.pipeline_parallel x virtual_pipeline = {pp} x {vpp} "
+                                  f"does not divide model.llm.num_layers={llm.num_layers}")
+            if par.engine != "megatron":
+                raise ConfigError("parallel.virtual_pipeline needs parallel.engine=megatron")
         if pp > 1 and self.model.semantic.enabled and not self.model.vision.frozen:
             raise ConfigError("pipeline_parallel > 1 with semantic generation needs a frozen vision "
                               "encoder (model.vision.frozen=true): the last stage recomputes the "

@@ -121,6 +121,8 @@ class DeepSpeedEngine:
 
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("the deepspeed engine supports pipeline_parallel=1 only")
+        if isinstance(model, (list, tuple)):  # the trainer passes its (single) chunk list
+            (model,) = model
         self.model = model
         self.cfg = cfg
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -210,6 +212,10 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().clone() if torch.is_tensor(v) else v
                     for k, v in self.model.state_dict().items()}
+
+    def model_states(self) -> List[Dict[str, torch.Tensor]]:
+        """The trainer's interface: one state dict per model chunk (one here, PP=1)."""
+        return [self.model_state()]
 
     def save(self, iter_dir: str) -> None:
         """Optimizer state and ZeRO partitions into ``iter_dir/engine``; collective (all ranks)."""

@@ -22,53 +22,62 @@ from megatron_unihetero.training.optim import build_torch_optimizer, clip_grad_n
 class MegatronEngine:
     name = "megatron"
 
-    def __init__(self, model, cfg: RunConfig):
+    def __init__(self, chunks, cfg: RunConfig):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        self.model = model
+        # A stage, or this rank's virtual-stage chunks (interleaved 1F1B): DDP wraps each.
+        self.chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
+        self.model = self.chunks[0]
         self.cfg = cfg
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.wrapped = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                          use_distributed_optimizer=False,
-                                          average_in_collective=True),
-            model,
-        )
-        self.wrapped.broadcast_params()  # DP replicas start identical
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_torch_optimizer(model, cfg.train)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False,
+                                                   average_in_collective=True)
+        self.wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
+        for wrapped in self.wrapped:
+            wrapped.broadcast_params()  # DP replicas start identical
+        all_chunks = torch.nn.ModuleList(self.chunks)
+        self.params = [p for p in all_chunks.parameters() if p.requires_grad]
+        self.optimizer = build_torch_optimizer(all_chunks, cfg.train)
+
+    def _step_model(self):
+        return self.wrapped if len(self.wrapped) > 1 else self.wrapped[0]
 
     def train_step(self, batches: List[dict], weights: Mapping[str, float], lr: float) -> Dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.wrapped.zero_grad_buffer()
+        for wrapped in self.wrapped:
+            wrapped.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
         summary = step_lib.forward_backward(
-            self.wrapped, batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
+            self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
             dp_group=self.dp_group, grads_averaged_over_dp=True)
-        self.wrapped.finish_grad_sync()
+        for wrapped in self.wrapped:
+            wrapped.finish_grad_sync()
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
         summary["grad_norm"] = clip_grad_norm(self.params, self.cfg.train.clip_grad)
         self.optimizer.step()
-        parallel.sync_semantic_targets(self.model)
+        parallel.sync_semantic_targets(self.chunks)
         return summary
 
     @torch.no_grad()
     def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             return step_lib.forward_backward(
-                self.wrapped, batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
+                self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
                 forward_only=True, dp_group=self.dp_group, grads_averaged_over_dp=True)
         finally:
-            self.model.train()
+            for chunk in self.chunks:
+                chunk.train()
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def model_state(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
+    def model_states(self) -> List[Dict[str, torch.Tensor]]:
+        """One state dict per chunk (local names)."""
+        return [chunk.state_dict() for chunk in self.chunks]
 
     def _optim_path(self, iter_dir: str) -> str:
         from megatron.core import parallel_state

@@ -49,3 +49,21 @@ def step_flops(cfg: ModelConfig, batch: Mapping[str, torch.Tensor], vision_param
     flops += (6.0 if vision_trainable else 2.0) * vision_params * n_images * vision_tokens_per_image
     flops += 6.0 * projector_params * visual + 6.0 * head_params * visual
     return flops
+
+
+def flop_terms(cfg: ModelConfig) -> dict:
+    """The non-LLM parameter counts :func:`step_flops` needs, from the config alone (every
+    rank agrees, whatever pipeline stage it holds)."""
+    from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
+
+    with torch.device("meta"):
+        vision_params = sum(p.numel() for p in VisionEncoder(cfg.vision).parameters())
+    d_enc, d = load_hf_vision_config(cfg.vision).hidden_size, cfg.llm.hidden_size
+    projector_params = d_enc * d + d + d * d + d
+    head_params = 0
+    if cfg.semantic.enabled:
+        target_dim = d_enc if cfg.semantic.target == "encoder_output" else d
+        head_params = d * target_dim + target_dim + ((d * d + d) if cfg.semantic.head == "mlp" else 0)
+    return dict(vision_params=vision_params, projector_params=projector_params,
+                head_params=head_params, vision_tokens_per_image=tokens_per_image(cfg.vision),
+                vision_trainable=not cfg.vision.frozen)

@@ -22,7 +22,7 @@ from megatron_unihetero.checkpointing import model_io
 from megatron_unihetero.config_io import save_config
 from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.flops import step_flops
+from megatron_unihetero.training.flops import flop_terms, step_flops
 from megatron_unihetero.training.metrics import MetricsLogger
 from megatron_unihetero.training.optim import lr_at
 
@@ -36,9 +36,11 @@ class Trainer:
 
         self.cfg = cfg
         self.ps = parallel_state
-        self.model = parallel.build_model(cfg.model, params_dtype=_params_dtype(cfg))
+        # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+        self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=_params_dtype(cfg))
+        self.model = self.chunks[0]
         self._weights_loaded = self._load_initial_weights()
-        self.engine = _build_engine(self.model, cfg)
+        self.engine = _build_engine(self.chunks, cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.train_loader = self._loader("train")
@@ -69,15 +71,13 @@ class Trainer:
         )
 
     def _count_flop_terms(self) -> dict:
-        count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0
-        cfg = self.cfg.model
-        return dict(
-            vision_params=count(getattr(self.model, "vision", None)),
-            projector_params=count(getattr(self.model, "projector", None)),
-            head_params=count(getattr(self.model, "semantic_head", None)),
-            vision_tokens_per_image=self.model.tokens_per_image,
-            vision_trainable=not cfg.vision.frozen,
-        )
+        return flop_terms(self.cfg.model)
+
+    def _vp_stages(self):
+        """(virtual stage index or None, chunk) for each of this rank's chunks."""
+        if len(self.chunks) == 1:
+            return [(None, self.chunks[0])]
+        return list(enumerate(self.chunks))
 
     def install_signal_handler(self) -> None:
         """SIGTERM (a scheduler's preemption) -> save a checkpoint at the end of this step."""
@@ -110,10 +110,13 @@ class Trainer:
         if not (full and zero3):
             # Under ZeRO-3 the parameters are partitioned: a full resume restores them through
             # DeepSpeed's own checkpoint; a weights-only start loads before the engine exists.
-            layout = parallel.rank_layout(self.model)
-            model_io.load_into_model(self.model, os.path.join(iter_dir, "model"), layout,
-                                     self.ps.get_pipeline_model_parallel_rank(),
-                                     self.ps.get_pipeline_model_parallel_world_size())
+            vpp = self.ps.get_virtual_pipeline_model_parallel_world_size()
+            for vp_stage, chunk in self._vp_stages():
+                model_io.load_into_model(chunk, os.path.join(iter_dir, "model"),
+                                         parallel.rank_layout(chunk),
+                                         self.ps.get_pipeline_model_parallel_rank(),
+                                         self.ps.get_pipeline_model_parallel_world_size(),
+                                         vp_stage=vp_stage, vpp_size=vpp)
         if not full:
             return
         self.engine.load(iter_dir)
@@ -130,17 +133,22 @@ class Trainer:
             save_config(self.cfg, os.path.join(iter_dir, "config.yaml"))
         ckpt.barrier()
         model_dir = os.path.join(iter_dir, "model")
-        layout = parallel.rank_layout(self.model)
         pp_rank = self.ps.get_pipeline_model_parallel_rank()
-        state = self.engine.model_state()  # collective under ZeRO-3: every rank calls it
-        if self.dp_rank == 0:
-            model_io.save_model_shard(state, model_dir, layout, pp_rank)
-        offsets = self._gather_layer_offsets(layout.layer_offset)
+        states = self.engine.model_states()  # collective under ZeRO-3: every rank calls it
+        my_offsets = []
+        for (vp_stage, chunk), state in zip(self._vp_stages(), states):
+            layout = parallel.rank_layout(chunk)
+            if self.dp_rank == 0:
+                model_io.save_model_shard(state, model_dir, layout, pp_rank, vp_stage)
+            key = pp_rank if vp_stage is None else (pp_rank, vp_stage)
+            my_offsets.append((key, layout.layer_offset))
+        offsets = self._gather_layer_offsets(my_offsets)
         self.engine.save(iter_dir)
         if dist.get_rank() == 0:
             model_io.write_layout(model_dir, layout.tp_size,
                                   self.ps.get_pipeline_model_parallel_world_size(), offsets,
-                                  model_io.mirror_prefixes(self.cfg.model))
+                                  model_io.mirror_prefixes(self.cfg.model),
+                                  vpp_size=self.ps.get_virtual_pipeline_model_parallel_world_size())
             ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
                                                "rng": ckpt.rng_state()})
         ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
@@ -150,10 +158,10 @@ class Trainer:
         ckpt.barrier()
         return iter_dir
 
-    def _gather_layer_offsets(self, offset: int) -> Dict[int, int]:
+    def _gather_layer_offsets(self, mine) -> Dict:
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.ps.get_pipeline_model_parallel_rank(), offset))
-        return dict(gathered)
+        dist.all_gather_object(gathered, mine)
+        return {key: offset for rank_items in gathered for key, offset in rank_items}
 
     # -- the loop ------------------------------------------------------------------------------
     def objective_weights(self) -> Dict[str, float]:
@@ -171,7 +179,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         self.maybe_resume()
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         last_saved = None
         final: dict = {}
         while self.step < cfg.train.steps:

@@ -31,17 +31,30 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path):
     assert open(os.path.join(stopped, "ckpt", "latest")).read().strip() == "iter_0000006"
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)],
+                         ids=["tp2", "pp2", "pp2-interleaved"])
+def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp, pp, vpp):
     run_dir = str(tmp_path / "run")
-    args = jobs.overrides(data_prefix, run_dir, **{"parallel.tensor_parallel": tp,
-                                                    "parallel.pipeline_parallel": pp})
+    extra = {"parallel.tensor_parallel": tp, "parallel.pipeline_parallel": pp}
+    if vpp:  # 4 layers: 2 ranks x 2 virtual stages of one layer, 2 micro-batches per step
+        extra.update({"parallel.virtual_pipeline": vpp, "model.llm.num_layers": 4,
+                      "train.grad_accumulation": 2})
+    args = jobs.overrides(data_prefix, run_dir, **extra)
     run_distributed_test(jobs.pretrain_job, 2, args)
     losses = jobs.train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
     model_dir = os.path.join(run_dir, "ckpt", "iter_0000006", "model")
     assert os.path.isfile(os.path.join(model_dir, "layout.json"))
+    if vpp:
+        # Resume from the interleaved checkpoint, and read it back as one full model.
+        from megatron_unihetero.checkpointing.model_io import load_full_state
+
+        args = jobs.overrides(data_prefix, run_dir, **dict(extra, **{"train.steps": 8}))
+        run_distributed_test(jobs.pretrain_job, 2, args)
+        assert sorted(jobs.train_losses(run_dir))[-2:] == [7, 8]
+        full = load_full_state(model_dir)
+        assert {f"llm.decoder.layers.{i}.mlp.linear_fc1.weight" for i in range(4)} <= set(full)
 
 
 def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path):
