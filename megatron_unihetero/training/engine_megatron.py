@@ -3,7 +3,9 @@
 Gradients: megatron-core's ``DistributedDataParallel`` keeps them in contiguous fp32 buffers
 (``param.main_grad``) and all-reduces them over the data-parallel group after the schedule.
 The optimizer is torch AdamW over those gradients with model-parallel-aware clipping
-(:mod:`megatron_unihetero.training.optim`); megatron-core's own optimizer asserts CUDA tensors.
+(:mod:`megatron_unihetero.training.optim`); a bf16 model steps fp32 master weights
+(``MasterWeightAdamW``). megatron-core's own (distributed) optimizer asserts CUDA tensors and
+is not used yet: optimizer state is replicated over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import build_torch_optimizer, clip_grad_norm
+from megatron_unihetero.training.optim import MasterWeightAdamW, build_torch_optimizer, clip_grad_norm
 
 
 class MegatronEngine:
@@ -39,7 +41,10 @@ class MegatronEngine:
             wrapped.broadcast_params()  # DP replicas start identical
         all_chunks = torch.nn.ModuleList(self.chunks)
         self.params = [p for p in all_chunks.parameters() if p.requires_grad]
-        self.optimizer = build_torch_optimizer(all_chunks, cfg.train)
+        # bf16/fp16 models step fp32 master weights; fp32 models step their own parameters.
+        self.master = any(p.dtype != torch.float32 for p in self.params)
+        self.optimizer = (MasterWeightAdamW(all_chunks, cfg.train) if self.master
+                          else build_torch_optimizer(all_chunks, cfg.train))
 
     def _step_model(self):
         return self.wrapped if len(self.wrapped) > 1 else self.wrapped[0]
@@ -55,9 +60,13 @@ class MegatronEngine:
             dp_group=self.dp_group, grads_averaged_over_dp=True)
         for wrapped in self.wrapped:
             wrapped.finish_grad_sync()
-        for p in self.params:
-            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        summary["grad_norm"] = clip_grad_norm(self.params, self.cfg.train.clip_grad)
+        if self.master:
+            to_clip = self.optimizer.load_gradients()
+        else:
+            for p in self.params:
+                p.grad = p.main_grad
+            to_clip = self.params
+        summary["grad_norm"] = clip_grad_norm(to_clip, self.cfg.train.clip_grad)
         self.optimizer.step()
         parallel.sync_semantic_targets(self.chunks)
         return summary

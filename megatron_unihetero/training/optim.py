@@ -70,3 +70,63 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> flo
         for p in params:
             p.grad.mul_(scale)
     return norm
+
+
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of low-precision (bf16/fp16) model parameters.
+
+    The model computes in its own dtype; gradients arrive in fp32 (megatron DDP's
+    ``main_grad`` buffers with ``grad_reduce_in_fp32``); the update is applied to the fp32
+    masters and copied back into the model, so small updates are not lost to bf16 rounding.
+    Masters keep the tensor-parallel attributes of their parameters for the gradient norm.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.masters = []
+        for p in self.model_params:
+            master = torch.nn.Parameter(p.detach().float().clone())
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(p, attr):
+                    setattr(master, attr, getattr(p, attr))
+            self.masters.append(master)
+        decay = [m for m in self.masters if m.dim() >= 2]
+        no_decay = [m for m in self.masters if m.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.inner = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+
+    @property
+    def param_groups(self) -> List[dict]:
+        # A property, not an alias: torch's load_state_dict replaces the inner group list.
+        return self.inner.param_groups
+
+    def load_gradients(self) -> List[torch.nn.Parameter]:
+        """Move the model's gradients onto the masters (fp32); returns the masters to clip."""
+        for p, m in zip(self.model_params, self.masters):
+            grad = getattr(p, "main_grad", None)
+            grad = grad if grad is not None else p.grad
+            m.grad = None if grad is None else grad.float()
+        return self.masters
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+        for p, m in zip(self.model_params, self.masters):
+            p.copy_(m.to(p.dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for p in self.model_params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "masters": [m.detach() for m in self.masters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        for p, m, saved in zip(self.model_params, self.masters, state["masters"]):
+            m.copy_(saved)
+            p.copy_(saved.to(p.dtype))
