@@ -42,15 +42,13 @@ def resolve_iteration_dir(load: str) -> str:
 def build_from_checkpoint(iteration_dir: str):
     """(RunConfig, model) with the checkpoint's weights, on this single process."""
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.model_io import load_into_model
     from megatron_unihetero.config_io import load_config
     from megatron_unihetero.training.config import RunConfig
 
     run_config = load_config(RunConfig, os.path.join(iteration_dir, ITERATION_CONFIG))
     parallel.initialize(1, 1, seed=run_config.train.seed)
     model = parallel.build_model(run_config.model)
-    load_into_model(model, os.path.join(iteration_dir, "model"), parallel.rank_layout(model),
-                    pp_rank=0, pp_size=1)
+    parallel.load_model(model, os.path.join(iteration_dir, "model"))
     model.eval()
     return run_config, model
 

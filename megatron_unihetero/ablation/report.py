@@ -10,7 +10,7 @@ import csv
 import math
 import os
 import statistics
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 COLUMNS = [
     "arm", "data_size", "seed", "steps", "docs_seen", "epochs",

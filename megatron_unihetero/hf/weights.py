@@ -28,7 +28,6 @@ from megatron_unihetero.models.config import LLMConfig
 
 State = Dict[str, torch.Tensor]
 
-LLAVA_LM = "language_model.model."
 LLAVA_LM_HEAD = "language_model.lm_head.weight"
 LLAVA_PROJECTOR = "multi_modal_projector."
 LLAVA_VISION = "vision_tower."

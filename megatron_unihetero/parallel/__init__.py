@@ -119,6 +119,59 @@ def rank_layout(model):
                       parallel_state.get_tensor_model_parallel_world_size(), offset)
 
 
+def _chunk_list(model) -> List:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _vp_stages(chunks: List):
+    """(virtual stage or None, chunk) for this rank's chunks."""
+    return list(enumerate(chunks)) if len(chunks) > 1 else [(None, chunks[0])]
+
+
+def save_model(model, model_dir: str, model_config, states: Optional[List[dict]] = None) -> None:
+    """Write this model (a stage or a chunk list) in the checkpoint format; every rank calls.
+
+    DP rank 0 of each (TP, PP) coordinate writes its chunks' files, global rank 0 the layout.
+    ``states``: the chunks' state dicts when the engine must produce them (ZeRO-3 gathers).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_unihetero.checkpointing import model_io
+
+    chunks = _chunk_list(model)
+    states = states if states is not None else [chunk.state_dict() for chunk in chunks]
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    mine = []
+    for (vp_stage, chunk), state in zip(_vp_stages(chunks), states):
+        layout = rank_layout(chunk)
+        if parallel_state.get_data_parallel_rank() == 0:
+            model_io.save_model_shard(state, model_dir, layout, pp_rank, vp_stage)
+        mine.append((pp_rank if vp_stage is None else (pp_rank, vp_stage), layout.layer_offset))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        offsets = {key: offset for items in gathered for key, offset in items}
+        model_io.write_layout(model_dir, parallel_state.get_tensor_model_parallel_world_size(),
+                              parallel_state.get_pipeline_model_parallel_world_size(), offsets,
+                              model_io.mirror_prefixes(model_config),
+                              vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    dist.barrier()
+
+
+def load_model(model, model_dir: str) -> None:
+    """Load a checkpoint saved at any TP/PP/VPP into this rank's stage or chunks."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero.checkpointing import model_io
+
+    for vp_stage, chunk in _vp_stages(_chunk_list(model)):
+        model_io.load_into_model(chunk, model_dir, rank_layout(chunk),
+                                 parallel_state.get_pipeline_model_parallel_rank(),
+                                 parallel_state.get_pipeline_model_parallel_world_size(),
+                                 vp_stage=vp_stage,
+                                 vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size())
+
+
 @torch.no_grad()
 def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
     """Bring the last stage's ``target_projector`` up to date with the first stage's projector.
@@ -131,7 +184,7 @@ def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
     """
     from megatron.core import parallel_state
 
-    chunks = model if isinstance(model, (list, tuple)) else [model]
+    chunks = _chunk_list(model)
     semantic = chunks[0].cfg.semantic
     if not semantic.enabled or semantic.target == "encoder_output":
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -32,17 +31,6 @@ def has_module(name: str) -> bool:
 
 def has_transformer_engine() -> bool:
     return has_cuda() and has_module("transformer_engine")
-
-
-def has_flash_attn() -> bool:
-    return has_cuda() and has_module("flash_attn")
-
-
-def has_triton() -> bool:
-    """Triton kernels can run: on a GPU, or anywhere under TRITON_INTERPRET=1."""
-    if not has_module("triton"):
-        return False
-    return has_cuda() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def prepare_megatron() -> None:

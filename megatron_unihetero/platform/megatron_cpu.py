@@ -254,10 +254,6 @@ class _MegatronCoreFinder(importlib.abc.MetaPathFinder):
         return None
 
 
-def is_active() -> bool:
-    return _installed
-
-
 def install() -> bool:
     """Make megatron-core usable on CPU. Returns True when the layer was (or is) installed.
 

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero import parallel, platform
-from megatron_unihetero.checkpointing import model_io
 from megatron_unihetero.config_io import save_config
 from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
@@ -73,12 +72,6 @@ class Trainer:
     def _count_flop_terms(self) -> dict:
         return flop_terms(self.cfg.model)
 
-    def _vp_stages(self):
-        """(virtual stage index or None, chunk) for each of this rank's chunks."""
-        if len(self.chunks) == 1:
-            return [(None, self.chunks[0])]
-        return list(enumerate(self.chunks))
-
     def install_signal_handler(self) -> None:
         """SIGTERM (a scheduler's preemption) -> save a checkpoint at the end of this step."""
         def handler(signum, frame):
@@ -110,13 +103,7 @@ class Trainer:
         if not (full and zero3):
             # Under ZeRO-3 the parameters are partitioned: a full resume restores them through
             # DeepSpeed's own checkpoint; a weights-only start loads before the engine exists.
-            vpp = self.ps.get_virtual_pipeline_model_parallel_world_size()
-            for vp_stage, chunk in self._vp_stages():
-                model_io.load_into_model(chunk, os.path.join(iter_dir, "model"),
-                                         parallel.rank_layout(chunk),
-                                         self.ps.get_pipeline_model_parallel_rank(),
-                                         self.ps.get_pipeline_model_parallel_world_size(),
-                                         vp_stage=vp_stage, vpp_size=vpp)
+            parallel.load_model(self.chunks, os.path.join(iter_dir, "model"))
         if not full:
             return
         self.engine.load(iter_dir)
@@ -132,23 +119,10 @@ class Trainer:
             os.makedirs(iter_dir, exist_ok=True)
             save_config(self.cfg, os.path.join(iter_dir, "config.yaml"))
         ckpt.barrier()
-        model_dir = os.path.join(iter_dir, "model")
-        pp_rank = self.ps.get_pipeline_model_parallel_rank()
         states = self.engine.model_states()  # collective under ZeRO-3: every rank calls it
-        my_offsets = []
-        for (vp_stage, chunk), state in zip(self._vp_stages(), states):
-            layout = parallel.rank_layout(chunk)
-            if self.dp_rank == 0:
-                model_io.save_model_shard(state, model_dir, layout, pp_rank, vp_stage)
-            key = pp_rank if vp_stage is None else (pp_rank, vp_stage)
-            my_offsets.append((key, layout.layer_offset))
-        offsets = self._gather_layer_offsets(my_offsets)
+        parallel.save_model(self.chunks, os.path.join(iter_dir, "model"), self.cfg.model, states)
         self.engine.save(iter_dir)
         if dist.get_rank() == 0:
-            model_io.write_layout(model_dir, layout.tp_size,
-                                  self.ps.get_pipeline_model_parallel_world_size(), offsets,
-                                  model_io.mirror_prefixes(self.cfg.model),
-                                  vpp_size=self.ps.get_virtual_pipeline_model_parallel_world_size())
             ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
                                                "rng": ckpt.rng_state()})
         ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
@@ -157,11 +131,6 @@ class Trainer:
             ckpt.prune(ck.dir, ck.keep_last)
         ckpt.barrier()
         return iter_dir
-
-    def _gather_layer_offsets(self, mine) -> Dict:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        return {key: offset for rank_items in gathered for key, offset in rank_items}
 
     # -- the loop ------------------------------------------------------------------------------
     def objective_weights(self) -> Dict[str, float]:

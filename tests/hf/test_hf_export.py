@@ -48,22 +48,14 @@ LAYOUTS = ((1, 1), (2, 1), (1, 2))
 
 def write_checkpoint(model, cfg, ckpt, tokenizer, tp, pp):
     """Save like the trainer: DP rank 0 of every (TP, PP) coordinate writes its shard."""
-    from megatron.core import parallel_state
 
     from megatron_unihetero import config_io, parallel
-    from megatron_unihetero.checkpointing import model_io
     from megatron_unihetero.training.config import DataConfig, RunConfig
 
     iter_dir = os.path.join(ckpt, "iter_0000007")
     model_dir = os.path.join(iter_dir, "model")
-    layout = parallel.rank_layout(model)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    if parallel_state.get_data_parallel_rank() == 0:
-        model_io.save_model_shard(model.state_dict(), model_dir, layout, pp_rank)
-    offsets = [None] * dist.get_world_size()
-    dist.all_gather_object(offsets, (pp_rank, layout.layer_offset))
+    parallel.save_model(model, model_dir, cfg)
     if dist.get_rank() == 0:
-        model_io.write_layout(model_dir, tp, pp, dict(offsets), model_io.mirror_prefixes(cfg))
         config_io.save_config(RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer)),
                               os.path.join(iter_dir, "config.yaml"))
         with open(os.path.join(ckpt, "latest"), "w") as handle:

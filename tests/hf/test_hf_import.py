@@ -24,10 +24,8 @@ def save_llama(folder, **overrides):
 
 def load_checkpoint_job(ckpts):
     """Each checkpoint loads strictly into a model built at its own TP/PP from its config.yaml."""
-    from megatron.core import parallel_state
 
     from megatron_unihetero import config_io, parallel
-    from megatron_unihetero.checkpointing import model_io
     from megatron_unihetero.models.config import ModelConfig
 
     for ckpt, tp, pp in ckpts:
@@ -36,8 +34,7 @@ def load_checkpoint_job(ckpts):
             cfg = config_io.from_dict(ModelConfig, yaml.safe_load(handle)["model"])
         parallel.initialize(tp, pp, seed=99)
         model = parallel.build_model(cfg)
-        model_io.load_into_model(model, os.path.join(iter_dir, "model"), parallel.rank_layout(model),
-                                 parallel_state.get_pipeline_model_parallel_rank(), pp)
+        parallel.load_model(model, os.path.join(iter_dir, "model"))
         parallel.destroy()
 
 

@@ -101,10 +101,7 @@ def parallel_job(path, cfg, tp, pp):
 
 def save_sharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
     """Load the reference weights at (tp, pp) and save them in the checkpoint format."""
-    from megatron.core import parallel_state
-
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing import model_io
     from megatron_unihetero.checkpointing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
@@ -112,31 +109,20 @@ def save_sharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
     model = parallel.build_model(cfg)
     layout = parallel.rank_layout(model)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    if parallel_state.get_data_parallel_rank() == 0:
-        model_io.save_model_shard(model.state_dict(), ckpt_model_dir, layout, pp_rank)
-    offsets = [None] * dist.get_world_size()
-    dist.all_gather_object(offsets, (pp_rank, layout.layer_offset))
-    if dist.get_rank() == 0:
-        model_io.write_layout(ckpt_model_dir, tp, pp, dict(offsets), model_io.mirror_prefixes(cfg))
-    dist.barrier()
+    parallel.save_model(model, ckpt_model_dir, cfg)
     parallel.destroy()
 
 
 def load_resharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
     """Load a checkpoint saved at another layout; every tensor must equal the reference's shard."""
-    from megatron.core import parallel_state
-
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing import model_io
     from megatron_unihetero.checkpointing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
     parallel.initialize(tp, pp, seed=5)
     model = parallel.build_model(cfg)
     layout = parallel.rank_layout(model)
-    model_io.load_into_model(model, ckpt_model_dir, layout,
-                             parallel_state.get_pipeline_model_parallel_rank(), pp)
+    parallel.load_model(model, ckpt_model_dir)
     expected = shard_state_dict(ref["state"], model.state_dict().keys(), layout)
     for name, tensor in model.state_dict().items():
         if name in expected:

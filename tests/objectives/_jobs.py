@@ -240,8 +240,6 @@ def evaluate_cli_job(workdir, tokenizer_path):
     import os
 
     from megatron_unihetero import evaluate, parallel
-    from megatron_unihetero.checkpointing.model_io import (
-        mirror_prefixes, save_model_shard, write_layout)
     from megatron_unihetero.config_io import save_config
     from megatron_unihetero.data.demo_world import write_demo_data
     from megatron_unihetero.data.tokenizer import build_tokenizer
@@ -258,9 +256,7 @@ def evaluate_cli_job(workdir, tokenizer_path):
     parallel.initialize(1, 1, seed=17)
     model = parallel.build_model(model_cfg)
     iteration = os.path.join(workdir, "ckpt", "iter_0000003")
-    save_model_shard(model.state_dict(), os.path.join(iteration, "model"),
-                     parallel.rank_layout(model), pp_rank=0)
-    write_layout(os.path.join(iteration, "model"), 1, 1, {0: 0}, mirror_prefixes(model_cfg))
+    parallel.save_model(model, os.path.join(iteration, "model"), model_cfg)
     save_config(run_cfg, os.path.join(iteration, "config.yaml"))
     with open(os.path.join(workdir, "ckpt", "latest"), "w") as handle:
         handle.write("iter_0000003\n")
