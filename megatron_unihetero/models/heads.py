@@ -76,6 +76,11 @@ def semantic_loss(head: SemanticHead, hidden: torch.Tensor, target: torch.Tensor
     return loss, count
 
 
+def text_label_mask(labels: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Positions the text loss trains on: a label that is neither ignored nor the placeholder."""
+    return (labels != IGNORE_INDEX) & (labels != image_token_id)
+
+
 def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, excluded_label: int,
               impl: str = "auto") -> LossAndCount:
     """Summed next-token cross-entropy over positions with a text label.
@@ -86,7 +91,7 @@ def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, excluded
     (kernels/cross_entropy.py: never materialises [N, V] logits; auto | torch | triton | naive),
     or "megatron" (the output layer, then megatron's vocab-parallel cross-entropy).
     """
-    keep = (labels != IGNORE_INDEX) & (labels != excluded_label)
+    keep = text_label_mask(labels, excluded_label)
     if impl == "megatron":
         logits, _ = output_layer(hidden[None])  # [1, N, V / tp]
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))

@@ -101,8 +101,7 @@ def layout(
 
     visual_mask = is_image & (segment_ids >= 0)
     text_mask = ~is_image & (segment_ids >= 0)
-    semantic_mask = torch.zeros_like(visual_mask)
-    semantic_mask[:, :-1] = visual_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    semantic_mask = semantic_positions(visual_mask, segment_ids)
 
     # The k-th visual position of row b holds token k of that row's image stream, which starts
     # at flat offset (images before row b) * T.
@@ -111,6 +110,13 @@ def layout(
     visual_index = (rank_in_row + row_offsets[:, None])[visual_mask]
     return Layout(tokens, segment_ids, visual_mask, text_mask, semantic_mask, visual_index,
                   counts, truncated)
+
+
+def semantic_positions(visual_mask: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: positions whose next position is visual and in the same document."""
+    mask = torch.zeros_like(visual_mask)
+    mask[:, :-1] = visual_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    return mask
 
 
 def _validate_blocks(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero import platform
-from megatron_unihetero.models.config import IGNORE_INDEX
+from megatron_unihetero.models.heads import text_label_mask
+from megatron_unihetero.models.interleaver import semantic_positions
 
 OBJECTIVES = ("text", "semantic", "pixel")
 
@@ -29,9 +30,8 @@ def count_targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> Dic
     if segment_ids is None:
         segment_ids = torch.zeros_like(tokens)
     valid = segment_ids >= 0
-    text = ((labels != IGNORE_INDEX) & (labels != image_token_id) & valid).sum()
-    visual = (tokens == image_token_id) & valid
-    semantic = (visual[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])).sum()
+    text = (text_label_mask(labels, image_token_id) & valid).sum()
+    semantic = semantic_positions((tokens == image_token_id) & valid, segment_ids).sum()
     # The pixel objective trains on the same positions: each semantic position has the next
     # visual token's latent as its target.
     return {"text": int(text), "semantic": int(semantic), "pixel": int(semantic)}
