@@ -16,8 +16,10 @@ The proxy is installed by an import hook, so modules megatron-core imports lazil
 too. Only ``megatron.core`` sees it: user code and the rest of torch are untouched. It is
 active only when CUDA is absent (see :func:`install`), and pinned to the megatron-core versions
 it was checked against, because the set of sites it must cover changes between releases.
-``Tensor.cuda`` / ``Module.cuda`` are the one global change (identity on CPU-only builds, where
-they could only raise).
+The global changes are two: ``Tensor.cuda`` / ``Module.cuda`` become the identity (on CPU-only
+builds they could only raise), and ``Tensor.type()`` names CPU tensors as CUDA ones when, and
+only when, the caller is a ``megatron.core`` module (its optimizers dispatch on those names; this
+is what lets the distributed optimizer run on CPU with gloo).
 """
 
 from __future__ import annotations
@@ -254,6 +256,25 @@ class _MegatronCoreFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _type_as_seen_by_megatron(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()`` that names CPU tensors as CUDA ones when megatron-core asks.
+
+    megatron-core's optimizers dispatch on type strings (``'torch.cuda.FloatTensor'``, ...),
+    which a method call on a tensor bypasses the module proxy for. Only a no-argument call
+    whose caller is a ``megatron.core`` module is answered so; every other caller sees torch's.
+    """
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.core"):
+            return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    if dtype is None:
+        return _TENSOR_TYPE(self)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def install() -> bool:
     """Make megatron-core usable on CPU. Returns True when the layer was (or is) installed.
 
@@ -281,5 +302,6 @@ def install() -> bool:
     # `.cuda()` calls on parameters and buffers working.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.type = _type_as_seen_by_megatron
     _installed = True
     return True

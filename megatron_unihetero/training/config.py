@@ -33,6 +33,9 @@ class ParallelConfig:
     # Virtual pipeline stages per rank (interleaved 1F1B); None: plain 1F1B.
     virtual_pipeline: Optional[int] = None
     engine: str = "megatron"  # megatron | deepspeed
+    # megatron engine: megatron-core's distributed optimizer (ZeRO-1: fp32 masters and Adam
+    # moments sharded over data-parallel ranks). false: every DP rank holds the full state.
+    distributed_optimizer: bool = True
     zero_stage: int = 1  # deepspeed engine only
     deepspeed_config: Optional[str] = None  # a user's DeepSpeed JSON (overrides the generated one)
     timeout_minutes: int = 30

@@ -1,15 +1,21 @@
-"""The megatron engine: megatron-core DDP + pipeline schedules + AdamW.
+"""The megatron engine: megatron-core DDP + pipeline schedules + megatron-core's optimizer.
 
 Gradients: megatron-core's ``DistributedDataParallel`` keeps them in contiguous fp32 buffers
-(``param.main_grad``) and all-reduces them over the data-parallel group after the schedule.
-The optimizer is torch AdamW over those gradients with model-parallel-aware clipping
-(:mod:`megatron_unihetero.training.optim`); a bf16 model steps fp32 master weights
-(``MasterWeightAdamW``). megatron-core's own (distributed) optimizer asserts CUDA tensors and
-is not used yet: optimizer state is replicated over data-parallel ranks.
+(``param.main_grad``). With the distributed optimizer (``parallel.distributed_optimizer``, the
+default) they are reduce-scattered over the data-parallel group, each DP rank updates its
+1/DP shard of the fp32 master weights and Adam moments (ZeRO-1), and the updated parameters
+are all-gathered back. Without it they are all-reduced and every rank holds the full state.
+
+Checkpoint of the optimizer, one file per (TP, PP) rank written by DP rank 0: the state that
+does not depend on DP (param groups, step) plus, for the distributed optimizer, the parameter
+state gathered from all DP shards into megatron-core's "dp_zero" layout (each buffer without
+its DP-dependent padding). It is scattered again on load, so a run resumes at another
+data-parallel size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Mapping
 
@@ -18,7 +24,28 @@ import torch
 from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import MasterWeightAdamW, build_torch_optimizer, clip_grad_norm
+from megatron_unihetero.training.optim import build_megatron_optimizer
+
+OPTIMIZER_FORMAT = "megatron_unihetero.megatron_optimizer.v1"
+
+
+@contextlib.contextmanager
+def _step_counters_set_aside(inner: torch.optim.Optimizer):
+    """Hide torch Adam's per-parameter ``step`` while megatron-core restores a shard's state.
+
+    megatron-core 0.16 copies every entry of a parameter's optimizer state from the dp_zero
+    tensors, which hold only param / exp_avg / exp_avg_sq: right for TE/apex FusedAdam (step
+    in the param group), a KeyError for torch AdamW, its fallback without them. The step
+    counters were already restored from the param groups by ``load_state_dict``, as one tensor
+    shared by every parameter, which torch AdamW would then increment once per parameter and
+    step: each parameter gets its own copy back.
+    """
+    steps = {param: state.pop("step") for param, state in inner.state.items() if "step" in state}
+    try:
+        yield
+    finally:
+        for param, step in steps.items():
+            inner.state[param]["step"] = step.clone()
 
 
 class MegatronEngine:
@@ -32,42 +59,40 @@ class MegatronEngine:
         self.chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
         self.model = self.chunks[0]
         self.cfg = cfg
+        self.distributed = cfg.parallel.distributed_optimizer
         self.dp_group = parallel_state.get_data_parallel_group()
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False,
+                                                   use_distributed_optimizer=self.distributed,
                                                    average_in_collective=True)
         self.wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
         for wrapped in self.wrapped:
-            wrapped.broadcast_params()  # DP replicas start identical
-        all_chunks = torch.nn.ModuleList(self.chunks)
-        self.params = [p for p in all_chunks.parameters() if p.requires_grad]
-        # bf16/fp16 models step fp32 master weights; fp32 models step their own parameters.
-        self.master = any(p.dtype != torch.float32 for p in self.params)
-        self.optimizer = (MasterWeightAdamW(all_chunks, cfg.train) if self.master
-                          else build_torch_optimizer(all_chunks, cfg.train))
+            wrapped.broadcast_params()  # DP replicas start identical, before masters are copied
+        params_dtype = next(p.dtype for p in self.model.parameters())
+        self.optimizer = build_megatron_optimizer(self.wrapped, cfg, params_dtype)
 
     def _step_model(self):
         return self.wrapped if len(self.wrapped) > 1 else self.wrapped[0]
 
     def train_step(self, batches: List[dict], weights: Mapping[str, float], lr: float) -> Dict[str, float]:
+        # What megatron's OptimizerParamScheduler does: its groups carry multipliers, and the
+        # weight decay of biases and norms (wd_mult 0) is zero only once applied.
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
         for wrapped in self.wrapped:
             wrapped.zero_grad_buffer()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         summary = step_lib.forward_backward(
             self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
             dp_group=self.dp_group, grads_averaged_over_dp=True)
         for wrapped in self.wrapped:
             wrapped.finish_grad_sync()
-        if self.master:
-            to_clip = self.optimizer.load_gradients()
-        else:
-            for p in self.params:
-                p.grad = p.main_grad
-            to_clip = self.params
-        summary["grad_norm"] = clip_grad_norm(to_clip, self.cfg.train.clip_grad)
-        self.optimizer.step()
+        # Clips by the global norm (TP x PP, and the DP shards of the distributed optimizer),
+        # steps the fp32 masters, copies them into the model (and all-gathers over DP).
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:  # only fp16 loss scaling can skip a step (bf16/fp32 never do)
+            raise FloatingPointError("the optimizer skipped the step: inf/nan in the gradients")
+        summary["grad_norm"] = float(grad_norm)
         parallel.sync_semantic_targets(self.chunks)
         return summary
 
@@ -94,22 +119,51 @@ class MegatronEngine:
         return os.path.join(iter_dir, "engine", f"optim_tp{parallel_state.get_tensor_model_parallel_rank():02d}"
                                                 f"_pp{parallel_state.get_pipeline_model_parallel_rank():02d}.pt")
 
+    def _sharded_optimizers(self) -> list:
+        return [opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if hasattr(opt, "get_parameter_state_dp_zero")]
+
     def save(self, iter_dir: str) -> None:
-        """Optimizer state of this (TP, PP) rank; DP replicas hold the same, DP rank 0 writes."""
+        """Collective over the DP group (the distributed optimizer gathers its shards)."""
         from megatron.core import parallel_state
 
+        payload = {"format": OPTIMIZER_FORMAT, "distributed": self.distributed,
+                   "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                   "common": self.optimizer.state_dict()}
+        if self.distributed:
+            payload["param_state"] = [opt.get_parameter_state_dp_zero() for opt in self._sharded_optimizers()]
         if parallel_state.get_data_parallel_rank() != 0:
             return
         path = self._optim_path(iter_dir)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(self.optimizer.state_dict(), path + ".tmp")
+        torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)
 
     def load(self, iter_dir: str) -> None:
+        from megatron.core import parallel_state
+
         path = self._optim_path(iter_dir)
         if not os.path.isfile(path):
             raise RuntimeError(
                 f"{path} is missing: the checkpoint was saved with another tensor/pipeline layout "
                 f"or engine. Start from its weights instead with --checkpoint.load={iter_dir} "
                 f"--checkpoint.resume=false")
-        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != OPTIMIZER_FORMAT:
+            raise RuntimeError(f"{path} is not a megatron-engine optimizer state "
+                               f"(format {OPTIMIZER_FORMAT} expected)")
+        if payload["distributed"] != self.distributed:
+            saved = "on" if payload["distributed"] else "off"
+            raise RuntimeError(
+                f"{path} was saved with parallel.distributed_optimizer {saved}; this run has it "
+                f"{'on' if self.distributed else 'off'}. Resume with the same setting, or start "
+                f"from the weights with --checkpoint.load={iter_dir} --checkpoint.resume=false")
+        self.optimizer.load_state_dict(payload["common"])
+        if self.distributed:
+            # DP rank 0 scatters the gathered state to the current DP ranks (any DP size).
+            # no_grad: for fp32 models the master shards are views of the parameters.
+            first = parallel_state.get_data_parallel_rank() == 0
+            with torch.no_grad():
+                for opt, state in zip(self._sharded_optimizers(), payload["param_state"]):
+                    with _step_counters_set_aside(opt.optimizer):
+                        opt.load_parameter_state_from_dp_zero(state if first else None)

@@ -47,3 +47,17 @@ def test_cpu_rng_state_round_trips_through_the_proxy():
     first = torch.rand(3)
     cuda.set_rng_state(state)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_tensor_type_names_cpu_tensors_as_cuda_for_megatron_only():
+    """megatron-core's optimizers dispatch on ``param.type()``; user code keeps torch's answer."""
+    import types
+
+    platform.prepare_megatron()
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    assert x.type() == "torch.BFloat16Tensor"
+    assert x.type(torch.float32).dtype == torch.float32  # the conversion form is untouched
+    module = types.ModuleType("megatron.core._type_probe")
+    exec("def name_of(t):\n    return t.type()\n", module.__dict__)
+    assert module.name_of(x) == "torch.cuda.BFloat16Tensor"
+    assert module.name_of(torch.zeros(1)) == "torch.cuda.FloatTensor"

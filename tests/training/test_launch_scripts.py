@@ -183,4 +183,4 @@ def test_paper_7b_dry_run_on_8_nodes():
                 MASTER_ADDR="node0", GPUS_PER_NODE="8")
     assert proc.returncode == 0, proc.stderr
     assert "8 node(s) x 8 GPU(s)/node = world size 64" in proc.stdout
-    assert "TP=4 x PP=1 x DP=16" in proc.stdout
+    assert "TP=2 x PP=1 x DP=32" in proc.stdout

@@ -17,11 +17,12 @@ def data_prefix(tmp_path_factory):
     return jobs.make_data(str(tmp_path_factory.mktemp("data")))
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,distributed", [("fp32", True), ("bf16", True), ("bf16", False)],
+                         ids=["fp32", "bf16", "bf16-replicated-optimizer"])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path, dtype, distributed):
     """bf16 runs step fp32 master weights; they travel in the optimizer state."""
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    over = {"train.dtype": dtype}
+    over = {"train.dtype": dtype, "parallel.distributed_optimizer": distributed}
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, straight, **over))
     # Stop after step 3 (a checkpoint is saved there), then run the same command again.
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, stopped, **dict(over, **{"train.steps": 3})))
@@ -61,10 +62,25 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp
 
 
 def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path):
+    """DP=2 with the distributed optimizer stops at step 3; DP=1 resumes with 2 micro-batches
+    per step (the same global batch) and continues the losses of the uninterrupted DP=2 run:
+    the optimizer shards of both DP ranks were gathered into the checkpoint and restored."""
+    straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, straight))
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, resized, **{"train.steps": 3}))
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}))
+    full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def test_resume_with_the_distributed_optimizer_switched_is_a_clear_error(data_prefix, tmp_path):
     run_dir = str(tmp_path / "run")
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, run_dir, **{"train.steps": 3}))
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir))
-    assert sorted(jobs.train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir, **{"train.steps": 3}))
+    flipped = jobs.overrides(data_prefix, run_dir, **{"parallel.distributed_optimizer": False})
+    with pytest.raises(RuntimeError, match="saved with parallel.distributed_optimizer on"):
+        run_distributed_test(jobs.pretrain_job, 1, flipped)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -119,33 +135,3 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_prefix, tmp_path):
     latest = open(os.path.join(run_dir, "ckpt", "latest")).read().strip()
     steps = [json.loads(line)["step"] for line in open(metrics)]
     assert latest == f"iter_{max(steps):07d}"
-
-
-def test_master_weights_keep_updates_that_bf16_would_round_away():
-    import torch
-
-    from megatron_unihetero.training.config import TrainConfig
-    from megatron_unihetero.training.optim import MasterWeightAdamW
-
-    model = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    opt = MasterWeightAdamW(model, TrainConfig(lr=1e-4, weight_decay=0.0))
-    for _ in range(20):
-        model.weight.main_grad = torch.ones(4, 4)  # what megatron DDP leaves (fp32)
-        opt.load_gradients()
-        opt.step()
-    master = opt.masters[0]
-    assert master.dtype == torch.float32
-    # 20 Adam steps of ~1e-4 each: kept in fp32, below bf16's spacing at 1.0 (2^-7).
-    assert abs(float(master[0, 0]) - (1.0 - 20 * 1e-4)) < 1e-5
-    assert torch.equal(model.weight, master.to(torch.bfloat16))
-    # The learning rate set through param_groups reaches the optimizer after a state reload.
-    opt.load_state_dict(opt.state_dict())
-    for group in opt.param_groups:
-        group["lr"] = 0.0
-    before = master.detach().clone()
-    model.weight.main_grad = torch.ones(4, 4)
-    opt.load_gradients()
-    opt.step()
-    assert torch.equal(opt.masters[0], before)
