@@ -2,7 +2,8 @@
 # One device session's GPU checks, in order of importance, each bounded (total < 9 minutes):
 #   train:   benchmarks/gpu_train_check.py: bf16 + distributed optimizer on CUDA, resume, throughput;
 #   kernels: benchmarks/gpu_check.sh: Triton kernel parity and kernel timings.
-# Usage: bash benchmarks/gpu_session.sh [train] [kernels]   (both when none is named)
+# Usage: [TRAIN_ARGS=...] bash benchmarks/gpu_session.sh [train] [kernels]   (in that order;
+# both when none is named). TRAIN_ARGS go to gpu_train_check.py.
 # Logs go to $OUT (or ./gpu_logs). Wheels for packages the machine lacks (megatron-core) are
 # taken from .whl/ when present (see /work/.library/device/README.md in this workplace).
 set -uo pipefail
@@ -22,12 +23,13 @@ fi
 export PATH="$(dirname "$PY"):$PATH"  # its `python` too (a symlink elsewhere would leave the venv)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-checks=${*:-train kernels}
 status=0
-if [[ " $checks " == *" train "* ]]; then
-  timeout 270 python benchmarks/gpu_train_check.py --workdir /tmp/gpu_train_check 2>&1 | tee "$LOGS/train_check.log" || status=1
-fi
-if [[ " $checks " == *" kernels "* ]]; then
-  timeout 250 bash benchmarks/gpu_check.sh 2>&1 | tee "$LOGS/kernel_check.log" || status=1
-fi
+for check in ${*:-train kernels}; do
+  case $check in
+    train) timeout 270 python benchmarks/gpu_train_check.py --workdir /tmp/gpu_train_check ${TRAIN_ARGS:-} \
+             2>&1 | tee "$LOGS/train_check.log" || status=1 ;;
+    kernels) timeout 250 bash benchmarks/gpu_check.sh 2>&1 | tee "$LOGS/kernel_check.log" || status=1 ;;
+    *) echo "unknown check: $check (train | kernels)"; status=2 ;;
+  esac
+done
 exit $status

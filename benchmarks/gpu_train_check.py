@@ -83,6 +83,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--throughput-steps", type=int, default=12)
+    parser.add_argument("--attention", default="auto",
+                        help="comma list of model.llm.attention_impl values for the throughput run")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the tiny-run checks")
     args = parser.parse_args()
 
     import torch
@@ -99,7 +102,26 @@ def main() -> int:
     write_synthetic_dataset(medium_data, num_samples=4000, image_size=16, max_images=2,
                             text_len=(200, 1200))
     failures = []
+    if not args.throughput_only:
+        failures += check_resume_and_optimizers(tiny_data, work)
+    for impl in args.attention.split(","):
+        medium = pretrain(medium_data, os.path.join(work, f"medium_{impl}"), MEDIUM,
+                          **{"train.steps": args.throughput_steps, "model.llm.attention_impl": impl})
+        timed = [medium[s] for s in sorted(medium)[2:]]  # skip warm-up steps (compilation, caches)
+        median = lambda key: sorted(r[key] for r in timed)[len(timed) // 2]  # noqa: E731
+        print(f"throughput (12 x 1024 LLM, seq 2048, micro 8, bf16, distributed optimizer, "
+              f"attention {impl}): {median('tokens_per_s'):,.0f} tokens/s, "
+              f"{median('tflops_per_s'):.1f} TFLOP/s, MFU {median('mfu'):.3f}, "
+              f"memory {max(r['memory_gb'] for r in timed):.1f} GB")
 
+    for failure in failures:
+        print("FAILED:", failure)
+    print("gpu_train_check:", "FAILED" if failures else "OK")
+    return 1 if failures else 0
+
+
+def check_resume_and_optimizers(tiny_data: str, work: str) -> list:
+    failures = []
     straight = pretrain(tiny_data, os.path.join(work, "straight"), TINY)
     pretrain(tiny_data, os.path.join(work, "stopped"), TINY, **{"train.steps": 3})
     resumed = pretrain(tiny_data, os.path.join(work, "stopped"), TINY)
@@ -121,18 +143,7 @@ def main() -> int:
     if not straight[6]["loss"] < straight[1]["loss"]:
         failures.append("the tiny run's loss did not go down")
 
-    medium = pretrain(medium_data, os.path.join(work, "medium_run"), MEDIUM,
-                      **{"train.steps": args.throughput_steps})
-    timed = [medium[s] for s in sorted(medium)[2:]]  # skip warm-up steps (compilation, caches)
-    median = lambda key: sorted(r[key] for r in timed)[len(timed) // 2]  # noqa: E731
-    print(f"throughput (12 x 1024 LLM, seq 2048, micro 8, bf16, distributed optimizer): "
-          f"{median('tokens_per_s'):,.0f} tokens/s, {median('tflops_per_s'):.1f} TFLOP/s, "
-          f"MFU {median('mfu'):.3f}, memory {max(r['memory_gb'] for r in timed):.1f} GB")
-
-    for failure in failures:
-        print("FAILED:", failure)
-    print("gpu_train_check:", "FAILED" if failures else "OK")
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":

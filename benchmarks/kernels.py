@@ -113,7 +113,8 @@ def plan(device):
     rows += [("attention", "torch", case_attention, {"packed": False}),
              ("attention", "torch", case_attention, {"packed": True})]
     if cuda:
-        rows += [("attention", "auto", case_attention, {"packed": True})]
+        rows += [("attention", "flex", case_attention, {"packed": True}),
+                 ("attention", "auto", case_attention, {"packed": True})]
     return rows
 
 

@@ -55,10 +55,18 @@ def _qkv(b, s, hq, hkv, d, dtype, device="cpu", seed=0):
     return [torch.randn(b, s, h, d, generator=gen).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv)]
 
 
-def check_parity(impl, dtype, hq=4, hkv=2, d=16, segment_ids=SEGMENTS, scale=None, device="cpu"):
+def check_parity(impl, dtype, hq=4, hkv=2, d=16, segment_ids=SEGMENTS, scale=None, device="cpu",
+                 backward=True):
     b, s = (segment_ids.shape if segment_ids is not None else (2, 12))
     q, k, v = _qkv(b, s, hq, hkv, d, dtype, device)
     seg = segment_ids.to(device) if segment_ids is not None else None
+    if not backward:
+        q, k, v = (t.detach() for t in (q, k, v))
+        out = attention(q, k, v, segment_ids=seg, softmax_scale=scale, impl=impl)
+        ref = loop_reference(q.cpu(), k.cpu(), v.cpu(), segment_ids, scale)
+        assert torch.isfinite(out).all()
+        assert_close(out, ref, dtype, msg=f"{impl} out")
+        return
     out = attention(q, k, v, segment_ids=seg, softmax_scale=scale, impl=impl)
     assert out.shape == q.shape and out.dtype == dtype
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -78,6 +86,17 @@ def check_parity(impl, dtype, hq=4, hkv=2, d=16, segment_ids=SEGMENTS, scale=Non
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
 def test_torch_block_causal_matches_loop(dtype, hq, hkv):
     check_parity("torch", dtype, hq=hq, hkv=hkv)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
+def test_flex_block_causal_matches_loop(hq, hkv):
+    """FlexAttention's document mask, run eagerly on CPU, forward only (torch has no CPU
+    backward for it); the compiled forward and backward are the GPU test's."""
+    check_parity("flex", torch.float32, hq=hq, hkv=hkv, backward=False)
+    check_parity("flex", torch.float32, hq=hq, hkv=hkv, segment_ids=None, scale=0.3, backward=False)
+    q, k, v = _qkv(1, 4, hq, hkv, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="no CPU backward"):
+        attention(q, k, v, impl="flex")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,7 +155,7 @@ def test_explicit_gpu_impls_fail_clearly_on_cpu():
 
 
 @pytest.mark.requires_gpu
-@pytest.mark.parametrize("impl", ["torch", "flash", "te", "auto"])
+@pytest.mark.parametrize("impl", ["torch", "flash", "te", "flex", "auto"])
 def test_gpu_impls_match_loop(impl):
     from megatron_unihetero.kernels._dispatch import optional_import
 
