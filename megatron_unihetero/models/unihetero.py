@@ -51,12 +51,21 @@ def _build_vision(config: ModelConfig) -> VisionEncoder:
         return VisionEncoder(config.vision)
 
 
+def _drop_empty_extra_state(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k, v in state_dict.items() if v is None and k.endswith("_extra_state")]:
+        del state_dict[key]
+
+
 class UniHeteroModel(MegatronModule):
     def __init__(self, config: ModelConfig, transformer_config: TransformerConfig, *,
                  pre_process: bool = True, post_process: bool = True,
                  vp_stage: Optional[int] = None):
         super().__init__(config=transformer_config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        # megatron's linears (without TransformerEngine) report their extra state as None: not
+        # state, and a None in a state dict breaks tools that read it (DeepSpeed's universal
+        # checkpoint conversion). TE's real extra state (FP8 metadata) is kept.
+        self.register_state_dict_post_hook(_drop_empty_extra_state)
         self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved 1F1B)
         self.cfg = config
         self.pre_process = pre_process

@@ -15,11 +15,12 @@ optimizer every step (:func:`~megatron_unihetero.training.optim.lr_at`), so a De
 Checkpoints: ``engine.save_checkpoint`` writes optimizer state and ZeRO partitions to
 ``iter_dir/engine`` (tag "engine"). The model weights travel in our own model files; DeepSpeed's
 copy of the module in its checkpoint is the same iteration's weights. ZeRO partitions are per
-DP rank: resuming needs the same DP size (and TP size). To change the DP size, convert the
-checkpoint with DeepSpeed's universal-checkpoint tool (``python -m
-deepspeed.checkpoint.ds_to_universal --input_folder ITER/engine --output_folder ...``) and load
-it with ``"checkpoint": {"load_universal": true}`` in a user config, or start from the weights
-only (``--checkpoint.load=ITER --checkpoint.resume=false``), which resets the optimizer.
+DP rank: a resume at another DP size converts the checkpoint once with DeepSpeed's
+universal-checkpoint tool (``deepspeed.checkpoint.ds_to_universal``, into
+``ITER/engine_universal``, on global rank 0) and loads that (per-parameter fp32 weights and
+Adam moments), for ZeRO 1, 2 and 3. The TP size must stay the same (TP-sliced universal
+checkpoints need per-parameter patterns this engine does not write); to change it, start from
+the weights only (``--checkpoint.load=ITER --checkpoint.resume=false``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import param_groups
+from megatron_unihetero.training.optim import param_groups, untie_step_counters
 
 _CKPT_TAG = "engine"
 
@@ -145,12 +146,15 @@ class DeepSpeedEngine:
         self.grad_accumulation = int(self.ds_config["gradient_accumulation_steps"])
 
     # -- steps -------------------------------------------------------------------------------
-    def _set_lr(self, lr: float) -> None:
+    def _param_groups(self) -> list:
         groups = list(self.optimizer.param_groups)
         basic = getattr(self.engine, "basic_optimizer", None)
         if basic is not None:
             groups += list(basic.param_groups)
-        for group in groups:
+        return groups
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self._param_groups():
             group["lr"] = lr
 
     def _run(self, batches: List[dict], weights: Mapping[str, float], backward: bool) -> Dict[str, float]:
@@ -227,23 +231,71 @@ class DeepSpeedEngine:
                                            for n in names) if m}
         return len(ranks)
 
+    def _universal_checkpoint(self, iter_dir: str, ckpt_dir: str, saved_dp: int) -> str:
+        """``iter_dir/engine_universal/engine``: DeepSpeed's universal form of ``ckpt_dir``.
+
+        Converted by global rank 0 with ``deepspeed.checkpoint.ds_to_universal`` the first time
+        a run resumes at another DP size; every rank waits for it. Returns the folder to load
+        from (DeepSpeed's ``load_dir``; the tag is the same).
+        """
+        root = os.path.join(iter_dir, "engine_universal")
+        target = os.path.join(root, _CKPT_TAG)
+        done = os.path.join(root, "complete")
+        if dist.get_rank() == 0 and not os.path.isfile(done):
+            import argparse
+            import shutil
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            print(f"[deepspeed] {ckpt_dir} holds ZeRO partitions of {saved_dp} data-parallel ranks, "
+                  f"this run has {self.dp_size}: converting it to a universal checkpoint in {target}")
+            shutil.rmtree(root, ignore_errors=True)
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=ckpt_dir, output_folder=target, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True))
+            open(done, "w").close()
+        dist.barrier()
+        return root
+
     def load(self, iter_dir: str) -> None:
         ckpt_dir = os.path.join(iter_dir, _CKPT_TAG)
         if not os.path.isdir(ckpt_dir):
             raise RuntimeError(
                 f"{ckpt_dir} is missing: the checkpoint was saved by another engine. Start from its "
                 f"weights instead with --checkpoint.load={iter_dir} --checkpoint.resume=false")
-        if self.zero_stage > 0 and not self.ds_config.get("checkpoint", {}).get("load_universal"):
-            saved = self._saved_dp_size(ckpt_dir)
-            if saved and saved != self.dp_size:
-                raise RuntimeError(
-                    f"{ckpt_dir} holds ZeRO partitions for {saved} data-parallel ranks, this run has "
-                    f"{self.dp_size}. Convert it with `python -m deepspeed.checkpoint.ds_to_universal` "
-                    f"and set \"checkpoint\": {{\"load_universal\": true}} in parallel.deepspeed_config, "
-                    f"or start from the weights only (--checkpoint.load={iter_dir} "
-                    f"--checkpoint.resume=false)")
-        path, _ = self.engine.load_checkpoint(
-            iter_dir, tag=_CKPT_TAG, load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=False)
+        from megatron.core import parallel_state
+
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        saved_tp = len(glob.glob(os.path.join(ckpt_dir, "mp_rank_*_model_states.pt")))
+        if saved_tp and saved_tp != tp_size:
+            raise RuntimeError(
+                f"{ckpt_dir} was saved at tensor-parallel size {saved_tp}, this run has {tp_size}: "
+                f"the deepspeed engine resumes at the same TP size only. Start from the weights "
+                f"with --checkpoint.load={iter_dir} --checkpoint.resume=false")
+        saved = self._saved_dp_size(ckpt_dir) if self.zero_stage > 0 else 0
+        if saved and saved != self.dp_size and not self.ds_config.get("checkpoint", {}).get("load_universal"):
+            # ZeRO partitions are per DP rank: go through DeepSpeed's universal checkpoint
+            # (per-parameter fp32 weights and optimizer states), converted once and kept beside.
+            universal_root = self._universal_checkpoint(iter_dir, ckpt_dir, saved)
+            # ZeRO-3's universal load copies the first param group's hyperparameters into every
+            # group, which would put weight decay on norms and biases: keep ours.
+            hyper = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in self._param_groups()]
+            self.engine._config.load_universal_checkpoint = True
+            try:
+                path, _ = self.engine.load_checkpoint(
+                    universal_root, tag=_CKPT_TAG, load_module_strict=False,
+                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+            for group, saved_hyper in zip(self._param_groups(), hyper):
+                group.update(saved_hyper)
+            inner = getattr(self.engine.optimizer, "optimizer", None)
+            if isinstance(inner, torch.optim.Optimizer):
+                untie_step_counters(inner)  # ZeRO-3 restores one step tensor for all sub-groups
+        else:
+            path, _ = self.engine.load_checkpoint(
+                iter_dir, tag=_CKPT_TAG, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load its checkpoint from {ckpt_dir}")

@@ -24,7 +24,7 @@ import torch
 from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import build_megatron_optimizer
+from megatron_unihetero.training.optim import build_megatron_optimizer, untie_step_counters
 
 OPTIMIZER_FORMAT = "megatron_unihetero.megatron_optimizer.v1"
 
@@ -36,16 +36,16 @@ def _step_counters_set_aside(inner: torch.optim.Optimizer):
     megatron-core 0.16 copies every entry of a parameter's optimizer state from the dp_zero
     tensors, which hold only param / exp_avg / exp_avg_sq: right for TE/apex FusedAdam (step
     in the param group), a KeyError for torch AdamW, its fallback without them. The step
-    counters were already restored from the param groups by ``load_state_dict``, as one tensor
-    shared by every parameter, which torch AdamW would then increment once per parameter and
-    step: each parameter gets its own copy back.
+    counters were already restored from the param groups by ``load_state_dict`` (as one tensor
+    shared by every parameter: untied after).
     """
     steps = {param: state.pop("step") for param, state in inner.state.items() if "step" in state}
     try:
         yield
     finally:
         for param, step in steps.items():
-            inner.state[param]["step"] = step.clone()
+            inner.state[param]["step"] = step
+        untie_step_counters(inner)
 
 
 class MegatronEngine:

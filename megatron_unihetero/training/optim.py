@@ -60,3 +60,17 @@ def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConf
         params_dtype=params_dtype, use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     return get_megatron_optimizer(config, list(wrapped_chunks))
+
+
+def untie_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter state its own Adam ``step`` tensor.
+
+    Some loaders restore one step tensor into every parameter's state (megatron-core 0.16's
+    distributed optimizer without TE/apex, DeepSpeed's ZeRO-3 universal load); torch AdamW
+    increments it in place, once per parameter (or ZeRO sub-group) and step, so the bias
+    corrections after a resume would use step counts that run ahead.
+    """
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.clone()

@@ -75,6 +75,24 @@ def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tm
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
+def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, stage):
+    """ZeRO partitions of DP=2 are converted to DeepSpeed's universal checkpoint on the fly and
+    loaded at DP=1: the losses continue those of the uninterrupted DP=2 run."""
+    straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
+    over = {"parallel.engine": "deepspeed", "parallel.zero_stage": stage}
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, straight, **over), timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, resized, **dict(over, **{"train.steps": 3})),
+                         timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(
+        data_prefix, resized, **dict(over, **{"train.grad_accumulation": 2})), timeout_s=600)
+    full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
+    assert os.path.isfile(os.path.join(resized, "ckpt", "iter_0000003", "engine_universal", "complete"))
+
+
 def test_resume_with_the_distributed_optimizer_switched_is_a_clear_error(data_prefix, tmp_path):
     run_dir = str(tmp_path / "run")
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir, **{"train.steps": 3}))
