@@ -10,12 +10,15 @@ the same batch shape (micro_batch x seq_length tokens with images), in fp32 on C
 * reference: ``LlavaForConditionalGeneration(input_ids, pixel_values, labels)`` -> backward ->
   clip -> AdamW, the loop a transformers user would write.
 
-Prints tokens/s per side (median over steps after warm-up) and the ratio.
+Prints tokens/s per side (median over steps after warm-up, the sides run round-robin so a
+shared machine's drifting load hits all of them alike) and the ratio. Config overrides pass
+through: `--parallel.distributed_optimizer=false`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -43,28 +46,36 @@ def synthetic_batch(cfg, tokens_per_image: int, image_size: int, seed: int = 0) 
                 images=images, num_documents=rows * 2)
 
 
-def time_steps(step_fn, steps: int, warmup: int = 3) -> float:
+def time_interleaved(step_fns: dict, steps: int, warmup: int = 3) -> dict:
+    """Median seconds per step of each function, run round-robin (one step of each in turn).
+
+    On a shared machine the neighbours' load drifts over seconds; interleaving makes every side
+    see the same drift, so the ratios hold even when the absolute figures move.
+    """
     for _ in range(warmup):
-        step_fn()
-    times = []
+        for fn in step_fns.values():
+            fn()
+    times = {name: [] for name in step_fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in step_fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(cfg, steps: int, semantic_weight: float) -> float:
+def ours_step(cfg, semantic_weight: float):
+    """(step function, tokens per step) of our megatron engine on the config's batch shape."""
     from megatron_unihetero import parallel
     from megatron_unihetero.training.engine_megatron import MegatronEngine
 
+    cfg = copy.deepcopy(cfg)
     cfg.model.semantic.weight = semantic_weight
     model = parallel.build_model(cfg.model)
     engine = MegatronEngine(model, cfg)
     batch = synthetic_batch(cfg, model.tokens_per_image, model.vision.image_size)
     weights = {"text": 1.0, "semantic": semantic_weight}
-    seconds = time_steps(lambda: engine.train_step([batch], weights, cfg.train.lr), steps)
-    return batch["tokens"].numel() / seconds
+    return (lambda: engine.train_step([batch], weights, cfg.train.lr)), batch["tokens"].numel()
 
 
 def build_hf_llava(cfg):
@@ -87,7 +98,8 @@ def build_hf_llava(cfg):
     return model
 
 
-def bench_hf(cfg, steps: int, tokens_per_image: int, image_size: int) -> float:
+def hf_step(cfg, tokens_per_image: int, image_size: int):
+    """(step function, tokens per step) of the plain transformers Llava loop."""
     model = build_hf_llava(cfg)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -103,8 +115,7 @@ def bench_hf(cfg, steps: int, tokens_per_image: int, image_size: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
 
-    seconds = time_steps(step, steps)
-    return batch["tokens"].numel() / seconds
+    return step, batch["tokens"].numel()
 
 
 def main() -> None:
@@ -112,7 +123,9 @@ def main() -> None:
     parser.add_argument("--config", default="examples/configs/tiny_cpu.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. --parallel.distributed_optimizer=false")
+    args, extra = parser.parse_known_args()
+    args.overrides += extra
     torch.set_num_threads(args.threads)
 
     from megatron_unihetero import parallel
@@ -120,20 +133,22 @@ def main() -> None:
     from megatron_unihetero.models.vision import load_hf_vision_config, tokens_per_image
     from megatron_unihetero.training.config import RunConfig
 
-    cfg = load_config(RunConfig, args.config, ["--model.llm.attention_impl=auto"])
+    cfg = load_config(RunConfig, args.config, ["--model.llm.attention_impl=auto", *args.overrides])
     os.environ.setdefault("MASTER_PORT", "29517")
     parallel.initialize(1, 1, seed=0)
     vision = load_hf_vision_config(cfg.model.vision)
     tpi = tokens_per_image(cfg.model.vision)
 
-    rows = [("ours (megatron engine, text only)", bench_ours(cfg, args.steps, 0.0)),
-            ("ours (megatron engine, + semantic)", bench_ours(cfg, args.steps, 1.0)),
-            ("transformers LlavaForConditionalGeneration loop", bench_hf(cfg, args.steps, tpi, vision.image_size))]
+    sides = {"ours (megatron engine, text only)": ours_step(cfg, 0.0),
+             "ours (megatron engine, + semantic)": ours_step(cfg, 1.0),
+             "transformers LlavaForConditionalGeneration loop": hf_step(cfg, tpi, vision.image_size)}
+    seconds = time_interleaved({name: fn for name, (fn, _) in sides.items()}, args.steps)
     print(f"config {args.config}: batch {cfg.data.micro_batch_size} x {cfg.data.seq_length} tokens, "
           f"{cfg.model.llm.num_layers} layers, hidden {cfg.model.llm.hidden_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
-    reference = rows[-1][1]
-    for name, tps in rows:
+          f"{torch.get_num_threads()} threads, median of {args.steps} interleaved steps")
+    rates = {name: tokens / seconds[name] for name, (_, tokens) in sides.items()}
+    reference = rates["transformers LlavaForConditionalGeneration loop"]
+    for name, tps in rates.items():
         print(f"  {name:<50s} {tps:10.0f} tokens/s   {tps / reference:5.2f}x")
 
 
