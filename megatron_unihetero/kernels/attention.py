@@ -92,6 +92,20 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
+# The last mask built, keyed by its segment_ids tensor (identity and in-place version): every
+# layer of a forward passes the same tensor, so the [b, 1, s, s] mask is built once, not per layer.
+_LAST_MASK: list = [None, -1, None]
+
+
+def _cached_block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    source, version, mask = _LAST_MASK
+    if source is segment_ids and version == segment_ids._version:
+        return mask
+    mask = block_causal_mask(segment_ids)
+    _LAST_MASK[:] = [segment_ids, segment_ids._version, mask]
+    return mask
+
+
 def _attention_torch(q, k, v, segment_ids, softmax_scale):
     hq, hkv = q.shape[2], k.shape[2]
     # SDPA wants [b, h, s, d]; enable_gqa broadcasts kv heads without materialising copies.
@@ -100,7 +114,7 @@ def _attention_torch(q, k, v, segment_ids, softmax_scale):
     if segment_ids is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale, **gqa)
         return out.transpose(1, 2)
-    mask = block_causal_mask(segment_ids)
+    mask = _cached_block_causal_mask(segment_ids)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale, **gqa)
     out = out.transpose(1, 2)
     return out * (segment_ids >= 0)[:, :, None, None].to(out.dtype)

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_unihetero import platform
-from megatron_unihetero.models.attention import CoreAttention
+from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 from megatron_unihetero.models.config import ConfigError, LLMConfig
 
 
@@ -97,9 +97,11 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """RoPE frequencies at explicit position ids, so packed documents restart at 0.
+    """RoPE cos/sin at explicit position ids, so packed documents restart at 0.
 
-    Returns [s, b, 1, head_dim] (megatron's layout; the rotate-half convention of HF Llama).
+    Returns (cos, sin), each [s, b, 1, head_dim] in fp32 (megatron's layout; the rotate-half
+    convention of HF Llama), computed once per forward and applied in every layer's
+    CoreAttention.
     """
 
     def __init__(self, head_dim: int, base: float):
@@ -107,10 +109,10 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, position_ids: torch.Tensor):
         freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
-        return emb.transpose(0, 1)[:, :, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).transpose(0, 1)[:, :, None, :]  # [s, b, 1, d]
+        return emb.cos(), emb.sin()
 
 
 class LlamaDecoder(MegatronModule):
@@ -148,6 +150,8 @@ class LlamaDecoder(MegatronModule):
 
     def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
         """Hidden states [s, b, h] (after the final norm on the last stage)."""
-        rotary = self.rotary(position_ids)
-        return self.decoder(hidden_states=decoder_input, attention_mask=segment_ids,
-                            rotary_pos_emb=rotary)
+        cos, sin = self.rotary(position_ids)
+        # RoPE is applied in CoreAttention (see models/attention.py), not by megatron's layers.
+        return self.decoder(hidden_states=decoder_input,
+                            attention_mask=AttentionInputs(segment_ids, cos, sin),
+                            rotary_pos_emb=None)

@@ -164,3 +164,21 @@ def test_gpu_impls_match_loop(impl):
         pytest.skip(f"{module} not installed")
     check_parity(impl, torch.bfloat16, hq=8, hkv=2, d=64, device="cuda")
     check_parity(impl, torch.bfloat16, hq=8, hkv=2, d=64, segment_ids=None, device="cuda")
+
+
+def test_torch_mask_is_built_once_per_segment_tensor_and_follows_changes():
+    import importlib
+
+    attention_module = importlib.import_module("megatron_unihetero.kernels.attention")
+
+    q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
+    seg = SEGMENTS.clone()
+    first = attention(q, k, v, segment_ids=seg, impl="torch")
+    cached = attention_module._LAST_MASK[2]
+    attention(q, k, v, segment_ids=seg, impl="torch")
+    assert attention_module._LAST_MASK[2] is cached  # the second layer reuses the mask
+    seg[0, 1:3] = 5  # split a document, in place: the mask must be rebuilt
+    changed = attention(q, k, v, segment_ids=seg, impl="torch")
+    assert attention_module._LAST_MASK[2] is not cached
+    assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt mask")
+    assert not torch.equal(changed, first)
