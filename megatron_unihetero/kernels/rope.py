@@ -40,7 +40,12 @@ def _rope_torch(x, cos, sin):
     # At least fp32 (bf16/fp16 inputs are upcast); fp64 inputs stay fp64.
     compute = torch.promote_types(x.dtype, torch.float32)
     xr = x[..., :rot].to(compute)
-    out = xr * cos.to(compute) + rotate_half(xr) * sin.to(compute)
+    # rotate_half(x) * sin == roll(x, rot/2) * [-sin_1, sin_2]: the sign moves onto sin (small,
+    # [.., 1, rot]) and the rotation is one copy of x instead of a negation and a concatenation.
+    half = rot // 2
+    sin = sin.to(compute)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    out = xr * cos.to(compute) + torch.roll(xr, half, dims=-1) * signed_sin
     if rot < x.shape[-1]:
         out = torch.cat((out, x[..., rot:].to(compute)), dim=-1)
     return out.to(x.dtype)
