@@ -20,7 +20,6 @@ with gloo (tests/training); this is where the CUDA-only code of megatron-core ru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,20 +29,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-TINY = {
-    "model.image_token_id": 4,
-    "model.llm.num_layers": 2, "model.llm.hidden_size": 64, "model.llm.num_attention_heads": 4,
-    "model.llm.num_query_groups": 2, "model.llm.ffn_hidden_size": 96,
-    "model.llm.vocab_size": 1024, "model.llm.max_sequence_length": 64,
-    "model.vision.hf_config": ("{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                               "intermediate_size: 64, image_size: 16, patch_size: 8}"),
-    "model.semantic.weight": 1.0,
-    "data.seq_length": 64, "data.micro_batch_size": 2, "data.pack_window": 64,
-    "train.steps": 6, "train.lr": 1e-3, "train.warmup_steps": 2, "train.dtype": "bf16",
-    "checkpoint.save_interval": 3,
-    "logging.log_interval": 1, "logging.eval_interval": 0, "logging.tensorboard": False,
-    "logging.progress_bar": False,
-}
+from megatron_unihetero.testing.runs import TINY_RUN, run_overrides, train_records  # noqa: E402
+
+TINY = dict(TINY_RUN, **{"train.dtype": "bf16"})
 
 MEDIUM = dict(TINY, **{
     "model.llm.num_layers": 12, "model.llm.hidden_size": 1024, "model.llm.num_attention_heads": 16,
@@ -56,23 +44,15 @@ MEDIUM = dict(TINY, **{
 
 def pretrain(data_prefix: str, run_dir: str, settings: dict, **extra) -> dict:
     """One run of the pretrain entry point in its own process; returns {step: record}."""
-    values = dict(settings, **extra)
-    values.update({"data.train": f"[{data_prefix}]", "checkpoint.dir": os.path.join(run_dir, "ckpt"),
-                   "logging.dir": run_dir})
-    cmd = [sys.executable, "-m", "megatron_unihetero.pretrain", *(f"--{k}={v}" for k, v in values.items())]
+    cmd = [sys.executable, "-m", "megatron_unihetero.pretrain",
+           *run_overrides(data_prefix, run_dir, settings, **extra)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
         raise SystemExit(f"pretrain failed ({run_dir})")
     print(f"  run {os.path.basename(run_dir)}: {time.perf_counter() - start:.1f} s")
-    records = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
-        for line in handle:
-            record = json.loads(line)
-            if record["kind"] == "train":
-                records[record["step"]] = record
-    return records
+    return train_records(run_dir)
 
 
 def max_relative_difference(a: dict, b: dict, steps) -> float:
