@@ -78,18 +78,23 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, llm: LLMConfig) 
     return grouped.reshape(-1, hidden).contiguous()
 
 
+# Whole-model tensors with a one-to-one name (ours -> HF Llama); the inverse serves the import.
+_TOP_RENAMES = {
+    "llm.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "llm.decoder.final_layernorm.weight": "model.norm.weight",
+    "llm.output_layer.weight": "lm_head.weight",
+}
+_TOP_RENAMES_FROM_HF = {hf: ours for ours, hf in _TOP_RENAMES.items()}
+
+
 def llm_to_hf(full: State, llm: LLMConfig) -> State:
     """Our ``llm.*`` tensors -> HF LlamaForCausalLM names (``model.*``, ``lm_head.weight``)."""
     out: State = {}
     for name, tensor in full.items():
         if not name.startswith("llm."):
             continue
-        if name == "llm.embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = tensor
-        elif name == "llm.decoder.final_layernorm.weight":
-            out["model.norm.weight"] = tensor
-        elif name == "llm.output_layer.weight":
-            out["lm_head.weight"] = tensor
+        if name in _TOP_RENAMES:
+            out[_TOP_RENAMES[name]] = tensor
         elif (match := _LAYER.match(name)):
             prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
             if rest == "self_attention.linear_qkv.weight":
@@ -115,12 +120,8 @@ def llm_from_hf(hf: State, llm: LLMConfig) -> State:
     out: State = {}
     layers: Dict[int, Dict[str, torch.Tensor]] = {}
     for name, tensor in hf.items():
-        if name == "model.embed_tokens.weight":
-            out["llm.embedding.word_embeddings.weight"] = tensor
-        elif name == "model.norm.weight":
-            out["llm.decoder.final_layernorm.weight"] = tensor
-        elif name == "lm_head.weight":
-            out["llm.output_layer.weight"] = tensor
+        if name in _TOP_RENAMES_FROM_HF:
+            out[_TOP_RENAMES_FROM_HF[name]] = tensor
         elif name.startswith("model.") and (match := _HF_LAYER.match(name[len("model."):])):
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
         elif name.endswith("rotary_emb.inv_freq"):
