@@ -30,11 +30,6 @@ from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_u
 IMPLS = ("torch", "triton")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rope_torch(x, cos, sin):
     rot = cos.shape[-1]
     # At least fp32 (bf16/fp16 inputs are upcast); fp64 inputs stay fp64.
