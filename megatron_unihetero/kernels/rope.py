@@ -14,10 +14,10 @@ cos/sin must not vary over the head dim (size 1 there). Only the first ``cos.sha
 are rotated when it is smaller than d (partial rotary); the rest pass through unchanged.
 Output: x's shape and dtype (the rotation is computed in fp32).
 
-impl: "torch" (reference and CPU fallback; cos/sin may require grad there), "triton" (one program
-per token, looping over heads; cos/sin are treated as constants with no gradient; CUDA or
-TRITON_INTERPRET=1), "auto" (triton on CUDA, else torch; MEGATRON_UNIHETERO_KERNELS=torch forces
-torch). TransformerEngine's / apex's fused RoPE take the rotation angles rather than cos/sin and
+impl: "torch" (reference and CPU fallback: an autograd function over torch ops), "triton" (one
+program per token, looping over heads; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, else
+torch; MEGATRON_UNIHETERO_KERNELS=torch forces torch). Both treat cos/sin as constants: no
+gradient flows to them. TransformerEngine's / apex's fused RoPE take the rotation angles rather than cos/sin and
 megatron's sbhd layout; they are reached through megatron-core's own rope path, not from here.
 """
 
@@ -30,20 +30,44 @@ from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_u
 IMPLS = ("torch", "triton")
 
 
-def _rope_torch(x, cos, sin):
-    rot = cos.shape[-1]
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """The rotation (or its transpose, for the backward) without autograd: three kernels.
+
+    With x = [x1, x2] (halves of the rotary dims) and c = [c1, c2], s = [s1, s2]:
+    forward   y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2;
+    transpose y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1.
+    The sin terms are accumulated in place into the halves of ``x * cos``, so neither
+    rotate_half(x) nor a concatenation is ever materialised.
+    """
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
     # At least fp32 (bf16/fp16 inputs are upcast); fp64 inputs stay fp64.
     compute = torch.promote_types(x.dtype, torch.float32)
-    xr = x[..., :rot].to(compute)
-    # rotate_half(x) * sin == roll(x, rot/2) * [-sin_1, sin_2]: the sign moves onto sin (small,
-    # [.., 1, rot]) and the rotation is one copy of x instead of a negation and a concatenation.
-    half = rot // 2
-    sin = sin.to(compute)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    out = xr * cos.to(compute) + torch.roll(xr, half, dims=-1) * signed_sin
+    xr, cos, sin = x[..., :rot].to(compute), cos.to(compute), sin.to(compute)
+    out = torch.empty(x.shape, dtype=compute, device=x.device)
+    rotated = out[..., :rot]
+    torch.mul(xr, cos, out=rotated)
+    x1, x2, s1, s2 = xr[..., :half], xr[..., half:], sin[..., :half], sin[..., half:]
+    sign = 1.0 if transpose else -1.0
+    rotated[..., :half].addcmul_(x2, s2 if transpose else s1, value=sign)
+    rotated[..., half:].addcmul_(x1, s1 if transpose else s2, value=-sign)
     if rot < x.shape[-1]:
-        out = torch.cat((out, x[..., rot:].to(compute)), dim=-1)
+        out[..., rot:] = x[..., rot:]
     return out.to(x.dtype)
+
+
+class _RopeTorchFunction(torch.autograd.Function):
+    """A rotation's gradient is the transposed rotation: the backward is the same three kernels
+    (the plain autograd composition needed twice as many, and two copies of x)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, transpose=True), None, None
 
 
 def _check(x, cos, sin):
@@ -56,7 +80,10 @@ def _check(x, cos, sin):
         raise ValueError(f"rotary dim {rot} must be even and <= head dim {x.shape[-1]}")
     if cos.dim() != 4 or cos.shape[2] != 1:
         raise ValueError(f"cos/sin must be 4-D with size 1 on the head dim, got {tuple(cos.shape)}")
-    torch.broadcast_shapes(cos.shape[:3], x.shape[:3])  # raises a clear error if not broadcastable
+    # cos/sin broadcast against x's first two dims (a plain check: torch.broadcast_shapes costs
+    # more than the rotation's Python on small tensors).
+    if any(c not in (1, n) for c, n in zip(cos.shape[:2], x.shape[:2])):
+        raise ValueError(f"cos/sin {tuple(cos.shape)} do not broadcast against x {tuple(x.shape)}")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -69,4 +96,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str 
         from megatron_unihetero.kernels import _triton_rope
 
         return _triton_rope.RopeFunction.apply(x, cos, sin)
-    return _rope_torch(x, cos, sin)
+    return _RopeTorchFunction.apply(x, cos, sin)

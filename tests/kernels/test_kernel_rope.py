@@ -50,6 +50,14 @@ def test_reference_is_a_complex_rotation_of_half_pairs():
     torch.testing.assert_close(y, torch.cat([z.real, z.imag], dim=-1))
 
 
+def test_backward_is_the_transposed_rotation():
+    """gradcheck in fp64, partial rotary, with tables whose halves differ (the backward must not
+    assume the Llama table's duplicated halves)."""
+    x = torch.randn(2, 4, 3, 10, dtype=torch.float64, requires_grad=True)
+    ang = torch.rand(2, 4, 1, 6, dtype=torch.float64) * 6.0
+    torch.autograd.gradcheck(lambda t: apply_rope(t, ang.cos(), ang.sin(), impl="torch"), (x,))
+
+
 def test_layouts_agree_and_partial_rotary_passes_tail():
     x = torch.randn(2, 5, 3, 8)
     ang = _angles(5, 4)
