@@ -34,7 +34,9 @@ def has_transformer_engine() -> bool:
 
 
 def prepare_megatron() -> None:
-    """Call before building megatron-core objects: installs the CPU layer when CUDA is absent."""
-    from megatron_unihetero.platform import megatron_cpu
+    """Call before building megatron-core objects: installs the CPU layer when CUDA is absent,
+    and torch ``_foreach`` stand-ins for megatron-core's local multi-tensor fallbacks."""
+    from megatron_unihetero.platform import megatron_cpu, megatron_fastpaths
 
     megatron_cpu.install()
+    megatron_fastpaths.install()
