@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_unihetero import platform
+from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 from megatron_unihetero.models.config import ConfigError, LLMConfig
 
@@ -83,7 +84,9 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
 def layer_spec(llm: LLMConfig) -> ModuleSpec:
     """The decoder layer spec: TransformerEngine's when asked for and importable, else local.
 
-    Both get our :class:`CoreAttention` (packed-document attention through our kernels).
+    Both get our :class:`CoreAttention` (packed-document attention through our kernels); the
+    local one also gets megatron's parallel linears with a plain ``F.linear`` on one TP rank
+    (models/linear.py).
     """
     if llm.transformer_impl == "transformer_engine":
         if not platform.has_transformer_engine():
@@ -92,6 +95,9 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+        attention.linear_qkv = mlp.linear_fc1 = linear.ColumnParallelLinear
+        attention.linear_proj = mlp.linear_fc2 = linear.RowParallelLinear
     spec.submodules.self_attention.submodules.core_attention = CoreAttention
     return spec
 
