@@ -121,23 +121,24 @@ def semantic_positions(visual_mask: torch.Tensor, segment_ids: torch.Tensor) -> 
 
 def _validate_blocks(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     """Each row's placeholders must form whole runs of ``tokens_per_image``; returns images/row."""
-    counts = []
-    for row in range(is_image.shape[0]):
-        flags = is_image[row].to(torch.int8)
-        edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
-        starts = torch.nonzero(edges == 1).flatten()
-        ends = torch.nonzero(edges == -1).flatten()
-        lengths = ends - starts
-        bad = lengths % tokens_per_image != 0
-        if bool(bad.any()):
-            first = int(torch.nonzero(bad)[0])
-            raise InterleaveError(
-                f"sample {row}: a run of {int(lengths[first])} image placeholder tokens starts at "
-                f"position {int(starts[first])}; each image takes exactly {tokens_per_image} "
-                f"(a run may hold several whole images)"
-            )
-        counts.append(int(lengths.sum()) // tokens_per_image)
-    return torch.tensor(counts, dtype=torch.long, device=is_image.device)
+    flags = is_image.to(torch.int8)
+    edge = flags.new_zeros(flags.shape[0], 1)
+    edges = torch.diff(flags, dim=1, prepend=edge, append=edge)  # +1 where a run starts, -1 after
+    # nonzero lists (row, position) pairs in row-major order, so the k-th start and the k-th
+    # end belong to the same run.
+    starts, ends = torch.nonzero(edges == 1), torch.nonzero(edges == -1)
+    lengths = ends[:, 1] - starts[:, 1]
+    bad = torch.nonzero(lengths % tokens_per_image)
+    if bad.numel():
+        first = int(bad[0, 0])
+        raise InterleaveError(
+            f"sample {int(starts[first, 0])}: a run of {int(lengths[first])} image placeholder "
+            f"tokens starts at position {int(starts[first, 1])}; each image takes exactly "
+            f"{tokens_per_image} (a run may hold several whole images)"
+        )
+    placeholders = torch.zeros(flags.shape[0], dtype=torch.long, device=is_image.device)
+    placeholders.index_add_(0, starts[:, 0], lengths)
+    return placeholders // tokens_per_image
 
 
 def scatter_visual(

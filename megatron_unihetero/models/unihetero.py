@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_unihetero.models import interleaver
-from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.config import IGNORE_INDEX, ModelConfig
 from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic_loss, text_loss
 from megatron_unihetero.models.llm import LlamaDecoder
 from megatron_unihetero.models.pixel import PixelHead, pixel_loss
@@ -193,12 +193,20 @@ class UniHeteroModel(MegatronModule):
 
     def losses(self, hidden, labels, layout, features, visual,
                latents=None) -> Dict[str, LossAndCount]:
-        hidden_bsh = hidden.transpose(0, 1)
-        mask = layout.segment_ids >= 0
-        out = {"text": text_loss(self.llm.output_layer, hidden_bsh[mask], labels[mask],
+        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h].
+
+        The heads read rows of ``hidden`` in megatron's [s, b] order (a free view), not of its
+        [b, s] transpose: the gradient then comes back contiguous, as megatron's linears want it
+        (with a transposed one, each of them copies it twice in its backward).
+        """
+        s, b, h = hidden.shape
+        rows = hidden.reshape(s * b, h)
+        # Text: every position, padding ignored through its label.
+        text_labels = labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX).t().reshape(-1)
+        out = {"text": text_loss(self.llm.output_layer, rows, text_labels,
                                  self.cfg.image_token_id, impl=self.cfg.llm.loss_impl)}
         if hasattr(self, "semantic_head"):
-            sem_hidden = hidden_bsh[layout.semantic_mask]
+            sem_hidden = _rows_at(rows, layout.semantic_mask, b)
             if features is not None:
                 targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
             else:
@@ -206,13 +214,21 @@ class UniHeteroModel(MegatronModule):
             out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
                                             self.cfg.semantic.loss, impl=self.cfg.semantic.loss_impl)
         if hasattr(self, "pixel_head"):
-            cond = self.pixel_head.condition(hidden_bsh, layout.semantic_mask, layout.segment_ids)
+            cond = self.pixel_head.condition(hidden.transpose(0, 1), layout.semantic_mask,
+                                             layout.segment_ids)
             if latents is not None:
                 pixel_targets = interleaver.semantic_targets(latents.detach(), layout)
             else:
                 pixel_targets = cond.new_zeros(0, self.pixel_head.token_dim)
             out["pixel"] = pixel_loss(self.pixel_head, cond, pixel_targets)
         return out
+
+
+def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int) -> torch.Tensor:
+    """The rows of ``rows`` ([s * b, h], [s, b] order) where ``mask_bs`` [b, s] is True, listed in
+    [b, s] order (the interleaver's order of visual tokens and their targets)."""
+    b_idx, s_idx = mask_bs.nonzero(as_tuple=True)
+    return rows.index_select(0, s_idx * batch + b_idx)
 
 
 def _num_images(images, image_features) -> int:
