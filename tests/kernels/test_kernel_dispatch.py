@@ -62,6 +62,15 @@ def test_auto_on_cpu_uses_references_and_env_is_honoured(monkeypatch):
     torch.testing.assert_close(a, b)
 
 
+def test_cross_entropy_auto_on_cpu_is_naive_only_while_the_logits_are_small():
+    from megatron_unihetero.kernels.cross_entropy import _NAIVE_ON_CPU_MAX_LOGITS, auto_order
+
+    small, large = _NAIVE_ON_CPU_MAX_LOGITS // 512, _NAIVE_ON_CPU_MAX_LOGITS // 512 + 1
+    weight = torch.empty(512, 8)
+    assert auto_order(torch.empty(small, 8), weight) == ["naive", "torch"]
+    assert auto_order(torch.empty(large, 8), weight) == ["torch"]
+
+
 @pytest.mark.parametrize("bad", ["cuda", "Torch", ""])
 def test_unknown_impl_is_rejected(bad):
     with pytest.raises(ValueError):
