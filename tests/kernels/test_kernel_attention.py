@@ -166,7 +166,7 @@ def test_gpu_impls_match_loop(impl):
     check_parity(impl, torch.bfloat16, hq=8, hkv=2, d=64, segment_ids=None, device="cuda")
 
 
-def test_torch_mask_is_built_once_per_segment_tensor_and_follows_changes():
+def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
     import importlib
 
     attention_module = importlib.import_module("megatron_unihetero.kernels.attention")
@@ -174,11 +174,54 @@ def test_torch_mask_is_built_once_per_segment_tensor_and_follows_changes():
     q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
     seg = SEGMENTS.clone()
     first = attention(q, k, v, segment_ids=seg, impl="torch")
-    cached = attention_module._LAST_MASK[2]
+    cached = attention_module._LAST_LAYOUT[2]
     attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_MASK[2] is cached  # the second layer reuses the mask
-    seg[0, 1:3] = 5  # split a document, in place: the mask must be rebuilt
+    assert attention_module._LAST_LAYOUT[2] is cached  # the second layer reuses the layout
+    seg[0, 1:3] = 5  # split a document, in place: the layout must be rebuilt
     changed = attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_MASK[2] is not cached
-    assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt mask")
+    assert attention_module._LAST_LAYOUT[2] is not cached
+    assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt layout")
     assert not torch.equal(changed, first)
+
+
+def _attention_module():
+    import importlib
+
+    return importlib.import_module("megatron_unihetero.kernels.attention")
+
+
+def test_documents_path_is_taken_only_when_it_saves_half_the_scores():
+    module = _attention_module()
+    # 8 rows of two 64-token documents: 16 * 64^2 <= 8 * 128^2.
+    halves = torch.zeros(8, 128, dtype=torch.long)
+    halves[:, 64:] = 1
+    assert isinstance(module._batch_by_documents(halves), module.DocumentBatch)
+    assert module._batch_by_documents(torch.zeros(2, 16, dtype=torch.long)) is not None
+    # SEGMENTS: 6 documents padded to 12 cost more than 3 dense rows of 12.
+    assert module._batch_by_documents(SEGMENTS) is None
+    assert module._batch_by_documents(torch.full((2, 4), -1)) is None  # nothing but padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1)])
+def test_documents_path_matches_loop(dtype, hq, hkv):
+    """Forced onto SEGMENTS (uneven documents, padding at a row's end, a one-token document),
+    and on a transposed [s, b] view as megatron hands it: forward and backward."""
+    module = _attention_module()
+    b, s = SEGMENTS.shape
+    layout = module.document_batch(SEGMENTS)
+    assert (layout.num_docs, layout.max_len) == (6, 12)
+    q, k, v = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+               for t in _qkv(b, s, hq, hkv, 16, dtype))
+    out = module._attention_torch(q, k, v, SEGMENTS, None, layout=layout)
+    assert out.stride() == q.stride()  # scattered into the caller's memory layout
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = grad * (SEGMENTS >= 0)[:, :, None, None]
+    out.backward(grad)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = loop_reference(qr, kr, vr, SEGMENTS)
+    ref.backward(grad.float())
+    assert_close(out, ref, dtype, msg="documents out")
+    assert out[0, 9:].abs().max() == 0  # padding tokens
+    for name, t, r in (("q", q, qr), ("k", k, kr), ("v", v, vr)):
+        assert_close(t.grad, r.grad, dtype, msg=f"documents grad {name}")
