@@ -7,7 +7,7 @@ the product with the weight are computed in fp32 and the result is cast once to 
 Llama casts the normalised x to the input dtype *before* multiplying by the weight; in bf16 the
 two differ by one rounding, within the tests' bf16 tolerance.)
 
-impl: "torch" (reference and CPU fallback), "triton" (one row per program; forward stores the
+impl: "torch" (reference and CPU fallback: one autograd function over torch ops), "triton" (one row per program; forward stores the
 per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1), "apex" (apex's fused_rms_norm_affine,
 CUDA), "auto" (apex, then triton, on CUDA; torch otherwise; MEGATRON_UNIHETERO_KERNELS=torch
 forces torch). TransformerEngine's RMSNorm is a module owning its weight, so it is reached through
@@ -23,10 +23,32 @@ from megatron_unihetero.kernels._dispatch import optional_import, require, resol
 IMPLS = ("torch", "triton", "apex")
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+class _RMSNormTorchFunction(torch.autograd.Function):
+    """The torch path as one autograd node: the backward is the closed form
+
+        dx = rstd * (g*w - x_hat * mean(g*w * x_hat)),   dw = sum over rows of g * x_hat
+
+    (fewer, larger kernels than autograd through pow / mean / rsqrt / mul). Saves x_hat and
+    rstd; computed in at least fp32, cast once to x's / the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute)
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True).add_(eps))
+        x_hat = xf * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return (x_hat * weight.to(compute)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        g = grad.to(x_hat.dtype)
+        gw = g * weight.to(x_hat.dtype)
+        grad_x = (gw - x_hat * (gw * x_hat).mean(dim=-1, keepdim=True)).mul_(rstd)
+        grad_w = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(dim=0)
+        return grad_x.to(grad.dtype), grad_w.to(weight.dtype), None
 
 
 def _apex_rms_norm():
@@ -54,4 +76,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, impl: str
         from megatron_unihetero.kernels import _triton_rmsnorm
 
         return _triton_rmsnorm.RMSNormFunction.apply(x, weight, eps)
-    return _rms_norm_torch(x, weight, eps)
+    return _RMSNormTorchFunction.apply(x, weight, eps)

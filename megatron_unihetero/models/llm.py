@@ -18,13 +18,18 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_unihetero import platform
 from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 from megatron_unihetero.models.config import ConfigError, LLMConfig
+from megatron_unihetero.models.norm import RMSNorm
 
 
 def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
@@ -85,8 +90,8 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
     """The decoder layer spec: TransformerEngine's when asked for and importable, else local.
 
     Both get our :class:`CoreAttention` (packed-document attention through our kernels); the
-    local one also gets megatron's parallel linears with a plain ``F.linear`` on one TP rank
-    (models/linear.py).
+    local one also gets our RMSNorm (models/norm.py: kernels.rms_norm) and megatron's parallel
+    linears with a plain ``F.linear`` on one TP rank (models/linear.py).
     """
     if llm.transformer_impl == "transformer_engine":
         if not platform.has_transformer_engine():
@@ -95,11 +100,22 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
         attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
         attention.linear_qkv = mlp.linear_fc1 = linear.ColumnParallelLinear
         attention.linear_proj = mlp.linear_fc2 = linear.RowParallelLinear
     spec.submodules.self_attention.submodules.core_attention = CoreAttention
     return spec
+
+
+def block_spec(llm: LLMConfig, config: TransformerConfig, vp_stage: int = None):
+    """This stage's layers and the final norm: the local spec's RMSNorm there too (megatron-core
+    would put its default norm class, TE's / apex's / torch's, after our layers)."""
+    spec = layer_spec(llm)
+    if llm.transformer_impl == "transformer_engine":
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -136,7 +152,7 @@ class LlamaDecoder(MegatronModule):
                 position_embedding_type="rope",
             )
         self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
-        self.decoder = TransformerBlock(config, layer_spec(llm), pre_process=pre_process,
+        self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -38,6 +38,12 @@ def test_reference_formula():
     torch.testing.assert_close(rms_norm(x, w, eps=1e-6, impl="torch"), expected)
 
 
+def test_reference_backward_gradcheck():
+    x, w, _ = _inputs((3, 2, 9), torch.float64)
+    torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, eps=1e-6, impl="torch"),
+                             (x.requires_grad_(), w.requires_grad_()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_reference_dtypes(dtype):
     check_parity("torch", dtype)
