@@ -8,7 +8,10 @@ the same batch shape (micro_batch x seq_length tokens with images), in fp32 on C
 * ours: ``MegatronEngine.train_step`` (megatron-core layers, DDP buffers, the pipeline schedule,
   global-token loss normalisation, clipping), semantic generation off and on;
 * reference: ``LlavaForConditionalGeneration(input_ids, pixel_values, labels)`` -> backward ->
-  clip -> AdamW, the loop a transformers user would write.
+  clip -> AdamW, the loop a transformers user would write. It attends across the two documents
+  packed in each row (plain causal attention);
+* the same loop given the documents' block-causal mask and position ids: the same attention
+  work as ours (shown for comparison; the target is the plain loop).
 
 Prints tokens/s per side (median over steps after warm-up, the sides run round-robin so a
 shared machine's drifting load hits all of them alike) and the ratio. Config overrides pass
@@ -98,8 +101,11 @@ def build_hf_llava(cfg):
     return model
 
 
-def hf_step(cfg, tokens_per_image: int, image_size: int):
-    """(step function, tokens per step) of the plain transformers Llava loop."""
+def hf_step(cfg, tokens_per_image: int, image_size: int, document_mask: bool = False):
+    """(step function, tokens per step) of the plain transformers Llava loop; with
+    ``document_mask`` it gets the packed documents' [b, 1, s, s] mask and position ids."""
+    from megatron_unihetero.kernels.attention import block_causal_mask
+
     model = build_hf_llava(cfg)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -107,10 +113,12 @@ def hf_step(cfg, tokens_per_image: int, image_size: int):
     batch = synthetic_batch(cfg, tokens_per_image, image_size)
     labels = batch["tokens"].clone()
     labels[labels == cfg.model.image_token_id] = -100
+    packing = (dict(attention_mask=block_causal_mask(batch["segment_ids"]),
+                    position_ids=batch["position_ids"]) if document_mask else {})
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids=batch["tokens"], pixel_values=batch["images"], labels=labels)
+        out = model(input_ids=batch["tokens"], pixel_values=batch["images"], labels=labels, **packing)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
@@ -141,7 +149,9 @@ def main() -> None:
 
     sides = {"ours (megatron engine, text only)": ours_step(cfg, 0.0),
              "ours (megatron engine, + semantic)": ours_step(cfg, 1.0),
-             "transformers LlavaForConditionalGeneration loop": hf_step(cfg, tpi, vision.image_size)}
+             "transformers LlavaForConditionalGeneration loop": hf_step(cfg, tpi, vision.image_size),
+             "  the same, with the document mask (same work)": hf_step(cfg, tpi, vision.image_size,
+                                                                        document_mask=True)}
     seconds = time_interleaved({name: fn for name, (fn, _) in sides.items()}, args.steps)
     print(f"config {args.config}: batch {cfg.data.micro_batch_size} x {cfg.data.seq_length} tokens, "
           f"{cfg.model.llm.num_layers} layers, hidden {cfg.model.llm.hidden_size}, "
