@@ -16,9 +16,10 @@ Output: x's shape and dtype (the rotation is computed in fp32).
 
 impl: "torch" (reference and CPU fallback: an autograd function over torch ops), "triton" (one
 program per token, looping over heads; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, else
-torch; MEGATRON_UNIHETERO_KERNELS=torch forces torch). Both treat cos/sin as constants: no
-gradient flows to them. TransformerEngine's / apex's fused RoPE take the rotation angles rather than cos/sin and
-megatron's sbhd layout; they are reached through megatron-core's own rope path, not from here.
+torch; MEGATRON_UNIHETERO_KERNELS=torch forces torch). Both treat cos/sin as constants (tables
+that require grad are refused). TransformerEngine's / apex's fused RoPE take the rotation angles
+rather than cos/sin and megatron's sbhd layout; they are reached through megatron-core's own
+rope path, not from here.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _check(x, cos, sin):
     rot = cos.shape[-1]
     if rot % 2 or rot > x.shape[-1]:
         raise ValueError(f"rotary dim {rot} must be even and <= head dim {x.shape[-1]}")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("apply_rope treats cos/sin as constants: pass tables that do not "
+                         "require grad (detach them)")
     if cos.dim() != 4 or cos.shape[2] != 1:
         raise ValueError(f"cos/sin must be 4-D with size 1 on the head dim, got {tuple(cos.shape)}")
     # cos/sin broadcast against x's first two dims (a plain check: torch.broadcast_shapes costs

@@ -73,6 +73,9 @@ def test_rejects_bad_shapes():
         apply_rope(x, torch.ones(5, 8), torch.ones(5, 8))  # 2-D tables are ambiguous: refuse
     with pytest.raises(ValueError):
         apply_rope(x, torch.ones(1, 5, 3, 8), torch.ones(1, 5, 3, 8))  # varies over heads
+    table = torch.ones(1, 5, 1, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="constants"):
+        apply_rope(x, table, table)  # no gradient would reach it: refused, not dropped
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
