@@ -174,12 +174,12 @@ def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
     q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
     seg = SEGMENTS.clone()
     first = attention(q, k, v, segment_ids=seg, impl="torch")
-    cached = attention_module._LAST_LAYOUT[2]
+    cached = attention_module._LAST_LAYOUT[3]
     attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_LAYOUT[2] is cached  # the second layer reuses the layout
+    assert attention_module._LAST_LAYOUT[3] is cached  # the second layer reuses the layout
     seg[0, 1:3] = 5  # split a document, in place: the layout must be rebuilt
     changed = attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_LAYOUT[2] is not cached
+    assert attention_module._LAST_LAYOUT[3] is not cached
     assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt layout")
     assert not torch.equal(changed, first)
 
@@ -190,16 +190,26 @@ def _attention_module():
     return importlib.import_module("megatron_unihetero.kernels.attention")
 
 
-def test_documents_path_is_taken_only_when_it_saves_half_the_scores():
+def test_documents_path_is_taken_only_where_it_pays():
     module = _attention_module()
-    # 8 rows of two 64-token documents: 16 * 64^2 <= 8 * 128^2.
-    halves = torch.zeros(8, 128, dtype=torch.long)
-    halves[:, 64:] = 1
-    assert isinstance(module._batch_by_documents(halves), module.DocumentBatch)
-    assert module._batch_by_documents(torch.zeros(2, 16, dtype=torch.long)) is not None
+
+    def rows(b, s, docs):
+        return torch.arange(s).div(s // docs, rounding_mode="floor").repeat(b, 1)
+
+    def batched(seg):
+        return isinstance(module._layout(seg, torch.float32), module.DocumentBatch)
+
+    assert not batched(rows(8, 128, 2)) and batched(rows(8, 128, 4))  # short rows: 4x fewer scores
+    assert batched(rows(4, 256, 2)) and batched(rows(2, 1024, 2))
     # SEGMENTS: 6 documents padded to 12 cost more than 3 dense rows of 12.
-    assert module._batch_by_documents(SEGMENTS) is None
-    assert module._batch_by_documents(torch.full((2, 4), -1)) is None  # nothing but padding
+    assert not batched(SEGMENTS)
+    assert not batched(torch.full((2, 4), -1))  # nothing but padding
+    # One document per row and no padding: plain causal attention, nothing gathered.
+    assert module._layout(torch.zeros(2, 16, dtype=torch.long), torch.float32) == module._CAUSAL
+    dense = module._layout(SEGMENTS, torch.bfloat16)
+    assert isinstance(dense, module.DenseMask) and dense.additive.dtype == torch.bfloat16
+    assert dense.keep is not None and dense.keep[0, 9:].sum() == 0  # row 0 ends in padding
+    assert module.dense_mask(SEGMENTS.clamp(min=0), torch.float32).keep is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
