@@ -75,16 +75,18 @@ def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tm
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
-def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, stage):
+@pytest.mark.parametrize("stage,tp", [(1, 1), (2, 1), (3, 1), (1, 2)],
+                         ids=["zero1", "zero2", "zero3", "zero1-tp2"])
+def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, stage, tp):
     """ZeRO partitions of DP=2 are converted to DeepSpeed's universal checkpoint on the fly and
-    loaded at DP=1: the losses continue those of the uninterrupted DP=2 run."""
+    loaded at DP=1 (with TP=2 too: each TP rank's slices): the losses continue those of the
+    uninterrupted DP=2 run."""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
-    over = {"parallel.engine": "deepspeed", "parallel.zero_stage": stage}
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, straight, **over), timeout_s=600)
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, resized, **dict(over, **{"train.steps": 3})),
-                         timeout_s=600)
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(
+    over = {"parallel.engine": "deepspeed", "parallel.zero_stage": stage, "parallel.tensor_parallel": tp}
+    run_distributed_test(jobs.pretrain_job, 2 * tp, jobs.overrides(data_prefix, straight, **over), timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, 2 * tp,
+                         jobs.overrides(data_prefix, resized, **dict(over, **{"train.steps": 3})), timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, tp, jobs.overrides(
         data_prefix, resized, **dict(over, **{"train.grad_accumulation": 2})), timeout_s=600)
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
