@@ -24,7 +24,11 @@ import torch
 from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import build_megatron_optimizer, untie_step_counters
+from megatron_unihetero.training.optim import (
+    build_megatron_optimizer,
+    untie_step_counters,
+    use_fused_torch_adam,
+)
 
 OPTIMIZER_FORMAT = "megatron_unihetero.megatron_optimizer.v1"
 
@@ -167,3 +171,4 @@ class MegatronEngine:
                 for opt, state in zip(self._sharded_optimizers(), payload["param_state"]):
                     with _step_counters_set_aside(opt.optimizer):
                         opt.load_parameter_state_from_dp_zero(state if first else None)
+        use_fused_torch_adam(self.optimizer)  # the loaded param groups replaced its switch
