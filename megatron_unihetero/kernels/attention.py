@@ -201,7 +201,7 @@ def _attention_torch(q, k, v, segment_ids, softmax_scale, layout=None):
     """
     if segment_ids is not None and layout is None:
         layout = _cached_layout(segment_ids, q.dtype)
-    if segment_ids is None or layout == _CAUSAL:
+    if segment_ids is None or layout is _CAUSAL:
         return _sdpa(q, k, v, softmax_scale, is_causal=True)
     if isinstance(layout, DocumentBatch):
         return _attention_by_documents(q, k, v, layout, softmax_scale)

@@ -205,7 +205,7 @@ def test_documents_path_is_taken_only_where_it_pays():
     assert not batched(SEGMENTS)
     assert not batched(torch.full((2, 4), -1))  # nothing but padding
     # One document per row and no padding: plain causal attention, nothing gathered.
-    assert module._layout(torch.zeros(2, 16, dtype=torch.long), torch.float32) == module._CAUSAL
+    assert module._layout(torch.zeros(2, 16, dtype=torch.long), torch.float32) is module._CAUSAL
     dense = module._layout(SEGMENTS, torch.bfloat16)
     assert isinstance(dense, module.DenseMask) and dense.additive.dtype == torch.bfloat16
     assert dense.keep is not None and dense.keep[0, 9:].sum() == 0  # row 0 ends in padding
