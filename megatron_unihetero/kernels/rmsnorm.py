@@ -7,11 +7,12 @@ the product with the weight are computed in fp32 and the result is cast once to 
 Llama casts the normalised x to the input dtype *before* multiplying by the weight; in bf16 the
 two differ by one rounding, within the tests' bf16 tolerance.)
 
-impl: "torch" (reference and CPU fallback: one autograd function over torch ops), "triton" (one row per program; forward stores the
-per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1), "apex" (apex's fused_rms_norm_affine,
-CUDA), "auto" (apex, then triton, on CUDA; torch otherwise; MEGATRON_UNIHETERO_KERNELS=torch
-forces torch). TransformerEngine's RMSNorm is a module owning its weight, so it is reached through
-the layer specs (megatron-core's TENorm), not through this function.
+impl: "torch" (reference and CPU fallback: one autograd function over torch ops), "triton" (one
+row per program; forward stores the per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1),
+"apex" (apex's fused_rms_norm_affine, CUDA), "auto" (apex, then triton, on CUDA; torch
+otherwise; MEGATRON_UNIHETERO_KERNELS=torch forces torch). TransformerEngine's RMSNorm is a
+module owning its weight, so it is reached through the layer specs (megatron-core's TENorm),
+not through this function.
 """
 
 from __future__ import annotations

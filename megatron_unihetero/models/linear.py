@@ -28,6 +28,13 @@ def _single_rank_plain(linear) -> bool:
             and not config.defer_embedding_wgrad_compute and not config.cpu_offloading)
 
 
+def _plain_forward(linear, input_):
+    """(output, output bias) as megatron's forward returns them, through one F.linear."""
+    if linear.skip_bias_add:
+        return F.linear(input_, linear.weight), linear.bias
+    return F.linear(input_, linear.weight, linear.bias), None
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,9 +43,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if not self.plain_on_one_rank or weight is not None:
             return super().forward(input_, weight, runtime_gather_output)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return _plain_forward(self, input_)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -49,6 +54,4 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     def forward(self, input_):
         if not self.plain_on_one_rank:
             return super().forward(input_)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return _plain_forward(self, input_)

@@ -166,10 +166,14 @@ def test_gpu_impls_match_loop(impl):
     check_parity(impl, torch.bfloat16, hq=8, hkv=2, d=64, segment_ids=None, device="cuda")
 
 
-def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
+def _attention_module():
     import importlib
 
-    attention_module = importlib.import_module("megatron_unihetero.kernels.attention")
+    return importlib.import_module("megatron_unihetero.kernels.attention")
+
+
+def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
+    attention_module = _attention_module()
 
     q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
     seg = SEGMENTS.clone()
@@ -182,12 +186,6 @@ def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
     assert attention_module._LAST_LAYOUT[3] is not cached
     assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt layout")
     assert not torch.equal(changed, first)
-
-
-def _attention_module():
-    import importlib
-
-    return importlib.import_module("megatron_unihetero.kernels.attention")
 
 
 def test_documents_path_is_taken_only_where_it_pays():
