@@ -257,3 +257,30 @@ def interleaved_job(path, cfg, pp, vpp, num_micro):
     assert checked > 0
     dist.barrier()
     parallel.destroy()
+
+
+def swiglu_mlp_job(tp):
+    """At TP=1 every layer's MLP takes kernels.swiglu_linear and equals megatron-core's MLP
+    forward and backward on the same module; at TP>1 it is megatron-core's path."""
+    from megatron.core.transformer.mlp import MLP as MegatronMLP
+
+    from megatron_unihetero import parallel
+
+    parallel.initialize(tp, 1, seed=0)
+    model = parallel.build_model(tiny_config())
+    layers = model.llm.decoder.layers
+    assert len(layers) == 4 and all(layer.mlp.swiglu_on_one_rank == (tp == 1) for layer in layers)
+    mlp = layers[0].mlp
+    x = torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for forward in (type(mlp).forward, MegatronMLP.forward):
+        inputs = x.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        out, bias = forward(mlp, inputs)
+        assert bias is None
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad, mlp.linear_fc1.weight.grad, mlp.linear_fc2.weight.grad))
+    for name, ours, megatron in zip(("out", "grad x", "grad fc1", "grad fc2"), *results):
+        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=name)
+    parallel.destroy()

@@ -1,4 +1,4 @@
-"""The heads' fused kernel paths equal their plain references (loss and gradients)."""
+"""The heads' and the MLP's fused kernel paths equal their plain references (loss and gradients)."""
 
 import pytest
 import torch
@@ -33,3 +33,8 @@ def test_fused_semantic_loss_matches_reference(head_kind, kind):
 
 def test_fused_text_loss_matches_megatron_vocab_parallel_cross_entropy():
     run_distributed_test(jobs.text_loss_impls_job, 1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mlp_swiglu_kernel_on_one_rank_equals_megatron(tp):
+    run_distributed_test(jobs.swiglu_mlp_job, tp, tp)
