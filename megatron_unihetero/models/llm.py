@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_unihetero import platform
 from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
+from megatron_unihetero.models.layer import SelfAttention, TransformerLayer
 from megatron_unihetero.models.mlp import MLP
 from megatron_unihetero.models.config import ConfigError, LLMConfig
 from megatron_unihetero.models.norm import RMSNorm
@@ -92,8 +93,9 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
 
     Both get our :class:`CoreAttention` (packed-document attention through our kernels); the
     local one also gets our RMSNorm (models/norm.py: kernels.rms_norm), megatron's parallel
-    linears with a plain ``F.linear`` on one TP rank (models/linear.py) and megatron's MLP with
-    its SwiGLU as one kernel there (models/mlp.py).
+    linears with a plain ``F.linear`` on one TP rank (models/linear.py), megatron's MLP with
+    its SwiGLU as one kernel there (models/mlp.py), and megatron's layer and self-attention
+    with a plain forward there (models/layer.py).
     """
     if llm.transformer_impl == "transformer_engine":
         if not platform.has_transformer_engine():
@@ -103,6 +105,8 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec.module = TransformerLayer
+        spec.submodules.self_attention.module = SelfAttention
         attention = spec.submodules.self_attention.submodules
         attention.linear_qkv, attention.linear_proj = linear.ColumnParallelLinear, linear.RowParallelLinear
         spec.submodules.mlp = MLP

@@ -284,3 +284,37 @@ def swiglu_mlp_job(tp):
     for name, ours, megatron in zip(("out", "grad x", "grad fc1", "grad fc2"), *results):
         torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=name)
     parallel.destroy()
+
+
+def plain_layer_job(tp):
+    """At TP=1 every decoder layer takes its plain forward, which equals megatron-core's forward
+    and backward on the same layer (packed documents with padding); at TP>1 megatron's runs."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer as MegatronLayer
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.models.attention import AttentionInputs
+
+    parallel.initialize(tp, 1, seed=0)
+    model = parallel.build_model(tiny_config())
+    layers = model.llm.decoder.layers
+    assert all(layer.plain_on_one_rank == (tp == 1) for layer in layers)
+    layer = layers[1]
+    gen = torch.Generator().manual_seed(0)
+    s, b = 12, 2
+    x = torch.randn(s, b, 64, generator=gen)
+    grad = torch.randn(s, b, 64, generator=gen)
+    segment_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], dtype=torch.int32)
+    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])
+    cos, sin = model.llm.rotary(position_ids)
+    inputs = AttentionInputs(segment_ids, cos, sin)
+    results = []
+    for forward in (type(layer).forward, MegatronLayer.forward):
+        hidden = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out, context = forward(layer, hidden_states=hidden, attention_mask=inputs, rotary_pos_emb=None)
+        assert context is None
+        out.backward(grad)
+        results.append([out.detach(), hidden.grad] + [p.grad for p in layer.parameters()])
+    for index, (ours, megatron) in enumerate(zip(*results)):
+        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
+    parallel.destroy()

@@ -1,4 +1,5 @@
-"""The heads' and the MLP's fused kernel paths equal their plain references (loss and gradients)."""
+"""Our fast paths inside the model (the heads' fused losses, the MLP's SwiGLU kernel, the
+layers' plain forward) equal their plain references: outputs, losses and gradients."""
 
 import pytest
 import torch
@@ -38,3 +39,8 @@ def test_fused_text_loss_matches_megatron_vocab_parallel_cross_entropy():
 @pytest.mark.parametrize("tp", [1, 2])
 def test_mlp_swiglu_kernel_on_one_rank_equals_megatron(tp):
     run_distributed_test(jobs.swiglu_mlp_job, tp, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_plain_layer_forward_on_one_rank_equals_megatron(tp):
+    run_distributed_test(jobs.plain_layer_job, tp, tp)
