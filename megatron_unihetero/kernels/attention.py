@@ -113,9 +113,10 @@ class DocumentBatch(NamedTuple):
     max_len: int
 
 
-def document_batch(segment_ids: torch.Tensor) -> DocumentBatch:
-    """Where each document's tokens go in a padded batch of documents (see DocumentBatch)."""
-    layout = segment_ids_to_cu_seqlens(segment_ids)
+def document_batch(segment_ids: torch.Tensor, layout: Optional[VarlenLayout] = None) -> DocumentBatch:
+    """Where each document's tokens go in a padded batch of documents (see DocumentBatch).
+    ``layout``: the batch's :func:`segment_ids_to_cu_seqlens`, when the caller has it."""
+    layout = layout if layout is not None else segment_ids_to_cu_seqlens(segment_ids)
     s = segment_ids.shape[1]
     starts = layout.cu_seqlens[:-1].long()
     lengths = layout.cu_seqlens[1:].long() - starts
@@ -128,7 +129,7 @@ def document_batch(segment_ids: torch.Tensor) -> DocumentBatch:
                          layout.indices // s, layout.indices % s, len(starts), layout.max_seqlen)
 
 
-def _documents_pay(documents: DocumentBatch, b: int, s: int) -> bool:
+def _documents_pay(num_docs: int, max_len: int, b: int, s: int) -> bool:
     """Whether attending per document (padded batch) is cheaper than the dense mask.
 
     Dense masked SDPA computes every [s, s] block of every row (the mask hides blocks, the CPU
@@ -140,9 +141,9 @@ def _documents_pay(documents: DocumentBatch, b: int, s: int) -> bool:
     vs 8.7; s=1024, 8 documents 7.3 vs 33. Hence: taken when num_docs * max_len^2 is at most
     min(1, s / 512) of b * s^2.
     """
-    if documents.num_docs == 0:
+    if num_docs == 0:
         return False
-    return documents.num_docs * documents.max_len ** 2 <= b * s * s * min(1.0, s / 512)
+    return num_docs * max_len ** 2 <= b * s * s * min(1.0, s / 512)
 
 
 class DenseMask(NamedTuple):
@@ -153,12 +154,20 @@ class DenseMask(NamedTuple):
 
 
 def dense_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> DenseMask:
-    allowed = block_causal_mask(segment_ids)
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    additive.masked_fill_(~allowed, float("-inf"))
+    """:func:`block_causal_mask` as an additive mask, in as few passes over [b, s, s] as it
+    takes (once per step, 0.33 -> 0.13 ms at 8 x 128): without padding, same segment and
+    causal is the whole rule."""
     valid = segment_ids >= 0
-    keep = None if bool(valid.all()) else valid[:, :, None, None].to(dtype)
-    return DenseMask(additive, keep)
+    padded = not bool(valid.all())
+    if padded:
+        allowed = block_causal_mask(segment_ids)
+    else:
+        s = segment_ids.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril_()
+        allowed = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]).logical_and_(causal)
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    additive = torch.where(allowed, zero, zero - float("inf"))
+    return DenseMask(additive, valid[:, :, None, None].to(dtype) if padded else None)
 
 
 # What the torch path attends with: plain causal (every row one document, no padding), a
@@ -169,11 +178,12 @@ _LAST_LAYOUT: list = [None, -1, None, None]
 
 
 def _layout(segment_ids: torch.Tensor, dtype: torch.dtype):
-    documents = document_batch(segment_ids)
-    if (documents.num_docs, documents.max_len) == tuple(segment_ids.shape):
+    documents = segment_ids_to_cu_seqlens(segment_ids)
+    num_docs, max_len = documents.cu_seqlens.numel() - 1, documents.max_seqlen
+    if (num_docs, max_len) == tuple(segment_ids.shape):
         return _CAUSAL
-    if _documents_pay(documents, *segment_ids.shape):
-        return documents
+    if _documents_pay(num_docs, max_len, *segment_ids.shape):
+        return document_batch(segment_ids, documents)
     return dense_mask(segment_ids, dtype)
 
 

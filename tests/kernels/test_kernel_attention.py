@@ -208,6 +208,10 @@ def test_documents_path_is_taken_only_where_it_pays():
     assert isinstance(dense, module.DenseMask) and dense.additive.dtype == torch.bfloat16
     assert dense.keep is not None and dense.keep[0, 9:].sum() == 0  # row 0 ends in padding
     assert module.dense_mask(SEGMENTS.clamp(min=0), torch.float32).keep is None
+    for seg in (SEGMENTS, SEGMENTS.clamp(min=0)):  # with padding and without: the same rule
+        additive = module.dense_mask(seg, torch.float32).additive
+        assert torch.equal(additive == 0, block_causal_mask(seg))
+        assert torch.isneginf(additive[additive != 0]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
