@@ -75,3 +75,22 @@ def test_self_exchange_on_one_rank_is_skipped_and_nothing_else():
     assert collective(buffer, torch.zeros(8), group=_Group(1)) == "work"
     assert collective(buffer, buffer[:4], group=_Group(1)) == "work"
     assert len(calls) == 3
+
+
+def test_grad_norm_on_one_rank_is_local_and_equals_megatron():
+    platform.prepare_megatron()
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+
+    assert clip_grads.get_grad_norm_fp32.local_when_alone and optimizer.get_grad_norm_fp32.local_when_alone
+    calls = []
+    megatron_norm = lambda grads, norm_type=2, group=None: calls.append(norm_type) or -1.0  # noqa: E731
+    norm = fb._local_norm_when_alone(megatron_norm)
+    grads = _tensors(4)
+    exact = float(torch.cat([g.flatten() for g in grads]).norm())
+    assert abs(norm(grads, 2, _Group(1)) - exact) <= 1e-6 * exact
+    assert abs(norm(grads[0], 2.0, _Group(1)) - float(grads[0].norm())) <= 1e-6 * exact
+    assert calls == []
+    # Anything else is megatron-core's: more ranks, no group (the default group), inf norm.
+    assert norm(grads, 2, _Group(2)) == norm(grads, 2, None) == norm(grads, float("inf"), _Group(1)) == -1.0
+    assert len(calls) == 3
