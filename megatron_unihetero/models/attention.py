@@ -16,6 +16,8 @@ a concatenation with the empty non-rotated part); on CPU that was 11% of a train
 the tiny config, the whole gap to a plain transformers Llava loop. cos/sin are now computed
 once per forward and the rotation is one fused kernel on GPU.
 (Megatron's activation recompute would need the slot to hold a tensor; it is not used here.)
+The decoder's plain path (models/layer.py) calls :meth:`CoreAttention.attend_batch_first`
+instead, with batch-first tensors.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class AttentionInputs(NamedTuple):
     """What travels in megatron's ``attention_mask`` slot from the decoder to CoreAttention."""
 
     segment_ids: Optional[torch.Tensor]  # [b, s] int, -1 = padding; None: one document per row
-    cos: torch.Tensor  # [s, b, 1, head_dim] (megatron's layout), RoPE at each token's position id
+    # RoPE at each token's position id: [s, b, 1, head_dim] in megatron's layout, [b, s, 1,
+    # head_dim] on the decoder's batch-first plain path (CoreAttention.attend_batch_first).
+    cos: torch.Tensor
     sin: torch.Tensor
 
 
@@ -82,3 +86,16 @@ class CoreAttention(MegatronModule):
                         softmax_scale=self.softmax_scale, impl=self.impl)
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, self.num_heads * self.head_dim)
+
+    def attend_batch_first(self, query, key, value, inputs: AttentionInputs) -> torch.Tensor:
+        """The same on batch-first tensors (the decoder's plain path, models/layer.py): q
+        [b, s, heads, d], k and v [b, s, groups, d], ``inputs.cos`` / ``sin`` [b, s, 1, d];
+        returns [b, s, heads * d]."""
+        from megatron_unihetero.kernels.attention import attention
+        from megatron_unihetero.kernels.rope import apply_rope
+
+        query = apply_rope(query, inputs.cos, inputs.sin)
+        key = apply_rope(key, inputs.cos, inputs.sin)
+        out = attention(query, key, value, segment_ids=inputs.segment_ids,
+                        softmax_scale=self.softmax_scale, impl=self.impl)
+        return out.reshape(*out.shape[:2], self.num_heads * self.head_dim)

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import make_viewless_tensor
 
 from megatron_unihetero import platform
 from megatron_unihetero.models import linear
@@ -95,7 +96,7 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
     local one also gets our RMSNorm (models/norm.py: kernels.rms_norm), megatron's parallel
     linears with a plain ``F.linear`` on one TP rank (models/linear.py), megatron's MLP with
     its SwiGLU as one kernel there (models/mlp.py), and megatron's layer and self-attention
-    with a plain forward there (models/layer.py).
+    with a plain batch-first forward, which the decoder runs there (models/layer.py).
     """
     if llm.transformer_impl == "transformer_engine":
         if not platform.has_transformer_engine():
@@ -143,6 +144,15 @@ class RotaryEmbedding(torch.nn.Module):
         return emb.cos(), emb.sin()
 
 
+def _plain_block(block: TransformerBlock) -> bool:
+    """Whether the block's layers can all run their plain batch-first forward (models/layer.py)
+    and nothing megatron's TransformerBlock adds around them is on."""
+    config = block.config
+    return (all(getattr(layer, "plain_on_one_rank", False) for layer in block.layers)
+            and config.recompute_granularity != "full" and not config.cpu_offloading
+            and (block.final_layernorm is None or isinstance(block.final_layernorm, RMSNorm)))
+
+
 class LlamaDecoder(MegatronModule):
     """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last)."""
 
@@ -160,6 +170,7 @@ class LlamaDecoder(MegatronModule):
         self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
         self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
+        self.plain_on_one_rank = _plain_block(self.decoder)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,
@@ -177,9 +188,33 @@ class LlamaDecoder(MegatronModule):
         return self.embedding(tokens, position_ids=None)
 
     def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
-        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        """Hidden states [s, b, h] (after the final norm on the last stage).
+
+        On the last stage they may be a view of batch-first memory (the plain path below);
+        readers that care about memory order check ``hidden.transpose(0, 1).is_contiguous()``.
+        """
         cos, sin = self.rotary(position_ids)
         # RoPE is applied in CoreAttention (see models/attention.py), not by megatron's layers.
+        if self.plain_on_one_rank:
+            # The rotary tables are computed batch-major: these transposes are contiguous.
+            return self._plain_forward(decoder_input, AttentionInputs(segment_ids, cos.transpose(0, 1),
+                                                                      sin.transpose(0, 1)))
         return self.decoder(hidden_states=decoder_input,
                             attention_mask=AttentionInputs(segment_ids, cos, sin),
                             rotary_pos_emb=None)
+
+    def _plain_forward(self, decoder_input, inputs: AttentionInputs) -> torch.Tensor:
+        """This stage's layers through their plain batch-first forward (models/layer.py), in
+        place of megatron's TransformerBlock: one transpose in, one out."""
+        hidden = decoder_input if self.pre_process else self.decoder.input_tensor
+        hidden = hidden.transpose(0, 1).contiguous()
+        for layer in self.decoder.layers:
+            hidden = layer.plain_forward(hidden, inputs)
+        if self.decoder.final_layernorm is not None:
+            hidden = self.decoder.final_layernorm(hidden)
+        if self.post_process:
+            return hidden.transpose(0, 1)  # the heads read its rows in memory order
+        # Sent to the next stage: megatron's p2p wants it contiguous and frees it after the send
+        # (deallocate_output_tensor), which it refuses for a view.
+        return make_viewless_tensor(hidden.transpose(0, 1).contiguous(), requires_grad=True,
+                                    keep_graph=True)

@@ -195,18 +195,24 @@ class UniHeteroModel(MegatronModule):
                latents=None) -> Dict[str, LossAndCount]:
         """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h].
 
-        The heads read rows of ``hidden`` in megatron's [s, b] order (a free view), not of its
-        [b, s] transpose: the gradient then comes back contiguous, as megatron's linears want it
+        The heads read the rows of ``hidden`` in its memory order: [s, b] from megatron's
+        block, [b, s] from the decoder's batch-first plain path (a transposed view). Either is
+        a free view, and the gradient then comes back contiguous, as the linears want it
         (with a transposed one, each of them copies it twice in its backward).
         """
         s, b, h = hidden.shape
-        rows = hidden.reshape(s * b, h)
+        batch_major = not hidden.is_contiguous() and hidden.transpose(0, 1).is_contiguous()
+        rows = (hidden.transpose(0, 1) if batch_major else hidden).reshape(s * b, h)
+
+        def in_row_order(per_position_bs: torch.Tensor) -> torch.Tensor:
+            return (per_position_bs if batch_major else per_position_bs.t()).reshape(-1)
+
         # Text: every position, padding ignored through its label.
-        text_labels = labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX).t().reshape(-1)
+        text_labels = in_row_order(labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX))
         out = {"text": text_loss(self.llm.output_layer, rows, text_labels,
                                  self.cfg.image_token_id, impl=self.cfg.llm.loss_impl)}
         if hasattr(self, "semantic_head"):
-            sem_hidden = _rows_at(rows, layout.semantic_mask, b)
+            sem_hidden = _rows_at(rows, layout.semantic_mask, b, batch_major)
             if features is not None:
                 targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
             else:
@@ -224,11 +230,13 @@ class UniHeteroModel(MegatronModule):
         return out
 
 
-def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int) -> torch.Tensor:
-    """The rows of ``rows`` ([s * b, h], [s, b] order) where ``mask_bs`` [b, s] is True, listed in
-    [b, s] order (the interleaver's order of visual tokens and their targets)."""
+def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int, batch_major: bool) -> torch.Tensor:
+    """The rows of ``rows`` ([s * b, h], in [b, s] order when ``batch_major``, else [s, b]) where
+    ``mask_bs`` [b, s] is True, listed in [b, s] order (the interleaver's order of visual tokens
+    and their targets)."""
     b_idx, s_idx = mask_bs.nonzero(as_tuple=True)
-    return rows.index_select(0, s_idx * batch + b_idx)
+    seq = mask_bs.shape[1]
+    return rows.index_select(0, b_idx * seq + s_idx if batch_major else s_idx * batch + b_idx)
 
 
 def _num_images(images, image_features) -> int:

@@ -286,35 +286,38 @@ def swiglu_mlp_job(tp):
     parallel.destroy()
 
 
-def plain_layer_job(tp):
-    """At TP=1 every decoder layer takes its plain forward, which equals megatron-core's forward
-    and backward on the same layer (packed documents with padding); at TP>1 megatron's runs."""
-    from megatron.core.transformer.transformer_layer import TransformerLayer as MegatronLayer
-
+def plain_decoder_job(tp):
+    """At TP=1 the decoder runs its layers through their plain batch-first forward, which
+    equals megatron-core's TransformerBlock and layer forward (packed documents with padding):
+    outputs and every gradient. At TP>1 megatron's block runs."""
     from megatron_unihetero import parallel
     from megatron_unihetero.models.attention import AttentionInputs
 
     parallel.initialize(tp, 1, seed=0)
     model = parallel.build_model(tiny_config())
-    layers = model.llm.decoder.layers
-    assert all(layer.plain_on_one_rank == (tp == 1) for layer in layers)
-    layer = layers[1]
+    llm = model.llm
+    assert llm.plain_on_one_rank == (tp == 1)
+    assert all(layer.plain_on_one_rank == (tp == 1) for layer in llm.decoder.layers)
     gen = torch.Generator().manual_seed(0)
     s, b = 12, 2
     x = torch.randn(s, b, 64, generator=gen)
     grad = torch.randn(s, b, 64, generator=gen)
     segment_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], dtype=torch.int32)
     position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])
-    cos, sin = model.llm.rotary(position_ids)
-    inputs = AttentionInputs(segment_ids, cos, sin)
+
+    def megatron_block(hidden):
+        cos, sin = llm.rotary(position_ids)
+        return llm.decoder(hidden_states=hidden, attention_mask=AttentionInputs(segment_ids, cos, sin),
+                           rotary_pos_emb=None)
+
     results = []
-    for forward in (type(layer).forward, MegatronLayer.forward):
+    for forward in (lambda hidden: llm(hidden, position_ids, segment_ids), megatron_block):
         hidden = x.clone().requires_grad_(True)
-        layer.zero_grad(set_to_none=True)
-        out, context = forward(layer, hidden_states=hidden, attention_mask=inputs, rotary_pos_emb=None)
-        assert context is None
+        llm.zero_grad(set_to_none=True)
+        out = forward(hidden)
+        assert out.shape == (s, b, 64)
         out.backward(grad)
-        results.append([out.detach(), hidden.grad] + [p.grad for p in layer.parameters()])
+        results.append([out.detach(), hidden.grad] + [p.grad for p in llm.decoder.parameters()])
     for index, (ours, megatron) in enumerate(zip(*results)):
         torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
     parallel.destroy()

@@ -1,5 +1,5 @@
 """Our fast paths inside the model (the heads' fused losses, the MLP's SwiGLU kernel, the
-layers' plain forward) equal their plain references: outputs, losses and gradients."""
+decoder's plain batch-first path) equal their plain references: outputs, losses and gradients."""
 
 import pytest
 import torch
@@ -42,5 +42,5 @@ def test_mlp_swiglu_kernel_on_one_rank_equals_megatron(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_plain_layer_forward_on_one_rank_equals_megatron(tp):
-    run_distributed_test(jobs.plain_layer_job, tp, tp)
+def test_plain_decoder_on_one_rank_equals_megatron_block(tp):
+    run_distributed_test(jobs.plain_decoder_job, tp, tp)
