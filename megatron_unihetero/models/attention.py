@@ -89,13 +89,20 @@ class CoreAttention(MegatronModule):
 
     def attend_batch_first(self, query, key, value, inputs: AttentionInputs) -> torch.Tensor:
         """The same on batch-first tensors (the decoder's plain path, models/layer.py): q
-        [b, s, heads, d], k and v [b, s, groups, d], ``inputs.cos`` / ``sin`` [b, s, 1, d];
-        returns [b, s, heads * d]."""
+        [b, s, groups, queries per group, d] as split from the QKV output, k and v
+        [b, s, groups, d], ``inputs.cos`` / ``sin`` [b, s, 1, d]; returns [b, s, heads * d].
+
+        q is rotated as [b * s, groups, queries per group, d], a view of the split (its heads
+        are not evenly strided, so a [b, s, heads, d] view would be a copy); the rotation's
+        contiguous output then views as [b, s, heads, d] for free.
+        """
         from megatron_unihetero.kernels.attention import attention
         from megatron_unihetero.kernels.rope import apply_rope
 
-        query = apply_rope(query, inputs.cos, inputs.sin)
+        b, s, d = query.shape[0], query.shape[1], query.shape[-1]
+        cos, sin = inputs.cos.reshape(b * s, 1, 1, d), inputs.sin.reshape(b * s, 1, 1, d)
+        query = apply_rope(query.view(b * s, *query.shape[2:]), cos, sin).view(b, s, -1, d)
         key = apply_rope(key, inputs.cos, inputs.sin)
         out = attention(query, key, value, segment_ids=inputs.segment_ids,
                         softmax_scale=self.softmax_scale, impl=self.impl)
-        return out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
+        return out.reshape(b, s, self.num_heads * self.head_dim)

@@ -65,8 +65,8 @@ class SelfAttention(megatron_attention.SelfAttention):
         queries_per_group = self.num_attention_heads_per_partition // groups
         query, key, value = torch.split(mixed.view(b, s, groups, (queries_per_group + 2) * head_dim),
                                         [queries_per_group * head_dim, head_dim, head_dim], dim=3)
-        context = self.core_attention.attend_batch_first(query.reshape(b, s, -1, head_dim), key, value,
-                                                         inputs)
+        query = query.view(b, s, groups, queries_per_group, head_dim)
+        context = self.core_attention.attend_batch_first(query, key, value, inputs)
         return self.linear_proj(context)
 
 
