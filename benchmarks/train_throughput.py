@@ -13,9 +13,10 @@ the same batch shape (micro_batch x seq_length tokens with images), in fp32 on C
 * the same loop given the documents' block-causal mask and position ids: the same attention
   work as ours (shown for comparison; the target is the plain loop).
 
-Prints tokens/s per side (median over steps after warm-up, the sides run round-robin so a
-shared machine's drifting load hits all of them alike) and the ratio. Config overrides pass
-through: `--parallel.distributed_optimizer=false`.
+Prints tokens/s per side (median over steps after warm-up; the sides run interleaved, in a
+shuffled order each round, so a shared machine's drifting load hits all of them alike) and the
+ratio to the reference: the median over rounds of the two steps' time ratio within a round.
+Config overrides pass through: `--parallel.distributed_optimizer=false`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def synthetic_batch(cfg, tokens_per_image: int, image_size: int, seed: int = 0) 
 
 
 def time_interleaved(step_fns: dict, steps: int, warmup: int = 3, seed: int = 0) -> dict:
-    """Median seconds per step of each function, run interleaved: one step of each per round,
-    in a new random order every round.
+    """Seconds of each step of each function, run interleaved: one step of each per round, in a
+    new random order every round (lists aligned by round).
 
     On a shared machine the neighbours' load drifts over seconds; interleaving makes every side
     see the same drift, so the ratios hold even when the absolute figures move. The order is
@@ -73,7 +74,7 @@ def time_interleaved(step_fns: dict, steps: int, warmup: int = 3, seed: int = 0)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def ours_step(cfg, semantic_weight: float):
@@ -161,14 +162,16 @@ def main() -> None:
              "transformers LlavaForConditionalGeneration loop": hf_step(cfg, tpi, vision.image_size),
              "  the same, with the document mask (same work)": hf_step(cfg, tpi, vision.image_size,
                                                                         document_mask=True)}
-    seconds = time_interleaved({name: fn for name, (fn, _) in sides.items()}, args.steps)
+    times = time_interleaved({name: fn for name, (fn, _) in sides.items()}, args.steps)
     print(f"config {args.config}: batch {cfg.data.micro_batch_size} x {cfg.data.seq_length} tokens, "
           f"{cfg.model.llm.num_layers} layers, hidden {cfg.model.llm.hidden_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} interleaved steps")
-    rates = {name: tokens / seconds[name] for name, (_, tokens) in sides.items()}
-    reference = rates["transformers LlavaForConditionalGeneration loop"]
-    for name, tps in rates.items():
-        print(f"  {name:<50s} {tps:10.0f} tokens/s   {tps / reference:5.2f}x")
+          f"{torch.get_num_threads()} threads, {args.steps} interleaved rounds")
+    print("  tokens/s: of the median step; ratio: the median over rounds of the reference step's "
+          "time over this side's, in the same round (robust to the machine's drift)")
+    reference = times["transformers LlavaForConditionalGeneration loop"]
+    for name, (_, tokens) in sides.items():
+        ratio = statistics.median(r / t for r, t in zip(reference, times[name]))
+        print(f"  {name:<50s} {tokens / statistics.median(times[name]):10.0f} tokens/s   {ratio:5.2f}x")
 
 
 if __name__ == "__main__":
