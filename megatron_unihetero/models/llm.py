@@ -29,9 +29,9 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_unihetero import platform
 from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
+from megatron_unihetero.models.config import ConfigError, LLMConfig
 from megatron_unihetero.models.layer import SelfAttention, TransformerLayer
 from megatron_unihetero.models.mlp import MLP
-from megatron_unihetero.models.config import ConfigError, LLMConfig
 from megatron_unihetero.models.norm import RMSNorm
 
 
