@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_unihetero.kernels import attention, fused_linear_cross_entropy, fused_regression_loss  # noqa: E402
+from megatron_unihetero.kernels.swiglu import swiglu_linear  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -101,6 +102,29 @@ def case_regression(args, impl, device, dtype):
     return step, f"N={n} H={h} D={d} mse {str(dtype)[6:]}"
 
 
+def case_swiglu(args, impl, device, dtype):
+    """The MLP's fc1 + SwiGLU at the tiny CPU config's width by default: megatron's fused GEMM,
+    chunk and silu * up ("megatron") against kernels.swiglu_linear."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device).manual_seed(0)
+    n, h, f = args.tokens, args.hidden, args.ffn
+    x = _leaf(torch.randn(n, h, generator=gen, device=device).to(dtype))
+    weight = _leaf((torch.randn(2 * f, h, generator=gen, device=device) / h**0.5).to(dtype))
+
+    def megatron(x, weight):
+        gate, up = torch.chunk(F.linear(x, weight), 2, dim=-1)
+        return F.silu(gate) * up
+
+    fn = megatron if impl == "megatron" else (lambda x, weight: swiglu_linear(x, weight, impl=impl))
+
+    def step():
+        x.grad = weight.grad = None
+        fn(x, weight).float().square().mean().backward()
+
+    return step, f"N={n} H={h} F={f} {str(dtype)[6:]}"
+
+
 def plan(device):
     """(op, impl, builder, extra kwargs); the first impl of each op is its baseline."""
     cuda = device == "cuda"
@@ -115,6 +139,7 @@ def plan(device):
     if cuda:
         rows += [("attention", "flex", case_attention, {"packed": True}),
                  ("attention", "auto", case_attention, {"packed": True})]
+    rows += [("swiglu", "megatron", case_swiglu, {}), ("swiglu", "torch", case_swiglu, {})]
     return rows
 
 
@@ -178,7 +203,8 @@ def main():
     parser.add_argument("--attn_seq", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", default=None, help="bf16 inputs (CUDA default)")
-    parser.add_argument("--only", default="", help="comma list of ops: linear+CE,regression,attention")
+    parser.add_argument("--ffn", type=int, default=None, help="SwiGLU width F (default 344 on CPU, 11008 on CUDA)")
+    parser.add_argument("--only", default="", help="comma list of ops: linear+CE,regression,attention,swiglu")
     parser.add_argument("--check", action="store_true", help="exit 1 if the fused CE misses its targets")
     parser.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_repeats", type=int, default=None, help=argparse.SUPPRESS)
@@ -186,6 +212,7 @@ def main():
     cuda = args.device == "cuda"
     args.hidden = args.hidden or (4096 if cuda else 256)
     args.reg_dim = args.reg_dim or args.hidden
+    args.ffn = args.ffn or (11008 if cuda else 344)
     args.attn_batch = args.attn_batch or (4 if cuda else 1)
     args.attn_seq = args.attn_seq or (4096 if cuda else 1024)
     args.bf16 = cuda if args.bf16 is None else args.bf16

@@ -7,13 +7,16 @@ up projection's (the order of megatron's ``torch.chunk(fc1(x), 2, dim=-1)``); y 
 x's dtype. No bias (Llama has none).
 
 Why not megatron's fc1 followed by its ``glu``: the fused GEMM writes [N, 2F], and everything
-after it works on the two strided halves. The silu and its backward on a half each cost
-1.4x their contiguous time on CPU, and the halves' gradients are concatenated back into
-[N, 2F] (``torch.chunk``'s backward): 1.07 ms fwd+bwd of the activation alone at the tiny
-config's [1024, 2 x 344], against 0.66 ms for separate contiguous halves. Here the two halves
-are two GEMMs into contiguous outputs (same FLOPs), the backward writes the weight gradient's
-two row blocks in place and sums the input gradient with one ``addmm``: no strided
-elementwise op and no concatenation. The whole MLP block's fwd+bwd on CPU: 6.5 vs 6.8 ms.
+after it works on the two strided halves (plus an add of ``glu_linear_offset``, 0 for
+SwiGLU). The silu and its backward on a half each cost 1.4x their contiguous time on CPU, and
+the halves' gradients are concatenated back into [N, 2F] (``torch.chunk``'s backward): 1.07 ms
+fwd+bwd of the activation alone at the tiny config's [1024, 2 x 344], against 0.66 ms for
+separate contiguous halves. Here the two halves are two GEMMs into contiguous outputs (same
+FLOPs), the backward writes the weight gradient's two row blocks in place and sums the input
+gradient with one ``addmm``: no strided elementwise op and no concatenation. CPU, tiny config,
+paired and shuffled runs: fc1 + activation alone 4.3 vs 4.5-4.7 ms fwd+bwd when warm (the
+GEMMs dominate; ``benchmarks/kernels.py --only swiglu``, one lukewarm run per process, shows
+no gain); megatron's MLP block 6.5 vs 6.8 ms; a whole training step 3.2 ms (4%) shorter.
 
 impl: "torch" (the autograd function above; CPU and CUDA), "auto" (torch). The GPU layer specs
 use TransformerEngine's fused MLP instead; this is the local spec's path on one TP rank.
