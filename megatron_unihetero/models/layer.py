@@ -15,9 +15,9 @@ decoder (models/llm.py) runs all its layers this way when every one of them can,
 once on the way in and out.
 
 Why batch-first: the attention kernels read q, k and v per (row, head), and in megatron's
-layout those are strided views of the QKV GEMM output, a row's tokens ``b x 3 x h`` apart;
-batch-first they are ``3 x h`` apart, and the attention output is already in the order the
-output projection reads. Measured on the tiny CPU config (one layer, fwd+bwd, paired and
+layout those are strided views of the QKV GEMM output, a row's consecutive tokens ``b`` QKV
+widths apart; batch-first they are one QKV width apart, and the attention output is already in
+the order the output projection reads. Measured on the tiny CPU config (one layer, fwd+bwd, paired and
 shuffled): megatron's forward 13.8 ms, a plain sequence-first forward 0.22 ms less, this
 batch-first one 0.48 ms less than that.
 
