@@ -11,6 +11,7 @@ from megatron_unihetero.kernels.cross_entropy import fused_linear_cross_entropy
 from megatron_unihetero.kernels.regression import fused_regression_loss
 from megatron_unihetero.kernels.rmsnorm import rms_norm
 from megatron_unihetero.kernels.rope import apply_rope
+from megatron_unihetero.kernels.swiglu import swiglu_linear
 
 __all__ = [
     "apply_rope",
@@ -19,4 +20,5 @@ __all__ = [
     "fused_regression_loss",
     "rms_norm",
     "segment_ids_to_cu_seqlens",
+    "swiglu_linear",
 ]

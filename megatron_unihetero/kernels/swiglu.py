@@ -15,11 +15,14 @@ separate contiguous halves. Here the two halves are two GEMMs into contiguous ou
 FLOPs), the backward writes the weight gradient's two row blocks in place and sums the input
 gradient with one ``addmm``: no strided elementwise op and no concatenation. CPU, tiny config,
 paired and shuffled runs: fc1 + activation alone 4.3 vs 4.5-4.7 ms fwd+bwd when warm (the
-GEMMs dominate; ``benchmarks/kernels.py --only swiglu``, one lukewarm run per process, shows
-no gain); megatron's MLP block 6.5 vs 6.8 ms; a whole training step 3.2 ms (4%) shorter.
+GEMMs dominate; ``benchmarks/kernels.py --only swiglu``, one lukewarm run per process, gave
+1.06x and 0.66x the unfused CPU time in two runs); megatron's MLP block 6.5 vs 6.8 ms; a whole
+training step 3.2 ms (4%) shorter.
 
-impl: "torch" (the autograd function above; CPU and CUDA), "auto" (torch). The GPU layer specs
-use TransformerEngine's fused MLP instead; this is the local spec's path on one TP rank.
+impl: "torch" (the autograd function above; CPU and CUDA), "unfused" (megatron's composition:
+one GEMM, chunk, silu * up; the reference), "auto" (torch; MEGATRON_UNIHETERO_KERNELS=torch
+forces the reference). The GPU layer specs use
+TransformerEngine's fused MLP instead; this is the local spec's path on one TP rank.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from megatron_unihetero.kernels._dispatch import resolve_impl
 
-IMPLS = ("torch",)
+IMPLS = ("torch", "unfused")
 
 
 class _SwiGLULinearFunction(torch.autograd.Function):
@@ -66,5 +69,7 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> 
     if weight.dim() != 2 or weight.shape[0] % 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [2F, {x.shape[-1]}] (gate rows, then up rows), "
                          f"got {tuple(weight.shape)}")
-    resolve_impl("swiglu_linear", impl, IMPLS, ["torch"])
+    if resolve_impl("swiglu_linear", impl, IMPLS, ["torch", "unfused"]) == "unfused":
+        gate, up = torch.chunk(F.linear(x, weight), 2, dim=-1)
+        return F.silu(gate) * up
     return _SwiGLULinearFunction.apply(x, weight)

@@ -44,6 +44,11 @@ def test_matches_megatron_fc1_and_glu(dtype):
         assert_close(a, r, dtype, scale=10 if name == "grad weight" else 1, msg=name)
 
 
+def test_unfused_impl_is_megatrons_composition():
+    x, weight, _ = _inputs((4, 6), 3, torch.float64)
+    torch.testing.assert_close(swiglu_linear(x, weight, impl="unfused"), _reference(x, weight))
+
+
 def test_bad_weight_shape():
     with pytest.raises(ValueError, match=r"weight must be \[2F, 5\]"):
         swiglu_linear(torch.randn(2, 5), torch.randn(7, 5))
