@@ -21,8 +21,8 @@ training step 3.2 ms (4%) shorter.
 
 impl: "torch" (the autograd function above; CPU and CUDA), "unfused" (megatron's composition:
 one GEMM, chunk, silu * up; the reference), "auto" (torch; MEGATRON_UNIHETERO_KERNELS=torch
-forces the reference). The GPU layer specs use
-TransformerEngine's fused MLP instead; this is the local spec's path on one TP rank.
+forces the reference). The GPU layer specs use TransformerEngine's fused MLP instead; this is
+the local spec's path on one TP rank.
 """
 
 from __future__ import annotations
