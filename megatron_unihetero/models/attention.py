@@ -16,8 +16,8 @@ a concatenation with the empty non-rotated part); on CPU that was 11% of a train
 the tiny config, the whole gap to a plain transformers Llava loop. cos/sin are now computed
 once per forward and the rotation is one fused kernel on GPU.
 (Megatron's activation recompute would need the slot to hold a tensor; it is not used here.)
-The decoder's plain path (models/layer.py) calls :meth:`CoreAttention.attend_batch_first`
-instead, with batch-first tensors.
+The decoder's plain path (models/layer.py) calls :meth:`CoreAttention.rotate_batch_first` and
+:meth:`CoreAttention.attend_batch_first` instead, with batch-first tensors.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class AttentionInputs(NamedTuple):
 
     segment_ids: Optional[torch.Tensor]  # [b, s] int, -1 = padding; None: one document per row
     # RoPE at each token's position id: [s, b, 1, head_dim] in megatron's layout, [b, s, 1,
-    # head_dim] on the decoder's batch-first plain path (CoreAttention.attend_batch_first).
+    # head_dim] on the decoder's batch-first plain path (CoreAttention.rotate_batch_first).
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -87,22 +87,28 @@ class CoreAttention(MegatronModule):
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, self.num_heads * self.head_dim)
 
-    def attend_batch_first(self, query, key, value, inputs: AttentionInputs) -> torch.Tensor:
-        """The same on batch-first tensors (the decoder's plain path, models/layer.py): q
-        [b, s, groups, queries per group, d] as split from the QKV output, k and v
-        [b, s, groups, d], ``inputs.cos`` / ``sin`` [b, s, 1, d]; returns [b, s, heads * d].
+    def rotate_batch_first(self, query, key, cos, sin):
+        """RoPE on batch-first tensors (the decoder's plain path, models/layer.py): q
+        [b, s, groups, queries per group, d] as split from the QKV output, k [b, s, groups, d],
+        ``cos`` / ``sin`` [b, s, 1, d]; returns q as [b, s, heads, d] and the rotated k.
 
         q is rotated as [b * s, groups, queries per group, d], a view of the split (its heads
         are not evenly strided, so a [b, s, heads, d] view would be a copy); the rotation's
         contiguous output then views as [b, s, heads, d] for free.
         """
-        from megatron_unihetero.kernels.attention import attention
         from megatron_unihetero.kernels.rope import apply_rope
 
         b, s, d = query.shape[0], query.shape[1], query.shape[-1]
-        cos, sin = inputs.cos.reshape(b * s, 1, 1, d), inputs.sin.reshape(b * s, 1, 1, d)
-        query = apply_rope(query.view(b * s, *query.shape[2:]), cos, sin).view(b, s, -1, d)
-        key = apply_rope(key, inputs.cos, inputs.sin)
-        out = attention(query, key, value, segment_ids=inputs.segment_ids,
+        flat_cos, flat_sin = cos.reshape(b * s, 1, 1, d), sin.reshape(b * s, 1, 1, d)
+        query = apply_rope(query.view(b * s, *query.shape[2:]), flat_cos, flat_sin).view(b, s, -1, d)
+        return query, apply_rope(key, cos, sin)
+
+    def attend_batch_first(self, query, key, value, segment_ids) -> torch.Tensor:
+        """Attention over the packed documents of rotated batch-first q [b, s, heads, d], k and
+        v [b, s, groups, d]; returns [b, s, heads * d]."""
+        from megatron_unihetero.kernels.attention import attention
+
+        b, s = query.shape[0], query.shape[1]
+        out = attention(query, key, value, segment_ids=segment_ids,
                         softmax_scale=self.softmax_scale, impl=self.impl)
         return out.reshape(b, s, self.num_heads * self.head_dim)

@@ -53,8 +53,9 @@ class SelfAttention(megatron_attention.SelfAttention):
             and not config.test_mode and not self.checkpoint_core_attention
             and not (self.offload_qkv_linear or self.offload_core_attention or self.offload_attn_proj))
 
-    def plain_forward(self, hidden_states: torch.Tensor, inputs: AttentionInputs):
-        """(output, bias) of self-attention on batch-first [b, s, h] hidden states.
+    def plain_qkv(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated q [b, s, heads, d], k and v [b, s, groups, d] from batch-first [b, s, h]
+        hidden states (``cos`` / ``sin`` [b, s, 1, d]).
 
         The QKV split is megatron's: per query group, its query heads, then one key head and
         one value head (so checkpoints and the HF converters read the same weight layout).
@@ -66,8 +67,8 @@ class SelfAttention(megatron_attention.SelfAttention):
         query, key, value = torch.split(mixed.view(b, s, groups, (queries_per_group + 2) * head_dim),
                                         [queries_per_group * head_dim, head_dim, head_dim], dim=3)
         query = query.view(b, s, groups, queries_per_group, head_dim)
-        context = self.core_attention.attend_batch_first(query, key, value, inputs)
-        return self.linear_proj(context)
+        query, key = self.core_attention.rotate_batch_first(query, key, cos, sin)
+        return query, key, value
 
 
 class TransformerLayer(megatron_layer.TransformerLayer):
@@ -85,8 +86,25 @@ class TransformerLayer(megatron_layer.TransformerLayer):
             and not config.inference_fuse_tp_communication)
 
     def plain_forward(self, hidden_states: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """The layer on batch-first [b, s, h] hidden states (``inputs``: cos/sin [b, s, 1, d])."""
-        attended, _ = self.self_attention.plain_forward(self.input_layernorm(hidden_states), inputs)
+        """The layer on batch-first [b, s, h] hidden states (``inputs``: cos/sin [b, s, 1, d]).
+
+        Two pieces around the attention kernel, which :meth:`LlamaDecoder.compile_layers`
+        compiles: everything but the kernel is a fixed graph of GEMMs and elementwise ops,
+        while the kernel's layout (plain causal, documents, a dense mask) follows each batch's
+        documents and is chosen in Python.
+        """
+        query, key, value = self.plain_attention_inputs(hidden_states, inputs.cos, inputs.sin)
+        context = self.self_attention.core_attention.attend_batch_first(query, key, value,
+                                                                        inputs.segment_ids)
+        return self.plain_output(hidden_states, context)
+
+    def plain_attention_inputs(self, hidden_states, cos, sin):
+        """norm -> QKV -> split -> RoPE: the attention kernel's q, k, v."""
+        return self.self_attention.plain_qkv(self.input_layernorm(hidden_states), cos, sin)
+
+    def plain_output(self, hidden_states, context):
+        """Output projection, residual, norm, MLP, residual: the layer's output."""
+        attended, _ = self.self_attention.linear_proj(context)
         hidden_states = hidden_states + attended
         transformed, _ = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return hidden_states + transformed

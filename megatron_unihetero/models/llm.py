@@ -177,6 +177,26 @@ class LlamaDecoder(MegatronModule):
                 bias=False, gather_output=False, skip_bias_add=True,
             )
 
+    def compile_layers(self) -> None:
+        """torch.compile this stage's layers, torchtitan-style (``train.compile``).
+
+        Each layer's plain forward (models/layer.py) is compiled as its two pieces around the
+        attention kernel: norm -> QKV -> RoPE, and projection -> residual -> norm -> MLP ->
+        residual. TorchInductor fuses their elementwise work (norms, rotations, SwiGLU,
+        residual adds) into a few kernels, forward and backward; the GEMMs and the attention
+        kernel are the same ones. The attention kernel stays eager, as it chooses its layout
+        from each batch's documents in Python. The layers share their graphs (dynamo treats
+        module parameters as inputs), so a deep model compiles each piece once.
+        """
+        if not self.plain_on_one_rank:
+            raise ValueError(
+                "train.compile compiles the decoder's plain one-rank layer path, which this model "
+                "does not take: it needs parallel.tensor_parallel=1, the local layer spec, no "
+                "activation recompute or CPU offloading, no biases, dropout, MoE or FP8")
+        for layer in self.decoder.layers:
+            layer.plain_attention_inputs = torch.compile(layer.plain_attention_inputs)
+            layer.plain_output = torch.compile(layer.plain_output)
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""
         if isinstance(input_tensor, (list, tuple)):

@@ -67,16 +67,19 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
 
 
-def build_model(model_config, params_dtype: torch.dtype = torch.float32):
+def build_model(model_config, params_dtype: torch.dtype = torch.float32, compile_layers: bool = False):
     """This rank's pipeline stage of the UniHetero model, on this rank's device."""
-    chunks = build_model_chunks(model_config, params_dtype)
+    chunks = build_model_chunks(model_config, params_dtype, compile_layers)
     if len(chunks) != 1:
         raise ValueError("virtual pipeline stages are set: use build_model_chunks")
     return chunks[0]
 
 
-def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32) -> List:
+def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
+                       compile_layers: bool = False) -> List:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+    ``compile_layers``: torch.compile each chunk's decoder layers (``train.compile``,
+    :meth:`LlamaDecoder.compile_layers`).
 
     Chunk v of pipeline rank p holds layer block v * PP + p, so the first chunk of the first
     rank has the vision side and embeddings and the last chunk of the last rank has the heads.
@@ -102,6 +105,8 @@ def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32) 
             vp_stage=vp_stage,
         )
         chunk.to(device=platform.device(), dtype=params_dtype)
+        if compile_layers:
+            chunk.llm.compile_layers()
         chunks.append(chunk)
     sync_semantic_targets(chunks, ema=False)
     return chunks

@@ -38,12 +38,12 @@ def run_overrides(data_prefix: str, run_dir: str, settings: Dict[str, object] = 
     return [f"--{k}={v}" for k, v in values.items()]
 
 
-def train_records(run_dir: str) -> Dict[int, dict]:
-    """{step: logged training record} from the run's metrics.jsonl."""
+def train_records(run_dir: str, kind: str = "train") -> Dict[int, dict]:
+    """{step: logged record} of one kind ("train", "valid") from the run's metrics.jsonl."""
     records = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         for line in handle:
             record = json.loads(line)
-            if record["kind"] == "train":
+            if record["kind"] == kind:
                 records[record["step"]] = record
     return records

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_unihetero import platform
 from megatron_unihetero.models.config import ConfigError, ModelConfig
 
 
@@ -54,6 +56,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # torch.compile the decoder layers (LlamaDecoder.compile_layers; TP=1 only). The first
+    # step pays the compilation (10-30 s on 2 CPU cores, C++ compiler needed on CPU).
+    compile: bool = False
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
 
@@ -129,6 +134,16 @@ class RunConfig:
             if pp > 1:
                 raise ConfigError("parallel.engine=deepspeed supports pipeline_parallel=1 only "
                                   "(use engine=megatron for pipeline parallelism)")
+        if self.train.compile:
+            if tp > 1:
+                raise ConfigError("train.compile needs parallel.tensor_parallel=1: it compiles the "
+                                  "decoder's one-rank layer path (models/layer.py)")
+            if par.engine == "deepspeed" and par.zero_stage == 3:
+                raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
+                                  "gathers each parameter in module hooks inside the compiled layers")
+            if not platform.has_cuda() and not _cpp_compiler():
+                raise ConfigError("train.compile on CPU needs a C++ compiler for TorchInductor's "
+                                  "kernels: none on PATH (install g++ or set CXX)")
         if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
             raise ConfigError(f"parallel.deepspeed_config {par.deepspeed_config!r} does not exist")
         if not self.data.train:
@@ -145,3 +160,9 @@ class RunConfig:
                               f"model.llm.max_sequence_length={llm.max_sequence_length}")
         if self.train.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")
+
+
+def _cpp_compiler() -> Optional[str]:
+    """The C++ compiler TorchInductor would use on CPU ($CXX, else g++ / clang++), if present."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    return next((path for path in map(shutil.which, candidates) if path), None)

@@ -36,7 +36,8 @@ class Trainer:
         self.cfg = cfg
         self.ps = parallel_state
         # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
-        self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=_params_dtype(cfg))
+        self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=_params_dtype(cfg),
+                                                 compile_layers=cfg.train.compile)
         self.model = self.chunks[0]
         self._weights_loaded = self._load_initial_weights()
         self.engine = _build_engine(self.chunks, cfg)

@@ -1,5 +1,6 @@
 """Jobs for the TP/PP parity tests (module-level so spawned workers can import them)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -320,4 +321,44 @@ def plain_decoder_job(tp):
         results.append([out.detach(), hidden.grad] + [p.grad for p in llm.decoder.parameters()])
     for index, (ours, megatron) in enumerate(zip(*results)):
         torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
+    parallel.destroy()
+
+
+def compiled_decoder_job(tp):
+    """``compile_layers`` (train.compile) computes what the eager layers compute, outputs and
+    every gradient, over batches whose documents differ (the attention layout changes between
+    calls: a dense mask with padding, then one document per row) and in evaluation (no grad).
+    At TP>1 the decoder has no plain path to compile: a clear error."""
+    from megatron_unihetero import parallel
+
+    parallel.initialize(tp, 1, seed=0)
+    eager = parallel.build_model(tiny_config()).llm
+    if tp > 1:
+        with pytest.raises(ValueError, match="needs parallel.tensor_parallel=1"):
+            eager.compile_layers()
+        parallel.destroy()
+        return
+    compiled = parallel.build_model(tiny_config(), compile_layers=True).llm
+    compiled.load_state_dict(eager.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    s, b = 12, 2
+    batches = [  # (segment ids, position ids)
+        (torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], dtype=torch.int32),
+         torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])),
+        (torch.zeros(b, s, dtype=torch.int32), torch.arange(s).repeat(b, 1)),
+    ]
+    for segment_ids, position_ids in batches:
+        x = torch.randn(s, b, 64, generator=gen)
+        grad = torch.randn(s, b, 64, generator=gen)
+        results = []
+        for llm in (compiled, eager):
+            hidden = x.clone().requires_grad_(True)
+            llm.zero_grad(set_to_none=True)
+            out = llm(hidden, position_ids, segment_ids)
+            out.backward(grad)
+            with torch.no_grad():
+                evaluated = llm(x, position_ids, segment_ids)
+            results.append([out.detach(), evaluated, hidden.grad] + [p.grad for p in llm.decoder.parameters()])
+        for index, (ours, reference) in enumerate(zip(*results)):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
     parallel.destroy()

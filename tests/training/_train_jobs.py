@@ -23,3 +23,7 @@ def pretrain_job(args):
 
 def train_losses(run_dir: str) -> dict:
     return {step: record["loss"] for step, record in train_records(run_dir).items()}
+
+
+def eval_losses(run_dir: str) -> dict:
+    return {step: record["valid_loss"] for step, record in train_records(run_dir, kind="valid").items()}

@@ -95,6 +95,26 @@ def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_pa
     assert os.path.isfile(os.path.join(resized, "ckpt", "iter_0000003", "engine_universal", "complete"))
 
 
+@pytest.mark.parametrize("engine", [{}, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}],
+                         ids=["megatron", "deepspeed-zero2"])
+def test_compiled_layers_train_with_the_losses_of_eager_layers(data_prefix, tmp_path, engine):
+    """train.compile: the same losses as eager layers, over batches of varying documents and
+    through the validation pass (no grad) and the checkpoint at step 3."""
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    over = dict(engine, **{"logging.eval_interval": 3})
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, eager, **over), timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(
+        data_prefix, compiled, **dict(over, **{"train.compile": True})), timeout_s=600)
+    expected, losses = jobs.train_losses(eager), jobs.train_losses(compiled)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step in losses:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+    expected, losses = jobs.eval_losses(eager), jobs.eval_losses(compiled)
+    assert sorted(losses) == [3, 6]
+    for step in losses:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
 def test_resume_with_the_distributed_optimizer_switched_is_a_clear_error(data_prefix, tmp_path):
     run_dir = str(tmp_path / "run")
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir, **{"train.steps": 3}))
@@ -109,6 +129,9 @@ def test_resume_with_the_distributed_optimizer_switched_is_a_clear_error(data_pr
     ("--data.train=[/nonexistent/prefix]", "no shards found"),
     ("--parallel.engine=fsdp", "parallel.engine must be megatron or deepspeed"),
     ("--parallel.pipeline_parallel=2 --model.vision.frozen=false", "needs a frozen vision encoder"),
+    ("--train.compile=true --parallel.tensor_parallel=2", "train.compile needs parallel.tensor_parallel=1"),
+    ("--train.compile=true --parallel.engine=deepspeed --parallel.zero_stage=3",
+     "train.compile does not support parallel.zero_stage=3"),
 ])
 def test_config_errors_are_clear(override, message):
     cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", override.split())
