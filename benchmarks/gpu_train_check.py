@@ -10,7 +10,9 @@ shards, each run in a fresh process as a user would:
    straight run's losses (the fp32 masters and Adam moments come back from the checkpoint);
 3. the same with the replicated optimizer (``parallel.distributed_optimizer=false``): the
    same losses (both step fp32 masters);
-4. throughput of a ~150M-parameter LLM (12 layers, hidden 1024, seq 2048): tokens/s, MFU and
+4. the same with ``train.compile`` (the decoder layers torch.compiled, Triton kernels by
+   TorchInductor, our Triton kernels inside): the straight run's losses, within bf16 rounding;
+5. throughput of a ~150M-parameter LLM (12 layers, hidden 1024, seq 2048): tokens/s, MFU and
    peak memory from the run's metrics.
 
 Prints every figure; exits non-zero when a check fails. The CPU suite covers the same paths
@@ -66,6 +68,8 @@ def main() -> int:
     parser.add_argument("--attention", default="auto",
                         help="comma list of model.llm.attention_impl values for the throughput run")
     parser.add_argument("--throughput-only", action="store_true", help="skip the tiny-run checks")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each throughput run with train.compile")
     args = parser.parse_args()
 
     import torch
@@ -84,13 +88,17 @@ def main() -> int:
     failures = []
     if not args.throughput_only:
         failures += check_resume_and_optimizers(tiny_data, work)
-    for impl in args.attention.split(","):
-        medium = pretrain(medium_data, os.path.join(work, f"medium_{impl}"), MEDIUM,
-                          **{"train.steps": args.throughput_steps, "model.llm.attention_impl": impl})
+    for impl, compiled in [(impl, compiled) for impl in args.attention.split(",")
+                           for compiled in ([False, True] if args.compile else [False])]:
+        name = f"medium_{impl}" + ("_compiled" if compiled else "")
+        medium = pretrain(medium_data, os.path.join(work, name), MEDIUM,
+                          **{"train.steps": args.throughput_steps, "model.llm.attention_impl": impl,
+                             "train.compile": compiled})
         timed = [medium[s] for s in sorted(medium)[2:]]  # skip warm-up steps (compilation, caches)
         median = lambda key: sorted(r[key] for r in timed)[len(timed) // 2]  # noqa: E731
         print(f"throughput (12 x 1024 LLM, seq 2048, micro 8, bf16, distributed optimizer, "
-              f"attention {impl}): {median('tokens_per_s'):,.0f} tokens/s, "
+              f"attention {impl}{', train.compile' if compiled else ''}): "
+              f"{median('tokens_per_s'):,.0f} tokens/s, "
               f"{median('tflops_per_s'):.1f} TFLOP/s, MFU {median('mfu'):.3f}, "
               f"memory {max(r['memory_gb'] for r in timed):.1f} GB")
 
@@ -110,16 +118,23 @@ def check_resume_and_optimizers(tiny_data: str, work: str) -> list:
     print("losses (straight):  ", [round(straight[s]["loss"], 5) for s in sorted(straight)])
     print("losses (resumed):   ", [round(resumed[s]["loss"], 5) for s in sorted(resumed)])
     print("losses (replicated):", [round(replicated[s]["loss"], 5) for s in sorted(replicated)])
+    compiled = pretrain(tiny_data, os.path.join(work, "compiled"), TINY, **{"train.compile": True})
+    print("losses (compiled):  ", [round(compiled[s]["loss"], 5) for s in sorted(compiled)])
     resume_diff = max_relative_difference(resumed, straight, (4, 5, 6))
     replicated_diff = max_relative_difference(replicated, straight, range(1, 7))
+    compiled_diff = max_relative_difference(compiled, straight, range(1, 7))
     print(f"resume: max relative loss difference, steps 4-6: {resume_diff:.2e}")
     print(f"distributed vs replicated optimizer, steps 1-6: {replicated_diff:.2e}")
+    print(f"train.compile vs eager, steps 1-6: {compiled_diff:.2e}")
     # bf16 on CUDA: the attention backward may use atomics, so not bitwise; 1e-3 is far below
     # what a lost optimizer state would cost (the first resumed step jumps by ~1e-1).
     if resume_diff > 1e-3:
         failures.append(f"resume differs by {resume_diff:.2e}")
     if replicated_diff > 1e-3:
         failures.append(f"distributed vs replicated optimizer differ by {replicated_diff:.2e}")
+    # Inductor keeps fused bf16 elementwise chains in fp32 (eager rounds after each op).
+    if compiled_diff > 1e-2:
+        failures.append(f"train.compile vs eager differ by {compiled_diff:.2e}")
     if not straight[6]["loss"] < straight[1]["loss"]:
         failures.append("the tiny run's loss did not go down")
 

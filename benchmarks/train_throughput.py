@@ -6,12 +6,15 @@ Both sides train the same architecture (Llama decoder + DINOv2 encoder + 2-layer
 the same batch shape (micro_batch x seq_length tokens with images), in fp32 on CPU with AdamW:
 
 * ours: ``MegatronEngine.train_step`` (megatron-core layers, DDP buffers, the pipeline schedule,
-  global-token loss normalisation, clipping), semantic generation off and on;
+  global-token loss normalisation, clipping), semantic generation off and on, eager;
 * reference: ``LlavaForConditionalGeneration(input_ids, pixel_values, labels)`` -> backward ->
   clip -> AdamW, the loop a transformers user would write. It attends across the two documents
   packed in each row (plain causal attention);
 * the same loop given the documents' block-causal mask and position ids: the same attention
-  work as ours (shown for comparison; the target is the plain loop).
+  work as ours (shown for comparison; the target is the plain loop);
+* ours with ``train.compile`` (torch.compile of the decoder layers), and, to compare like with
+  like, the plain loop with its decoder layers compiled the same way. The first step of a
+  compiled side compiles; its time is printed, and it is not one of the timed steps.
 
 Prints tokens/s per side (median over steps after warm-up; the sides run interleaved, in a
 shuffled order each round, so a shared machine's drifting load hits all of them alike) and the
@@ -77,18 +80,28 @@ def time_interleaved(step_fns: dict, steps: int, warmup: int = 3, seed: int = 0)
     return times
 
 
-def ours_step(cfg, semantic_weight: float):
-    """(step function, tokens per step) of our megatron engine on the config's batch shape."""
+def ours_step(cfg, semantic_weight: float, compile_layers: bool = False):
+    """(step function, tokens per step) of our megatron engine on the config's batch shape;
+    ``compile_layers``: with ``train.compile`` (compiled here, by a first step that is timed)."""
     from megatron_unihetero import parallel
     from megatron_unihetero.training.engine_megatron import MegatronEngine
 
     cfg = copy.deepcopy(cfg)
     cfg.model.semantic.weight = semantic_weight
-    model = parallel.build_model(cfg.model)
+    model = parallel.build_model(cfg.model, compile_layers=compile_layers)
     engine = MegatronEngine(model, cfg)
     batch = synthetic_batch(cfg, model.tokens_per_image, model.vision.image_size)
     weights = {"text": 1.0, "semantic": semantic_weight}
-    return (lambda: engine.train_step([batch], weights, cfg.train.lr)), batch["tokens"].numel()
+
+    def step():
+        engine.train_step([batch], weights, cfg.train.lr)
+
+    if compile_layers:
+        start = time.perf_counter()
+        step()
+        print(f"  (train.compile: the first step took {time.perf_counter() - start:.1f} s; it compiles the "
+              "layers unless an earlier side compiled the same graphs)")
+    return step, batch["tokens"].numel()
 
 
 def build_hf_llava(cfg):
@@ -111,13 +124,18 @@ def build_hf_llava(cfg):
     return model
 
 
-def hf_step(cfg, tokens_per_image: int, image_size: int, document_mask: bool = False):
+def hf_step(cfg, tokens_per_image: int, image_size: int, document_mask: bool = False,
+            compile_layers: bool = False):
     """(step function, tokens per step) of the plain transformers Llava loop; with
-    ``document_mask`` it gets the packed documents' [b, 1, s, s] mask and position ids."""
+    ``document_mask`` it gets the packed documents' [b, 1, s, s] mask and position ids; with
+    ``compile_layers`` its decoder layers are torch.compiled (as train.compile does ours)."""
     from megatron_unihetero.kernels.attention import block_causal_mask
 
     model = build_hf_llava(cfg)
     model.train()
+    if compile_layers:
+        for layer in model.model.language_model.layers:
+            layer.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr)
     batch = synthetic_batch(cfg, tokens_per_image, image_size)
@@ -133,6 +151,10 @@ def hf_step(cfg, tokens_per_image: int, image_size: int, document_mask: bool = F
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
 
+    if compile_layers:
+        start = time.perf_counter()
+        step()
+        print(f"  (transformers, compiled layers: the first step took {time.perf_counter() - start:.1f} s)")
     return step, batch["tokens"].numel()
 
 
@@ -159,9 +181,13 @@ def main() -> None:
 
     sides = {"ours (megatron engine, text only)": ours_step(cfg, 0.0),
              "ours (megatron engine, + semantic)": ours_step(cfg, 1.0),
+             "ours, text only, train.compile": ours_step(cfg, 0.0, compile_layers=True),
+             "ours, + semantic, train.compile": ours_step(cfg, 1.0, compile_layers=True),
              "transformers LlavaForConditionalGeneration loop": hf_step(cfg, tpi, vision.image_size),
              "  the same, with the document mask (same work)": hf_step(cfg, tpi, vision.image_size,
-                                                                        document_mask=True)}
+                                                                        document_mask=True),
+             "  the same, its decoder layers compiled": hf_step(cfg, tpi, vision.image_size,
+                                                                compile_layers=True)}
     times = time_interleaved({name: fn for name, (fn, _) in sides.items()}, args.steps)
     print(f"config {args.config}: batch {cfg.data.micro_batch_size} x {cfg.data.seq_length} tokens, "
           f"{cfg.model.llm.num_layers} layers, hidden {cfg.model.llm.hidden_size}, "

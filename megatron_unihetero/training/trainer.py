@@ -153,6 +153,8 @@ class Trainer:
             chunk.train()
         last_saved = None
         final: dict = {}
+        if cfg.train.compile and self.step < cfg.train.steps:
+            self.metrics.info("train.compile: the first step compiles the decoder layers")
         while self.step < cfg.train.steps:
             start = time.perf_counter()
             batches = self.next_batches()
