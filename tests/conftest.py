@@ -8,9 +8,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    from megatron_unihetero import platform
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["requires_gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if not platform.can_compile():
+        skips["requires_compiler"] = pytest.mark.skip(reason="torch.compile on CPU needs a C++ compiler")
     for item in items:
-        if "requires_gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        for keyword, skip in skips.items():
+            if keyword in item.keywords:
+                item.add_marker(skip)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+from typing import Optional
 
 import torch
 
@@ -27,6 +30,18 @@ def has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler TorchInductor would build CPU kernels with ($CXX, else g++ / clang++),
+    if there is one on PATH."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    return next((path for path in map(shutil.which, candidates) if path), None)
+
+
+def can_compile() -> bool:
+    """Whether torch.compile can generate kernels here (Triton on CUDA, C++ on CPU)."""
+    return has_cuda() or cpp_compiler() is not None
 
 
 def has_transformer_engine() -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -141,7 +140,7 @@ class RunConfig:
             if par.engine == "deepspeed" and par.zero_stage == 3:
                 raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
                                   "gathers each parameter in module hooks inside the compiled layers")
-            if not platform.has_cuda() and not _cpp_compiler():
+            if not platform.can_compile():
                 raise ConfigError("train.compile on CPU needs a C++ compiler for TorchInductor's "
                                   "kernels: none on PATH (install g++ or set CXX)")
         if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
@@ -161,8 +160,3 @@ class RunConfig:
         if self.train.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")
 
-
-def _cpp_compiler() -> Optional[str]:
-    """The C++ compiler TorchInductor would use on CPU ($CXX, else g++ / clang++), if present."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    return next((path for path in map(shutil.which, candidates) if path), None)

@@ -46,6 +46,7 @@ def test_plain_decoder_on_one_rank_equals_megatron_block(tp):
     run_distributed_test(jobs.plain_decoder_job, tp, tp)
 
 
+@pytest.mark.requires_compiler
 @pytest.mark.parametrize("tp", [1, 2])
 def test_compiled_decoder_layers_equal_eager_layers(tp):
     run_distributed_test(jobs.compiled_decoder_job, tp, tp, timeout_s=600)

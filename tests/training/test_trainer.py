@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from megatron_unihetero.config_io import ConfigLoadError, load_config
 from megatron_unihetero.models.config import ConfigError
@@ -95,6 +96,7 @@ def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_pa
     assert os.path.isfile(os.path.join(resized, "ckpt", "iter_0000003", "engine_universal", "complete"))
 
 
+@pytest.mark.requires_compiler
 @pytest.mark.parametrize("engine", [{}, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}],
                          ids=["megatron", "deepspeed-zero2"])
 def test_compiled_layers_train_with_the_losses_of_eager_layers(data_prefix, tmp_path, engine):
@@ -137,6 +139,14 @@ def test_config_errors_are_clear(override, message):
     cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", override.split())
     with pytest.raises(ConfigError, match=message):
         cfg.validate(world_size=12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA torch.compile generates Triton kernels")
+def test_compile_on_cpu_without_a_cpp_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    cfg = load_config(RunConfig, "examples/configs/tiny_cpu.yaml", ["--train.compile=true"])
+    with pytest.raises(ConfigError, match="train.compile on CPU needs a C\\+\\+ compiler"):
+        cfg.validate(world_size=1)
 
 
 def test_config_load_errors_name_the_key():
