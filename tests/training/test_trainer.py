@@ -97,15 +97,17 @@ def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_pa
 
 
 @pytest.mark.requires_compiler
-@pytest.mark.parametrize("engine", [{}, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}],
-                         ids=["megatron", "deepspeed-zero2"])
-def test_compiled_layers_train_with_the_losses_of_eager_layers(data_prefix, tmp_path, engine):
+@pytest.mark.parametrize("world,engine", [
+    (1, {}), (1, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}),
+    (2, {"parallel.pipeline_parallel": 2})], ids=["megatron", "deepspeed-zero2", "megatron-pp2"])
+def test_compiled_layers_train_with_the_losses_of_eager_layers(data_prefix, tmp_path, world, engine):
     """train.compile: the same losses as eager layers, over batches of varying documents and
-    through the validation pass (no grad) and the checkpoint at step 3."""
+    through the validation pass (no grad) and the checkpoint at step 3; with PP=2 the compiled
+    layers send their output across the stage boundary."""
     eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
     over = dict(engine, **{"logging.eval_interval": 3})
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, eager, **over), timeout_s=600)
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(
+    run_distributed_test(jobs.pretrain_job, world, jobs.overrides(data_prefix, eager, **over), timeout_s=600)
+    run_distributed_test(jobs.pretrain_job, world, jobs.overrides(
         data_prefix, compiled, **dict(over, **{"train.compile": True})), timeout_s=600)
     expected, losses = jobs.train_losses(eager), jobs.train_losses(compiled)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
