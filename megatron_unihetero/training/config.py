@@ -56,7 +56,8 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     # torch.compile the decoder layers (LlamaDecoder.compile_layers; TP=1 only). The first
-    # step pays the compilation (10-30 s on 2 CPU cores, C++ compiler needed on CPU).
+    # step pays the compilation (~25 s on 2 CPU cores, less from Inductor's cache; C++ compiler
+    # needed on CPU).
     compile: bool = False
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
