@@ -191,8 +191,9 @@ class LlamaDecoder(MegatronModule):
         if not self.plain_on_one_rank:
             raise ValueError(
                 "train.compile compiles the decoder's plain one-rank layer path, which this model "
-                "does not take: it needs parallel.tensor_parallel=1, the local layer spec, no "
-                "activation recompute or CPU offloading, no biases, dropout, MoE or FP8")
+                "does not take: it needs parallel.tensor_parallel=1, model.llm.transformer_impl="
+                "local, and none of megatron-core's recompute, offloading, bias, dropout, MoE or "
+                "FP8 settings")
         for layer in self.decoder.layers:
             layer.plain_attention_inputs = torch.compile(layer.plain_attention_inputs)
             layer.plain_output = torch.compile(layer.plain_output)

@@ -138,6 +138,9 @@ class RunConfig:
             if tp > 1:
                 raise ConfigError("train.compile needs parallel.tensor_parallel=1: it compiles the "
                                   "decoder's one-rank layer path (models/layer.py)")
+            if llm.transformer_impl != "local":
+                raise ConfigError("train.compile needs model.llm.transformer_impl=local: it compiles "
+                                  "the local layer spec's plain path (models/layer.py)")
             if par.engine == "deepspeed" and par.zero_stage == 3:
                 raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
                                   "gathers each parameter in module hooks inside the compiled layers")

@@ -134,6 +134,8 @@ def test_resume_with_the_distributed_optimizer_switched_is_a_clear_error(data_pr
     ("--parallel.engine=fsdp", "parallel.engine must be megatron or deepspeed"),
     ("--parallel.pipeline_parallel=2 --model.vision.frozen=false", "needs a frozen vision encoder"),
     ("--train.compile=true --parallel.tensor_parallel=2", "train.compile needs parallel.tensor_parallel=1"),
+    ("--train.compile=true --model.llm.transformer_impl=transformer_engine",
+     "train.compile needs model.llm.transformer_impl=local"),
     ("--train.compile=true --parallel.engine=deepspeed --parallel.zero_stage=3",
      "train.compile does not support parallel.zero_stage=3"),
 ])
