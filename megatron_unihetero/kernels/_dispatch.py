@@ -6,6 +6,10 @@ tensors live on CUDA and its library imports; the torch reference otherwise). Se
 ``MEGATRON_UNIHETERO_KERNELS=torch`` makes "auto" resolve to the torch reference everywhere, which
 is the first thing to try when a fused kernel is suspected of a numerical problem.
 
+Inside a region that torch.compile traces (``train.compile``), "auto" takes the torch path:
+TorchInductor fuses its ops into kernels of its own, with the neighbouring ops, where a
+hand-written kernel would be one more opaque call in the graph.
+
 Optional libraries (triton, flash_attn, transformer_engine, apex) are imported lazily and only
 here, so importing megatron_unihetero.kernels never fails on a machine without them.
 """
@@ -54,7 +58,8 @@ def triton_usable(device: torch.device) -> bool:
 def resolve_impl(op: str, impl: str, valid: Iterable[str], auto_order: Iterable[str]) -> str:
     """Validate ``impl`` and turn "auto" into the first name of ``auto_order`` (already filtered
     by the caller to the implementations usable for these tensors; it must end with the
-    reference). The env override wins over "auto" but never over an explicit request."""
+    reference). The env override wins over "auto" but never over an explicit request; under
+    torch.compile "auto" is "torch" where the op has it (see the module docstring)."""
     valid = tuple(valid)
     if impl != "auto":
         if impl not in valid:
@@ -63,6 +68,8 @@ def resolve_impl(op: str, impl: str, valid: Iterable[str], auto_order: Iterable[
     order = list(auto_order)
     if references_forced():
         return order[-1]
+    if "torch" in order and torch.compiler.is_compiling():
+        return "torch"
     return order[0]
 
 

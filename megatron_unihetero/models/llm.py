@@ -183,8 +183,8 @@ class LlamaDecoder(MegatronModule):
         Each layer's plain forward (models/layer.py) is compiled as its two pieces around the
         attention kernel: norm -> QKV -> RoPE, and projection -> residual -> norm -> MLP ->
         residual. TorchInductor fuses their elementwise work (norms, rotations, SwiGLU,
-        residual adds) into a few kernels, forward and backward; the GEMMs and the attention
-        kernel are the same ones. The attention kernel stays eager, as it chooses its layout
+        residual adds) into a few kernels, forward and backward (our kernels take their torch
+        path there: kernels/_dispatch.py); the GEMMs and the attention kernel are the same ones. The attention kernel stays eager, as it chooses its layout
         from each batch's documents in Python. The layers share their graphs (dynamo treats
         module parameters as inputs), so a deep model compiles each piece once.
         """

@@ -75,3 +75,19 @@ def test_cross_entropy_auto_on_cpu_is_naive_only_while_the_logits_are_small():
 def test_unknown_impl_is_rejected(bad):
     with pytest.raises(ValueError):
         rms_norm(torch.randn(2, 4), torch.ones(4), impl=bad)
+
+
+def test_auto_takes_the_torch_path_inside_torch_compile():
+    """Under train.compile, Inductor fuses the torch path's ops itself (kernels/_dispatch.py)."""
+    from megatron_unihetero.kernels._dispatch import resolve_impl
+
+    chosen = []
+
+    def op(x):
+        chosen.append(resolve_impl("x", "auto", ("torch", "triton"), ["triton", "torch"]))
+        chosen.append(resolve_impl("x", "triton", ("torch", "triton"), ["triton", "torch"]))
+        return x + 1
+
+    torch.compile(op, backend="eager")(torch.ones(2))  # traces op: no C++ compiler needed
+    assert chosen == ["torch", "triton"]  # "auto" becomes torch; an explicit request stands
+    assert resolve_impl("x", "auto", ("torch", "triton"), ["triton", "torch"]) == "triton"
