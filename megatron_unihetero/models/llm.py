@@ -184,9 +184,10 @@ class LlamaDecoder(MegatronModule):
         attention kernel: norm -> QKV -> RoPE, and projection -> residual -> norm -> MLP ->
         residual. TorchInductor fuses their elementwise work (norms, rotations, SwiGLU,
         residual adds) into a few kernels, forward and backward (our kernels take their torch
-        path there: kernels/_dispatch.py); the GEMMs and the attention kernel are the same ones. The attention kernel stays eager, as it chooses its layout
-        from each batch's documents in Python. The layers share their graphs (dynamo treats
-        module parameters as inputs), so a deep model compiles each piece once.
+        path there: kernels/_dispatch.py); the GEMMs are the same ones. The attention kernel
+        stays eager: it chooses its layout from each batch's documents in Python. The layers
+        share their graphs (dynamo treats module parameters as inputs), so a deep model
+        compiles each piece once.
         """
         if not self.plain_on_one_rank:
             raise ValueError(
