@@ -204,6 +204,43 @@ def _sdpa(q, k, v, softmax_scale, **kwargs):
     return F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale, **gqa, **kwargs).transpose(1, 2)
 
 
+class RowMask(NamedTuple):
+    """How the torch path attends when it runs SDPA on whole [b, s] rows (no gather)."""
+
+    additive: Optional[torch.Tensor]  # [b, 1, s, s] (DenseMask.additive); None: plain causal
+    keep: Optional[torch.Tensor]  # [b, s, 1, 1] 1.0 / 0.0 per token; None: no padding
+
+
+_CAUSAL_ROWS = RowMask(None, None)
+
+
+def row_mask(segment_ids: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device,
+             impl: str = "auto") -> Optional[RowMask]:
+    """The mask :func:`attention` would run SDPA under, for queries of this dtype and device,
+    when it attends on whole rows (plain causal, or a dense mask); None when it would take
+    another path (the documents gathered into a padded batch, flash-attn, TE, FlexAttention).
+
+    For compiled regions (``train.compile``): with the mask chosen outside, a layer's
+    attention is one more op of its graph, :func:`attend_rows`.
+    """
+    if _choose_impl(device, dtype, impl) != "torch":
+        return None
+    layout = _CAUSAL if segment_ids is None else _cached_layout(segment_ids, dtype)
+    if layout is _CAUSAL:
+        return _CAUSAL_ROWS
+    return RowMask(layout.additive, layout.keep) if isinstance(layout, DenseMask) else None
+
+
+def attend_rows(q, k, v, mask: RowMask, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The torch path's attention on whole rows under ``mask`` (from :func:`row_mask`):
+    q [b, s, hq, d], k and v [b, s, hkv, d]; no Python decisions, so compiled regions trace it."""
+    if mask.additive is None:
+        out = _sdpa(q, k, v, softmax_scale, is_causal=True)
+    else:
+        out = _sdpa(q, k, v, softmax_scale, attn_mask=mask.additive)
+    return out if mask.keep is None else out * mask.keep
+
+
 def _attention_torch(q, k, v, segment_ids, softmax_scale, layout=None):
     """SDPA: causal, per document (gathered into a padded batch) or under a dense mask.
 
@@ -212,11 +249,10 @@ def _attention_torch(q, k, v, segment_ids, softmax_scale, layout=None):
     if segment_ids is not None and layout is None:
         layout = _cached_layout(segment_ids, q.dtype)
     if segment_ids is None or layout is _CAUSAL:
-        return _sdpa(q, k, v, softmax_scale, is_causal=True)
+        return attend_rows(q, k, v, _CAUSAL_ROWS, softmax_scale)
     if isinstance(layout, DocumentBatch):
         return _attention_by_documents(q, k, v, layout, softmax_scale)
-    out = _sdpa(q, k, v, softmax_scale, attn_mask=layout.additive)
-    return out if layout.keep is None else out * layout.keep
+    return attend_rows(q, k, v, RowMask(layout.additive, layout.keep), softmax_scale)
 
 
 def _attention_by_documents(q, k, v, documents: DocumentBatch, softmax_scale):
@@ -342,6 +378,20 @@ def _attention_flex(q, k, v, segment_ids, softmax_scale):
     return out * (segment_ids >= 0)[:, :, None, None].to(out.dtype)
 
 
+def _choose_impl(device: torch.device, dtype: torch.dtype, impl: str) -> str:
+    """``impl`` resolved for queries on ``device`` in ``dtype`` (see the module docstring)."""
+    half_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    order = []
+    if half_cuda and optional_import("flash_attn") is not None:
+        order.append("flash")
+    if half_cuda and optional_import("transformer_engine.pytorch") is not None:
+        order.append("te")
+    if device.type == "cuda":
+        order.append("flex")
+    order.append("torch")
+    return resolve_impl("attention", impl, IMPLS, order)
+
+
 def _half_cuda(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -365,16 +415,7 @@ def attention(
 
     has_flash = optional_import("flash_attn") is not None
     has_te = optional_import("transformer_engine.pytorch") is not None
-    order = []
-    if _half_cuda(q) and has_flash:
-        order.append("flash")
-    if _half_cuda(q) and has_te:
-        order.append("te")
-    if q.is_cuda:
-        order.append("flex")
-    order.append("torch")
-    impl = resolve_impl("attention", impl, IMPLS, order)
-
+    impl = _choose_impl(q.device, q.dtype, impl)
     if impl == "flash":
         require(has_flash, "attention", impl, "flash_attn is not installed")
         require(_half_cuda(q), "attention", impl, "flash_attn needs fp16/bf16 CUDA tensors")

@@ -103,6 +103,21 @@ class CoreAttention(MegatronModule):
         query = apply_rope(query.view(b * s, *query.shape[2:]), flat_cos, flat_sin).view(b, s, -1, d)
         return query, apply_rope(key, cos, sin)
 
+    def row_mask(self, segment_ids, like: torch.Tensor):
+        """The mask this attention runs SDPA under for queries like ``like`` (dtype, device),
+        when it attends on whole rows; None otherwise (kernels.attention.row_mask)."""
+        from megatron_unihetero.kernels.attention import row_mask
+
+        return row_mask(segment_ids, like.dtype, like.device, impl=self.impl)
+
+    def attend_rows_batch_first(self, query, key, value, mask) -> torch.Tensor:
+        """:meth:`attend_batch_first` under a mask from :meth:`row_mask`: no Python decisions,
+        so a compiled layer takes it into its graph."""
+        from megatron_unihetero.kernels.attention import attend_rows
+
+        b, s = query.shape[0], query.shape[1]
+        return attend_rows(query, key, value, mask, self.softmax_scale).reshape(b, s, self.num_heads * self.head_dim)
+
     def attend_batch_first(self, query, key, value, segment_ids) -> torch.Tensor:
         """Attention over the packed documents of rotated batch-first q [b, s, heads, d], k and
         v [b, s, groups, d]; returns [b, s, heads * d]."""

@@ -28,11 +28,14 @@ CoreAttention applies RoPE itself (models/attention.py).
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
 from megatron.core.transformer import attention as megatron_attention
 from megatron.core.transformer import transformer_layer as megatron_layer
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron_unihetero.kernels.attention import RowMask
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 
 
@@ -84,19 +87,27 @@ class TransformerLayer(megatron_layer.TransformerLayer):
             and not self.is_moe_layer and not config.add_bias_linear and self.hidden_dropout == 0.0
             and config.cuda_graph_impl == "none" and not config.fp8 and not config.fp4
             and not config.inference_fuse_tp_communication)
+        self.compiled_pieces: Optional[CompiledPieces] = None
 
-    def plain_forward(self, hidden_states: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def plain_forward(self, hidden_states: torch.Tensor, inputs: AttentionInputs,
+                      row_mask: Optional[RowMask] = None) -> torch.Tensor:
         """The layer on batch-first [b, s, h] hidden states (``inputs``: cos/sin [b, s, 1, d]).
 
-        Two pieces around the attention kernel, which :meth:`LlamaDecoder.compile_layers`
-        compiles: everything but the kernel is a fixed graph of GEMMs and elementwise ops,
-        while the kernel's layout (plain causal, documents, a dense mask) follows each batch's
-        documents and is chosen in Python.
+        As two pieces around the attention kernel, whose layout (plain causal, documents, a
+        dense mask) follows each batch's documents and is chosen in Python. With ``row_mask``
+        (the attention is SDPA on whole rows under it: CoreAttention.row_mask), as one piece.
+        :meth:`compile_pieces` compiles the pieces.
         """
-        query, key, value = self.plain_attention_inputs(hidden_states, inputs.cos, inputs.sin)
+        pieces = self.compiled_pieces
+        if row_mask is not None:
+            whole = pieces.whole if pieces else self.plain_whole
+            return whole(hidden_states, inputs.cos, inputs.sin, row_mask)
+        attention_inputs = pieces.attention_inputs if pieces else self.plain_attention_inputs
+        output = pieces.output if pieces else self.plain_output
+        query, key, value = attention_inputs(hidden_states, inputs.cos, inputs.sin)
         context = self.self_attention.core_attention.attend_batch_first(query, key, value,
                                                                         inputs.segment_ids)
-        return self.plain_output(hidden_states, context)
+        return output(hidden_states, context)
 
     def plain_attention_inputs(self, hidden_states, cos, sin):
         """norm -> QKV -> split -> RoPE: the attention kernel's q, k, v."""
@@ -108,3 +119,23 @@ class TransformerLayer(megatron_layer.TransformerLayer):
         hidden_states = hidden_states + attended
         transformed, _ = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return hidden_states + transformed
+
+    def plain_whole(self, hidden_states, cos, sin, row_mask: RowMask):
+        """The layer as one piece, its attention SDPA on whole rows under ``row_mask``."""
+        query, key, value = self.plain_attention_inputs(hidden_states, cos, sin)
+        context = self.self_attention.core_attention.attend_rows_batch_first(query, key, value, row_mask)
+        return self.plain_output(hidden_states, context)
+
+    def compile_pieces(self) -> None:
+        """torch.compile the plain forward's pieces (``train.compile``: see
+        LlamaDecoder.compile_layers). The uncompiled methods stay as they are (the compiled
+        whole layer traces them)."""
+        self.compiled_pieces = CompiledPieces(torch.compile(self.plain_attention_inputs),
+                                              torch.compile(self.plain_output),
+                                              torch.compile(self.plain_whole))
+
+
+class CompiledPieces(NamedTuple):
+    attention_inputs: Callable
+    output: Callable
+    whole: Callable

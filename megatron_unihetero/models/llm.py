@@ -171,6 +171,7 @@ class LlamaDecoder(MegatronModule):
         self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
         self.plain_on_one_rank = _plain_block(self.decoder)
+        self.layers_compiled = False
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,
@@ -180,14 +181,15 @@ class LlamaDecoder(MegatronModule):
     def compile_layers(self) -> None:
         """torch.compile this stage's layers, torchtitan-style (``train.compile``).
 
-        Each layer's plain forward (models/layer.py) is compiled as its two pieces around the
-        attention kernel: norm -> QKV -> RoPE, and projection -> residual -> norm -> MLP ->
-        residual. TorchInductor fuses their elementwise work (norms, rotations, SwiGLU,
-        residual adds) into a few kernels, forward and backward (our kernels take their torch
-        path there: kernels/_dispatch.py); the GEMMs are the same ones. The attention kernel
-        stays eager: it chooses its layout from each batch's documents in Python. The layers
-        share their graphs (dynamo treats module parameters as inputs), so a deep model
-        compiles each piece once.
+        Each layer's plain forward (models/layer.py) is compiled whole when its attention is
+        SDPA on whole rows (plain causal or a dense mask: the torch path, chosen here once per
+        forward and passed in as a tensor), and otherwise as its two pieces around the
+        attention kernel (the documents gathered into a padded batch; flash-attn, TE or
+        FlexAttention on GPU). TorchInductor fuses the elementwise work (norms, rotations,
+        SwiGLU, residual adds) into a few kernels, forward and backward; our kernels take their
+        torch path inside (kernels/_dispatch.py); the GEMMs and the attention kernel are the
+        same ones. The layers share their graphs (dynamo treats module parameters as inputs),
+        so a deep model compiles each piece once.
         """
         if not self.plain_on_one_rank:
             raise ValueError(
@@ -196,8 +198,8 @@ class LlamaDecoder(MegatronModule):
                 "local, and none of megatron-core's recompute, offloading, bias, dropout, MoE or "
                 "FP8 settings")
         for layer in self.decoder.layers:
-            layer.plain_attention_inputs = torch.compile(layer.plain_attention_inputs)
-            layer.plain_output = torch.compile(layer.plain_output)
+            layer.compile_pieces()
+        self.layers_compiled = True
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""
@@ -230,8 +232,12 @@ class LlamaDecoder(MegatronModule):
         place of megatron's TransformerBlock: one transpose in, one out."""
         hidden = decoder_input if self.pre_process else self.decoder.input_tensor
         hidden = hidden.transpose(0, 1).contiguous()
-        for layer in self.decoder.layers:
-            hidden = layer.plain_forward(hidden, inputs)
+        # Compiled layers take the attention into their graph when it is SDPA on whole rows.
+        layers = self.decoder.layers
+        row_mask = (layers[0].self_attention.core_attention.row_mask(inputs.segment_ids, hidden)
+                    if self.layers_compiled and len(layers) else None)
+        for layer in layers:
+            hidden = layer.plain_forward(hidden, inputs, row_mask)
         if self.decoder.final_layernorm is not None:
             hidden = self.decoder.final_layernorm(hidden)
         if self.post_process:

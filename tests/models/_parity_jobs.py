@@ -326,10 +326,16 @@ def plain_decoder_job(tp):
 
 def compiled_decoder_job(tp):
     """``compile_layers`` (train.compile) computes what the eager layers compute, outputs and
-    every gradient, over batches whose documents differ (the attention layout changes between
-    calls: a dense mask with padding, then one document per row) and in evaluation (no grad).
-    At TP>1 the decoder has no plain path to compile: a clear error."""
+    every gradient, over batches whose documents differ, and in evaluation (no grad). The
+    attention layout changes between calls: a dense mask with padding and one document per
+    row (each layer compiled whole), then the documents gathered into a padded batch (the
+    layer compiled as two pieces around the kernel). At TP>1 the decoder has no plain path to
+    compile: a clear error."""
+    import importlib
+
     from megatron_unihetero import parallel
+
+    attention_module = importlib.import_module("megatron_unihetero.kernels.attention")
 
     parallel.initialize(tp, 1, seed=0)
     eager = parallel.build_model(tiny_config()).llm
@@ -346,8 +352,15 @@ def compiled_decoder_job(tp):
         (torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], dtype=torch.int32),
          torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])),
         (torch.zeros(b, s, dtype=torch.int32), torch.arange(s).repeat(b, 1)),
+        (torch.tensor([[0] * 4 + [1] * 4 + [2] * 4, [0] * 6 + [1] * 6], dtype=torch.int32),
+         torch.tensor([list(range(4)) * 3, list(range(6)) * 2])),
     ]
-    for segment_ids, position_ids in batches:
+    expected_masks = ["dense", "causal", None]
+    for (segment_ids, position_ids), expected_mask in zip(batches, expected_masks):
+        if expected_mask is None:  # the last batch attends by documents (short rows never pay)
+            attention_module._documents_pay = lambda *args: True
+        mask = compiled.decoder.layers[0].self_attention.core_attention.row_mask(segment_ids, torch.ones(1))
+        assert (mask if mask is None else "causal" if mask.additive is None else "dense") == expected_mask
         x = torch.randn(s, b, 64, generator=gen)
         grad = torch.randn(s, b, 64, generator=gen)
         results = []
