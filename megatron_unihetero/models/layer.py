@@ -136,6 +136,8 @@ class TransformerLayer(megatron_layer.TransformerLayer):
 
 
 class CompiledPieces(NamedTuple):
+    """A layer's plain pieces, torch.compiled (TransformerLayer.compile_pieces)."""
+
     attention_inputs: Callable
     output: Callable
     whole: Callable
