@@ -147,9 +147,11 @@ def _documents_pay(num_docs: int, max_len: int, b: int, s: int) -> bool:
 
 
 class DenseMask(NamedTuple):
-    """The block-causal mask as SDPA takes it without conversion, and which tokens are real."""
+    """The block-causal mask as SDPA takes it without conversion, and which tokens are real.
+    With ``additive`` None it stands for plain causal attention (:func:`row_mask`)."""
 
-    additive: torch.Tensor  # [b, 1, s, s] in the queries' dtype: 0 where allowed, -inf elsewhere
+    # [b, 1, s, s] in the queries' dtype: 0 where allowed, -inf elsewhere
+    additive: Optional[torch.Tensor]
     keep: Optional[torch.Tensor]  # [b, s, 1, 1] 1.0 / 0.0 per token; None when none is padding
 
 
@@ -204,18 +206,11 @@ def _sdpa(q, k, v, softmax_scale, **kwargs):
     return F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale, **gqa, **kwargs).transpose(1, 2)
 
 
-class RowMask(NamedTuple):
-    """How the torch path attends when it runs SDPA on whole [b, s] rows (no gather)."""
-
-    additive: Optional[torch.Tensor]  # [b, 1, s, s] (DenseMask.additive); None: plain causal
-    keep: Optional[torch.Tensor]  # [b, s, 1, 1] 1.0 / 0.0 per token; None: no padding
-
-
-_CAUSAL_ROWS = RowMask(None, None)
+_CAUSAL_ROWS = DenseMask(None, None)
 
 
 def row_mask(segment_ids: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device,
-             impl: str = "auto") -> Optional[RowMask]:
+             impl: str = "auto") -> Optional[DenseMask]:
     """The mask :func:`attention` would run SDPA under, for queries of this dtype and device,
     when it attends on whole rows (plain causal, or a dense mask); None when it would take
     another path (the documents gathered into a padded batch, flash-attn, TE, FlexAttention).
@@ -228,10 +223,10 @@ def row_mask(segment_ids: Optional[torch.Tensor], dtype: torch.dtype, device: to
     layout = _CAUSAL if segment_ids is None else _cached_layout(segment_ids, dtype)
     if layout is _CAUSAL:
         return _CAUSAL_ROWS
-    return RowMask(layout.additive, layout.keep) if isinstance(layout, DenseMask) else None
+    return layout if isinstance(layout, DenseMask) else None
 
 
-def attend_rows(q, k, v, mask: RowMask, softmax_scale: Optional[float] = None) -> torch.Tensor:
+def attend_rows(q, k, v, mask: DenseMask, softmax_scale: Optional[float] = None) -> torch.Tensor:
     """The torch path's attention on whole rows under ``mask`` (from :func:`row_mask`):
     q [b, s, hq, d], k and v [b, s, hkv, d]; no Python decisions, so compiled regions trace it."""
     if mask.additive is None:
@@ -252,7 +247,7 @@ def _attention_torch(q, k, v, segment_ids, softmax_scale, layout=None):
         return attend_rows(q, k, v, _CAUSAL_ROWS, softmax_scale)
     if isinstance(layout, DocumentBatch):
         return _attention_by_documents(q, k, v, layout, softmax_scale)
-    return attend_rows(q, k, v, RowMask(layout.additive, layout.keep), softmax_scale)
+    return attend_rows(q, k, v, layout, softmax_scale)
 
 
 def _attention_by_documents(q, k, v, documents: DocumentBatch, softmax_scale):
@@ -380,7 +375,7 @@ def _attention_flex(q, k, v, segment_ids, softmax_scale):
 
 def _choose_impl(device: torch.device, dtype: torch.dtype, impl: str) -> str:
     """``impl`` resolved for queries on ``device`` in ``dtype`` (see the module docstring)."""
-    half_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    half_cuda = _half_cuda(device, dtype)
     order = []
     if half_cuda and optional_import("flash_attn") is not None:
         order.append("flash")
@@ -392,8 +387,8 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, impl: str) -> str:
     return resolve_impl("attention", impl, IMPLS, order)
 
 
-def _half_cuda(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def _half_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def attention(
@@ -418,7 +413,8 @@ def attention(
     impl = _choose_impl(q.device, q.dtype, impl)
     if impl == "flash":
         require(has_flash, "attention", impl, "flash_attn is not installed")
-        require(_half_cuda(q), "attention", impl, "flash_attn needs fp16/bf16 CUDA tensors")
+        require(_half_cuda(q.device, q.dtype), "attention", impl,
+                "flash_attn needs fp16/bf16 CUDA tensors")
         return _attention_flash(q, k, v, segment_ids, softmax_scale)
     if impl == "te":
         require(has_te, "attention", impl, "transformer_engine is not installed")

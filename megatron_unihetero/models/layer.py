@@ -35,7 +35,7 @@ from megatron.core.transformer import attention as megatron_attention
 from megatron.core.transformer import transformer_layer as megatron_layer
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_unihetero.kernels.attention import RowMask
+from megatron_unihetero.kernels.attention import DenseMask
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 
 
@@ -90,7 +90,7 @@ class TransformerLayer(megatron_layer.TransformerLayer):
         self.compiled_pieces: Optional[CompiledPieces] = None
 
     def plain_forward(self, hidden_states: torch.Tensor, inputs: AttentionInputs,
-                      row_mask: Optional[RowMask] = None) -> torch.Tensor:
+                      row_mask: Optional[DenseMask] = None) -> torch.Tensor:
         """The layer on batch-first [b, s, h] hidden states (``inputs``: cos/sin [b, s, 1, d]).
 
         As two pieces around the attention kernel, whose layout (plain causal, documents, a
@@ -120,7 +120,7 @@ class TransformerLayer(megatron_layer.TransformerLayer):
         transformed, _ = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return hidden_states + transformed
 
-    def plain_whole(self, hidden_states, cos, sin, row_mask: RowMask):
+    def plain_whole(self, hidden_states, cos, sin, row_mask: DenseMask):
         """The layer as one piece, its attention SDPA on whole rows under ``row_mask``."""
         query, key, value = self.plain_attention_inputs(hidden_states, cos, sin)
         context = self.self_attention.core_attention.attend_rows_batch_first(query, key, value, row_mask)

@@ -163,4 +163,3 @@ class RunConfig:
                               f"model.llm.max_sequence_length={llm.max_sequence_length}")
         if self.train.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")
-
