@@ -80,6 +80,14 @@ def time_interleaved(step_fns: dict, steps: int, warmup: int = 3, seed: int = 0)
     return times
 
 
+def run_first_step(step, side: str) -> None:
+    """Run a compiled side's first step, which compiles (unless an earlier side compiled the same
+    graphs), outside the timed rounds; print how long it took."""
+    start = time.perf_counter()
+    step()
+    print(f"  ({side}: the first step, compiling, took {time.perf_counter() - start:.1f} s)")
+
+
 def ours_step(cfg, semantic_weight: float, compile_layers: bool = False):
     """(step function, tokens per step) of our megatron engine on the config's batch shape;
     ``compile_layers``: with ``train.compile`` (compiled here, by a first step that is timed)."""
@@ -97,10 +105,7 @@ def ours_step(cfg, semantic_weight: float, compile_layers: bool = False):
         engine.train_step([batch], weights, cfg.train.lr)
 
     if compile_layers:
-        start = time.perf_counter()
-        step()
-        print(f"  (train.compile: the first step took {time.perf_counter() - start:.1f} s; it compiles the "
-              "layers unless an earlier side compiled the same graphs)")
+        run_first_step(step, "train.compile")
     return step, batch["tokens"].numel()
 
 
@@ -152,9 +157,7 @@ def hf_step(cfg, tokens_per_image: int, image_size: int, document_mask: bool = F
         optimizer.step()
 
     if compile_layers:
-        start = time.perf_counter()
-        step()
-        print(f"  (transformers, compiled layers: the first step took {time.perf_counter() - start:.1f} s)")
+        run_first_step(step, "transformers, compiled layers")
     return step, batch["tokens"].numel()
 
 
