@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU checks for the fused kernels (issue #7), on one CUDA device, in under 5 minutes on an H100:
+# GPU checks for the fused kernels, on one CUDA device (the timeouts below bound each part):
 #   1. parity tests of the compiled Triton kernels (and flash_attn / TransformerEngine / apex
-#      where installed) against the torch references: pytest -m requires_gpu tests/kernels
-#   2. timings and peak memory against the naive paths: benchmarks/kernels.py --device cuda
-# Most of the time is Triton compiling each kernel specialisation once (about a minute).
+#      where installed) against the reference implementations: pytest -m requires_gpu tests/kernels
+#   2. timings and peak memory against the references: benchmarks/kernels.py --device cuda
+# Most of the time is Triton compiling each kernel specialisation once.
 # Exit status: non-zero if a test fails or the fused cross-entropy misses its targets
-# (<= 1.1x the naive time, <= 25% of its peak memory).
+# (<= 1.1x the reference's time, <= 25% of its peak memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

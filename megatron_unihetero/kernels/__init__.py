@@ -1,9 +1,10 @@
-"""Fused kernels with torch reference fallbacks (issue #7).
+"""Fused kernels, each beside its plain torch reference implementation.
 
-One module per op, one public function each, an ``impl`` switch on every function ("auto" picks
-the best implementation available for the tensors given; MEGATRON_UNIHETERO_KERNELS=torch forces
-the torch references). Importing this package never imports triton, flash_attn,
-transformer_engine or apex: they are loaded on first use (see _dispatch.py).
+One module per op, one public function each, an ``impl`` switch on every function with one
+vocabulary ("reference", "fused", "triton", ...; "auto" picks the best implementation available
+for the tensors given; MEGATRON_UNIHETERO_KERNELS=reference forces the references; see
+_dispatch.py). Importing this package never imports triton, flash_attn, transformer_engine or
+apex: they are loaded on first use.
 """
 
 from megatron_unihetero.kernels.attention import attention, segment_ids_to_cu_seqlens

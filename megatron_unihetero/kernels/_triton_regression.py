@@ -2,7 +2,8 @@
 
 One program per token row; the whole feature row (D up to a few thousand) sits in registers, so
 the cosine loss gets its norms and dot product from a single read of pred and target. Math and
-the eps clamping mirror regression.loss_and_grad_torch exactly (that function is the spec).
+the eps clamping mirror regression.per_token_loss (the loss) and regression.loss_grad (its
+gradient) exactly: those functions are the spec.
 """
 
 from __future__ import annotations

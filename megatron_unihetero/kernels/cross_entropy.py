@@ -4,8 +4,9 @@
 
 hidden [N, H]; weight [V_local, H] (the LM head, or this rank's vocab shard); labels [N] int64,
 ``ignore_index`` where there is no loss. Returns the SUM of per-token cross-entropy over the
-non-ignored tokens (fp32 scalar) and their count (int64 scalar tensor): divide by a *global*
-token count upstream (DESIGN.md section 2), never here.
+non-ignored tokens (fp32 scalar) and their count (int64 scalar tensor): normalise by a *global*
+token count upstream (over every micro-batch and data-parallel rank of the step, so gradient
+accumulation and data parallelism do not change the loss), never here.
 
 Tensor parallelism (``tp_group``): rank r holds vocab ids [r*V_local, (r+1)*V_local); labels are
 global ids and hidden is replicated, identical on every rank. The log-sum-exp and the target
@@ -24,21 +25,25 @@ backward, which just scales them by the incoming gradient. Peak extra memory is 
 forward only when an input needs a gradient, so evaluation (no_grad) pays the forward only. The
 incoming gradient must be a scalar multiple of the loss (it always is: the loss is a scalar).
 
-impl: "torch" (chunked, torch ops; the CPU fallback: the softmax of a chunk comes from
-torch.softmax's fused kernel, its log-sum-exp is read off it at the argmax), "triton" (chunked,
-the softmax statistics and the logits gradient in Triton kernels that work in the logits' own
-dtype, so no fp32 copy of a bf16 chunk exists; CUDA or TRITON_INTERPRET=1), "naive" (full logits + F.cross_entropy under autograd: the reference for
-tests and benchmarks), "auto" (triton on CUDA; on CPU without TP naive up to 2M logits, else
-torch; MEGATRON_UNIHETERO_KERNELS=torch forces torch).
+impl:
+- "reference": full [N, V] logits + F.cross_entropy under autograd (under TP the logit shards
+  are all-gathered): the definition the others are tested against; also what "auto" takes on
+  CPU without TP while the logits are small (see _REFERENCE_ON_CPU_MAX_LOGITS).
+- "fused": chunked, torch ops; the CPU path for larger logits: the softmax of a chunk comes from
+  torch.softmax's fused kernel, its log-sum-exp is read off it at the argmax.
+- "triton": chunked, the softmax statistics and the logits gradient in Triton kernels that work
+  in the logits' own dtype, so no fp32 copy of a bf16 chunk exists; CUDA or TRITON_INTERPRET=1.
+- "auto": triton on CUDA; on CPU without TP reference up to 2M logits, else fused;
+  MEGATRON_UNIHETERO_KERNELS=reference forces the reference.
 
-Approximations: with bf16/fp16 inputs the logits are rounded to the input dtype (as in the naive
-path), and the hidden gradient is stored and all-reduced in the input dtype (as Megatron does).
-The weight gradient is accumulated across chunks in the weight's dtype, as Liger-Kernel does:
-each chunk's product is reduced in fp32 inside the GEMM and rounded once when added, so a bf16
-weight gradient is rounded once per chunk (N / chunk_size times, 4 for a 4096-token micro-batch
-at V=32k on GPU) instead of once. An fp32 accumulator would cost 2 bytes more per weight element
-(500 MiB at V=32k, H=4k): that and its final bf16 copy were most of the peak memory measured on
-an H100 (876 MiB, 0.29x the naive path's, against 0.25x targeted).
+Approximations: with bf16/fp16 inputs the logits are rounded to the input dtype (as in the
+reference), and the hidden gradient is stored and all-reduced in the input dtype (as Megatron
+does). The weight gradient is accumulated across chunks in the weight's dtype, as Liger-Kernel
+does: each chunk's product is reduced in fp32 inside the GEMM and rounded once when added, so a
+bf16 weight gradient is rounded once per chunk (N / chunk_size times, 4 for a 4096-token
+micro-batch at V=32k on GPU) instead of once. An fp32 accumulator would cost 2 bytes more per
+weight element (500 MiB at V=32k, H=4k): that and its final bf16 copy would be most of the
+op's peak memory on GPU.
 """
 
 from __future__ import annotations
@@ -49,21 +54,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_usable
-
-IMPLS = ("torch", "triton", "naive")
+from megatron_unihetero.kernels._dispatch import REFERENCE, require, resolve_impl, triton_usable
 
 # Default chunk: about 8M logits per chunk on CPU (32 MiB in fp32), 32M on GPU -- large enough to
 # keep the matmuls efficient (and, on GPU, the per-chunk weight-gradient update cheap next to them),
-# small enough that the [chunk, V_local] buffers are a small fraction of the naive path's [N, V].
+# small enough that the [chunk, V_local] buffers are a small fraction of the reference's [N, V].
 _CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 25}
 
 
-# On CPU, without tensor parallelism, "auto" takes the naive path up to this many logits (8 MiB
-# in fp32): its fused log-softmax kernels beat the chunked path's dozen small ops there
-# (2.9 vs 3.6 ms fwd+bwd at N=1024, V=512), and they break even at 4M logits, where the
-# chunked path's memory saving starts to matter.
-_NAIVE_ON_CPU_MAX_LOGITS = 1 << 21
+# On CPU, without tensor parallelism, "auto" takes the reference up to this many logits (8 MiB
+# in fp32): its fused log-softmax kernels beat the chunked path's dozen small ops on small
+# logits; the two break even at about twice this size, where the chunked path's memory saving
+# starts to matter (figures: docs/performance_notes.md).
+_REFERENCE_ON_CPU_MAX_LOGITS = 1 << 21
 
 
 def default_chunk_size(num_tokens: int, vocab_local: int, device_type: str = "cpu") -> int:
@@ -83,7 +86,7 @@ def _softmax_torch(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(softmax over this shard in fp32 [c, V], this shard's log-sum-exp [c]).
 
     torch.softmax is one fused, vectorised kernel; torch.logsumexp is a composite of several
-    passes (measured 4x slower on CPU). The log-sum-exp is recovered from the softmax at the
+    passes (several times slower on CPU). The log-sum-exp is recovered from the softmax at the
     row's argmax, where p >= 1/V so the log is accurate: lse = x_max - log(p_max).
     """
     row_max, argmax = logits.max(dim=1)
@@ -176,15 +179,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _naive(hidden, weight, labels, ignore_index, tp_group):
+def _reference(hidden, weight, labels, ignore_index, tp_group, chunk_size):
     """Full [N, V] logits, autograd through F.cross_entropy; under TP the shards are all-gathered
-    (simple and obviously right, the point of a reference; it costs V/V_local times the memory)."""
+    (simple and obviously right, the point of a reference; it costs V/V_local times the memory).
+    ``chunk_size`` is unused: one chunk of N rows."""
     _, world = _tp_info(tp_group)
-    logits = (hidden @ weight.t()).float()
     if world == 1:
+        logits = (hidden @ weight.t()).float()
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    # Differentiable all-gather of the vocab shards, then the TP=1 formula. The hidden gradient
-    # through this shard is partial; the caller wraps hidden in _AllReduceGrad to sum it.
+    # The hidden gradient through this shard is partial: _AllReduceGrad sums it over the group,
+    # giving the full gradient the module docstring promises. Then a differentiable all-gather
+    # of the vocab shards and the TP=1 formula.
+    logits = (_AllReduceGrad.apply(hidden, tp_group) @ weight.t()).float()
     full_logits = _GatherVocab.apply(logits, tp_group)
     return F.cross_entropy(full_logits, labels, ignore_index=ignore_index, reduction="sum")
 
@@ -223,13 +229,35 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad, None
 
 
+def _chunked(hidden, weight, labels, ignore_index, tp_group, chunk_size, use_triton):
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0).float()
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device.type)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, tp_group, chunk, use_triton)
+
+
+def _fused(hidden, weight, labels, ignore_index, tp_group, chunk_size):
+    return _chunked(hidden, weight, labels, ignore_index, tp_group, chunk_size, use_triton=False)
+
+
+def _triton(hidden, weight, labels, ignore_index, tp_group, chunk_size):
+    require(triton_usable(hidden.device), "fused_linear_cross_entropy", "triton",
+            "needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    return _chunked(hidden, weight, labels, ignore_index, tp_group, chunk_size, use_triton=True)
+
+
+# impl name -> implementation, looked up at call time (tests swap entries to see which ran).
+_IMPLS = {REFERENCE: _reference, "fused": _fused, "triton": _triton}
+IMPLS = tuple(_IMPLS)
+
+
 def auto_order(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None) -> list:
-    """What "auto" may pick for these tensors, best first (the torch reference last)."""
+    """What "auto" may pick for these tensors, best first."""
     order = ["triton"] if hidden.is_cuda and triton_usable(hidden.device) else []
     if (not hidden.is_cuda and _tp_info(tp_group)[1] == 1
-            and hidden.shape[0] * weight.shape[0] <= _NAIVE_ON_CPU_MAX_LOGITS):
-        order.append("naive")
-    return order + ["torch"]
+            and hidden.shape[0] * weight.shape[0] <= _REFERENCE_ON_CPU_MAX_LOGITS):
+        order.append(REFERENCE)
+    return order + ["fused"]
 
 
 def fused_linear_cross_entropy(
@@ -248,19 +276,5 @@ def fused_linear_cross_entropy(
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
     num_tokens = (labels != ignore_index).sum()
-
     impl = resolve_impl("fused_linear_cross_entropy", impl, IMPLS, auto_order(hidden, weight, tp_group))
-    if impl == "naive":
-        _, world = _tp_info(tp_group)
-        h = _AllReduceGrad.apply(hidden, tp_group) if world > 1 else hidden
-        return _naive(h, weight, labels, ignore_index, tp_group), num_tokens
-    if impl == "triton":
-        require(triton_usable(hidden.device), "fused_linear_cross_entropy", impl,
-                "needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-    if hidden.shape[0] == 0:
-        return (hidden.sum() * 0 + weight.sum() * 0).float(), num_tokens
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device.type)
-    loss = _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, labels, ignore_index, tp_group, chunk, impl == "triton"
-    )
-    return loss, num_tokens
+    return _IMPLS[impl](hidden, weight, labels, ignore_index, tp_group, chunk_size), num_tokens

@@ -7,10 +7,11 @@ the product with the weight are computed in fp32 and the result is cast once to 
 Llama casts the normalised x to the input dtype *before* multiplying by the weight; in bf16 the
 two differ by one rounding, within the tests' bf16 tolerance.)
 
-impl: "torch" (reference and CPU fallback: one autograd function over torch ops), "triton" (one
-row per program; forward stores the per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1),
-"apex" (apex's fused_rms_norm_affine, CUDA), "auto" (apex, then triton, on CUDA; torch
-otherwise; MEGATRON_UNIHETERO_KERNELS=torch forces torch). TransformerEngine's RMSNorm is a
+impl: "reference" (plain autograd through torch ops), "fused" (one autograd function with a
+closed-form backward; the CPU path of "auto"), "triton" (one row per program; forward stores the
+per-row 1/rms for the backward; CUDA or TRITON_INTERPRET=1), "apex" (apex's
+fused_rms_norm_affine, CUDA), "auto" (apex, then triton, on CUDA; fused otherwise;
+MEGATRON_UNIHETERO_KERNELS=reference forces the reference). TransformerEngine's RMSNorm is a
 module owning its weight, so it is reached through the layer specs (megatron-core's TENorm),
 not through this function.
 """
@@ -19,13 +20,24 @@ from __future__ import annotations
 
 import torch
 
-from megatron_unihetero.kernels._dispatch import optional_import, require, resolve_impl, triton_usable
+from megatron_unihetero.kernels._dispatch import (
+    REFERENCE,
+    optional_import,
+    require,
+    resolve_impl,
+    triton_usable,
+)
 
-IMPLS = ("torch", "triton", "apex")
+
+def _reference(x, weight, eps):
+    """The formula under autograd, at least fp32 (fp64 stays fp64), cast once to x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(compute)).to(x.dtype)
 
 
-class _RMSNormTorchFunction(torch.autograd.Function):
-    """The torch path as one autograd node: the backward is the closed form
+class _FusedRMSNorm(torch.autograd.Function):
+    """The fused path as one autograd node: the backward is the closed form
 
         dx = rstd * (g*w - x_hat * mean(g*w * x_hat)),   dw = sum over rows of g * x_hat
 
@@ -52,9 +64,31 @@ class _RMSNormTorchFunction(torch.autograd.Function):
         return grad_x.to(grad.dtype), grad_w.to(weight.dtype), None
 
 
+def _fused(x, weight, eps):
+    return _FusedRMSNorm.apply(x, weight, eps)
+
+
+def _triton(x, weight, eps):
+    require(triton_usable(x.device), "rms_norm", "triton", "needs triton and CUDA (or TRITON_INTERPRET=1)")
+    from megatron_unihetero.kernels import _triton_rmsnorm
+
+    return _triton_rmsnorm.RMSNormFunction.apply(x, weight, eps)
+
+
 def _apex_rms_norm():
     module = optional_import("apex.normalization.fused_layer_norm")
     return getattr(module, "fused_rms_norm_affine", None) if module is not None else None
+
+
+def _apex(x, weight, eps):
+    fn = _apex_rms_norm()
+    require(fn is not None and x.is_cuda, "rms_norm", "apex", "needs apex with CUDA extensions")
+    return fn(x, weight, weight.shape, eps)
+
+
+# impl name -> implementation, looked up at call time (tests swap entries to see which ran).
+_IMPLS = {REFERENCE: _reference, "fused": _fused, "triton": _triton, "apex": _apex}
+IMPLS = tuple(_IMPLS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, impl: str = "auto") -> torch.Tensor:
@@ -66,15 +100,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, impl: str
         order.append("apex")
     if x.is_cuda and triton_usable(x.device):
         order.append("triton")
-    order.append("torch")
+    order.append("fused")
     impl = resolve_impl("rms_norm", impl, IMPLS, order)
-    if impl == "apex":
-        fn = _apex_rms_norm()
-        require(fn is not None and x.is_cuda, "rms_norm", impl, "needs apex with CUDA extensions")
-        return fn(x, weight, weight.shape, eps)
-    if impl == "triton":
-        require(triton_usable(x.device), "rms_norm", impl, "needs triton and CUDA (or TRITON_INTERPRET=1)")
-        from megatron_unihetero.kernels import _triton_rmsnorm
-
-        return _triton_rmsnorm.RMSNormFunction.apply(x, weight, eps)
-    return _RMSNormTorchFunction.apply(x, weight, eps)
+    return _IMPLS[impl](x, weight, eps)

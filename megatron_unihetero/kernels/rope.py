@@ -14,21 +14,32 @@ cos/sin must not vary over the head dim (size 1 there). Only the first ``cos.sha
 are rotated when it is smaller than d (partial rotary); the rest pass through unchanged.
 Output: x's shape and dtype (the rotation is computed in fp32).
 
-impl: "torch" (reference and CPU fallback: an autograd function over torch ops), "triton" (one
-program per token, looping over heads; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, else
-torch; MEGATRON_UNIHETERO_KERNELS=torch forces torch). Both treat cos/sin as constants (tables
-that require grad are refused). TransformerEngine's / apex's fused RoPE take the rotation angles
-rather than cos/sin and megatron's sbhd layout; they are reached through megatron-core's own
-rope path, not from here.
+impl: "reference" (x * cos + rotate_half(x) * sin under plain autograd), "fused" (an autograd
+function whose backward is the transposed rotation, no rotate_half materialised; the CPU path of
+"auto"), "triton" (one program per token, looping over heads; CUDA or TRITON_INTERPRET=1),
+"auto" (triton on CUDA, else fused; MEGATRON_UNIHETERO_KERNELS=reference forces the reference).
+All treat cos/sin as constants (tables that require grad are refused). TransformerEngine's /
+apex's fused RoPE take the rotation angles rather than cos/sin and megatron's sbhd layout; they
+are reached through megatron-core's own rope path, not from here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_unihetero.kernels._dispatch import require, resolve_impl, triton_usable
+from megatron_unihetero.kernels._dispatch import REFERENCE, require, resolve_impl, triton_usable
 
-IMPLS = ("torch", "triton")
+
+def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The textbook composition under autograd, at least fp32 (fp64 stays fp64)."""
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xr = x[..., :rot].to(compute)
+    rotate_half = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos.to(compute) + rotate_half * sin.to(compute)
+    if rot < x.shape[-1]:  # partial rotary: the tail passes through
+        out = torch.cat((out, x[..., rot:].to(compute)), dim=-1)
+    return out.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -56,7 +67,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
     return out.to(x.dtype)
 
 
-class _RopeTorchFunction(torch.autograd.Function):
+class _FusedRope(torch.autograd.Function):
     """A rotation's gradient is the transposed rotation: the backward is the same three kernels
     (the plain autograd composition needed twice as many, and two copies of x)."""
 
@@ -69,6 +80,22 @@ class _RopeTorchFunction(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rotate(grad, cos, sin, transpose=True), None, None
+
+
+def _fused(x, cos, sin):
+    return _FusedRope.apply(x, cos, sin)
+
+
+def _triton(x, cos, sin):
+    require(triton_usable(x.device), "apply_rope", "triton", "needs triton and CUDA (or TRITON_INTERPRET=1)")
+    from megatron_unihetero.kernels import _triton_rope
+
+    return _triton_rope.RopeFunction.apply(x, cos, sin)
+
+
+# impl name -> implementation, looked up at call time (tests swap entries to see which ran).
+_IMPLS = {REFERENCE: _reference, "fused": _fused, "triton": _triton}
+IMPLS = tuple(_IMPLS)
 
 
 def _check(x, cos, sin):
@@ -93,11 +120,6 @@ def _check(x, cos, sin):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Rotate ``x`` by the angles whose cos/sin are given; see the module docstring."""
     _check(x, cos, sin)
-    order = (["triton"] if x.is_cuda and triton_usable(x.device) else []) + ["torch"]
+    order = (["triton"] if x.is_cuda and triton_usable(x.device) else []) + ["fused"]
     impl = resolve_impl("apply_rope", impl, IMPLS, order)
-    if impl == "triton":
-        require(triton_usable(x.device), "apply_rope", impl, "needs triton and CUDA (or TRITON_INTERPRET=1)")
-        from megatron_unihetero.kernels import _triton_rope
-
-        return _triton_rope.RopeFunction.apply(x, cos, sin)
-    return _RopeTorchFunction.apply(x, cos, sin)
+    return _IMPLS[impl](x, cos, sin)

@@ -8,21 +8,19 @@ x's dtype. No bias (Llama has none).
 
 Why not megatron's fc1 followed by its ``glu``: the fused GEMM writes [N, 2F], and everything
 after it works on the two strided halves (plus an add of ``glu_linear_offset``, 0 for
-SwiGLU). The silu and its backward on a half each cost 1.4x their contiguous time on CPU, and
-the halves' gradients are concatenated back into [N, 2F] (``torch.chunk``'s backward): 1.07 ms
-fwd+bwd of the activation alone at the tiny config's [1024, 2 x 344], against 0.66 ms for
-separate contiguous halves. Here the two halves are two GEMMs into contiguous outputs (same
-FLOPs), the backward writes the weight gradient's two row blocks in place and sums the input
-gradient with one ``addmm``: no strided elementwise op and no concatenation. CPU, tiny config,
-paired and shuffled runs: fc1 + activation alone 4.3 vs 4.5-4.7 ms fwd+bwd when warm (the
-GEMMs dominate; ``benchmarks/kernels.py --only swiglu``, one lukewarm run per process, gave
-1.06x and 0.66x the unfused CPU time in two runs); megatron's MLP block 6.5 vs 6.8 ms; a whole
-training step 3.2 ms (4%) shorter.
+SwiGLU). The silu and its backward on a strided half are slower on CPU than on a contiguous
+tensor, and the halves' gradients are concatenated back into [N, 2F] (``torch.chunk``'s
+backward), one more pass over the activation. Here the two halves are
+two GEMMs into contiguous outputs (same FLOPs), the backward writes the weight gradient's two
+row blocks in place and sums the input gradient with one ``addmm``: no strided elementwise op
+and no concatenation. The GEMMs dominate fc1 + activation, so the gain there is small but it
+carries through to megatron's MLP block and a whole CPU training step (figures:
+docs/performance_notes.md; ``benchmarks/kernels.py --only swiglu`` reruns the comparison).
 
-impl: "torch" (the autograd function above; CPU and CUDA), "unfused" (megatron's composition:
-one GEMM, chunk, silu * up; the reference), "auto" (torch; MEGATRON_UNIHETERO_KERNELS=torch
-forces the reference). The GPU layer specs use TransformerEngine's fused MLP instead; this is
-the local spec's path on one TP rank.
+impl: "reference" (megatron's composition: one GEMM, chunk, silu * up), "fused" (the two-GEMM
+autograd function described above; CPU and CUDA), "auto" (fused;
+MEGATRON_UNIHETERO_KERNELS=reference forces the reference). The GPU layer specs use
+TransformerEngine's fused MLP instead; this is the local spec's path on one TP rank.
 """
 
 from __future__ import annotations
@@ -30,14 +28,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_unihetero.kernels._dispatch import resolve_impl
-
-IMPLS = ("torch", "unfused")
+from megatron_unihetero.kernels._dispatch import REFERENCE, resolve_impl
 
 
-class _SwiGLULinearFunction(torch.autograd.Function):
+def _reference(x, weight):
+    gate, up = torch.chunk(F.linear(x, weight), 2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _FusedSwiGLULinear(torch.autograd.Function):
     """Saves x, the gate and up pre-activations and silu(gate) (what autograd through the
-    unfused ops would keep), so the backward recomputes nothing."""
+    reference's ops would keep), so the backward recomputes nothing."""
 
     @staticmethod
     def forward(ctx, x, weight):
@@ -64,12 +65,19 @@ class _SwiGLULinearFunction(torch.autograd.Function):
         return grad_x.view(ctx.input_shape), grad_weight
 
 
+def _fused(x, weight):
+    return _FusedSwiGLULinear.apply(x, weight)
+
+
+# impl name -> implementation, looked up at call time (tests swap entries to see which ran).
+_IMPLS = {REFERENCE: _reference, "fused": _fused}
+IMPLS = tuple(_IMPLS)
+
+
 def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """silu(x W_gate^T) * (x W_up^T) with ``weight`` = [W_gate; W_up]; see the module docstring."""
     if weight.dim() != 2 or weight.shape[0] % 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [2F, {x.shape[-1]}] (gate rows, then up rows), "
                          f"got {tuple(weight.shape)}")
-    if resolve_impl("swiglu_linear", impl, IMPLS, ["torch", "unfused"]) == "unfused":
-        gate, up = torch.chunk(F.linear(x, weight), 2, dim=-1)
-        return F.silu(gate) * up
-    return _SwiGLULinearFunction.apply(x, weight)
+    impl = resolve_impl("swiglu_linear", impl, IMPLS, ["fused"])
+    return _IMPLS[impl](x, weight)

@@ -7,9 +7,22 @@ written, with the field named, instead of deep inside megatron-core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from megatron_unihetero.kernels import cross_entropy, regression
+from megatron_unihetero.kernels.attention import IMPLS as _ATTENTION_KERNELS
 
 IGNORE_INDEX = -100
+
+# The loss kernels' implementation names (kernels/_dispatch.py), plus "megatron" for the text
+# loss (megatron's output layer + vocab_parallel_cross_entropy, models/heads.text_loss).
+ATTENTION_IMPLS = ("auto", *_ATTENTION_KERNELS)
+TEXT_LOSS_IMPLS = ("auto", *cross_entropy.IMPLS, "megatron")
+SEMANTIC_LOSS_IMPLS = ("auto", *regression.IMPLS)
+# Names the kernels used before they shared one vocabulary: refused with the new name.
+_RENAMED_ATTENTION_IMPLS = {"torch": "reference"}
+_RENAMED_TEXT_LOSS_IMPLS = {"torch": "fused", "naive": "reference"}
+_RENAMED_SEMANTIC_LOSS_IMPLS = {"torch": "reference"}
 
 
 class ConfigError(ValueError):
@@ -19,6 +32,16 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str],
+                  renamed: Optional[Mapping[str, str]] = None) -> None:
+    """``value`` must be one of ``valid``; a name in ``renamed`` gets its new name in the error."""
+    renamed = renamed or {}
+    expected = " | ".join(valid)
+    _check(value not in renamed,
+           f"{name}: {value!r} is now {renamed.get(value)!r}; expected one of {expected}")
+    _check(value in valid, f"{name} must be one of {expected}; got {value!r}")
 
 
 @dataclass
@@ -35,8 +58,8 @@ class LLMConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
-    attention_impl: str = "auto"  # see megatron_unihetero.kernels.attention
-    # LM head + cross-entropy: auto | torch | triton | naive (kernels/cross_entropy.py), or
+    attention_impl: str = "auto"  # auto | reference | flash | te | flex (kernels/attention.py)
+    # LM head + cross-entropy: auto | reference | fused | triton (kernels/cross_entropy.py), or
     # megatron (output layer + megatron-core's vocab-parallel cross-entropy).
     loss_impl: str = "auto"
     transformer_impl: str = "local"  # local | transformer_engine (GPU, when installed)
@@ -53,6 +76,9 @@ class LLMConfig:
         _check(self.transformer_impl in ("local", "transformer_engine"),
                f"llm.transformer_impl must be 'local' or 'transformer_engine', "
                f"got {self.transformer_impl!r}")
+        _check_choice("llm.attention_impl", self.attention_impl, ATTENTION_IMPLS,
+                      _RENAMED_ATTENTION_IMPLS)
+        _check_choice("llm.loss_impl", self.loss_impl, TEXT_LOSS_IMPLS, _RENAMED_TEXT_LOSS_IMPLS)
 
     @property
     def head_dim(self) -> int:
@@ -94,16 +120,17 @@ class SemanticGenConfig:
     """Semantic generation: regress the next visual embedding from the LLM's hidden state."""
 
     weight: float = 0.0  # 0 disables the objective (und-only)
-    loss: str = "mse"  # mse | cosine | smooth_l1
+    loss: str = "mse"  # mse | smooth_l1 | cosine (kernels.regression.LOSSES)
     target: str = "input_embedding"  # input_embedding | ema_input_embedding | encoder_output
     head: str = "linear"  # linear | mlp
     ema_decay: float = 0.999
     warmup_steps: int = 0  # the weight ramps linearly from 0 over this many steps
-    loss_impl: str = "auto"  # head + loss: auto | fused | triton | torch (kernels) | reference
+    loss_impl: str = "auto"  # head + loss (kernels/regression.py): auto | reference | fused | triton
 
     def __post_init__(self):
-        _check(self.loss in ("mse", "cosine", "smooth_l1"),
-               f"semantic.loss must be mse, cosine or smooth_l1; got {self.loss!r}")
+        _check_choice("semantic.loss", self.loss, regression.LOSSES)
+        _check_choice("semantic.loss_impl", self.loss_impl, SEMANTIC_LOSS_IMPLS,
+                      _RENAMED_SEMANTIC_LOSS_IMPLS)
         _check(self.target in ("input_embedding", "ema_input_embedding", "encoder_output"),
                f"semantic.target must be input_embedding, ema_input_embedding or "
                f"encoder_output; got {self.target!r}")

@@ -2,7 +2,7 @@
 
 Every loss is returned as (sum over contributing tokens, number of those tokens) so the caller
 can normalise by the *global* token count of the step: then gradient accumulation and data
-parallelism do not change the loss (DESIGN.md section 2).
+parallelism do not change the loss.
 """
 
 from __future__ import annotations
@@ -11,24 +11,14 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
+from megatron_unihetero.kernels.cross_entropy import fused_linear_cross_entropy
+from megatron_unihetero.kernels.regression import fused_regression_loss
 from megatron_unihetero.models.config import IGNORE_INDEX
 
 LossAndCount = Tuple[torch.Tensor, torch.Tensor]
-
-
-def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token regression loss [N]; ``target`` is detached here (a stop-gradient target)."""
-    target = target.detach().to(prediction.dtype)
-    if kind == "mse":
-        return (prediction - target).pow(2).mean(dim=-1)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(prediction, target, reduction="none", beta=1.0).mean(dim=-1)
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(prediction, target, dim=-1, eps=1e-8)
-    raise ValueError(f"unknown regression loss {kind!r}; expected mse, cosine or smooth_l1")
 
 
 class SemanticHead(nn.Module):
@@ -49,31 +39,27 @@ class SemanticHead(nn.Module):
         else:
             raise ValueError(f"semantic head must be linear or mlp; got {kind!r}")
 
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Everything before the last linear layer ``proj`` (what the fused loss kernel takes)."""
+        return F.gelu(self.fc1(hidden)) if self.kind == "mlp" else hidden
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.kind == "mlp":
-            hidden = F.gelu(self.fc1(hidden))
-        return self.proj(hidden)
+        return self.proj(self.features(hidden))
 
 
 def semantic_loss(head: SemanticHead, hidden: torch.Tensor, target: torch.Tensor,
                   kind: str, impl: str = "auto") -> LossAndCount:
     """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``.
 
-    The head's last linear layer and the loss run as one fused op (kernels/regression.py),
-    which never keeps the prediction; ``impl="reference"`` uses plain autograd instead.
+    kernels/regression.py computes it (and validates ``kind``): by default the head's last
+    linear layer and the loss run as one fused op that never keeps the prediction;
+    ``impl="reference"`` is plain autograd through ``head(hidden)``.
     """
     count = torch.tensor(hidden.shape[0], dtype=torch.long, device=hidden.device)
     if hidden.shape[0] == 0:
         # Keep the head in the graph so every rank runs the same backward.
         return sum(p.sum() for p in head.parameters()) * 0.0, count
-    if impl == "reference":
-        return regression_loss(head(hidden).float(), target.float(), kind).sum(), count
-    from megatron_unihetero.kernels.regression import fused_regression_loss
-
-    features = F.gelu(head.fc1(hidden)) if head.kind == "mlp" else hidden
-    loss = fused_regression_loss(features, head.proj.weight, head.proj.bias,
-                                 target.detach().to(features.dtype), loss=kind, impl=impl)
-    return loss, count
+    return fused_regression_loss(head, hidden, target, loss=kind, impl=impl), count
 
 
 def text_label_mask(labels: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -87,9 +73,10 @@ def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, excluded
 
     ``hidden`` [N, H] and ``labels`` [N]; labels equal to IGNORE_INDEX or ``excluded_label``
     (the image placeholder: predicting it is the semantic head's job) do not count. The LM head
-    stays vocab-parallel under TP. ``impl``: the fused linear + cross-entropy kernel
-    (kernels/cross_entropy.py: never materialises [N, V] logits; auto | torch | triton | naive),
-    or "megatron" (the output layer, then megatron's vocab-parallel cross-entropy).
+    stays vocab-parallel under TP. ``impl``: the linear + cross-entropy kernel
+    (kernels/cross_entropy.py: auto | reference | fused | triton; fused and triton never
+    materialise [N, V] logits), or "megatron" (the output layer, then megatron's vocab-parallel
+    cross-entropy).
     """
     keep = text_label_mask(labels, excluded_label)
     if impl == "megatron":
@@ -97,10 +84,6 @@ def text_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, excluded
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels[None])[0]
         return (per_token * keep).sum(), keep.sum()
-    from megatron.core import parallel_state
-
-    from megatron_unihetero.kernels.cross_entropy import fused_linear_cross_entropy
-
     tp_group = (parallel_state.get_tensor_model_parallel_group()
                 if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
     masked = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))

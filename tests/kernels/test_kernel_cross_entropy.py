@@ -1,4 +1,4 @@
-"""Parity of fused_linear_cross_entropy (chunked torch, Triton, vocab-parallel) with the naive
+"""Parity of fused_linear_cross_entropy (fused chunked torch, Triton, vocab-parallel) with the
 full-logits reference, forward and backward, fp32 and bf16."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero.kernels import fused_linear_cross_entropy
-from megatron_unihetero.kernels._dispatch import ENV_VAR, resolve_impl
+from megatron_unihetero.kernels._dispatch import ENV_VAR, REFERENCE, resolve_impl
 from megatron_unihetero.kernels.cross_entropy import default_chunk_size
 from megatron_unihetero.kernels.testing import assert_close
 from megatron_unihetero.testing import run_distributed_test
@@ -32,10 +32,10 @@ def _run(impl, hidden, weight, labels, grad_scale=0.5, **kw):
 
 
 def check_parity(impl, dtype, n=37, h=16, v=53, chunk_size=8, device="cpu"):
-    """``impl`` on ``dtype`` inputs against the naive path on the same values in fp32."""
+    """``impl`` on ``dtype`` inputs against the reference on the same values in fp32."""
     hidden, weight, labels = _inputs(n, h, v, dtype, device)
     loss, count, gh, gw = _run(impl, hidden, weight, labels, chunk_size=chunk_size)
-    ref_loss, ref_count, ref_gh, ref_gw = _run("naive", hidden.float(), weight.float(), labels)
+    ref_loss, ref_count, ref_gh, ref_gw = _run("reference", hidden.float(), weight.float(), labels)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert count.dtype == torch.int64 and int(count) == int(ref_count) == int((labels != IGNORE).sum())
     assert gh.dtype == dtype and gw.dtype == dtype
@@ -46,13 +46,13 @@ def check_parity(impl, dtype, n=37, h=16, v=53, chunk_size=8, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [8, 37, None])  # uneven last chunk, one chunk, default
-def test_torch_matches_naive(dtype, chunk_size):
-    check_parity("torch", dtype, chunk_size=chunk_size)
+def test_fused_matches_reference(dtype, chunk_size):
+    check_parity("fused", dtype, chunk_size=chunk_size)
 
 
-def test_naive_matches_plain_cross_entropy():
+def test_reference_matches_plain_cross_entropy():
     hidden, weight, labels = _inputs(20, 8, 11, torch.float32)
-    loss, count = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="naive")
+    loss, count = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="reference")
     mask = labels != IGNORE
     expected = torch.nn.functional.cross_entropy(hidden[mask] @ weight.t(), labels[mask], reduction="sum")
     torch.testing.assert_close(loss, expected)
@@ -62,10 +62,10 @@ def test_naive_matches_plain_cross_entropy():
 def test_no_grad_and_all_ignored():
     hidden, weight, labels = _inputs(16, 8, 11, torch.float32)
     with torch.no_grad():
-        loss, _ = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="torch")
-    ref, _ = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="naive")
+        loss, _ = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="fused")
+    ref, _ = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, impl="reference")
     torch.testing.assert_close(loss, ref.detach())
-    loss, count, gh, gw = _run("torch", hidden, weight, torch.full_like(labels, IGNORE), chunk_size=4)
+    loss, count, gh, gw = _run("fused", hidden, weight, torch.full_like(labels, IGNORE), chunk_size=4)
     assert float(loss) == 0.0 and int(count) == 0
     assert gh.abs().max() == 0 and gw.abs().max() == 0
 
@@ -79,13 +79,14 @@ def test_default_chunk_is_bounded():
 
 
 def test_env_forces_reference(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, "torch")
-    assert resolve_impl("x", "auto", ("torch", "triton"), ["triton", "torch"]) == "torch"
-    assert resolve_impl("x", "triton", ("torch", "triton"), ["triton", "torch"]) == "triton"
+    valid = (REFERENCE, "fused", "triton")
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert resolve_impl("x", "auto", valid, ["triton", "fused"]) == REFERENCE
+    assert resolve_impl("x", "triton", valid, ["triton", "fused"]) == "triton"
     monkeypatch.delenv(ENV_VAR)
-    assert resolve_impl("x", "auto", ("torch", "triton"), ["triton", "torch"]) == "triton"
+    assert resolve_impl("x", "auto", valid, ["triton", "fused"]) == "triton"
     with pytest.raises(ValueError):
-        resolve_impl("x", "cuda_magic", ("torch", "triton"), ["torch"])
+        resolve_impl("x", "cuda_magic", valid, ["fused"])
 
 
 # ----------------------------------------------------------------- tensor parallel (gloo, 2 ranks)
@@ -105,7 +106,7 @@ def _tp_case(group, impl, dtype):
     hidden, weight, labels = _inputs(n, h, v, dtype)  # same seed: identical on every rank
     shard = slice(rank * v // world, (rank + 1) * v // world)
     loss, count, gh, gw = _run(impl, hidden, weight[shard], labels, tp_group=group, chunk_size=8)
-    ref_loss, ref_count, ref_gh, ref_gw = _run("naive", hidden.float(), weight.float(), labels)
+    ref_loss, ref_count, ref_gh, ref_gw = _run("reference", hidden.float(), weight.float(), labels)
     assert int(count) == int(ref_count)
     assert_close(loss, ref_loss, dtype, scale=n, msg=f"{impl} {dtype} rank {rank} loss")
     assert_close(gh, ref_gh, dtype, msg=f"{impl} {dtype} rank {rank} grad hidden (must be the all-reduced one)")
@@ -117,7 +118,7 @@ def _tp_case(group, impl, dtype):
 
 
 def test_vocab_parallel_matches_single_rank():
-    cases = [("torch", torch.float32), ("torch", torch.bfloat16), ("naive", torch.float32)]
+    cases = [("fused", torch.float32), ("fused", torch.bfloat16), ("reference", torch.float32)]
     run_distributed_test(_tp_worker, 2, cases)
 
 
@@ -131,7 +132,7 @@ def interpreted_cases():
 
 @pytest.mark.requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gpu_matches_naive(dtype):
+def test_triton_gpu_matches_reference(dtype):
     check_parity("triton", dtype, n=1000, h=256, v=5003, chunk_size=256, device="cuda")
     check_parity("auto", dtype, n=1000, h=256, v=5003, chunk_size=None, device="cuda")
 

@@ -1,9 +1,11 @@
-"""fused_regression_loss: the one-pass paths (torch math, Triton) against plain autograd, forward
-and backward, for mse / smooth_l1 / cosine, fp32 and bf16, with and without bias."""
+"""fused_regression_loss: the one-pass paths (fused torch math, Triton) against the plain
+autograd reference, forward and backward, for mse / smooth_l1 / cosine, fp32 and bf16, with and
+without bias; and a head whose features are not the identity."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from megatron_unihetero.kernels import fused_regression_loss
 from megatron_unihetero.kernels.testing import assert_close
@@ -22,19 +24,39 @@ def _inputs(n, h, d, dtype, device="cpu", bias=True, seed=0):
     return cast(hidden), cast(weight), cast(b), cast(target)
 
 
+class LinearHead(nn.Module):
+    """The head protocol fused_regression_loss takes: features (identity here), then proj."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+            if bias is not None:
+                self.proj.bias.copy_(bias)
+
+    def features(self, hidden):
+        return hidden
+
+    def forward(self, hidden):
+        return self.proj(self.features(hidden))
+
+
 def _run(impl, hidden, weight, bias, target, loss):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    head = LinearHead(weight, bias)
+    h = hidden.detach().clone().requires_grad_()
     tgt = target.detach().clone().requires_grad_()  # must NOT receive a gradient
-    out = fused_regression_loss(*leaves, tgt, loss=loss, impl=impl)
+    out = fused_regression_loss(head, h, tgt, loss=loss, impl=impl)
     (out * 0.75).backward()
     assert tgt.grad is None
-    return out.detach(), [None if t is None else t.grad for t in leaves]
+    return out.detach(), [h.grad, head.proj.weight.grad, head.proj.bias.grad if bias is not None else None]
 
 
 def check_parity(impl, dtype, loss, n=19, h=24, d=10, bias=True, device="cpu"):
     inputs = _inputs(n, h, d, dtype, device, bias)
     out, grads = _run(impl, *inputs, loss)
-    ref, ref_grads = _run("torch", *[None if t is None else t.float() for t in inputs], loss)
+    ref, ref_grads = _run("reference", *[None if t is None else t.float() for t in inputs], loss)
     assert out.dtype == torch.float32 and out.dim() == 0
     assert_close(out, ref, dtype, scale=n, msg=f"{impl} {loss} loss")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -54,7 +76,7 @@ def test_reference_definitions():
         "cosine": (1 - F.cosine_similarity(pred, target, dim=-1)).sum(),
     }
     for loss, value in expected.items():
-        got = fused_regression_loss(hidden, weight, bias, target, loss=loss, impl="torch")
+        got = fused_regression_loss(LinearHead(weight, bias), hidden, target, loss=loss, impl="reference")
         torch.testing.assert_close(got.double(), value, rtol=1e-6, atol=1e-6)
 
 
@@ -65,13 +87,45 @@ def test_fused_matches_autograd(dtype, loss, bias):
     check_parity("fused", dtype, loss, bias=bias)
 
 
+class MLPHead(nn.Module):
+    def __init__(self, h, d):
+        super().__init__()
+        self.fc1, self.proj = nn.Linear(h, h, dtype=torch.float64), nn.Linear(h, d, dtype=torch.float64)
+
+    def features(self, hidden):
+        return torch.tanh(self.fc1(hidden))
+
+    def forward(self, hidden):
+        return self.proj(self.features(hidden))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fused_backpropagates_through_the_head_features(loss):
+    """The one-pass path takes the head, not its parts: gradients reach the layers before proj."""
+    torch.manual_seed(0)
+    head = MLPHead(6, 4)
+    hidden, target = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    grads = {}
+    for impl in ("reference", "fused"):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        out = fused_regression_loss(head, h, target, loss=loss, impl=impl)
+        out.backward()
+        grads[impl] = [out.detach(), h.grad] + [p.grad.clone() for p in head.parameters()]
+    for a, b in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_on_cpu_is_fused_and_rejects_unknown_loss():
     hidden, weight, bias, target = _inputs(4, 6, 5, torch.float32)
     hidden.requires_grad_()
-    out = fused_regression_loss(hidden, weight, bias, target)
+    head = LinearHead(weight, bias)
+    out = fused_regression_loss(head, hidden, target)
     assert type(out.grad_fn).__name__.startswith("_FusedRegression")
-    with pytest.raises(ValueError):
-        fused_regression_loss(hidden, weight, bias, target, loss="l3")
+    with pytest.raises(ValueError, match="unknown regression loss 'l3'"):
+        fused_regression_loss(head, hidden, target, loss="l3")
+    with pytest.raises(ValueError, match=r"target \[N, 5\]"):
+        fused_regression_loss(head, hidden, target[:, :4])
 
 
 def interpreted_cases():

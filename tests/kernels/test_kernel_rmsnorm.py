@@ -1,5 +1,5 @@
-"""rms_norm: torch reference against the textbook formula; Triton (interpreted / compiled) and
-apex against the reference, forward and backward, fp32 and bf16."""
+"""rms_norm: the reference and the fused torch path against the textbook formula; fused, Triton
+(interpreted / compiled) and apex against the reference, forward and backward, fp32 and bf16."""
 
 import pytest
 import torch
@@ -26,27 +26,30 @@ def _run(impl, x, w, g, eps):
 def check_parity(impl, dtype, shape=(3, 5, 40), eps=1e-5, device="cpu"):
     x, w, g = _inputs(shape, dtype, device)
     outs = _run(impl, x, w, g, eps)
-    refs = _run("torch", x.float(), w.float(), g.float(), eps)
+    refs = _run("reference", x.float(), w.float(), g.float(), eps)
     assert outs[0].shape == x.shape and outs[0].dtype == dtype
     for name, a, r in zip(("y", "grad x", "grad w"), outs, refs):
         assert_close(a, r, dtype, scale=10 if name == "grad w" else 1, msg=f"{impl} {name}")
 
 
-def test_reference_formula():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_formula(impl):
     x, w, _ = _inputs((4, 7), torch.float64)
     expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
-    torch.testing.assert_close(rms_norm(x, w, eps=1e-6, impl="torch"), expected)
+    torch.testing.assert_close(rms_norm(x, w, eps=1e-6, impl=impl), expected)
 
 
-def test_reference_backward_gradcheck():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_backward_gradcheck(impl):
     x, w, _ = _inputs((3, 2, 9), torch.float64)
-    torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, eps=1e-6, impl="torch"),
+    torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, eps=1e-6, impl=impl),
                              (x.requires_grad_(), w.requires_grad_()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_reference_dtypes(dtype):
-    check_parity("torch", dtype)
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_torch_paths_dtypes(impl, dtype):
+    check_parity(impl, dtype)
 
 
 def test_bad_weight_shape():

@@ -1,5 +1,6 @@
-"""apply_rope: the torch reference against a complex-number rotation, both layouts, partial
-rotary; Triton (interpreted / compiled) against the reference, forward and backward."""
+"""apply_rope: the reference and the fused torch path against a complex-number rotation, both
+layouts, partial rotary; fused and Triton (interpreted / compiled) against the reference,
+forward and backward."""
 
 import pytest
 import torch
@@ -35,34 +36,37 @@ def check_parity(impl, dtype, layout="bshd", b=2, s=6, h=3, d=16, rot=16, per_sa
     g = torch.randn(x.shape, generator=gen)
     cos, sin = ang.cos().to(device), ang.sin().to(device)
     out, gx = _run(impl, x.to(device, dtype), cos, sin, g.to(device, dtype))
-    ref, rgx = _run("torch", x.to(device), cos, sin, g.to(device))
+    ref, rgx = _run("reference", x.to(device), cos, sin, g.to(device))
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, ref, dtype, msg=f"{impl} {layout} out")
     assert_close(gx, rgx, dtype, msg=f"{impl} {layout} grad")
 
 
-def test_reference_is_a_complex_rotation_of_half_pairs():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_is_a_complex_rotation_of_half_pairs(impl):
     b, s, h, d = 2, 5, 3, 8
     x = torch.randn(b, s, h, d, dtype=torch.float64)
     ang = _angles(s, d).double()
-    y = apply_rope(x, ang.cos()[None, :, None], ang.sin()[None, :, None], impl="torch")
+    y = apply_rope(x, ang.cos()[None, :, None], ang.sin()[None, :, None], impl=impl)
     z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(torch.ones(s, d // 2).double(), ang[:, : d // 2])[None, :, None]
     torch.testing.assert_close(y, torch.cat([z.real, z.imag], dim=-1))
 
 
-def test_backward_is_the_transposed_rotation():
-    """gradcheck in fp64, partial rotary, with tables whose halves differ (the backward must not
-    assume the Llama table's duplicated halves)."""
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_backward_is_the_transposed_rotation(impl):
+    """gradcheck in fp64, partial rotary, with tables whose halves differ (the fused backward
+    must not assume the Llama table's duplicated halves)."""
     x = torch.randn(2, 4, 3, 10, dtype=torch.float64, requires_grad=True)
     ang = torch.rand(2, 4, 1, 6, dtype=torch.float64) * 6.0
-    torch.autograd.gradcheck(lambda t: apply_rope(t, ang.cos(), ang.sin(), impl="torch"), (x,))
+    torch.autograd.gradcheck(lambda t: apply_rope(t, ang.cos(), ang.sin(), impl=impl), (x,))
 
 
-def test_layouts_agree_and_partial_rotary_passes_tail():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_layouts_agree_and_partial_rotary_passes_tail(impl):
     x = torch.randn(2, 5, 3, 8)
     ang = _angles(5, 4)
-    y_bshd = apply_rope(x, ang.cos()[None, :, None], ang.sin()[None, :, None], impl="torch")
-    y_sbhd = apply_rope(x.transpose(0, 1), ang.cos()[:, None, None], ang.sin()[:, None, None], impl="torch")
+    y_bshd = apply_rope(x, ang.cos()[None, :, None], ang.sin()[None, :, None], impl=impl)
+    y_sbhd = apply_rope(x.transpose(0, 1), ang.cos()[:, None, None], ang.sin()[:, None, None], impl=impl)
     torch.testing.assert_close(y_bshd, y_sbhd.transpose(0, 1))
     torch.testing.assert_close(y_bshd[..., 4:], x[..., 4:])
 
@@ -79,8 +83,10 @@ def test_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_dtypes(dtype):
-    check_parity("torch", dtype)
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_torch_paths_dtypes(impl, dtype):
+    check_parity(impl, dtype)
+    check_parity(impl, dtype, "sbhd", rot=8)  # partial rotary
 
 
 def interpreted_cases():

@@ -1,5 +1,5 @@
-"""swiglu_linear against megatron-core's fc1 + glu (one GEMM, chunk, silu * up): forward and
-backward, fp64 gradcheck, fp32 and bf16."""
+"""swiglu_linear's fused path against megatron-core's fc1 + glu (one GEMM, chunk, silu * up, the
+reference impl): forward and backward, fp64 gradcheck, fp32 and bf16."""
 
 import pytest
 import torch
@@ -44,9 +44,9 @@ def test_matches_megatron_fc1_and_glu(dtype):
         assert_close(a, r, dtype, scale=10 if name == "grad weight" else 1, msg=name)
 
 
-def test_unfused_impl_is_megatrons_composition():
+def test_reference_impl_is_megatrons_composition():
     x, weight, _ = _inputs((4, 6), 3, torch.float64)
-    torch.testing.assert_close(swiglu_linear(x, weight, impl="unfused"), _reference(x, weight))
+    torch.testing.assert_close(swiglu_linear(x, weight, impl="reference"), _reference(x, weight))
 
 
 def test_bad_weight_shape():
