@@ -102,7 +102,7 @@ def ours_step(cfg, semantic_weight: float, compile_layers: bool = False):
     weights = {"text": 1.0, "semantic": semantic_weight}
 
     def step():
-        engine.train_step([batch], weights, cfg.train.lr)
+        engine.train_step([batch], weights)
 
     if compile_layers:
         run_first_step(step, "train.compile")

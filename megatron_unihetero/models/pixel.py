@@ -1,12 +1,13 @@
 """Pixel generation: a MAR-style diffusion head predicting the next VAE latent token.
 
-The paper's pixel arm (DESIGN.md section 2): position i, whose next position is visual,
-predicts the latent token of position i+1 (the same shift as the semantic head). As in MAR
+The paper's pixel arm: position i, whose next position is visual, predicts the latent token of
+position i+1 (the same shift as the semantic head). As in MAR
 (Li et al., 2024, "Autoregressive Image Generation without Vector Quantization"), the
 prediction is not a regression: a small MLP denoiser, conditioned on a vector from the LLM,
 learns p(latent | condition) with a diffusion loss (MSE on the noise), with
 ``diffusion_batch_mul`` noise draws per token so the small head sees more noise levels per
-LLM forward. Two routings decide where the condition comes from:
+LLM forward. The noise schedule and the sampler are diffusers' ``DDPMScheduler`` and
+``DDIMScheduler``. Two routings decide where the condition comes from:
 
 * ``shared``: the LLM's last hidden state itself, so the pixel gradient reaches the LLM (the
   setting the paper says hurts understanding at scale);
@@ -29,24 +30,44 @@ from torch import nn
 
 from megatron_unihetero.models.config import PixelGenConfig
 from megatron_unihetero.models.heads import LossAndCount
+from megatron_unihetero.models.vae import require_diffusers
 
 
-def alphas_cumprod(kind: str, steps: int) -> torch.Tensor:
-    """Cumulative signal fraction alpha-bar_t for t = 0..steps-1 (float64)."""
-    if kind == "linear":
-        # DDPM's schedule (1e-4 .. 0.02 over 1000 steps), rescaled to other step counts as in
-        # improved-diffusion / MAR, so the total noise added stays comparable.
+def noise_schedule(config: PixelGenConfig):
+    """The training noise schedule: diffusers' ``DDPMScheduler`` (betas, alpha-bar, noising).
+
+    ``linear``: DDPM's betas (1e-4 .. 0.02 over 1000 steps), rescaled to other step counts as
+    in improved-diffusion / MAR, so the total noise added stays comparable. ``cosine``: Nichol &
+    Dhariwal (2021), alpha-bar(t) = cos^2((t/T + s) / (1 + s) * pi / 2) with s = 0.008 and the
+    betas capped at 0.999 (diffusers' ``squaredcos_cap_v2``). The tables are float32.
+    """
+    diffusers = require_diffusers()
+    steps = config.num_diffusion_steps
+    kwargs = dict(num_train_timesteps=steps, clip_sample=False,
+                  prediction_type="epsilon" if config.prediction == "epsilon" else "v_prediction")
+    if config.noise_schedule == "linear":
         scale = 1000.0 / steps
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
-    elif kind == "cosine":
-        # Nichol & Dhariwal (2021): alpha-bar(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
-        s = 0.008
-        t = torch.arange(steps + 1, dtype=torch.float64) / steps
-        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        kwargs.update(beta_schedule="linear", beta_start=scale * 1e-4, beta_end=scale * 0.02)
+    elif config.noise_schedule == "cosine":
+        kwargs.update(beta_schedule="squaredcos_cap_v2")
     else:
-        raise ValueError(f"noise schedule must be cosine or linear; got {kind!r}")
-    return torch.cumprod(1.0 - betas, dim=0)
+        raise ValueError(f"noise schedule must be cosine or linear; got {config.noise_schedule!r}")
+    return diffusers.DDPMScheduler(**kwargs)
+
+
+def sampling_schedule(noise, num_steps: int):
+    """Deterministic DDIM (eta = 0) over the alpha-bar of ``noise`` (a :func:`noise_schedule`):
+    diffusers' ``DDIMScheduler`` with ``num_steps`` steps.
+
+    Trailing timestep spacing (T-1, T-1-T/n, ...): sampling starts from the noisiest training
+    level, and the last step goes to alpha-bar 1 (``set_alpha_to_one``), the clean latent.
+    diffusers' DDIM steps from t to t - T // n; when n divides T that is the next timestep.
+    """
+    diffusers = require_diffusers()
+    schedule = diffusers.DDIMScheduler.from_config(noise.config, set_alpha_to_one=True,
+                                                   timestep_spacing="trailing", clip_sample=False)
+    schedule.set_timesteps(num_steps)
+    return schedule
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -146,14 +167,10 @@ class PixelHead(nn.Module):
                                  f"LLM hidden size {hidden_size}")
             self.decoder = ModalityDecoder(hidden_size, config.decoder_layers, config.decoder_heads)
         self.denoiser = Denoiser(token_dim, hidden_size, config.denoiser_width, config.denoiser_depth)
-        # A plain attribute, not a buffer: derived from the config (no checkpoint entry), and
-        # kept in float32 when the model is cast to bf16 (alpha-bar near 1 needs the bits).
-        self._alphas_cumprod = alphas_cumprod(config.noise_schedule, config.num_diffusion_steps).float()
-
-    def alpha_bar(self, t, device) -> torch.Tensor:
-        if self._alphas_cumprod.device != torch.device(device):
-            self._alphas_cumprod = self._alphas_cumprod.to(device)
-        return self._alphas_cumprod[t]
+        # A plain attribute, not a module or buffer: derived from the config (no checkpoint
+        # entry), and its float32 tables stay float32 when the model is cast to bf16 (alpha-bar
+        # near 1 needs the bits).
+        self.noise_scheduler = noise_schedule(config)
 
     def condition(self, hidden_bsh: torch.Tensor, semantic_mask: torch.Tensor,
                   segment_ids: torch.Tensor) -> torch.Tensor:
@@ -167,10 +184,10 @@ class PixelHead(nn.Module):
         return self.decoder(hidden_bsh.detach(), segment_ids)[semantic_mask]
 
     def _target_and_noisy(self, x0, noise, t):
-        ab = self.alpha_bar(t, x0.device)[:, None]
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        target = noise if self.cfg.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        return x_t, target
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.cfg.prediction == "epsilon":
+            return x_t, noise
+        return x_t, self.noise_scheduler.get_velocity(x0, noise, t)
 
     def loss(self, cond: torch.Tensor, latents: torch.Tensor,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -191,29 +208,20 @@ class PixelHead(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, num_steps: Optional[int] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Latent tokens [N, C] for conditions [N, H] by deterministic DDIM (eta = 0).
+        """Latent tokens [N, C] for conditions [N, H] by deterministic DDIM (eta = 0) over
+        ``num_steps`` trailing timesteps (:func:`sampling_schedule`).
 
         ``temperature`` scales the starting noise (MAR scales each step's noise instead; with
         eta = 0 the start is the only randomness).
         """
-        steps = num_steps or self.cfg.num_sampling_steps
-        total = self.cfg.num_diffusion_steps
-        times = torch.linspace(total - 1, 0, steps).round().long().tolist()
+        schedule = sampling_schedule(self.noise_scheduler, num_steps or self.cfg.num_sampling_steps)
         dtype = self.denoiser.output.weight.dtype
         x = torch.randn(cond.shape[0], self.token_dim, generator=generator,
                         device=cond.device, dtype=torch.float32) * temperature
-        for i, t in enumerate(times):
-            ab = self.alpha_bar(t, x.device)
-            ab_prev = self.alpha_bar(times[i + 1], x.device) if i + 1 < len(times) else x.new_tensor(1.0)
+        for t in schedule.timesteps.tolist():
             out = self.denoiser(x.to(dtype), torch.full((x.shape[0],), t, device=x.device),
                                 cond.to(dtype)).float()
-            if self.cfg.prediction == "epsilon":
-                eps = out
-                x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-            else:  # v = sqrt(ab) * eps - sqrt(1 - ab) * x0
-                x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
-                eps = (1 - ab).sqrt() * x + ab.sqrt() * out
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+            x = schedule.step(out, t, x, eta=0.0).prev_sample
         return x
 
 

@@ -4,7 +4,7 @@
     CKPT_DIR/iter_0000100/config.yaml     the resolved run config
     CKPT_DIR/iter_0000100/model/          per-(TP, PP) safetensors + layout.json (model_io.py)
     CKPT_DIR/iter_0000100/engine/         optimizer state per (TP, PP) rank (engine-specific)
-    CKPT_DIR/iter_0000100/trainer.pt      step, loader position, RNG states (rank 0)
+    CKPT_DIR/iter_0000100/trainer.pt      step, LR scheduler, loader position, RNG states (rank 0)
 
 Every rank writes its part into the iteration folder, all ranks meet at a barrier, then rank 0
 moves ``latest`` (write-then-rename). A crash mid-save leaves ``latest`` on the previous

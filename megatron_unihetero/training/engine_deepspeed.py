@@ -2,14 +2,16 @@
 
 Same interface as :class:`~megatron_unihetero.training.engine_megatron.MegatronEngine`.
 DeepSpeed owns backward, the DP gradient reduction (an average), clipping and the optimizer
-step; the model forward is ours (``{objective: (loss_sum, count)}``). Loss normalisation is the
-megatron engine's (DESIGN.md section 2, :mod:`~megatron_unihetero.training.step`): each
-micro-batch's loss is ``sum_k w_k * loss_sum_k / global_count_k`` times ``dp_size`` (undoing the
-DP average), and backward runs with ``scale_wrt_gas=False`` (no 1/gradient_accumulation).
+step; the model forward is ours (``{objective: (loss_sum, count)}``). Each micro-batch's loss
+is the megatron engine's (:func:`~megatron_unihetero.training.losses.assemble_loss`: normalised
+by the step's global token counts, so the step loss is the sum over micro-batches and DP
+ranks); backward runs with ``scale_wrt_gas=False`` (no 1/gradient_accumulation) and the loss
+times ``dp_size``, undoing DeepSpeed's DP average.
 
 Config: generated from the run config, or the user's JSON (``parallel.deepspeed_config``) with
-our values filled in where it says "auto" or leaves a key out. The learning rate is set on the
-optimizer every step (:func:`~megatron_unihetero.training.optim.lr_at`), so a DeepSpeed
+our values filled in where it says "auto" or leaves a key out. The learning rate and weight
+decay come from megatron-core's scheduler over DeepSpeed's param groups, as in the megatron
+engine (:func:`~megatron_unihetero.training.optim.build_lr_scheduler`), so a DeepSpeed
 "scheduler" section is dropped.
 
 Checkpoints: ``engine.save_checkpoint`` writes optimizer state and ZeRO partitions to
@@ -37,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero import parallel, platform
-from megatron_unihetero.training import step as step_lib
+from megatron_unihetero.training import losses
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import param_groups, untie_step_counters
+from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
+from megatron_unihetero.training.step import model_inputs
 
 _CKPT_TAG = "engine"
 
@@ -104,8 +107,8 @@ def resolve_config(cfg: RunConfig, dp_size: int) -> Dict[str, Any]:
                 f"({ours[key]} from data.micro_batch_size, train.grad_accumulation and DP size); "
                 f"set it to \"auto\" or drop it")
     if merged.get("scheduler"):
-        warnings.warn("deepspeed_config: the 'scheduler' section is ignored; the trainer sets the "
-                      "learning rate every step (train.lr, train.warmup_steps, train.min_lr)")
+        warnings.warn("deepspeed_config: the 'scheduler' section is ignored; the learning rate "
+                      "follows train.lr, train.warmup_steps, train.min_lr and train.steps")
         merged.pop("scheduler")
     merged.setdefault("zero_optimization", {})
     return merged
@@ -144,49 +147,31 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.grad_accumulation = int(self.ds_config["gradient_accumulation_steps"])
+        # DeepSpeed's optimizer wrappers (ZeRO, bf16) hand out the param groups of the torch
+        # optimizer inside, whose lr and weight_decay its step reads; each group carries the
+        # wd_mult of optim.param_groups. The trainer advances it (optim.advance_lr).
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
 
     # -- steps -------------------------------------------------------------------------------
-    def _param_groups(self) -> list:
-        groups = list(self.optimizer.param_groups)
-        basic = getattr(self.engine, "basic_optimizer", None)
-        if basic is not None:
-            groups += list(basic.param_groups)
-        return groups
-
-    def _set_lr(self, lr: float) -> None:
-        for group in self._param_groups():
-            group["lr"] = lr
-
     def _run(self, batches: List[dict], weights: Mapping[str, float], backward: bool) -> Dict[str, float]:
-        counts = step_lib.global_counts(batches, self.cfg.model.image_token_id, self.dp_group)
+        counts = losses.global_counts(batches, self.cfg.model.image_token_id, self.dp_group)
         device = next(self.model.parameters()).device
-        summary: Dict[str, float] = {}
+        reports = []
         for batch in batches:
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
-                      if k in step_lib._MODEL_INPUTS}
-            outputs = self.engine(**inputs)
-            total = torch.zeros((), device=device)
-            for name, (loss_sum, _) in outputs.items():
-                weight = weights.get(name, 1.0 if name == "text" else 0.0)
-                if name != "text" and weight == 0.0:
-                    continue
-                denom = max(counts.get(name, 0), 1)
-                total = total + weight * loss_sum / denom
-                summary[name] = summary.get(name, 0.0) + float(loss_sum.detach()) / denom
+            total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
+            reports.append(report)
             if backward:
-                # The DP reduction averages gradients: multiply by dp_size to get the sum.
+                # DeepSpeed averages gradients over DP; the normalised losses must be summed
+                # (losses.py): times dp_size.
                 self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
                 self.engine.step()  # steps the optimizer at the accumulation boundary only
-        summary["loss"] = sum(weights.get(k, 1.0 if k == "text" else 0.0) * v
-                              for k, v in summary.items())
-        summary.update({f"count_{k}": float(v) for k, v in counts.items()})
-        return summary
+        return losses.summarize(reports, counts, weights)
 
-    def train_step(self, batches: List[dict], weights: Mapping[str, float], lr: float) -> Dict[str, float]:
+    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+        """One optimizer step at the learning rate :attr:`lr_scheduler` last set."""
         if len(batches) != self.grad_accumulation:
             raise ValueError(f"got {len(batches)} micro-batches; DeepSpeed is configured for "
                              f"gradient_accumulation_steps={self.grad_accumulation}")
-        self._set_lr(lr)
         summary = self._run(batches, weights, backward=True)
         norm = self.engine.get_global_grad_norm()
         summary["grad_norm"] = float(norm) if norm is not None else float("nan")
@@ -280,7 +265,8 @@ class DeepSpeedEngine:
             universal_root = self._universal_checkpoint(iter_dir, ckpt_dir, saved)
             # ZeRO-3's universal load copies the first param group's hyperparameters into every
             # group, which would put weight decay on norms and biases: keep ours.
-            hyper = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in self._param_groups()]
+            hyper = [{k: v for k, v in g.items() if k not in ("params", "step")}
+                     for g in self.optimizer.param_groups]
             self.engine._config.load_universal_checkpoint = True
             try:
                 path, _ = self.engine.load_checkpoint(
@@ -288,7 +274,7 @@ class DeepSpeedEngine:
                     load_optimizer_states=True, load_lr_scheduler_states=False)
             finally:
                 self.engine._config.load_universal_checkpoint = False
-            for group, saved_hyper in zip(self._param_groups(), hyper):
+            for group, saved_hyper in zip(self.optimizer.param_groups, hyper):
                 group.update(saved_hyper)
             inner = getattr(self.engine.optimizer, "optimizer", None)
             if isinstance(inner, torch.optim.Optimizer):

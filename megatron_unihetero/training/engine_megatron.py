@@ -25,6 +25,7 @@ from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import (
+    build_lr_scheduler,
     build_megatron_optimizer,
     untie_step_counters,
     use_fused_torch_adam,
@@ -65,30 +66,35 @@ class MegatronEngine:
         self.cfg = cfg
         self.distributed = cfg.parallel.distributed_optimizer
         self.dp_group = parallel_state.get_data_parallel_group()
+        # Summing, not averaging, over DP: each rank's loss is already divided by the step's
+        # global token counts (training/losses.py), and megatron-core requires it with the
+        # model's calculate_per_token_loss.
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=self.distributed,
-                                                   average_in_collective=True)
+                                                   average_in_collective=False)
         self.wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
         for wrapped in self.wrapped:
             wrapped.broadcast_params()  # DP replicas start identical, before masters are copied
         params_dtype = next(p.dtype for p in self.model.parameters())
         self.optimizer = build_megatron_optimizer(self.wrapped, cfg, params_dtype)
+        # Sets each param group's learning rate and weight decay (times its wd_mult: none on
+        # biases and norms) on every step; the trainer advances it (optim.advance_lr).
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
 
     def _step_model(self):
         return self.wrapped if len(self.wrapped) > 1 else self.wrapped[0]
 
-    def train_step(self, batches: List[dict], weights: Mapping[str, float], lr: float) -> Dict[str, float]:
-        # What megatron's OptimizerParamScheduler does: its groups carry multipliers, and the
-        # weight decay of biases and norms (wd_mult 0) is zero only once applied.
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
+    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+        """One optimizer step at the learning rate :attr:`lr_scheduler` last set."""
         for wrapped in self.wrapped:
             wrapped.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # No finalize_model_grads_func for the schedule: its per-token scaling divides every
+        # gradient by one token count, while each objective here is normalised by its own
+        # (up front, in the loss); the DP reduction is finish_grad_sync below.
         summary = step_lib.forward_backward(
             self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
-            dp_group=self.dp_group, grads_averaged_over_dp=True)
+            dp_group=self.dp_group)
         for wrapped in self.wrapped:
             wrapped.finish_grad_sync()
         # Clips by the global norm (TP x PP, and the DP shards of the distributed optimizer),
@@ -107,7 +113,7 @@ class MegatronEngine:
         try:
             return step_lib.forward_backward(
                 self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
-                forward_only=True, dp_group=self.dp_group, grads_averaged_over_dp=True)
+                forward_only=True, dp_group=self.dp_group)
         finally:
             for chunk in self.chunks:
                 chunk.train()
@@ -124,8 +130,10 @@ class MegatronEngine:
                                                 f"_pp{parallel_state.get_pipeline_model_parallel_rank():02d}.pt")
 
     def _sharded_optimizers(self) -> list:
+        from megatron.core.optimizer import DistributedOptimizer
+
         return [opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-                if hasattr(opt, "get_parameter_state_dp_zero")]
+                if isinstance(opt, DistributedOptimizer)]
 
     def save(self, iter_dir: str) -> None:
         """Collective over the DP group (the distributed optimizer gathers its shards)."""
@@ -163,6 +171,10 @@ class MegatronEngine:
                 f"{'on' if self.distributed else 'off'}. Resume with the same setting, or start "
                 f"from the weights with --checkpoint.load={iter_dir} --checkpoint.resume=false")
         self.optimizer.load_state_dict(payload["common"])
+        # The loaded param groups carry the saved run's max_lr / min_lr, which the LR scheduler
+        # reads: this run's config wins, as for the rest of the schedule (optim.build_lr_scheduler).
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = self.cfg.train.lr, self.cfg.train.min_lr
         if self.distributed:
             # DP rank 0 scatters the gathered state to the current DP ranks (any DP size).
             # no_grad: for fp32 models the master shards are views of the parameters.

@@ -1,5 +1,11 @@
 """Learning-rate schedule and optimizers of the two engines.
 
+Schedule: megatron-core's ``OptimizerParamScheduler`` (:func:`build_lr_scheduler`), for both
+engines: linear warmup to ``train.lr`` over ``train.warmup_steps``, then cosine decay to
+``train.min_lr`` at ``train.steps``; the weight decay is constant, times each param group's
+``wd_mult``. The trainer advances it once per training step (:func:`advance_lr`) and keeps its
+state in the checkpoint.
+
 megatron engine: megatron-core's optimizer (:func:`build_megatron_optimizer`), by default its
 distributed optimizer (ZeRO-1: fp32 master weights and Adam moments sharded over the
 data-parallel ranks). It clips by the global gradient norm over TP x PP (x DP shards) and
@@ -13,33 +19,70 @@ Both: no weight decay on norms and biases (1-D tensors), AdamW (decoupled weight
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
 
+from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.training.config import RunConfig, TrainConfig
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+def build_lr_scheduler(optimizer, train: TrainConfig):
+    """megatron-core's ``OptimizerParamScheduler`` over ``optimizer``'s param groups.
+
+    Step s of training (0-based) runs at ``lr * (s + 1) / warmup_steps`` while s < warmup_steps,
+    then at ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2`` with
+    ``p = min((s - warmup_steps) / max(steps - warmup_steps, 1), 1)``. megatron's warmup is
+    ``init_lr + (max_lr - init_lr) * n / lr_warmup_steps`` at its step count n, so with
+    ``init_lr = 0`` step s is the scheduler's n = s + 1 during warmup; its cosine starts at
+    n = warmup_steps, and ours at s = warmup_steps (the peak a second time), so from there
+    n = s: :func:`advance_lr` holds the count once, at s = warmup_steps. ``lr_decay_steps``
+    (the end of the cosine) is ``steps``, at least one past the warmup (megatron requires
+    it; a run that ends within its warmup never gets there).
+
+    On resume the run config's schedule wins over the checkpoint's
+    (``override_opt_param_scheduler``; the megatron engine resets its groups' ``max_lr`` /
+    ``min_lr`` after a load): only the step count comes from the checkpoint, so a changed
+    ``train.steps`` or ``train.lr`` applies from the next step on.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if not 0.0 <= train.min_lr <= train.lr:
+        raise ConfigError(f"train.min_lr={train.min_lr} must be between 0 and train.lr={train.lr}")
+    decay_steps = max(train.steps, train.warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style="cosine",
+        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=decay_steps,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True)
+
+
+def advance_lr(scheduler, step: int, train: TrainConfig) -> float:
+    """Set the param groups' learning rate (and weight decay) for training step ``step``.
+
+    Call it once per training step, in order: from step 0 on a fresh scheduler, or from step k on
+    one loaded with the state saved after step k - 1 (:func:`build_lr_scheduler` explains the
+    held count). Returns the learning rate set (the first param group's; all groups share it).
+    """
+    scheduler.step(0 if step == train.warmup_steps else 1)
+    return float(scheduler.optimizer.param_groups[0]["lr"])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Weight decay on matrices only: norms, biases (1-D tensors) get none."""
+    """Weight decay on matrices only: norms, biases (1-D tensors) get none.
+
+    ``wd_mult`` is what the LR scheduler multiplies its weight decay by (as in megatron-core's
+    own groups).
+    """
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.dim() < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0})
     return groups
 
 
@@ -47,7 +90,8 @@ def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConf
     """megatron-core's optimizer over DDP-wrapped chunks (distributed when configured).
 
     Weight decay follows megatron-core's standard rule, which is ours: none on biases and 1-D
-    tensors. The learning rate is set by the engine every step (:func:`lr_at`).
+    tensors (``wd_mult`` 0). The learning rate and weight decay are set every step by the LR
+    scheduler (:func:`build_lr_scheduler`).
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -69,11 +113,10 @@ def use_fused_torch_adam(optimizer) -> None:
 
     megatron-core builds ``torch.optim.AdamW`` with its defaults, which on CPU is the
     for-loop implementation: about ten kernels and their Python per parameter tensor and step.
-    torch's fused AdamW (CPU and CUDA) updates each tensor in one kernel: measured 0.7 ms instead
-    of 2.0 ms per step for the tiny config's 31 tensors. Same update rule; results differ in the
-    last bits only (the order of the floating-point operations). Called again after a
-    checkpoint load (whose param groups replace the optimizer's): existing step counters move
-    to their parameter's device, where the fused kernel wants them.
+    torch's fused AdamW (CPU and CUDA) updates each tensor in one kernel. Same update rule;
+    results differ in the last bits only (the order of the floating-point operations). Called
+    again after a checkpoint load (whose param groups replace the optimizer's): existing step
+    counters move to their parameter's device, where the fused kernel wants them.
     """
     inners = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
     for inner in inners:

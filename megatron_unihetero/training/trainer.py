@@ -2,7 +2,7 @@
 
 It owns *when* things happen (steps, logging, evaluation, saving, SIGTERM); the engine
 (megatron or deepspeed) owns *how* a step runs. Restarting the same command resumes from
-``checkpoint.dir/latest``: model, optimizer, loader position, RNG states and step.
+``checkpoint.dir/latest``: model, optimizer, LR schedule, loader position, RNG states and step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.flops import flop_terms, step_flops
 from megatron_unihetero.training.metrics import MetricsLogger
-from megatron_unihetero.training.optim import lr_at
+from megatron_unihetero.training.optim import advance_lr
 
 
 H100_BF16_PEAK_TFLOPS = 989.0
@@ -110,6 +110,11 @@ class Trainer:
         self.engine.load(iter_dir)
         state = ckpt.load_trainer_state(iter_dir)
         self.step = int(state["step"])
+        if "lr_scheduler" in state:
+            self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        else:  # a checkpoint from before the scheduler was saved: replay its steps
+            for step in range(self.step):
+                advance_lr(self.engine.lr_scheduler, step, self.cfg.train)
         self.train_loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
 
@@ -125,7 +130,8 @@ class Trainer:
         self.engine.save(iter_dir)
         if dist.get_rank() == 0:
             ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
-                                               "rng": ckpt.rng_state()})
+                                               "rng": ckpt.rng_state(),
+                                               "lr_scheduler": self.engine.lr_scheduler.state_dict()})
         ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
         if dist.get_rank() == 0:
             ckpt.mark_latest(ck.dir, iter_dir)
@@ -158,8 +164,8 @@ class Trainer:
         while self.step < cfg.train.steps:
             start = time.perf_counter()
             batches = self.next_batches()
-            lr = lr_at(self.step, cfg.train)
-            summary = self.engine.train_step(batches, self.objective_weights(), lr)
+            lr = advance_lr(self.engine.lr_scheduler, self.step, cfg.train)
+            summary = self.engine.train_step(batches, self.objective_weights())
             elapsed = time.perf_counter() - start
             self.step += 1
             final = self._log_step(summary, batches, lr, elapsed)

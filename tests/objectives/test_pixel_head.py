@@ -5,17 +5,11 @@ import pytest
 import torch
 
 from megatron_unihetero.models.config import ConfigError, PixelGenConfig
-from megatron_unihetero.models.pixel import PixelHead, alphas_cumprod, pixel_loss
+from megatron_unihetero.models.pixel import PixelHead, noise_schedule, pixel_loss
 from megatron_unihetero.models.vae import patchify, unpatchify
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is ~50x faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/objectives/conftest.py
 
 
 def _head(prediction="epsilon", steps=100, **kw):
@@ -27,7 +21,8 @@ def _head(prediction="epsilon", steps=100, **kw):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_schedule_decreases_from_one_to_near_zero(kind):
-    ab = alphas_cumprod(kind, 1000)
+    ab = noise_schedule(PixelGenConfig(weight=1.0, noise_schedule=kind,
+                                       num_diffusion_steps=1000)).alphas_cumprod
     assert ab.shape == (1000,)
     assert bool((ab[1:] < ab[:-1]).all())
     assert 0.99 < float(ab[0]) < 1.0 and float(ab[-1]) < 0.01
@@ -73,7 +68,7 @@ class _Oracle(torch.nn.Module):
         self.output = torch.nn.Linear(1, 1)  # the sampler reads the dtype from here
 
     def forward(self, x, t, cond):
-        ab = self.head.alpha_bar(t, x.device)[:, None]
+        ab = self.head.noise_scheduler.alphas_cumprod.to(x.device)[t][:, None]
         eps = (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
         if self.head.cfg.prediction == "epsilon":
             return eps
@@ -134,7 +129,7 @@ def test_config_validation_names_the_field():
 
 
 def test_pixel_token_count_is_the_semantic_positions():
-    from megatron_unihetero.training.step import OBJECTIVES, count_targets
+    from megatron_unihetero.training.losses import OBJECTIVES, count_targets
 
     assert "pixel" in OBJECTIVES
     tokens = torch.tensor([[5, 3, 3, 3, 3, 6, 3, 3], [3, 3, 7, 8, 9, 9, 9, 9]])
@@ -147,7 +142,7 @@ def test_pixel_token_count_is_the_semantic_positions():
 
 def test_bf16_head_keeps_the_schedule_in_fp32():
     head = _head().to(torch.bfloat16)
-    assert head.alpha_bar(torch.tensor([0]), "cpu").dtype == torch.float32
+    assert head.noise_scheduler.alphas_cumprod.dtype == torch.float32
     cond = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
     loss, _ = pixel_loss(head, cond, torch.randn(3, 8))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

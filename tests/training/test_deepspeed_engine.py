@@ -1,9 +1,10 @@
 """DeepSpeed engine (ZeRO 1/2/3, DP=2, gloo on CPU) against the megatron engine.
 
 Same weights, same batches: the first step's loss equals the megatron engine's, later steps
-track it (same AdamW, same clipping, same learning rate), the loss decreases, and
-``model_state()`` has ``model.state_dict()``'s keys (gathered in full under ZeRO-3).
-The first DeepSpeed run on a machine builds its shared-memory comm op (~80 s, cached in
+track it (same AdamW, same clipping, same learning-rate schedule and weight decay), the loss
+decreases, and ``model_state()`` has ``model.state_dict()``'s keys (gathered in full under
+ZeRO-3).
+The first DeepSpeed run on a machine builds its shared-memory comm op (once: it is cached in
 ~/.cache/torch_extensions).
 """
 
@@ -26,8 +27,9 @@ def _run_config(stage):
         model=tiny_config(),
         data=DataConfig(micro_batch_size=2, seq_length=48),
         parallel=ParallelConfig(engine="deepspeed", zero_stage=stage),
+        # The schedule's three phases within the test: warmup, the peak again, cosine decay.
         train=TrainConfig(grad_accumulation=2, lr=LR, weight_decay=0.1, clip_grad=1.0,
-                          dtype="fp32"),
+                          dtype="fp32", warmup_steps=1, steps=STEPS + 1, min_lr=LR / 10),
     )
 
 
@@ -37,10 +39,13 @@ def _global(value):
     return float(t)
 
 
-def _train(engine, batches, steps):
+def _train(engine, batches, steps, first=0):
+    from megatron_unihetero.training.optim import advance_lr
+
     losses, norms = [], []
-    for _ in range(steps):
-        summary = engine.train_step(batches, WEIGHTS, LR)
+    for step in range(first, first + steps):
+        advance_lr(engine.lr_scheduler, step, engine.cfg.train)
+        summary = engine.train_step(batches, WEIGHTS)
         losses.append(summary["loss"])
         norms.append(summary["grad_norm"])
     return losses, norms
@@ -83,14 +88,18 @@ def zero_job(stage, tmp_dir):
         err = float((got.float() - want.float()).norm())
         assert err <= 1e-4 * float(want.float().norm()) + 1e-6, (stage, key, err)
 
-    # Save and resume: a fresh engine loaded from the checkpoint takes the same next step.
+    # Save and resume: a fresh engine loaded from the checkpoint (and the scheduler's state, as
+    # the trainer keeps it) takes the same next step.
     engine.save(tmp_dir)
-    next_loss = engine.train_step(batches, WEIGHTS, LR)["loss"]
+    scheduler_state = engine.lr_scheduler.state_dict()
+    (next_loss,), _ = _train(engine, batches, 1, first=STEPS)
     dist.barrier()
     resumed_model = parallel.build_model(cfg.model)
     resumed = DeepSpeedEngine(resumed_model, cfg)
     resumed.load(tmp_dir)
-    resumed_loss = resumed.train_step(batches, WEIGHTS, LR)["loss"]
+    resumed.lr_scheduler.load_state_dict(scheduler_state)
+    (resumed_loss,), _ = _train(resumed, batches, 1, first=STEPS)
+    assert resumed.optimizer.param_groups[0]["lr"] == engine.optimizer.param_groups[0]["lr"]
     assert abs(resumed_loss - next_loss) <= 1e-5 * abs(next_loss), (resumed_loss, next_loss)
     dist.barrier()
     parallel.destroy()

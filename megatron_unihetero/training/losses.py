@@ -1,0 +1,109 @@
+"""The training loss of both engines: the objectives' weighted total, normalised by global counts.
+
+Each objective k (text, semantic, pixel) contributes
+
+    w_k * (sum of its per-token losses over the whole step) / (its global token count)
+
+where the count spans every micro-batch of the step on every data-parallel rank. The counts
+depend on token ids alone, so they are known before the step runs (:func:`global_counts`), and
+each micro-batch's loss is divided by them up front (:func:`assemble_loss`): the step's loss is
+then the plain SUM of the micro-batch losses over micro-batches and DP ranks, and so is its
+gradient. A micro-batch holding more (or fewer) of an objective's tokens weighs accordingly,
+so the loss and the gradients are the same for any micro-batch split and any DP size, and each
+objective is a mean over its own tokens whatever the others count.
+
+The engines must therefore sum, never average: megatron-core's schedule with
+``calculate_per_token_loss`` does not divide by the number of micro-batches, and its DDP with
+``average_in_collective=False`` sums gradients over DP; DeepSpeed averages gradients over DP,
+so its engine multiplies the backward by the DP size.
+
+Weights: text defaults to 1, the others to 0. An objective other than text whose weight is 0
+is left out of the total and the report (its head may still be built, e.g. during a ramp).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_unihetero import platform
+from megatron_unihetero.models.heads import text_label_mask
+from megatron_unihetero.models.interleaver import semantic_positions
+
+OBJECTIVES = ("text", "semantic", "pixel")
+
+
+def objective_weight(weights: Mapping[str, float], name: str) -> float:
+    return weights.get(name, 1.0 if name == "text" else 0.0)
+
+
+def count_targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> Dict[str, int]:
+    """Tokens each objective trains on in a micro-batch (from token ids alone)."""
+    labels, tokens = batch["labels"], batch["tokens"]
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+        segment_ids = torch.zeros_like(tokens)
+    valid = segment_ids >= 0
+    text = (text_label_mask(labels, image_token_id) & valid).sum()
+    semantic = semantic_positions((tokens == image_token_id) & valid, segment_ids).sum()
+    # The pixel objective trains on the same positions: each semantic position has the next
+    # visual token's latent as its target.
+    return {"text": int(text), "semantic": int(semantic), "pixel": int(semantic)}
+
+
+def global_counts(batches: Iterable[Mapping[str, torch.Tensor]], image_token_id: int,
+                  dp_group=None) -> Dict[str, int]:
+    """Each objective's target tokens in the whole step: these micro-batches, summed over DP."""
+    totals = {k: 0 for k in OBJECTIVES}
+    for batch in batches:
+        for key, value in count_targets(batch, image_token_id).items():
+            totals[key] += value
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        # On the collective's device: NCCL reduces CUDA tensors only.
+        packed = torch.tensor([totals[k] for k in OBJECTIVES], dtype=torch.long, device=platform.device())
+        dist.all_reduce(packed, group=dp_group)
+        totals = dict(zip(OBJECTIVES, packed.tolist()))
+    return totals
+
+
+def assemble_loss(outputs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], counts: Mapping[str, int],
+                  weights: Mapping[str, float]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One micro-batch's share of the step loss.
+
+    ``outputs``: the model's ``{objective: (loss_sum, token_count)}`` for this micro-batch;
+    ``counts``: the step's global token counts (:func:`global_counts`). Returns the total
+    ``sum_k w_k * loss_sum_k / max(count_k, 1)`` (the count is 0 when no micro-batch of the step
+    has the objective's tokens; its loss sum is then 0 too) and the report: each objective's
+    detached ``loss_sum_k / count_k``, whose sum over the step's micro-batches and DP ranks is the
+    objective's mean loss.
+    """
+    device = next(iter(outputs.values()))[0].device
+    total = torch.zeros((), device=device)
+    report: Dict[str, torch.Tensor] = {}
+    for name, (loss_sum, _) in outputs.items():
+        weight = objective_weight(weights, name)
+        if name != "text" and weight == 0.0:
+            continue
+        share = loss_sum / max(counts.get(name, 0), 1)
+        total = total + weight * share
+        report[name] = share.detach()
+    return total, report
+
+
+def summarize(reports: List[Mapping[str, torch.Tensor]], counts: Mapping[str, int],
+              weights: Mapping[str, float]) -> Dict[str, float]:
+    """The step's summary on this rank from its micro-batches' reports.
+
+    Each objective's shares summed over the micro-batches, ``loss`` their weighted total, and
+    ``count_<objective>`` the global counts. The shares are this rank's part of the DP-global
+    means: the caller all-reduces (sums) them over DP for logging.
+    """
+    summary: Dict[str, float] = {}
+    for report in reports:
+        for name, value in report.items():
+            summary[name] = summary.get(name, 0.0) + float(value)
+    summary["loss"] = sum(objective_weight(weights, k) * v for k, v in summary.items())
+    summary.update({f"count_{k}": float(v) for k, v in counts.items()})
+    return summary
