@@ -22,15 +22,22 @@ import os
 import sys
 from typing import Dict, Optional
 
+from megatron_unihetero import parallel
+from megatron_unihetero.config_io import load_config
+from megatron_unihetero.data.tokenizer import build_tokenizer
+from megatron_unihetero.eval import runners
+from megatron_unihetero.eval.data import build_eval_sets, read_rows
+from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
+from megatron_unihetero.training import checkpoint as ckpt
+from megatron_unihetero.training.config import RunConfig
+
 ITERATION_CONFIG = "config.yaml"
 
 
 def resolve_iteration_dir(load: str) -> str:
     """CKPT/latest -> CKPT/<iteration> (training/checkpoint.py), or ``load`` itself when it is
     an iteration folder (holds config.yaml)."""
-    from megatron_unihetero.training.checkpoint import latest_iteration_dir
-
-    latest = latest_iteration_dir(load)
+    latest = ckpt.latest_iteration_dir(load)
     if latest is not None:
         return latest
     if os.path.isfile(os.path.join(load, ITERATION_CONFIG)):
@@ -41,10 +48,6 @@ def resolve_iteration_dir(load: str) -> str:
 
 def build_from_checkpoint(iteration_dir: str):
     """(RunConfig, model) with the checkpoint's weights, on this single process."""
-    from megatron_unihetero import parallel
-    from megatron_unihetero.config_io import load_config
-    from megatron_unihetero.training.config import RunConfig
-
     run_config = load_config(RunConfig, os.path.join(iteration_dir, ITERATION_CONFIG))
     parallel.initialize(1, 1, seed=run_config.train.seed)
     model = parallel.build_model(run_config.model)
@@ -55,8 +58,6 @@ def build_from_checkpoint(iteration_dir: str):
 
 def evaluate_model(model, sets, *, min_probe_samples: int = 10) -> Dict[str, object]:
     """Every metric that applies to this model and data."""
-    from megatron_unihetero.eval import runners
-
     results: Dict[str, object] = {"num_samples": len(sets.captions)}
     accuracy = runners.answer_accuracy(model, sets.questions)
     results["answer_accuracy"] = accuracy["accuracy"]
@@ -64,7 +65,7 @@ def evaluate_model(model, sets, *, min_probe_samples: int = 10) -> Dict[str, obj
     if len(sets.captions) >= min_probe_samples:
         probes = runners.attribute_probes(model, sets.captions, sets.attributes)
         results["probes"] = probes
-    if hasattr(model, "semantic_head"):
+    if model.semantic_head is not None:
         results["semantic_retrieval"] = runners.semantic_retrieval(model, sets.captions)
     return results
 
@@ -78,12 +79,6 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--output", help="write the metrics here as JSON")
     args = parser.parse_args(argv)
-
-    from megatron_unihetero import parallel
-    from megatron_unihetero.data.tokenizer import build_tokenizer
-    from megatron_unihetero.eval.data import build_eval_sets, read_rows
-    from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
-
     iteration_dir = resolve_iteration_dir(args.load)
     run_config, model = build_from_checkpoint(iteration_dir)
     tokenizer_path = args.tokenizer or run_config.data.tokenizer

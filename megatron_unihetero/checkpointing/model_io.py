@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_unihetero.checkpointing.sharding import (
-    MIRROR_PREFIX,
     RankLayout,
     is_model_state,
     merge_state_dicts,
@@ -38,14 +37,6 @@ def shard_file_name(tp_rank: int, pp_rank: int, vp_stage: Optional[int] = None) 
     """One file per (TP rank, PP rank[, virtual stage])."""
     vp = f"_vp{vp_stage:02d}" if vp_stage is not None else ""
     return f"tp{tp_rank:02d}_pp{pp_rank:02d}{vp}.safetensors"
-
-
-def mirror_prefixes(model_config) -> Tuple[str, ...]:
-    """State that is a copy of other state (the last stage's projector mirror)."""
-    semantic = model_config.semantic
-    if semantic.enabled and semantic.target == "input_embedding":
-        return (MIRROR_PREFIX,)
-    return ()
 
 
 def save_model_shard(state: Dict[str, torch.Tensor], model_dir: str, layout: RankLayout,

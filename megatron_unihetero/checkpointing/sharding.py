@@ -21,12 +21,15 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
+from megatron_unihetero.models.stage_plan import TARGET_PROJECTOR_PREFIX
+
 _LAYER = re.compile(r"^(llm\.decoder\.layers\.)(\d+)(\..*)$")
 _DIM0 = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")
 _DIM1 = ("linear_proj.weight", "linear_fc2.weight")
 _GLU = ("linear_fc1.weight",)
-# Derived copies that are not part of the model's state (see UniHeteroModel): rebuilt on load.
-MIRROR_PREFIX = "target_projector."
+# The last stage's copy of the projector (models/stage_plan.py): filled from the projector's
+# tensors when a full state dict has none of its own.
+MIRROR_PREFIX = TARGET_PROJECTOR_PREFIX
 
 
 @dataclass(frozen=True)

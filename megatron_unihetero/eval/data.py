@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from megatron_unihetero.data.collate import expand_sample
 from megatron_unihetero.data.image_transforms import ImageNormalizer
@@ -32,8 +33,6 @@ class EvalSets:
 
 
 def read_rows(path: str, max_samples: Optional[int] = None) -> List[dict]:
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     if max_samples is not None:
         table = table.slice(0, max_samples)

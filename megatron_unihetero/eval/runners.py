@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_unihetero.eval import metrics, probes, retrieval
 
@@ -37,8 +38,6 @@ class QuestionSample:
 def _check(model) -> None:
     if not (model.pre_process and model.post_process):
         raise ValueError("evaluation runners need the whole model on one rank (PP=1)")
-    from megatron.core import parallel_state
-
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise ValueError("evaluation runners need TP=1 (the logits are not gathered)")
 
@@ -134,7 +133,7 @@ def attribute_probes(model, samples: Sequence[TextSample], attributes: Dict[str,
 def semantic_retrieval(model, samples: Sequence[TextSample]) -> Dict[str, float]:
     """Top-1 retrieval of the true next visual target among the sample's own visual targets."""
     _check(model)
-    if not hasattr(model, "semantic_head"):
+    if model.semantic_head is None:
         raise ValueError("semantic retrieval needs the semantic head (model.semantic.weight > 0)")
     model.eval()
     hits, chance = [], []

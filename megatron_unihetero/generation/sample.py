@@ -25,10 +25,10 @@ import torch
 def _check_model(model) -> None:
     if not (model.pre_process and model.post_process):
         raise ValueError("sampling needs the whole model on one rank (TP=1, PP=1)")
-    if not hasattr(model, "semantic_head"):
+    if model.semantic_head is None:
         raise ValueError("sampling feeds the semantic head's predictions back as the next input "
                          "embeddings: enable model.semantic (weight > 0)")
-    if not hasattr(model, "pixel_head"):
+    if model.pixel_head is None:
         raise ValueError("sampling needs the pixel head: enable model.pixel (weight > 0)")
 
 
@@ -90,7 +90,7 @@ def sample_image(model, prompt_ids: Sequence[int], output_path: str, *, vae=None
     (present with ``pixel.latent_source: vae``; with precomputed latents pass the VAE that made
     them).
     """
-    vae = vae if vae is not None else getattr(model, "pixel_vae", None)
+    vae = vae if vae is not None else model.pixel_vae
     if vae is None:
         raise ValueError("no VAE to decode with: the model was trained on precomputed latents; "
                          "pass vae=PixelVAE(...) built from the VAE that produced them")

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import torch
 import yaml
+from transformers import GenerationConfig
 
 from megatron_unihetero import config_io
 from megatron_unihetero.checkpointing import model_io
@@ -24,25 +25,23 @@ from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, s
 from megatron_unihetero.hf.configs import ConversionError, llava_config
 from megatron_unihetero.hf.weights import full_to_llava_disk, split_heads
 from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.training import checkpoint as ckpt
 
-LATEST_FILE = "latest"
 CONFIG_FILE = "config.yaml"
 
 
 def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
-    """The iteration folder to export: ``iter_{N:07d}``, or the one ``latest`` names."""
+    """The iteration folder to export: ``iter_{N:07d}``, or the one ``latest`` names (the
+    trainer's own lister, training/checkpoint.py)."""
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load!r} is not a folder")
     if iteration is not None:
-        name = f"iter_{iteration:07d}"
+        path = ckpt.iteration_dir(load, iteration)
     else:
-        latest = os.path.join(load, LATEST_FILE)
-        if not os.path.isfile(latest):
-            raise ConversionError(f"{latest} is missing: {load!r} is not a checkpoint folder "
-                                  f"(or give --iteration)")
-        with open(latest) as handle:
-            name = handle.read().strip()
-    path = os.path.join(load, name)
+        path = ckpt.latest_iteration_dir(load)
+        if path is None:
+            raise ConversionError(f"{os.path.join(load, ckpt.LATEST)} is missing: {load!r} is not "
+                                  f"a checkpoint folder (or give --iteration)")
     if not os.path.isdir(path):
         raise ConversionError(f"checkpoint iteration folder {path!r} does not exist")
     return path
@@ -112,6 +111,4 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
 
 
 def _generation_config(tok):
-    from transformers import GenerationConfig
-
     return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

@@ -35,7 +35,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megatron_unihetero import config_io
-from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.config import ModelConfig, PixelGenConfig
+from megatron_unihetero.models.heads import SemanticHead
+from megatron_unihetero.models.pixel import PixelHead
+from megatron_unihetero.models.projector import Projector
 
 HEADS_WEIGHTS = "unihetero_heads.safetensors"
 HEADS_CONFIG = "unihetero_heads.json"
@@ -51,7 +54,7 @@ def save_heads(folder: str, heads_state: Dict[str, torch.Tensor], model: ModelCo
         "hidden_size": model.llm.hidden_size,
         "image_token_id": model.image_token_id,
         "semantic": config_io.to_dict(model.semantic),
-        "pixel": config_io.to_dict(model.pixel) if hasattr(model, "pixel") else None,
+        "pixel": config_io.to_dict(model.pixel),
         "modules": sorted({name.split(".", 1)[0] for name in heads_state}),
     }
     if "semantic_head.proj.weight" in heads_state:
@@ -71,9 +74,6 @@ class UniHeteroHeads(nn.Module):
 
     def __init__(self, meta: Dict[str, Any]):
         super().__init__()
-        from megatron_unihetero.models.heads import SemanticHead
-        from megatron_unihetero.models.projector import Projector
-
         self.meta = meta
         self.semantic_head: Optional[nn.Module] = None
         self.pixel_head: Optional[nn.Module] = None
@@ -84,9 +84,6 @@ class UniHeteroHeads(nn.Module):
         if "target_projector" in modules:
             self.target_projector = Projector(meta["target_projector_in"], meta["hidden_size"])
         if "pixel_head" in modules:
-            from megatron_unihetero.models.config import PixelGenConfig
-            from megatron_unihetero.models.pixel import PixelHead
-
             pixel = config_io.from_dict(PixelGenConfig, meta["pixel"])
             self.pixel_head = PixelHead(pixel, meta["hidden_size"], meta["pixel_token_dim"])
 

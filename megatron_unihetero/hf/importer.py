@@ -8,16 +8,20 @@ Two sources:
 
 The checkpoint is the one the trainer writes: ``CKPT/iter_0000000/{config.yaml, model/}`` and
 ``CKPT/latest``. Each (TP, PP) rank's file holds exactly the names that rank's
-UniHeteroModel has (:func:`stage_names` mirrors UniHeteroModel's construction), split by
+UniHeteroModel has (:func:`stage_names`: the stage's models/stage_plan.py plan), split by
 checkpointing/sharding.py's rules, so ``model_io.load_into_model`` loads it strictly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, Iterable, List, Optional
 
 import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
 from megatron_unihetero import config_io
 from megatron_unihetero.checkpointing import model_io
@@ -26,12 +30,17 @@ from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf.common import staged_output
 from megatron_unihetero.hf.configs import (
     ConversionError, llm_config_from_hf, model_config_from_llava, read_config_json, vision_type_of)
+from megatron_unihetero.hf.processor import hf_tokenizer
 from megatron_unihetero.hf.weights import llava_module_state_to_full, llm_from_hf
-from megatron_unihetero.models.config import ModelConfig, SemanticGenConfig, VisionConfig
+from megatron_unihetero.models.config import ModelConfig, PixelGenConfig, SemanticGenConfig, VisionConfig
+from megatron_unihetero.models.heads import SemanticHead
+from megatron_unihetero.models.projector import Projector
+from megatron_unihetero.models.stage_plan import TARGET_PROJECTOR_PREFIX, StagePlan, mirrored_prefixes
 from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config
+from megatron_unihetero.training import checkpoint as ckpt
+from megatron_unihetero.training.config import DataConfig, ParallelConfig, RunConfig
 
 State = Dict[str, torch.Tensor]
-ITERATION_NAME = "iter_0000000"
 
 
 def _from_pretrained(cls, folder: str, role: str):
@@ -50,9 +59,6 @@ def _from_pretrained(cls, folder: str, role: str):
 
 def _fresh_heads(model: ModelConfig, encoder_dim: int, seed: int) -> State:
     """Seeded fresh projector + semantic head (the way UniHeteroModel initialises them)."""
-    from megatron_unihetero.models.heads import SemanticHead
-    from megatron_unihetero.models.projector import Projector
-
     out: State = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -72,8 +78,6 @@ def _fresh_heads(model: ModelConfig, encoder_dim: int, seed: int) -> State:
 def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
                           semantic: SemanticGenConfig, seed: int,
                           max_sequence_length: Optional[int] = None):
-    from transformers import LlamaForCausalLM
-
     llm_json = read_config_json(llm_dir, "--llm")
     llm = llm_config_from_hf(llm_json, llm_dir, max_sequence_length)
     vision_json = read_config_json(vision_dir, "--vision")
@@ -83,8 +87,6 @@ def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
 
     full = llm_from_hf(_from_pretrained(LlamaForCausalLM, llm_dir, "--llm").state_dict(), llm)
     _, model_cls, _ = _HF_CLASSES[vision.model_type]
-    import transformers
-
     encoder = _from_pretrained(getattr(transformers, model_cls), vision_dir, "--vision")
     full.update({"vision.model." + k: v for k, v in encoder.state_dict().items()})
     full.update(_fresh_heads(model, load_hf_vision_config(vision).hidden_size, seed))
@@ -93,23 +95,15 @@ def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
 
 def from_llava(folder: str, llava_json: dict):
     """An exported Llava folder (+ its heads file) -> (ModelConfig, full state)."""
-    from transformers import LlavaForConditionalGeneration
-
     model = model_config_from_llava(llava_json, folder)
     hf = _from_pretrained(LlavaForConditionalGeneration, folder, "--llm")
     full = llava_module_state_to_full(hf.state_dict(), model.llm)
     heads_json = os.path.join(folder, heads_lib.HEADS_CONFIG)
     if os.path.isfile(heads_json):
-        import json
-
-        from safetensors.torch import load_file
-
         with open(heads_json) as handle:
             meta = json.load(handle)
         model.semantic = config_io.from_dict(SemanticGenConfig, meta["semantic"], "semantic")
-        if meta.get("pixel") is not None and hasattr(model, "pixel"):
-            from megatron_unihetero.models.config import PixelGenConfig
-
+        if meta.get("pixel") is not None:
             model.pixel = config_io.from_dict(PixelGenConfig, meta["pixel"], "pixel")
         heads_state = load_file(os.path.join(folder, heads_lib.HEADS_WEIGHTS))
         full.update({k: v.float() if v.is_floating_point() else v for k, v in heads_state.items()})
@@ -134,13 +128,9 @@ def check_parallel(model: ModelConfig, tp: int, pp: int) -> None:
 
 
 def stage_names(full_names: Iterable[str], model: ModelConfig, pp_rank: int, pp: int) -> List[str]:
-    """The local state names of pipeline stage ``pp_rank`` (as UniHeteroModel builds it)."""
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    semantic = model.semantic
-    needs_targets = last and semantic.enabled
-    recompute = needs_targets and (not first or semantic.target == "ema_input_embedding") \
-        and semantic.target != "encoder_output"
-    pixel = last and getattr(getattr(model, "pixel", None), "enabled", False)
+    """The local state names of pipeline stage ``pp_rank``: what its :class:`StagePlan` holds."""
+    plan = StagePlan.build(model, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+    holds = plan.holds_prefix()
     per_stage = model.llm.num_layers // pp
     names, has_target = [], False
     for name in full_names:
@@ -149,33 +139,25 @@ def stage_names(full_names: Iterable[str], model: ModelConfig, pp_rank: int, pp:
             if local is not None:
                 names.append(local)
             continue
-        keep = {
-            "vision.": first or needs_targets, "projector.": first, "llm.embedding.": first,
-            "llm.decoder.final_layernorm.": last, "llm.output_layer.": last,
-            "semantic_head.": needs_targets, "target_projector.": recompute,
-            "pixel_head.": pixel, "pixel_vae.": pixel,
-        }
-        prefix = next((p for p in keep if name.startswith(p)), None)
+        prefix = next((p for p in holds if name.startswith(p)), None)
         if prefix is None:
             raise ConversionError(f"no pipeline stage holds {name!r}")
-        if keep[prefix]:
+        if holds[prefix]:
             names.append(name)
-            has_target |= prefix == "target_projector."
-    if recompute and not has_target:
-        # The last stage's mirror of the projector (sharding.py fills it from projector.*).
-        names += ["target_projector." + n[len("projector."):] for n in full_names
+            has_target |= prefix == TARGET_PROJECTOR_PREFIX
+    if plan.target_projector is not None and not has_target:
+        # The last stage's copy of the projector (sharding.py fills it from projector.*).
+        names += [TARGET_PROJECTOR_PREFIX + n[len("projector."):] for n in full_names
                   if n.startswith("projector.")]
     return names
 
 
 def write_checkpoint(full: State, model: ModelConfig, save: str, tp: int, pp: int,
                      tokenizer: Optional[str]) -> str:
-    from megatron_unihetero.training.config import DataConfig, ParallelConfig, RunConfig
-
     check_parallel(model, tp, pp)
     per_stage = model.llm.num_layers // pp
     with staged_output(save) as staging:
-        iter_dir = os.path.join(staging, ITERATION_NAME)
+        iter_dir = ckpt.iteration_dir(staging, 0)
         model_dir = os.path.join(iter_dir, "model")
         for pp_rank in range(pp):
             local_names = stage_names(full.keys(), model, pp_rank, pp)
@@ -184,12 +166,11 @@ def write_checkpoint(full: State, model: ModelConfig, save: str, tp: int, pp: in
                 model_io.save_model_shard(shard_state_dict(full, local_names, layout),
                                           model_dir, layout, pp_rank)
         model_io.write_layout(model_dir, tp, pp, {r: r * per_stage for r in range(pp)},
-                              model_io.mirror_prefixes(model))
+                              mirrored_prefixes(model))
         run = RunConfig(model=model, data=DataConfig(tokenizer=tokenizer),
                         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
         config_io.save_config(run, os.path.join(iter_dir, "config.yaml"))
-        with open(os.path.join(staging, "latest"), "w") as handle:
-            handle.write(ITERATION_NAME + "\n")
+        ckpt.mark_latest(staging, iter_dir)
     return save
 
 
@@ -233,8 +214,6 @@ def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]
     """(image token id, tokenizer vocab size or 0): --image-token-id, else the tokenizer's
     <image> id; one of them must say it."""
     if tokenizer is not None:
-        from megatron_unihetero.hf.processor import hf_tokenizer
-
         ours, _ = hf_tokenizer(tokenizer)
         if image_token_id is not None and image_token_id != ours.image_token_id:
             raise ConversionError(f"--image-token-id {image_token_id} but tokenizer {tokenizer!r} "

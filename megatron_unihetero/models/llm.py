@@ -8,6 +8,8 @@ set up in one place, :mod:`megatron_unihetero.parallel`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -24,13 +26,12 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import make_viewless_tensor
 
 from megatron_unihetero import platform
+from megatron_unihetero.kernels.attention import attention_layout
 from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 from megatron_unihetero.models.config import ConfigError, LLMConfig
-from megatron_unihetero.models.layer import SelfAttention, TransformerLayer
 from megatron_unihetero.models.mlp import MLP
 from megatron_unihetero.models.norm import RMSNorm
 
@@ -84,19 +85,24 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
+        # Each micro-batch's loss arrives already normalised by the step's global token
+        # counts (training/losses.py): megatron's schedule must not divide it by the number
+        # of micro-batches, nor DDP average it over data-parallel ranks (it sums).
+        calculate_per_token_loss=True,
     )
-    config.unihetero_attention_impl = llm.attention_impl
     return config
 
 
 def layer_spec(llm: LLMConfig) -> ModuleSpec:
     """The decoder layer spec: TransformerEngine's when asked for and importable, else local.
 
-    Both get our :class:`CoreAttention` (packed-document attention through our kernels); the
-    local one also gets our RMSNorm (models/norm.py: kernels.rms_norm), megatron's parallel
-    linears with a plain ``F.linear`` on one TP rank (models/linear.py), megatron's MLP with
-    its SwiGLU as one kernel there (models/mlp.py), and megatron's layer and self-attention
-    with a plain batch-first forward, which the decoder runs there (models/layer.py).
+    megatron-core's TransformerLayer and SelfAttention run every layer; speed-ups are modules
+    chosen here. Both specs get our :class:`CoreAttention` (packed-document attention through
+    our kernels, ``llm.attention_impl`` bound as its constructor argument: megatron-core calls
+    the ``core_attention`` entry as a builder with its own keywords). The local spec also gets
+    our RMSNorm (models/norm.py: kernels.rms_norm), megatron's parallel linears as one
+    ``F.linear`` on one TP rank (models/linear.py) and megatron's MLP with its SwiGLU as one
+    kernel there (models/mlp.py).
     """
     if llm.transformer_impl == "transformer_engine":
         if not platform.has_transformer_engine():
@@ -106,12 +112,11 @@ def layer_spec(llm: LLMConfig) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
-        spec.module = TransformerLayer
-        spec.submodules.self_attention.module = SelfAttention
         attention = spec.submodules.self_attention.submodules
         attention.linear_qkv, attention.linear_proj = linear.ColumnParallelLinear, linear.RowParallelLinear
         spec.submodules.mlp = MLP
-    spec.submodules.self_attention.submodules.core_attention = CoreAttention
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(
+        CoreAttention, impl=llm.attention_impl)
     return spec
 
 
@@ -144,17 +149,12 @@ class RotaryEmbedding(torch.nn.Module):
         return emb.cos(), emb.sin()
 
 
-def _plain_block(block: TransformerBlock) -> bool:
-    """Whether the block's layers can all run their plain batch-first forward (models/layer.py)
-    and nothing megatron's TransformerBlock adds around them is on."""
-    config = block.config
-    return (all(getattr(layer, "plain_on_one_rank", False) for layer in block.layers)
-            and config.recompute_granularity != "full" and not config.cpu_offloading
-            and (block.final_layernorm is None or isinstance(block.final_layernorm, RMSNorm)))
-
-
 class LlamaDecoder(MegatronModule):
-    """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last)."""
+    """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last).
+
+    Hidden states are in megatron's sequence-first layout, [s, b, h], contiguous, everywhere:
+    from the embedding, between stages, and out of the final norm to the heads.
+    """
 
     def __init__(self, llm: LLMConfig, config: TransformerConfig, *, pre_process: bool,
                  post_process: bool, vp_stage: int = None):
@@ -170,36 +170,11 @@ class LlamaDecoder(MegatronModule):
         self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
         self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
-        self.plain_on_one_rank = _plain_block(self.decoder)
-        self.layers_compiled = False
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=True,
             )
-
-    def compile_layers(self) -> None:
-        """torch.compile this stage's layers, torchtitan-style (``train.compile``).
-
-        Each layer's plain forward (models/layer.py) is compiled whole when its attention is
-        SDPA on whole rows (plain causal or a dense mask: the torch path, chosen here once per
-        forward and passed in as a tensor), and otherwise as its two pieces around the
-        attention kernel (the documents gathered into a padded batch; flash-attn, TE or
-        FlexAttention on GPU). TorchInductor fuses the elementwise work (norms, rotations,
-        SwiGLU, residual adds) into a few kernels, forward and backward; our kernels take their
-        torch path inside (kernels/_dispatch.py); the GEMMs and the attention kernel are the
-        same ones. The layers share their graphs (dynamo treats module parameters as inputs),
-        so a deep model compiles each piece once.
-        """
-        if not self.plain_on_one_rank:
-            raise ValueError(
-                "train.compile compiles the decoder's plain one-rank layer path, which this model "
-                "does not take: it needs parallel.tensor_parallel=1, model.llm.transformer_impl="
-                "local, and none of megatron-core's recompute, offloading, bias, dropout, MoE or "
-                "FP8 settings")
-        for layer in self.decoder.layers:
-            layer.compile_pieces()
-        self.layers_compiled = True
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""
@@ -212,37 +187,12 @@ class LlamaDecoder(MegatronModule):
         return self.embedding(tokens, position_ids=None)
 
     def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
-        """Hidden states [s, b, h] (after the final norm on the last stage).
-
-        On the last stage they may be a view of batch-first memory (the plain path below);
-        readers that care about memory order check ``hidden.transpose(0, 1).is_contiguous()``.
-        """
+        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        hidden_in = decoder_input if self.pre_process else self.decoder.input_tensor
+        # The batch's attention layout and RoPE tables, once for all layers of this stage.
+        layout = attention_layout(segment_ids, dtype=hidden_in.dtype, device=hidden_in.device,
+                                  impl=self.llm.attention_impl)
         cos, sin = self.rotary(position_ids)
-        # RoPE is applied in CoreAttention (see models/attention.py), not by megatron's layers.
-        if self.plain_on_one_rank:
-            # The rotary tables are computed batch-major: these transposes are contiguous.
-            return self._plain_forward(decoder_input, AttentionInputs(segment_ids, cos.transpose(0, 1),
-                                                                      sin.transpose(0, 1)))
         return self.decoder(hidden_states=decoder_input,
-                            attention_mask=AttentionInputs(segment_ids, cos, sin),
+                            attention_mask=AttentionInputs(layout, cos, sin),
                             rotary_pos_emb=None)
-
-    def _plain_forward(self, decoder_input, inputs: AttentionInputs) -> torch.Tensor:
-        """This stage's layers through their plain batch-first forward (models/layer.py), in
-        place of megatron's TransformerBlock: one transpose in, one out."""
-        hidden = decoder_input if self.pre_process else self.decoder.input_tensor
-        hidden = hidden.transpose(0, 1).contiguous()
-        # Compiled layers take the attention into their graph when it is SDPA on whole rows.
-        layers = self.decoder.layers
-        row_mask = (layers[0].self_attention.core_attention.row_mask(inputs.segment_ids, hidden)
-                    if self.layers_compiled and len(layers) else None)
-        for layer in layers:
-            hidden = layer.plain_forward(hidden, inputs, row_mask)
-        if self.decoder.final_layernorm is not None:
-            hidden = self.decoder.final_layernorm(hidden)
-        if self.post_process:
-            return hidden.transpose(0, 1)  # the heads read its rows in memory order
-        # Sent to the next stage: megatron's p2p wants it contiguous and frees it after the send
-        # (deallocate_output_tensor), which it refuses for a view.
-        return make_viewless_tensor(hidden.transpose(0, 1).contiguous(), requires_grad=True,
-                                    keep_graph=True)

@@ -5,7 +5,7 @@ megatron-core computes fc1 as one GEMM into [N, 2F] and then ``silu(first half) 
 half`` on strided views, whose backward concatenates the halves' gradients. On one TP rank,
 with the local spec's plain linear (models/linear.py) and a plain SwiGLU (silu gate, no bias,
 no clamp, no offset, no fused bias-activation, no per-token scale), this MLP computes the same
-thing with contiguous halves instead (see kernels/swiglu.py for the figures). Everything else
+thing with contiguous halves instead (kernels/swiglu.py says why that is cheaper). Everything else
 (parameters, initialisation, ``linear_fc1.weight`` and its state-dict key, tensor-parallel
 and every other activation path) is megatron-core's.
 
@@ -25,7 +25,7 @@ from megatron_unihetero.models import linear
 
 def _plain_swiglu(mlp) -> bool:
     config, fc1 = mlp.config, mlp.linear_fc1
-    return (getattr(fc1, "plain_on_one_rank", False) and fc1.bias is None
+    return (isinstance(fc1, linear.ColumnParallelLinear) and fc1.plain_on_one_rank and fc1.bias is None
             and config.gated_linear_unit and mlp.activation_func is F.silu
             and not config.bias_activation_fusion and not config.use_te_activation_func
             and config.activation_func_clamp_value is None and config.glu_linear_offset == 0)

@@ -1,21 +1,20 @@
 """UniHeteroModel: vision encoder -> projector -> interleaver -> LLM -> heads.
 
-One pipeline stage of the model is built from ``pre_process`` (first stage: vision encoder,
-projector, embeddings) and ``post_process`` (last stage: final norm, LM head, semantic head).
-
-How the semantic-generation targets reach the last stage (DESIGN.md section 3): the target of
-the semantic head is a stop-gradient function of the image only (the projector output, an EMA
-copy of it, or the encoder output), never of the LLM. So instead of sending targets alongside
-the activations (doubling pipeline traffic), the last stage recomputes them: it keeps a frozen
-copy of the vision encoder and a ``target_projector`` that is either an exact mirror of the
-projector (synced from the first stage after every optimizer step) or its EMA copy. At PP=1 the
-projector output itself is used (``input_embedding``) and no copy exists. The sync lives in
-:mod:`megatron_unihetero.parallel.semantic_sync`; tests show PP=2 equals PP=1.
+One pipeline stage of the model holds the modules its :class:`StagePlan` names
+(models/stage_plan.py: built from the config and ``pre_process`` / ``post_process``); the
+others are ``None``. The plan's docstring explains how the semantic-generation targets reach
+the last stage (recomputed there from the image, never sent along the pipeline); the sync of
+the last stage's projector copy after each optimizer step is
+:func:`megatron_unihetero.parallel.sync_semantic_targets`.
 
 Pixel generation (optional, ``config.pixel``): the last stage also holds the diffusion head
 (models/pixel.py) and, with ``latent_source: vae``, a frozen VAE (models/vae.py) that encodes
 the batch's images into latent tokens there; with ``latent_source: batch`` the latents come
 precomputed as the batch key ``image_latents`` [n_img, T, C_lat].
+
+The hidden states reaching the heads are megatron's [s, b, h], contiguous; the heads read them
+as rows in that order ([s * b, h]) and every per-position tensor they use ([b, s] in the
+batch) is put in the same order.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic
 from megatron_unihetero.models.llm import LlamaDecoder
 from megatron_unihetero.models.pixel import PixelHead, pixel_loss
 from megatron_unihetero.models.projector import Projector
+from megatron_unihetero.models.stage_plan import StagePlan
+from megatron_unihetero.models.vae import PixelVAE, latent_token_dim, vision_grid
 from megatron_unihetero.models.vision import (
     VisionEncoder,
     image_normalization,
@@ -68,48 +69,39 @@ class UniHeteroModel(MegatronModule):
         self.register_state_dict_post_hook(_drop_empty_extra_state)
         self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved 1F1B)
         self.cfg = config
+        self.plan = plan = StagePlan.build(config, pre_process, post_process)
         self.pre_process = pre_process
         self.post_process = post_process
-        semantic = config.semantic
-
-        # The vision side: on the first stage, and on the last when it must recompute targets.
-        needs_targets_here = post_process and semantic.enabled
-        recompute_targets = needs_targets_here and (
-            not pre_process or semantic.target == "ema_input_embedding")
-        if pre_process or needs_targets_here:
-            self.vision = _build_vision(config)
         encoder_dim = load_hf_vision_config(config.vision).hidden_size
+        llm_dim = config.llm.hidden_size
         self.tokens_per_image = tokens_per_image(config.vision)
-        if pre_process:
-            self.projector = Projector(encoder_dim, config.llm.hidden_size)
-            if config.projector.frozen:
-                self.projector.requires_grad_(False)
-        if recompute_targets and semantic.target != "encoder_output":
-            self.target_projector = Projector(encoder_dim, config.llm.hidden_size)
-            self.target_projector.requires_grad_(False)
+
+        self.vision = _build_vision(config) if plan.vision else None
+        self.projector = Projector(encoder_dim, llm_dim) if plan.projector else None
+        if self.projector is not None and config.projector.frozen:
+            self.projector.requires_grad_(False)
+        self.target_projector = None
+        if plan.target_projector is not None:
+            self.target_projector = Projector(encoder_dim, llm_dim).requires_grad_(False)
 
         self.llm = LlamaDecoder(config.llm, transformer_config, pre_process=pre_process,
                                 post_process=post_process, vp_stage=vp_stage)
         if config.freeze_llm:
             self.llm.requires_grad_(False)
-        if needs_targets_here:
-            target_dim = encoder_dim if semantic.target == "encoder_output" else config.llm.hidden_size
-            self.semantic_head = SemanticHead(config.llm.hidden_size, target_dim, semantic.head)
-        if post_process and config.pixel.enabled:
-            self._build_pixel(config)
+        self.semantic_head = None
+        if plan.semantic_head:
+            target_dim = encoder_dim if config.semantic.target == "encoder_output" else llm_dim
+            self.semantic_head = SemanticHead(llm_dim, target_dim, config.semantic.head)
 
-    def _build_pixel(self, config: ModelConfig) -> None:
-        from megatron_unihetero.models import vae as vae_lib
-
-        grid = vae_lib.vision_grid(self.tokens_per_image)
-        pixel_vae = None
-        if config.pixel.latent_source == "vae":
-            image_size = load_hf_vision_config(config.vision).image_size
-            mean, std = image_normalization(config.vision)
-            pixel_vae = vae_lib.PixelVAE(config.pixel, grid, image_size, mean, std)
-            self.pixel_vae = pixel_vae
-        token_dim = vae_lib.latent_token_dim(config.pixel, pixel_vae)
-        self.pixel_head = PixelHead(config.pixel, config.llm.hidden_size, token_dim)
+        self.pixel_vae = self.pixel_head = None
+        if plan.pixel_head:
+            grid = vision_grid(self.tokens_per_image)
+            if plan.pixel_vae:
+                image_size = load_hf_vision_config(config.vision).image_size
+                mean, std = image_normalization(config.vision)
+                self.pixel_vae = PixelVAE(config.pixel, grid, image_size, mean, std)
+            token_dim = latent_token_dim(config.pixel, self.pixel_vae)
+            self.pixel_head = PixelHead(config.pixel, llm_dim, token_dim)
 
     # -- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -130,7 +122,7 @@ class UniHeteroModel(MegatronModule):
         with torch.no_grad():
             if target == "encoder_output":
                 return features.detach()
-            if hasattr(self, "target_projector"):
+            if self.target_projector is not None:
                 return self.target_projector(features)
             return visual_embeddings.detach()
 
@@ -156,11 +148,11 @@ class UniHeteroModel(MegatronModule):
         ``{objective: (loss_sum, token_count)}`` when labels are given, else hidden states.
         ``image_latents`` [n_img, T, C_lat]: precomputed pixel targets (pixel objective)."""
         num_images = _num_images(images, image_features)
-        if not (self.pre_process or self.post_process):
-            return self.llm(None, position_ids, segment_ids)  # a middle pipeline stage
+        if self.plan.is_middle:
+            return self.llm(None, position_ids, segment_ids)
         layout = self._layout(tokens, segment_ids, num_images)
         features = visual = None
-        if num_images and (self.pre_process or hasattr(self, "semantic_head")):
+        if num_images and self.vision is not None:
             features = self.vision_features(images, image_features)
 
         decoder_input = None
@@ -176,7 +168,7 @@ class UniHeteroModel(MegatronModule):
         if not self.post_process or labels is None:
             return hidden
         latents = None
-        if hasattr(self, "pixel_head") and num_images:
+        if self.pixel_head is not None and num_images:
             latents = self.pixel_latents(images, image_latents)
         return self.losses(hidden, labels, layout, features, visual, latents=latents)
 
@@ -185,7 +177,7 @@ class UniHeteroModel(MegatronModule):
         """Latent tokens [n, T, C_lat]: precomputed in the batch, or VAE-encoded here."""
         if image_latents is not None:
             return image_latents
-        if not hasattr(self, "pixel_vae") or images is None:
+        if self.pixel_vae is None or images is None:
             raise ValueError(
                 "the pixel objective needs latent targets: give the batch key 'image_latents' "
                 "[n_img, T, C_lat], or raw 'images' with model.pixel.latent_source=vae")
@@ -193,33 +185,23 @@ class UniHeteroModel(MegatronModule):
 
     def losses(self, hidden, labels, layout, features, visual,
                latents=None) -> Dict[str, LossAndCount]:
-        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h].
-
-        The heads read the rows of ``hidden`` in its memory order: [s, b] from megatron's
-        block, [b, s] from the decoder's batch-first plain path (a transposed view). Either is
-        a free view, and the gradient then comes back contiguous, as the linears want it
-        (with a transposed one, each of them copies it twice in its backward).
-        """
+        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h]."""
         s, b, h = hidden.shape
-        batch_major = not hidden.is_contiguous() and hidden.transpose(0, 1).is_contiguous()
-        rows = (hidden.transpose(0, 1) if batch_major else hidden).reshape(s * b, h)
-
-        def in_row_order(per_position_bs: torch.Tensor) -> torch.Tensor:
-            return (per_position_bs if batch_major else per_position_bs.t()).reshape(-1)
+        rows = hidden.reshape(s * b, h)  # [s, b] order: free for megatron's contiguous output
 
         # Text: every position, padding ignored through its label.
-        text_labels = in_row_order(labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX))
+        text_labels = labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX).t().reshape(-1)
         out = {"text": text_loss(self.llm.output_layer, rows, text_labels,
                                  self.cfg.image_token_id, impl=self.cfg.llm.loss_impl)}
-        if hasattr(self, "semantic_head"):
-            sem_hidden = _rows_at(rows, layout.semantic_mask, b, batch_major)
+        if self.semantic_head is not None:
+            sem_hidden = _rows_at(rows, layout.semantic_mask, b)
             if features is not None:
                 targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
             else:
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
             out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
                                             self.cfg.semantic.loss, impl=self.cfg.semantic.loss_impl)
-        if hasattr(self, "pixel_head"):
+        if self.pixel_head is not None:
             cond = self.pixel_head.condition(hidden.transpose(0, 1), layout.semantic_mask,
                                              layout.segment_ids)
             if latents is not None:
@@ -230,13 +212,11 @@ class UniHeteroModel(MegatronModule):
         return out
 
 
-def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int, batch_major: bool) -> torch.Tensor:
-    """The rows of ``rows`` ([s * b, h], in [b, s] order when ``batch_major``, else [s, b]) where
-    ``mask_bs`` [b, s] is True, listed in [b, s] order (the interleaver's order of visual tokens
-    and their targets)."""
+def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int) -> torch.Tensor:
+    """The rows of ``rows`` ([s * b, h] in [s, b] order) where ``mask_bs`` [b, s] is True,
+    listed in [b, s] order (the interleaver's order of visual tokens and their targets)."""
     b_idx, s_idx = mask_bs.nonzero(as_tuple=True)
-    seq = mask_bs.shape[1]
-    return rows.index_select(0, b_idx * seq + s_idx if batch_major else s_idx * batch + b_idx)
+    return rows.index_select(0, s_idx * batch + b_idx)
 
 
 def _num_images(images, image_features) -> int:

@@ -2,7 +2,9 @@
 
 Model code (megatron_unihetero/models) reads as single-device code; this package decides the
 tensor-parallel (TP) x pipeline-parallel (PP) x data-parallel (DP) grid, builds this rank's
-pipeline stage, and keeps the last stage's semantic-target projector in step with the first's.
+pipeline stage (what the stage holds is its models/stage_plan.py plan), applies torch.compile
+to its decoder layers when asked (:func:`apply_compile`), and keeps the last stage's
+semantic-target projector in step with the first's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_unihetero import platform
+from megatron_unihetero.checkpointing import model_io
+from megatron_unihetero.checkpointing.sharding import RankLayout
+from megatron_unihetero.models.llm import transformer_config
+from megatron_unihetero.models.stage_plan import EMA, StagePlan, mirrored_prefixes
+from megatron_unihetero.models.unihetero import UniHeteroModel
+from megatron_unihetero.testing.distributed import free_port
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
@@ -24,8 +33,6 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ:
         # A single process started without a launcher: a world of one on a free local port
         # (a fixed port would collide with other runs on the same machine).
-        from megatron_unihetero.testing.distributed import free_port
-
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -41,8 +48,6 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = 
     ``vpp``: virtual pipeline stages per rank (model chunks for the interleaved 1F1B schedule).
     """
     platform.prepare_megatron()
-    from megatron.core import parallel_state, tensor_parallel
-
     init_distributed()
     world = dist.get_world_size()
     if world % (tp * pp):
@@ -61,8 +66,6 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = 
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
 
@@ -79,16 +82,11 @@ def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
                        compile_layers: bool = False) -> List:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
     ``compile_layers``: torch.compile each chunk's decoder layers (``train.compile``,
-    :meth:`LlamaDecoder.compile_layers`).
+    :func:`apply_compile`).
 
     Chunk v of pipeline rank p holds layer block v * PP + p, so the first chunk of the first
     rank has the vision side and embeddings and the last chunk of the last rank has the heads.
     """
-    from megatron.core import parallel_state
-
-    from megatron_unihetero.models.llm import transformer_config
-    from megatron_unihetero.models.unihetero import UniHeteroModel
-
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     tconfig = transformer_config(
         model_config.llm,
@@ -106,18 +104,26 @@ def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
         )
         chunk.to(device=platform.device(), dtype=params_dtype)
         if compile_layers:
-            chunk.llm.compile_layers()
+            apply_compile(chunk)
         chunks.append(chunk)
     sync_semantic_targets(chunks, ema=False)
     return chunks
 
 
+def apply_compile(model) -> None:
+    """torch.compile each of the stage's decoder layers in place (torchtitan's apply_compile):
+    megatron-core's TransformerLayer, compiled from outside, its parameters and state-dict
+    names unchanged. The layers are alike, so dynamo compiles one and reuses its code for the
+    others (it treats module parameters as inputs). Python decisions inside a layer (the
+    attention layout is already built, once per forward, by the decoder) are graph breaks;
+    the arithmetic around them fuses.
+    """
+    for layer in model.llm.decoder.layers:
+        layer.compile()
+
+
 def rank_layout(model):
     """This rank's place in the TP x PP grid, for (un)sharding full state dicts."""
-    from megatron.core import parallel_state
-
-    from megatron_unihetero.checkpointing.sharding import RankLayout
-
     layers = model.llm.decoder.layers
     offset = layers[0].layer_number - 1 if len(layers) else 0
     return RankLayout(parallel_state.get_tensor_model_parallel_rank(),
@@ -139,10 +145,6 @@ def save_model(model, model_dir: str, model_config, states: Optional[List[dict]]
     DP rank 0 of each (TP, PP) coordinate writes its chunks' files, global rank 0 the layout.
     ``states``: the chunks' state dicts when the engine must produce them (ZeRO-3 gathers).
     """
-    from megatron.core import parallel_state
-
-    from megatron_unihetero.checkpointing import model_io
-
     chunks = _chunk_list(model)
     states = states if states is not None else [chunk.state_dict() for chunk in chunks]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -158,17 +160,13 @@ def save_model(model, model_dir: str, model_config, states: Optional[List[dict]]
         offsets = {key: offset for items in gathered for key, offset in items}
         model_io.write_layout(model_dir, parallel_state.get_tensor_model_parallel_world_size(),
                               parallel_state.get_pipeline_model_parallel_world_size(), offsets,
-                              model_io.mirror_prefixes(model_config),
+                              mirrored_prefixes(model_config),
                               vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size())
     dist.barrier()
 
 
 def load_model(model, model_dir: str) -> None:
     """Load a checkpoint saved at any TP/PP/VPP into this rank's stage or chunks."""
-    from megatron.core import parallel_state
-
-    from megatron_unihetero.checkpointing import model_io
-
     for vp_stage, chunk in _vp_stages(_chunk_list(model)):
         model_io.load_into_model(chunk, model_dir, rank_layout(chunk),
                                  parallel_state.get_pipeline_model_parallel_rank(),
@@ -181,29 +179,24 @@ def load_model(model, model_dir: str) -> None:
 def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
     """Bring the last stage's ``target_projector`` up to date with the first stage's projector.
 
-    Call after every optimizer step (and once after building/loading). Mirror mode
-    (target=input_embedding at PP>1) copies the projector; EMA mode (ema_input_embedding)
-    moves the EMA copy towards it: ema = decay * ema + (1 - decay) * projector. With
-    ``ema=False`` an EMA copy is reset to the projector (initialisation). ``model`` is a stage
-    or this rank's list of chunks (the projector is in the first, the target in the last).
+    Call after every optimizer step (and once after building/loading). A mirror
+    (models/stage_plan.py: ``input_embedding`` targets at PP > 1) copies the projector; an EMA
+    copy (``ema_input_embedding``) moves towards it: ema = decay * ema + (1 - decay) *
+    projector. With ``ema=False`` an EMA copy is reset to the projector (initialisation).
+    ``model`` is a stage or this rank's list of chunks (the projector is in the first, the copy
+    in the last). At PP > 1 the first and last stage of a pipeline meet in megatron's embedding
+    group; stages in between take no part.
     """
-    from megatron.core import parallel_state
-
     chunks = _chunk_list(model)
-    semantic = chunks[0].cfg.semantic
-    if not semantic.enabled or semantic.target == "encoder_output":
-        return
+    cfg = chunks[0].cfg
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    is_ema = semantic.target == "ema_input_embedding"
-    if pp == 1 and not is_ema:
-        return  # PP=1 uses the projector output directly
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
-    if pp > 1 and not (first or last):
+    # What the pipeline's last stage keeps; the first stage must know it too, to send.
+    copy_kind = StagePlan.build(cfg, pre_process=pp == 1, post_process=True).target_projector
+    first, last = chunks[0].plan.pre_process, chunks[-1].plan.post_process
+    if copy_kind is None or not (first or last):
         return
     source = [p.detach().clone() for p in chunks[0].projector.parameters()] if first else None
     if pp > 1:
-        # First and last stage of one pipeline share megatron's embedding group.
         group = parallel_state.get_embedding_group()
         src = parallel_state.get_pipeline_model_parallel_first_rank()
         if last:
@@ -212,6 +205,6 @@ def sync_semantic_targets(model, ema: Optional[bool] = None) -> None:
             dist.broadcast(tensor, src=src, group=group)
     if not last:
         return
-    decay = semantic.ema_decay if (is_ema and ema is not False) else 0.0
+    decay = cfg.semantic.ema_decay if (copy_kind == EMA and ema is not False) else 0.0
     for target, value in zip(chunks[-1].target_projector.parameters(), source):
         target.mul_(decay).add_(value, alpha=1.0 - decay)

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from megatron_unihetero.platform import megatron_cpu
+
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
@@ -49,9 +51,12 @@ def has_transformer_engine() -> bool:
 
 
 def prepare_megatron() -> None:
-    """Call before building megatron-core objects: installs the CPU layer when CUDA is absent,
-    and torch ``_foreach`` stand-ins for megatron-core's local multi-tensor fallbacks."""
-    from megatron_unihetero.platform import megatron_cpu, megatron_fastpaths
+    """Call before building megatron-core objects. Without CUDA: the CPU layer, and with it
+    the fast paths for megatron-core's local fallbacks. With CUDA nothing of megatron-core is
+    patched."""
+    if megatron_cpu.install():
+        # Lazy: megatron_fastpaths imports this package (a cycle) and megatron.core, which
+        # only runs that build megatron-core objects need (and then after the CPU layer).
+        from megatron_unihetero.platform import megatron_fastpaths
 
-    megatron_cpu.install()
-    megatron_fastpaths.install()
+        megatron_fastpaths.install()

@@ -55,9 +55,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    # torch.compile the decoder layers (LlamaDecoder.compile_layers; TP=1 only). The first
-    # step pays the compilation (~25 s on 2 CPU cores, less from Inductor's cache; C++ compiler
-    # needed on CPU).
+    # torch.compile each decoder layer (parallel.apply_compile; TP=1, local spec, not ZeRO-3).
+    # The first step pays the compilation (a C++ compiler is needed on CPU).
     compile: bool = False
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
@@ -136,11 +135,11 @@ class RunConfig:
                                   "(use engine=megatron for pipeline parallelism)")
         if self.train.compile:
             if tp > 1:
-                raise ConfigError("train.compile needs parallel.tensor_parallel=1: it compiles the "
-                                  "decoder's one-rank layer path (models/layer.py)")
+                raise ConfigError("train.compile needs parallel.tensor_parallel=1: the tensor-"
+                                  "parallel linears' collectives would break every compiled graph")
             if llm.transformer_impl != "local":
-                raise ConfigError("train.compile needs model.llm.transformer_impl=local: it compiles "
-                                  "the local layer spec's plain path (models/layer.py)")
+                raise ConfigError("train.compile needs model.llm.transformer_impl=local: "
+                                  "TransformerEngine's layers run their own fused kernels")
             if par.engine == "deepspeed" and par.zero_stage == 3:
                 raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
                                   "gathers each parameter in module hooks inside the compiled layers")

@@ -27,7 +27,7 @@ def tiny_model_config(image_token_id, vocab_size, target="input_embedding", visi
     return ModelConfig(
         llm=LLMConfig(num_layers=NUM_LAYERS, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=96, vocab_size=vocab_size, max_sequence_length=64,
-                      rotary_base=5000.0, norm_epsilon=1e-6, attention_impl="torch"),
+                      rotary_base=5000.0, norm_epsilon=1e-6, attention_impl="reference"),
         vision=VisionConfig(model_type=vision_type, hf_config=hf, feature_layer=-2),
         semantic=SemanticGenConfig(weight=1.0, target=target, head="mlp"),
         image_token_id=image_token_id,

@@ -84,8 +84,8 @@ def check_parity(impl, dtype, hq=4, hkv=2, d=16, segment_ids=SEGMENTS, scale=Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
-def test_torch_block_causal_matches_loop(dtype, hq, hkv):
-    check_parity("torch", dtype, hq=hq, hkv=hkv)
+def test_reference_block_causal_matches_loop(dtype, hq, hkv):
+    check_parity("reference", dtype, hq=hq, hkv=hkv)
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
@@ -100,26 +100,26 @@ def test_flex_block_causal_matches_loop(hq, hkv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_plain_causal_and_scale(dtype):
-    check_parity("torch", dtype, segment_ids=None)
-    check_parity("torch", dtype, scale=0.3)
+def test_reference_plain_causal_and_scale(dtype):
+    check_parity("reference", dtype, segment_ids=None)
+    check_parity("reference", dtype, scale=0.3)
 
 
 def test_no_segments_equals_single_segment():
     q, k, v = _qkv(2, 9, 4, 2, 8, torch.float32)
-    a = attention(q, k, v, impl="torch")
-    b = attention(q, k, v, segment_ids=torch.zeros(2, 9, dtype=torch.long), impl="torch")
+    a = attention(q, k, v, impl="reference")
+    b = attention(q, k, v, segment_ids=torch.zeros(2, 9, dtype=torch.long), impl="reference")
     torch.testing.assert_close(a, b)
 
 
 def test_documents_do_not_interact():
     """Changing a document's keys/values must not change any other document's output."""
     q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
-    out = attention(q, k, v, segment_ids=SEGMENTS, impl="torch")
+    out = attention(q, k, v, segment_ids=SEGMENTS, impl="reference")
     k2, v2 = k.clone(), v.clone()
     k2[0, 3:5] += 5.0  # document 1 of row 0
     v2[0, 3:5] -= 3.0
-    out2 = attention(q, k2, v2, segment_ids=SEGMENTS, impl="torch")
+    out2 = attention(q, k2, v2, segment_ids=SEGMENTS, impl="reference")
     changed = (out2 - out).abs().amax(dim=(2, 3)) > 1e-6
     assert changed[0, 3:5].all() and changed.sum() == 2
     assert out[0, 9:].abs().max() == 0  # padding rows are zeros
@@ -151,11 +151,11 @@ def test_explicit_gpu_impls_fail_clearly_on_cpu():
     with pytest.raises(ValueError):
         attention(q, k, v, impl="bogus")
     with pytest.raises(ValueError):
-        attention(q, k[:, :, :1].expand(1, 4, 1, 8).repeat(1, 1, 3, 1), v, impl="torch")
+        attention(q, k[:, :, :1].expand(1, 4, 1, 8).repeat(1, 1, 3, 1), v, impl="reference")
 
 
 @pytest.mark.requires_gpu
-@pytest.mark.parametrize("impl", ["torch", "flash", "te", "flex", "auto"])
+@pytest.mark.parametrize("impl", ["reference", "flash", "te", "flex", "auto"])
 def test_gpu_impls_match_loop(impl):
     from megatron_unihetero.kernels._dispatch import optional_import
 
@@ -172,20 +172,24 @@ def _attention_module():
     return importlib.import_module("megatron_unihetero.kernels.attention")
 
 
-def test_torch_layout_is_built_once_per_segment_tensor_and_follows_changes():
-    attention_module = _attention_module()
-
+def test_layout_is_built_once_and_used_by_every_call():
+    """attention_layout decides once; attend under that layout equals attention() per call,
+    and a layout built for other segments gives other results (nothing is cached)."""
+    module = _attention_module()
     q, k, v = (t.detach() for t in _qkv(3, 12, 4, 2, 8, torch.float32))
+    layout = module.attention_layout(SEGMENTS, dtype=q.dtype, device=q.device, impl="reference")
+    assert layout.impl == "reference" and isinstance(layout.plan, module.DenseMask)
+    first = module.attend(q, k, v, layout)
+    assert torch.equal(first, attention(q, k, v, segment_ids=SEGMENTS, impl="reference"))
     seg = SEGMENTS.clone()
-    first = attention(q, k, v, segment_ids=seg, impl="torch")
-    cached = attention_module._LAST_LAYOUT[3]
-    attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_LAYOUT[3] is cached  # the second layer reuses the layout
-    seg[0, 1:3] = 5  # split a document, in place: the layout must be rebuilt
-    changed = attention(q, k, v, segment_ids=seg, impl="torch")
-    assert attention_module._LAST_LAYOUT[3] is not cached
-    assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="rebuilt layout")
+    seg[0, 1:3] = 5  # split a document: a new layout
+    changed = module.attend(q, k, v, module.attention_layout(seg, dtype=q.dtype, device=q.device))
+    assert_close(changed, loop_reference(q, k, v, seg), torch.float32, msg="other layout")
     assert not torch.equal(changed, first)
+    causal = module.attention_layout(None, dtype=q.dtype, device=q.device)
+    assert causal.plan is None and causal.segment_ids is None
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        module.attend(q, k, v, module.attention_layout(seg[:, :6], dtype=q.dtype, device=q.device))
 
 
 def test_documents_path_is_taken_only_where_it_pays():
@@ -195,7 +199,7 @@ def test_documents_path_is_taken_only_where_it_pays():
         return torch.arange(s).div(s // docs, rounding_mode="floor").repeat(b, 1)
 
     def batched(seg):
-        return isinstance(module._layout(seg, torch.float32), module.DocumentBatch)
+        return isinstance(module._reference_plan(seg, torch.float32), module.DocumentBatch)
 
     assert not batched(rows(8, 128, 2)) and batched(rows(8, 128, 4))  # short rows: 4x fewer scores
     assert batched(rows(4, 256, 2)) and batched(rows(2, 1024, 2))
@@ -203,8 +207,8 @@ def test_documents_path_is_taken_only_where_it_pays():
     assert not batched(SEGMENTS)
     assert not batched(torch.full((2, 4), -1))  # nothing but padding
     # One document per row and no padding: plain causal attention, nothing gathered.
-    assert module._layout(torch.zeros(2, 16, dtype=torch.long), torch.float32) is module._CAUSAL
-    dense = module._layout(SEGMENTS, torch.bfloat16)
+    assert module._reference_plan(torch.zeros(2, 16, dtype=torch.long), torch.float32) is None
+    dense = module._reference_plan(SEGMENTS, torch.bfloat16)
     assert isinstance(dense, module.DenseMask) and dense.additive.dtype == torch.bfloat16
     assert dense.keep is not None and dense.keep[0, 9:].sum() == 0  # row 0 ends in padding
     assert module.dense_mask(SEGMENTS.clamp(min=0), torch.float32).keep is None
@@ -225,7 +229,7 @@ def test_documents_path_matches_loop(dtype, hq, hkv):
     assert (layout.num_docs, layout.max_len) == (6, 12)
     q, k, v = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
                for t in _qkv(b, s, hq, hkv, 16, dtype))
-    out = module._attention_torch(q, k, v, SEGMENTS, None, layout=layout)
+    out = module.attend(q, k, v, module.AttentionLayout("reference", SEGMENTS, layout))
     assert out.stride() == q.stride()  # scattered into the caller's memory layout
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     grad = grad * (SEGMENTS >= 0)[:, :, None, None]

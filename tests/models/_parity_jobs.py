@@ -14,7 +14,7 @@ def tiny_config(semantic_target="input_embedding", semantic_loss="mse", head="li
     return ModelConfig(
         llm=LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=96, vocab_size=VOCAB, max_sequence_length=64,
-                      attention_impl="torch"),
+                      attention_impl="reference"),
         semantic=SemanticGenConfig(weight=1.0, target=semantic_target, loss=semantic_loss,
                                    head=head, ema_decay=0.5),
         image_token_id=IMAGE_TOKEN,
@@ -151,7 +151,7 @@ def text_loss_impls_job():
     labels[:5] = -100
     labels[5:9] = IMAGE_TOKEN
     results = {}
-    for impl in ("megatron", "torch", "naive"):
+    for impl in ("megatron", "fused", "reference"):
         h = hidden.clone().requires_grad_(True)
         layer.weight.grad = None
         loss, count = text_loss(layer, h, labels, IMAGE_TOKEN, impl=impl)
@@ -159,7 +159,7 @@ def text_loss_impls_job():
         results[impl] = (loss.detach(), int(count), h.grad.clone(), layer.weight.grad.clone())
     ref = results["megatron"]
     assert ref[1] == 31
-    for impl in ("torch", "naive"):
+    for impl in ("fused", "reference"):
         loss, count, h_grad, w_grad = results[impl]
         assert count == ref[1]
         torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
@@ -181,44 +181,6 @@ def too_long_job():
     tokens = torch.randint(10, VOCAB, (1, seq))
     with pytest.raises(InterleaveError, match=f"batch rows are {seq} tokens long"):
         model(tokens, torch.arange(seq)[None], labels=tokens)
-    parallel.destroy()
-
-
-def dp_grads_job(ref_path, out_path):
-    """DP=2 with one micro-batch per rank gives the gradients of one rank with both micro-batches."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict
-    from megatron_unihetero.training.step import forward_backward
-
-    ref = torch.load(ref_path, weights_only=True)
-    cfg = tiny_config()
-    parallel.initialize(1, 1, seed=3)
-    model = parallel.build_model(cfg)
-    model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(),
-                                           parallel.rank_layout(model)), strict=False)
-    ddp = DistributedDataParallel(
-        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=True),
-        model)
-    ddp.zero_grad_buffer()
-    batches = make_batches()  # the reference's two micro-batches
-    mine = [batches[dist.get_rank()]] if dist.get_world_size() > 1 else batches
-    summary = forward_backward(ddp, mine, weights={"text": 1.0, "semantic": 1.0},
-                               image_token_id=cfg.image_token_id,
-                               dp_group=parallel_state.get_data_parallel_group())
-    ddp.finish_grad_sync()
-    loss = torch.tensor([summary["loss"]], dtype=torch.float64)
-    dist.all_reduce(loss)  # each DP rank holds its share of the step mean
-    if dist.get_rank() == 0:
-        assert abs(float(loss) - ref["summary"]["loss"]) <= 1e-5 * abs(ref["summary"]["loss"])
-        for name, param in model.named_parameters():
-            if param.requires_grad and name in ref["grads"]:
-                expected = ref["grads"][name]
-                err = (param.main_grad - expected).norm()
-                assert err <= 1e-5 * expected.norm() + 1e-8, (name, float(err))
-    dist.barrier()
     parallel.destroy()
 
 
@@ -287,63 +249,19 @@ def swiglu_mlp_job(tp):
     parallel.destroy()
 
 
-def plain_decoder_job(tp):
-    """At TP=1 the decoder runs its layers through their plain batch-first forward, which
-    equals megatron-core's TransformerBlock and layer forward (packed documents with padding):
-    outputs and every gradient. At TP>1 megatron's block runs."""
-    from megatron_unihetero import parallel
-    from megatron_unihetero.models.attention import AttentionInputs
-
-    parallel.initialize(tp, 1, seed=0)
-    model = parallel.build_model(tiny_config())
-    llm = model.llm
-    assert llm.plain_on_one_rank == (tp == 1)
-    assert all(layer.plain_on_one_rank == (tp == 1) for layer in llm.decoder.layers)
-    gen = torch.Generator().manual_seed(0)
-    s, b = 12, 2
-    x = torch.randn(s, b, 64, generator=gen)
-    grad = torch.randn(s, b, 64, generator=gen)
-    segment_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], dtype=torch.int32)
-    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])
-
-    def megatron_block(hidden):
-        cos, sin = llm.rotary(position_ids)
-        return llm.decoder(hidden_states=hidden, attention_mask=AttentionInputs(segment_ids, cos, sin),
-                           rotary_pos_emb=None)
-
-    results = []
-    for forward in (lambda hidden: llm(hidden, position_ids, segment_ids), megatron_block):
-        hidden = x.clone().requires_grad_(True)
-        llm.zero_grad(set_to_none=True)
-        out = forward(hidden)
-        assert out.shape == (s, b, 64)
-        out.backward(grad)
-        results.append([out.detach(), hidden.grad] + [p.grad for p in llm.decoder.parameters()])
-    for index, (ours, megatron) in enumerate(zip(*results)):
-        torch.testing.assert_close(ours, megatron, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
-    parallel.destroy()
-
-
-def compiled_decoder_job(tp):
-    """``compile_layers`` (train.compile) computes what the eager layers compute, outputs and
-    every gradient, over batches whose documents differ, and in evaluation (no grad). The
-    attention layout changes between calls: a dense mask with padding and one document per
-    row (each layer compiled whole), then the documents gathered into a padded batch (the
-    layer compiled as two pieces around the kernel). At TP>1 the decoder has no plain path to
-    compile: a clear error."""
+def compiled_decoder_job():
+    """``apply_compile`` (train.compile: megatron-core's layers, torch.compiled from outside)
+    computes what the eager layers compute, outputs and every gradient, over batches whose
+    attention layouts differ (a dense mask with padding, plain causal, the documents gathered
+    into a padded batch), and in evaluation (no grad)."""
     import importlib
 
     from megatron_unihetero import parallel
 
+    # The module, not the function of the same name that kernels/__init__ exports.
     attention_module = importlib.import_module("megatron_unihetero.kernels.attention")
-
-    parallel.initialize(tp, 1, seed=0)
+    parallel.initialize(1, 1, seed=0)
     eager = parallel.build_model(tiny_config()).llm
-    if tp > 1:
-        with pytest.raises(ValueError, match="needs parallel.tensor_parallel=1"):
-            eager.compile_layers()
-        parallel.destroy()
-        return
     compiled = parallel.build_model(tiny_config(), compile_layers=True).llm
     compiled.load_state_dict(eager.state_dict())
     gen = torch.Generator().manual_seed(0)
@@ -355,12 +273,13 @@ def compiled_decoder_job(tp):
         (torch.tensor([[0] * 4 + [1] * 4 + [2] * 4, [0] * 6 + [1] * 6], dtype=torch.int32),
          torch.tensor([list(range(4)) * 3, list(range(6)) * 2])),
     ]
-    expected_masks = ["dense", "causal", None]
-    for (segment_ids, position_ids), expected_mask in zip(batches, expected_masks):
-        if expected_mask is None:  # the last batch attends by documents (short rows never pay)
+    expected_plans = [attention_module.DenseMask, type(None), attention_module.DocumentBatch]
+    for (segment_ids, position_ids), expected_plan in zip(batches, expected_plans):
+        if expected_plan is attention_module.DocumentBatch:  # short rows never pay otherwise
             attention_module._documents_pay = lambda *args: True
-        mask = compiled.decoder.layers[0].self_attention.core_attention.row_mask(segment_ids, torch.ones(1))
-        assert (mask if mask is None else "causal" if mask.additive is None else "dense") == expected_mask
+        layout = attention_module.attention_layout(segment_ids, dtype=torch.float32,
+                                                   device=torch.device("cpu"), impl="reference")
+        assert isinstance(layout.plan, expected_plan)
         x = torch.randn(s, b, 64, generator=gen)
         grad = torch.randn(s, b, 64, generator=gen)
         results = []
@@ -374,4 +293,29 @@ def compiled_decoder_job(tp):
             results.append([out.detach(), evaluated, hidden.grad] + [p.grad for p in llm.decoder.parameters()])
         for index, (ours, reference) in enumerate(zip(*results)):
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6, msg=f"tensor {index}")
+    parallel.destroy()
+
+
+def decoder_layout_once_job():
+    """The decoder builds the batch's attention layout once per forward, for all its layers,
+    and hands it down explicitly (no cache inside the kernel)."""
+    from megatron_unihetero import parallel
+    from megatron_unihetero.models import llm as llm_module
+
+    parallel.initialize(1, 1, seed=0)
+    model = parallel.build_model(tiny_config())
+    calls = []
+    real = llm_module.attention_layout
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    llm_module.attention_layout = counting
+    try:
+        batch = make_batches(num_micro=1)[0]
+        model(**{k: batch[k] for k in ("tokens", "position_ids", "segment_ids", "labels", "images")})
+    finally:
+        llm_module.attention_layout = real
+    assert len(model.llm.decoder.layers) == 4 and len(calls) == 1
     parallel.destroy()

@@ -15,3 +15,7 @@ def test_parallel_layout_matches_single_rank(reference, tp, pp):
 def test_interleaved_pipeline_matches_single_rank(reference):
     """PP=2 with 2 virtual stages per rank (4 chunks of one layer) through interleaved 1F1B."""
     run_distributed_test(jobs.interleaved_job, 2, reference, jobs.tiny_config(), 2, 2, 2)
+
+
+def test_decoder_builds_the_attention_layout_once_per_forward():
+    run_distributed_test(jobs.decoder_layout_once_job, 1)
