@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 
+import torch.distributed as dist
+
+from megatron_unihetero import parallel
 from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.trainer import Trainer, write_summary
 
 
 def parse_args(argv=None):
@@ -34,14 +38,9 @@ def main(argv=None) -> dict:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
 
-    from megatron_unihetero import parallel
-    from megatron_unihetero.training.trainer import Trainer, write_summary
-
     parallel.init_distributed(cfg.parallel.timeout_minutes)
     parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
                         vpp=cfg.parallel.virtual_pipeline)
-    import torch.distributed as dist
-
     if dist.get_rank() == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))

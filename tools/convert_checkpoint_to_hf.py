@@ -14,6 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_unihetero.checkpointing.model_io import CheckpointError  # noqa: E402
+from megatron_unihetero.config_io import ConfigLoadError  # noqa: E402
+from megatron_unihetero.hf import ConversionError, export_checkpoint  # noqa: E402
+from megatron_unihetero.models.config import ConfigError  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,12 +28,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tokenizer", default=None, help="override the run config's data.tokenizer")
     args = p.parse_args(argv)
-
-    from megatron_unihetero.checkpointing.model_io import CheckpointError
-    from megatron_unihetero.config_io import ConfigLoadError
-    from megatron_unihetero.hf import ConversionError, export_checkpoint
-    from megatron_unihetero.models.config import ConfigError
-
     try:
         export_checkpoint(args.load, args.save, iteration=args.iteration, dtype=args.dtype,
                           tokenizer=args.tokenizer)

@@ -17,6 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_unihetero.config_io import ConfigLoadError  # noqa: E402
+from megatron_unihetero.hf import ConversionError, import_hf  # noqa: E402
+from megatron_unihetero.models.config import ConfigError, SemanticGenConfig  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,11 +41,6 @@ def main(argv=None) -> int:
                    help="default: the Llama config's max_position_embeddings")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh projector and head")
     args = p.parse_args(argv)
-
-    from megatron_unihetero.config_io import ConfigLoadError
-    from megatron_unihetero.hf import ConversionError, import_hf
-    from megatron_unihetero.models.config import ConfigError, SemanticGenConfig
-
     try:
         semantic = SemanticGenConfig(weight=args.semantic_weight, head=args.semantic_head,
                                      target=args.semantic_target)

@@ -1,4 +1,5 @@
-"""The five arms of the paper's objective ablation (DESIGN.md section 2)."""
+"""The five arms of the paper's objective ablation: und-only, +semantic, +pixel (shared and
+hetero routing), +semantic+pixel (hetero)."""
 
 from __future__ import annotations
 

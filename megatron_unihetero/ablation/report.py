@@ -131,6 +131,8 @@ def plot_metric(results: Sequence[dict], metric: str, path: str, *, labels=None,
                 title: Optional[str] = None, chance: Optional[float] = None) -> None:
     """``metric`` against data size (log x): per arm the seed mean, a band of +-1 std, the
     individual seeds as dots, and the fitted slope per 10x data in the legend."""
+    # Lazy: choosing the Agg backend is process-wide, so it happens only when a plot is drawn
+    # (matplotlib is needed for the plots alone).
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,11 +16,14 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
+
+import pyarrow.parquet as pq
 
 from megatron_unihetero.ablation.arms import ARMS, REPO_ROOT
 
@@ -42,8 +45,6 @@ def _run(cmd: List[str], log_path: str, env: Optional[dict] = None) -> float:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -56,8 +57,6 @@ def subset_prefix(data_dir: str, size: int) -> str:
 def prepare_data(data_dir: str, sizes: List[int], *, num_demo_samples: Optional[int] = None,
                  seed: int = 0, image_size: int = 32, log: Log = print) -> None:
     """Demo data, tokenizer and one shard set per data size, each made only when missing."""
-    import pyarrow.parquet as pq
-
     os.makedirs(data_dir, exist_ok=True)
     train_parquet = os.path.join(data_dir, "train.parquet")
     if not (os.path.isfile(train_parquet) and os.path.isfile(os.path.join(data_dir, "valid.parquet"))):
@@ -215,8 +214,6 @@ def run_one(spec: RunSpec, *, work_dir: str, data_dir: str, eval_samples: int,
 
 def chance_accuracy(data_dir: str, eval_samples: int) -> Optional[float]:
     """Expected answer accuracy of a uniform guess over each question's candidates."""
-    import pyarrow.parquet as pq
-
     path = os.path.join(data_dir, "valid.parquet")
     if not os.path.isfile(path):
         return None

@@ -1,4 +1,4 @@
-"""The built-in "shapes world" data set (DESIGN.md section 5).
+"""The built-in "shapes world" data set, generated locally (no data is downloaded).
 
 Small RGB images with 1-3 objects, each a (shape, colour, size, 3x3 grid cell), rendered with
 PIL; a caption naming every object, one question with its answer and scoring candidates, and
@@ -19,6 +19,8 @@ import os
 from typing import Any, Dict, List
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -164,9 +166,6 @@ def write_demo_data(output: str, num_samples: int, seed: int, image_size: int = 
     The last ``round(num_samples * valid_fraction)`` samples form the held-out split. Small row
     groups let the preprocessor's streaming (one row group at a time) be exercised on demo data.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not 0 <= valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     os.makedirs(output, exist_ok=True)
@@ -182,8 +181,6 @@ def write_demo_data(output: str, num_samples: int, seed: int, image_size: int = 
 
 
 def _schema():
-    import pyarrow as pa
-
     s = pa.string()
     return pa.schema([
         ("id", s), ("image", pa.binary()), ("caption", s), ("question_type", s), ("question", s),

@@ -53,8 +53,8 @@ class ImageNormalizer:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             return x.mul_(self._scale).add_(self._shift)
         # numpy, not torch: torch's intra-op threads fight the trainer's for these small arrays
-        # (10-20x slower under load when called from the training thread); copying the
-        # transposed uint8 view into a float32 NCHW buffer then normalising in place is fastest.
+        # when called from the training thread; copying the transposed uint8 view into a
+        # float32 NCHW buffer then normalising in place is fastest.
         out = np.empty((n, 3, h, w), dtype=np.float32)
         np.copyto(out, images.transpose(0, 3, 1, 2))
         out *= self._scale_np

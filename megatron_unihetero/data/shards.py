@@ -42,6 +42,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+# torch and megatron.core are imported where used: both are slow to import, and the
+# preprocessing workers import this module (through preprocess/pipeline.py) but never write.
+
 FORMAT_VERSION = 1
 SHARD_INDEX_DIGITS = 5
 
@@ -72,7 +75,6 @@ def list_shards(prefix: str) -> list[str]:
 
 
 def _indexed_dataset_module():
-    # Imported lazily: megatron.core takes seconds to import and spawned workers never need it.
     from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset

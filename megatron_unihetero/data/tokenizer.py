@@ -23,6 +23,11 @@ import re
 import shutil
 from typing import Any, Dict, List, Sequence
 
+import sentencepiece as spm
+
+# transformers is imported in HFTokenizer only: the preprocessing workers import this module,
+# and a SentencePiece tokenizer does not need it.
+
 IMAGE_TOKEN = "<image>"
 IMAGE_START_TOKEN = "<image_start>"
 IMAGE_END_TOKEN = "<image_end>"
@@ -72,8 +77,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_path: str) -> None:
-        import sentencepiece as spm
-
         self.path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         base = self.sp.get_piece_size()

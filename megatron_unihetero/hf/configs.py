@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from transformers import LlamaConfig, LlavaConfig
+
 from megatron_unihetero.models.config import LLMConfig, ModelConfig, VisionConfig
 from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config, tokens_per_image
 
@@ -86,8 +88,6 @@ def vision_hf_config_dict(hf_vision) -> Dict[str, Any]:
 
 
 def llama_config(llm: LLMConfig, **extra):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
         intermediate_size=llm.ffn_hidden_size, num_hidden_layers=llm.num_layers,
@@ -109,8 +109,6 @@ def feature_select_strategy(vision: VisionConfig) -> str:
 def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_id: Optional[int],
                  eos_token_id: Optional[int], dtype: str):
     """The LlavaConfig of an exported model (the vision config from the encoder's own)."""
-    from transformers import LlavaConfig
-
     hf_vision = load_hf_vision_config(model.vision)
     text = llama_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)
@@ -135,8 +133,6 @@ def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_i
 
 def model_config_from_llava(config: Dict[str, Any], folder: str) -> ModelConfig:
     """Our ModelConfig from an exported Llava config.json (the round trip's way back)."""
-    from transformers import LlavaConfig
-
     llava = LlavaConfig.from_dict(config)
     vision_type = vision_type_of(llava.vision_config.to_dict(), folder, "Llava vision_config of")
     if not isinstance(llava.vision_feature_layer, int):

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from typing import List
 
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers.processors import TemplateProcessing
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import SpmConverter
+
 from megatron_unihetero.data import tokenizer as ours_lib
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
@@ -42,10 +47,6 @@ SAMPLE_TEXTS = (
 
 
 def _sentencepiece_to_fast(ours: "ours_lib.SentencePieceTokenizer"):
-    from sentencepiece import sentencepiece_model_pb2
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter
-
     proto = sentencepiece_model_pb2.ModelProto()
     with open(ours.path, "rb") as handle:
         proto.ParseFromString(handle.read())
@@ -89,8 +90,6 @@ def hf_tokenizer(path: str):
 
 def _start_with_bos(fast, ours) -> None:
     """Training puts BOS at the start of every document: make ``fast(text)`` do the same."""
-    from tokenizers.processors import TemplateProcessing
-
     if fast("x")["input_ids"][:1] == [ours.bos_id]:
         return
     backend = getattr(fast, "backend_tokenizer", None)
@@ -123,6 +122,8 @@ def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
 
 
 def image_processor(model: ModelConfig):
+    # Lazy: without the optional torchvision, resolving this name logs a fallback warning, which
+    # only the export (that builds the processor) should show.
     from transformers import CLIPImageProcessor
 
     size = load_hf_vision_config(model.vision).image_size
@@ -137,8 +138,6 @@ def image_processor(model: ModelConfig):
 
 def llava_processor(model: ModelConfig, fast_tokenizer):
     """A LlavaProcessor that expands each ``<image>`` to ``tokens_per_image`` image tokens."""
-    from transformers import LlavaProcessor
-
     hf_vision = load_hf_vision_config(model.vision)
     has_cls = _HF_CLASSES[model.vision.model_type][2]
     return LlavaProcessor(

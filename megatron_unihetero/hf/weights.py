@@ -3,7 +3,7 @@
 Our full (TP=1, PP=1) state dict (checkpointing/model_io.load_full_state) has
 ``llm.*`` on megatron-core layers, ``vision.model.*`` (the HF vision model's own transformers-5
 names), ``projector.linear_fc{1,2}.*`` and the generation heads. The HF side is written in the
-transformers-4.x *on-disk* layout (DESIGN.md section 4): transformers 5.x loads it through its
+transformers-4.x *on-disk* layout: transformers 5.x loads it through its
 conversion mapping, and 4.57 only loads that layout (it silently re-initialises a vision tower
 saved in the 5.x layout). The 4.x names per part:
 

@@ -35,7 +35,7 @@ from megatron_unihetero.models.config import ConfigError, PixelGenConfig
 def require_diffusers():
     """Import diffusers or fail with the fix in the message."""
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  (optional: only the pixel objective's VAE needs it)
     except ImportError as exc:  # pragma: no cover - exercised only without diffusers
         raise ImportError(
             "the pixel-generation objective (model.pixel.weight > 0 with latent_source=vae, or "

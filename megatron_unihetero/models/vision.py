@@ -11,6 +11,7 @@ import os
 from typing import Tuple
 
 import torch
+import transformers
 from torch import nn
 
 from megatron_unihetero.models.config import ConfigError, VisionConfig
@@ -24,8 +25,6 @@ _HF_CLASSES = {
 
 
 def _hf_classes(model_type: str):
-    import transformers
-
     config_name, model_name, has_cls = _HF_CLASSES[model_type]
     return getattr(transformers, config_name), getattr(transformers, model_name), has_cls
 

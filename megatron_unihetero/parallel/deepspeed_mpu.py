@@ -1,7 +1,7 @@
 """The ``mpu`` object DeepSpeed expects, backed by megatron-core's ``parallel_state``.
 
 DeepSpeed calls ``get_model_parallel_rank/world_size/group`` (which megatron-core's
-parallel_state lacks, DESIGN.md section 3) and ``get_data_parallel_*``. The deepspeed engine
+parallel_state lacks) and ``get_data_parallel_*``. The deepspeed engine
 runs at PP=1 only, so DeepSpeed's "model parallel" is megatron's tensor parallel: DeepSpeed uses
 that group to sum gradient norms over TP shards and to name its checkpoint files (mp_rank_XX).
 

@@ -6,7 +6,7 @@ optimizer falls back to ``megatron.core.utils.local_multi_tensor_scale`` and
 ``local_multi_tensor_l2_norm`` for gradient clipping and for copying main params into a 16-bit
 model: Python loops that allocate a scaled copy of every gradient, and a norm per tensor
 collected into a Python list. torch's ``_foreach`` ops do the same arithmetic in one call per
-list (on the tiny CPU config, clipping went from 1.2 ms to 0.2 ms of a ~90 ms step).
+list, without the Python loop and the per-tensor temporaries.
 
 They are swapped in where, and only where, megatron-core chose its local fallbacks; TE's and
 apex's kernels are left alone. The signatures are those of apex's ``amp_C`` kernels, which
@@ -15,21 +15,27 @@ megatron-core calls through ``multi_tensor_applier(op, noop_flag, tensor_lists, 
 2. No collective where there is nothing to exchange: with the distributed optimizer at
 data-parallel size 1, megatron-core's DDP still reduce-scatters the gradient buffer and
 all-gathers the parameter buffer every step, each onto itself (this rank's shard is the whole
-buffer). On gloo that is two copies of the model through the backend per step (1-2 ms of a
-~90 ms step of the tiny CPU config). A call on a one-rank group whose input and output are the
-same memory is an identity, and is skipped; every other call goes to torch.distributed.
+buffer). On gloo that is two copies of the model through the backend per step, for nothing.
+A call on a one-rank group whose input and output are the same memory is an identity, and is
+skipped; every other call goes to torch.distributed.
 Likewise the gradient norm: megatron-core all-reduces each rank's squared norm over the
-model-parallel group, which at TP = PP = 1 is this rank alone; a one-element gloo all-reduce
-onto itself cost 0.17 ms a step. There the norm is computed locally (the same ``_foreach``
-norm as 1.); any other group, a norm other than L2, or DTensor (FSDP) gradients take
-megatron-core's function.
+model-parallel group, which at TP = PP = 1 is this rank alone, and even a one-element gloo
+all-reduce onto itself has a fixed cost per step. There the norm is computed locally (the
+same ``_foreach`` norm as 1.); any other group, a norm other than L2, or DTensor (FSDP)
+gradients take megatron-core's function.
 """
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
+import megatron.core.distributed.param_and_grad_buffer as buffers
+import megatron.core.optimizer.clip_grads as clip_grads
+import megatron.core.optimizer.optimizer as optimizer
 import torch
+from megatron.core import utils
+
+from megatron_unihetero import platform
 
 
 def foreach_scale(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torch.Tensor]],
@@ -51,8 +57,6 @@ def foreach_l2_norm(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torc
     """(the L2 norm over every tensor of every list as a 1-element fp32 tensor, None)."""
     tensors = [t for tensor_list in tensor_lists for t in tensor_list]
     if not tensors:
-        from megatron_unihetero import platform
-
         return torch.zeros(1, dtype=torch.float32, device=platform.device()), None
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
@@ -86,11 +90,6 @@ def _local_norm_when_alone(get_grad_norm_fp32):
 
 
 def install() -> None:
-    import megatron.core.distributed.param_and_grad_buffer as buffers
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.optimizer as optimizer
-    from megatron.core import utils
-
     for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
         collective = getattr(buffers, name)
         if not getattr(collective, "skips_self_exchange", False):

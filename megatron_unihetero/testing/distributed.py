@@ -1,7 +1,7 @@
 """Run a function on N ranks with torch.distributed, for tests (gloo on CPU, nccl on GPU).
 
 Workers are *spawned*, never forked: gloo in forked children of a long pytest process can
-deadlock (DESIGN.md section 4). The function and its arguments must therefore be picklable
+deadlock. The function and its arguments must therefore be picklable
 (a module-level function). A failure on any rank is re-raised in the parent with that rank's
 traceback.
 """

@@ -14,6 +14,9 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+# torch and transformers are imported where used: the preprocessing workers import this module,
+# and only a run with --precompute-features needs them.
+
 # model_type in config.json -> transformers class holding the vision tower only
 _VISION_CLASSES = {
     "dinov2": "Dinov2Model",

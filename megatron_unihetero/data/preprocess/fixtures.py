@@ -6,6 +6,7 @@ Shipped in the package (not under tests/) so tests, benchmarks and other enginee
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -13,7 +14,12 @@ import tarfile
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
+import torch
 from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from megatron_unihetero.data.demo_world import write_demo_data
+from megatron_unihetero.data.preprocess.train_spm import train_sentencepiece
 
 
 def png_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG") -> bytes:
@@ -27,9 +33,6 @@ def png_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG") -> bytes:
 
 def train_tiny_tokenizer(folder: str, num_samples: int = 200, vocab_size: int = 400) -> str:
     """A SentencePiece model trained on demo-world text; returns the .model path."""
-    from megatron_unihetero.data.demo_world import write_demo_data
-    from megatron_unihetero.data.preprocess.train_spm import train_sentencepiece
-
     data = os.path.join(folder, "tok_data")
     write_demo_data(data, num_samples, seed=123, image_size=16, valid_fraction=0.0)
     path = os.path.join(folder, "tiny.model")
@@ -39,8 +42,6 @@ def train_tiny_tokenizer(folder: str, num_samples: int = 200, vocab_size: int = 
 
 def write_jsonl(path: str, rows: Iterable[Any], raw_lines: Optional[Dict[int, str]] = None) -> str:
     """One JSON value per line; ``raw_lines[i]`` replaces line i verbatim (for broken JSON)."""
-    import gzip
-
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as f:
         for i, row in enumerate(rows):
@@ -62,9 +63,6 @@ def write_webdataset(path: str, samples: List[Dict[str, bytes]]) -> str:
 
 def save_tiny_dinov2(folder: str) -> str:
     """A randomly initialised 2-layer Dinov2 (32px, patch 8 -> 1 + 16 tokens of dim 32)."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
     torch.manual_seed(0)
     cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8)

@@ -21,9 +21,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
+import numpy as np
+from tqdm import tqdm
+
 from megatron_unihetero.data.preprocess import worker as W
+from megatron_unihetero.data.preprocess.features import FeatureExtractor
 from megatron_unihetero.data.preprocess.readers import count_rows, detect_format, iter_records
 from megatron_unihetero.data.preprocess.samples import SampleConfig
+from megatron_unihetero.data.shards import ShardWriter, _indexed_dataset_module, list_shards, shard_name
+from megatron_unihetero.data.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -54,8 +60,6 @@ class ShardSink:
         self.feature_shape = None
 
     def _open(self) -> None:
-        from megatron_unihetero.data.shards import ShardWriter, shard_name
-
         prefix = shard_name(self.cfg.output_prefix, len(self.shards))
         if self.cfg.vision_model:
             kw = dict(image_store="features", feature_shape=self.feature_shape, image_size=self.cfg.sample.image_size)
@@ -110,7 +114,7 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, ini
         for t in tasks:
             yield fn(t)
         return
-    # spawn, not fork: forked children inherit torch/gloo state and can deadlock (DESIGN.md 4).
+    # spawn, not fork: forked children inherit torch/gloo state and can deadlock.
     with mp.get_context("spawn").Pool(workers, initializer=init, initargs=(initarg,)) as pool:
         pending: collections.deque = collections.deque()
         done = 0
@@ -135,8 +139,6 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int, init: Callable, ini
 
 def _remove_old_shards(prefix: str) -> None:
     """A rerun replaces the dataset: stale shards of a bigger earlier run must not be mixed in."""
-    from megatron_unihetero.data.shards import list_shards
-
     for shard in list_shards(prefix):
         if shard == prefix:
             continue
@@ -149,10 +151,6 @@ def _remove_old_shards(prefix: str) -> None:
 
 def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     """Run preprocessing; returns the summary (also written to ``PREFIX.summary.json``)."""
-    from tqdm import tqdm
-
-    from megatron_unihetero.data.tokenizer import build_tokenizer
-
     for path in cfg.inputs:
         if not os.path.exists(path):
             raise FileNotFoundError(f"input file {path} does not exist")
@@ -169,10 +167,6 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
                           torch_threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)) if cfg.workers > 1 else 0)
     feature_shape = None
     if cfg.vision_model:
-        import numpy as np
-
-        from megatron_unihetero.data.preprocess.features import FeatureExtractor
-
         # Load once here: fails fast on a bad folder, and gives the feature shape even when the
         # first documents are text-only.
         extractor = FeatureExtractor(cfg.vision_model, cfg.sample.image_size)
@@ -181,10 +175,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
         del extractor
     totals = [count_rows(p, cfg.input_format or detect_format(p)) for p in cfg.inputs]
     total = sum(totals) if all(t is not None for t in totals) else None
-
-    from megatron_unihetero.data.shards import _indexed_dataset_module
-
-    _indexed_dataset_module()  # megatron.core's import (seconds) is not part of the measured rate
+    _indexed_dataset_module()  # megatron.core's slow import is kept out of the measured rate
     sink = ShardSink(cfg, metadata)
     sink.feature_shape = feature_shape
     reasons: collections.Counter = collections.Counter()

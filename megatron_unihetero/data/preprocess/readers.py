@@ -5,8 +5,7 @@ in its file and ``record`` a dict of column -> value, or a :class:`RowError` for
 cannot even be parsed (bad JSON line): the caller rejects that row and carries on.
 
 Nothing loads a whole file: parquet is read one record batch (at most one row group) at a
-time, jsonl line by line, tar member by member (DESIGN.md section 6: preprocessing running out
-of memory on large inputs).
+time, jsonl line by line, tar member by member, so preprocessing a large input does not run out of memory.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import json
 import os
 import tarfile
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -47,15 +48,11 @@ def detect_format(path: str) -> str:
 def count_rows(path: str, fmt: str) -> Optional[int]:
     """Row count when it is cheap to know (parquet footer), else None (progress without total)."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(path).metadata.num_rows
     return None
 
 
 def iter_parquet(path: str, columns: Optional[Sequence[str]] = None, batch_size: int = 256) -> Iterator[Tuple[int, Record]]:
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(path)
     if columns is not None:
         present = set(pf.schema_arrow.names)

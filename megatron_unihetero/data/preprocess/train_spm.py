@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterator, Sequence
 
+import sentencepiece as spm
+
 from megatron_unihetero.data.preprocess.readers import iter_texts
 from megatron_unihetero.data.tokenizer import PAD_TOKEN, SPECIAL_TOKENS
 
@@ -18,8 +20,6 @@ def train_sentencepiece(inputs: Sequence[str], output: str, vocab_size: int, tex
     split. ``hard_vocab_limit=False`` lets tiny corpora (the demo world has ~60 words) train
     with a vocabulary smaller than asked rather than fail.
     """
-    import sentencepiece as spm
-
     if not output.endswith(".model"):
         raise ValueError(f"--output must end in .model, got {output}")
     count = [0]

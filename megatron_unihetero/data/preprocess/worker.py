@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
+from megatron_unihetero.data.preprocess.features import FeatureExtractor
 from megatron_unihetero.data.preprocess.readers import RowError
 from megatron_unihetero.data.preprocess.samples import RowReject, Sample, SampleConfig, row_to_samples
+from megatron_unihetero.data.tokenizer import build_tokenizer
 
 # (source file, row number, record or RowError)
 Row = Tuple[str, int, Any]
@@ -40,14 +42,10 @@ _STATE: dict = {}
 
 def init_worker(cfg: WorkerConfig) -> None:
     """Build the tokenizer (and vision model) once per process."""
-    from megatron_unihetero.data.tokenizer import build_tokenizer
-
     _STATE["cfg"] = cfg
     _STATE["tokenizer"] = build_tokenizer(cfg.tokenizer_path)
     _STATE["features"] = None
     if cfg.vision_model:
-        from megatron_unihetero.data.preprocess.features import FeatureExtractor
-
         _STATE["features"] = FeatureExtractor(cfg.vision_model, cfg.sample.image_size, cfg.torch_threads)
 
 
