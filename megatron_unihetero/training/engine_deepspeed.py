@@ -27,18 +27,25 @@ the weights only (``--checkpoint.load=ITER --checkpoint.resume=false``).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import glob
 import json
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Dict, List, Mapping
 
 import torch
+import deepspeed
 import torch.distributed as dist
+from deepspeed.checkpoint import ds_to_universal
+from megatron.core import parallel_state
 
 from megatron_unihetero import parallel, platform
+from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
 from megatron_unihetero.training import losses
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
@@ -92,8 +99,6 @@ def _fill(user: Any, ours: Any) -> Any:
 
 
 def resolve_config(cfg: RunConfig, dp_size: int) -> Dict[str, Any]:
-    from megatron_unihetero.models.config import ConfigError
-
     ours = generated_config(cfg, dp_size)
     if not cfg.parallel.deepspeed_config:
         return ours
@@ -118,11 +123,6 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model, cfg: RunConfig):
-        import deepspeed
-        from megatron.core import parallel_state
-
-        from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
-
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("the deepspeed engine supports pipeline_parallel=1 only")
         if isinstance(model, (list, tuple)):  # the trainer passes its (single) chunk list
@@ -195,8 +195,6 @@ class DeepSpeedEngine:
         """
         if self.zero_stage < 3:
             return self.model.state_dict()
-        import deepspeed
-
         params = list(self.model.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().clone() if torch.is_tensor(v) else v
@@ -227,11 +225,6 @@ class DeepSpeedEngine:
         target = os.path.join(root, _CKPT_TAG)
         done = os.path.join(root, "complete")
         if dist.get_rank() == 0 and not os.path.isfile(done):
-            import argparse
-            import shutil
-
-            from deepspeed.checkpoint import ds_to_universal
-
             print(f"[deepspeed] {ckpt_dir} holds ZeRO partitions of {saved_dp} data-parallel ranks, "
                   f"this run has {self.dp_size}: converting it to a universal checkpoint in {target}")
             shutil.rmtree(root, ignore_errors=True)
@@ -249,8 +242,6 @@ class DeepSpeedEngine:
             raise RuntimeError(
                 f"{ckpt_dir} is missing: the checkpoint was saved by another engine. Start from its "
                 f"weights instead with --checkpoint.load={iter_dir} --checkpoint.resume=false")
-        from megatron.core import parallel_state
-
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         saved_tp = len(glob.glob(os.path.join(ckpt_dir, "mp_rank_*_model_states.pt")))
         if saved_tp and saved_tp != tp_size:

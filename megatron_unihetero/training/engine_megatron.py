@@ -20,6 +20,9 @@ import os
 from typing import Dict, List, Mapping
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import DistributedOptimizer
 
 from megatron_unihetero import parallel
 from megatron_unihetero.training import step as step_lib
@@ -27,6 +30,7 @@ from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import (
     build_lr_scheduler,
     build_megatron_optimizer,
+    megatron_optimizers,
     untie_step_counters,
     use_fused_torch_adam,
 )
@@ -57,9 +61,6 @@ class MegatronEngine:
     name = "megatron"
 
     def __init__(self, chunks, cfg: RunConfig):
-        from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
         # A stage, or this rank's virtual-stage chunks (interleaved 1F1B): DDP wraps each.
         self.chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
         self.model = self.chunks[0]
@@ -124,21 +125,14 @@ class MegatronEngine:
         return [chunk.state_dict() for chunk in self.chunks]
 
     def _optim_path(self, iter_dir: str) -> str:
-        from megatron.core import parallel_state
-
         return os.path.join(iter_dir, "engine", f"optim_tp{parallel_state.get_tensor_model_parallel_rank():02d}"
                                                 f"_pp{parallel_state.get_pipeline_model_parallel_rank():02d}.pt")
 
     def _sharded_optimizers(self) -> list:
-        from megatron.core.optimizer import DistributedOptimizer
-
-        return [opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-                if isinstance(opt, DistributedOptimizer)]
+        return [opt for opt in megatron_optimizers(self.optimizer) if isinstance(opt, DistributedOptimizer)]
 
     def save(self, iter_dir: str) -> None:
         """Collective over the DP group (the distributed optimizer gathers its shards)."""
-        from megatron.core import parallel_state
-
         payload = {"format": OPTIMIZER_FORMAT, "distributed": self.distributed,
                    "data_parallel_size": parallel_state.get_data_parallel_world_size(),
                    "common": self.optimizer.state_dict()}
@@ -152,8 +146,6 @@ class MegatronEngine:
         os.replace(path + ".tmp", path)
 
     def load(self, iter_dir: str) -> None:
-        from megatron.core import parallel_state
-
         path = self._optim_path(iter_dir)
         if not os.path.isfile(path):
             raise RuntimeError(

@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 
 from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
 
 
 def llm_matmul_params(cfg: ModelConfig) -> int:
@@ -54,8 +55,6 @@ def step_flops(cfg: ModelConfig, batch: Mapping[str, torch.Tensor], vision_param
 def flop_terms(cfg: ModelConfig) -> dict:
     """The non-LLM parameter counts :func:`step_flops` needs, from the config alone (every
     rank agrees, whatever pipeline stage it holds)."""
-    from megatron_unihetero.models.vision import VisionEncoder, load_hf_vision_config, tokens_per_image
-
     with torch.device("meta"):
         vision_params = sum(p.numel() for p in VisionEncoder(cfg.vision).parameters())
     d_enc, d = load_hf_vision_config(cfg.vision).hidden_size, cfg.llm.hidden_size

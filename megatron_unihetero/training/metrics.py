@@ -19,6 +19,8 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(cfg.dir, exist_ok=True)
+        # Each logger is imported only when switched on: wandb is optional, and tensorboard's
+        # import is slow enough to notice in a short run without it.
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

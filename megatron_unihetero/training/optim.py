@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import List
 
 import torch
+from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.training.config import RunConfig, TrainConfig
@@ -45,8 +47,6 @@ def build_lr_scheduler(optimizer, train: TrainConfig):
     ``min_lr`` after a load): only the step count comes from the checkpoint, so a changed
     ``train.steps`` or ``train.lr`` applies from the next step on.
     """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     if not 0.0 <= train.min_lr <= train.lr:
         raise ConfigError(f"train.min_lr={train.min_lr} must be between 0 and train.lr={train.lr}")
     decay_steps = max(train.steps, train.warmup_steps + 1)
@@ -93,8 +93,6 @@ def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConf
     tensors (``wd_mult`` 0). The learning rate and weight decay are set every step by the LR
     scheduler (:func:`build_lr_scheduler`).
     """
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     train = cfg.train
     config = OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
@@ -108,6 +106,14 @@ def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConf
     return optimizer
 
 
+def megatron_optimizers(optimizer) -> list:
+    """The optimizers a megatron-core optimizer is made of: the parts of a ChainedOptimizer
+    (one per param-group kind), or the optimizer itself."""
+    if isinstance(optimizer, ChainedOptimizer):
+        return list(optimizer.chained_optimizers)
+    return [optimizer]
+
+
 def use_fused_torch_adam(optimizer) -> None:
     """Switch megatron-core's torch AdamW fallback (no TE/apex FusedAdam) to torch's fused kernel.
 
@@ -118,7 +124,7 @@ def use_fused_torch_adam(optimizer) -> None:
     again after a checkpoint load (whose param groups replace the optimizer's): existing step
     counters move to their parameter's device, where the fused kernel wants them.
     """
-    inners = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    inners = [opt.optimizer for opt in megatron_optimizers(optimizer)]
     for inner in inners:
         if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
             continue  # TE's / apex's FusedAdam: fused already

@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Dict, List, Mapping
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from megatron_unihetero.training import losses
 
@@ -41,10 +44,6 @@ def forward_backward(
     other stages return {}. Gradients accumulate in ``.grad`` (or megatron DDP's buffers) for
     the optimizer.
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if not get_model_config(chunks[0]).calculate_per_token_loss:
         # Without it the schedule would divide each (already normalised) loss by its token

@@ -16,9 +16,13 @@ from typing import Dict, List
 import psutil
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.config_io import save_config
+from megatron_unihetero.data.loader import build_loader
+from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.flops import flop_terms, step_flops
@@ -31,8 +35,6 @@ H100_BF16_PEAK_TFLOPS = 989.0
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        from megatron.core import parallel_state
-
         self.cfg = cfg
         self.ps = parallel_state
         # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
@@ -56,9 +58,6 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _loader(self, split: str):
-        from megatron_unihetero.data.loader import build_loader
-        from megatron_unihetero.models.vision import image_normalization
-
         data = self.cfg.data
         mean, std = image_normalization(self.cfg.model.vision)
         return build_loader(
@@ -143,11 +142,7 @@ class Trainer:
     def objective_weights(self) -> Dict[str, float]:
         sem = self.cfg.model.semantic
         ramp = min(1.0, (self.step + 1) / sem.warmup_steps) if sem.warmup_steps > 0 else 1.0
-        weights = {"text": 1.0, "semantic": sem.weight * ramp}
-        pixel = getattr(self.cfg.model, "pixel", None)
-        if pixel is not None:
-            weights["pixel"] = pixel.weight
-        return weights
+        return {"text": 1.0, "semantic": sem.weight * ramp, "pixel": self.cfg.model.pixel.weight}
 
     def next_batches(self) -> List[dict]:
         return [next(self.train_loader) for _ in range(self.cfg.train.grad_accumulation)]
@@ -244,8 +239,6 @@ class Trainer:
 
 def check_tokenizer_matches(cfg: RunConfig, datasets) -> None:
     """The shards' tokenizer must agree with the model's image token and vocabulary."""
-    from megatron_unihetero.models.config import ConfigError
-
     for dataset in datasets:
         ids = dataset.tokenizer_ids
         image_id = ids.get("image_token_id")
@@ -267,8 +260,6 @@ def _params_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def _encoder_image_size(model, cfg: RunConfig) -> int:
-    from megatron_unihetero.models.vision import load_hf_vision_config
-
     return int(load_hf_vision_config(cfg.model.vision).image_size)
 
 
@@ -285,6 +276,8 @@ def _resolve_load(path: str) -> str:
 
 
 def _build_engine(model, cfg: RunConfig):
+    # The engines are imported on demand: importing DeepSpeed costs seconds (and on first use
+    # builds its ops), which a megatron-engine run should not pay.
     if cfg.parallel.engine == "deepspeed":
         from megatron_unihetero.training.engine_deepspeed import DeepSpeedEngine
 
