@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_unihetero.data.shards import ShardReader, list_shards
+from megatron_unihetero.data.shards import ShardError, ShardReader, list_shards
 
 SPLITS = ("train", "valid")
 
@@ -67,6 +67,10 @@ class MultimodalDataset:
         if isinstance(shards, str):
             shards = [shards]
         self.readers: List[Any] = []
+        # Every shard is opened (and so checked, see ShardReader) here, before the first batch.
+        # Damaged shards are all reported at once: with thousands of shards, one per run would
+        # turn a bad copy into many restarts.
+        errors: List[ShardError] = []
         for s in shards:
             if not isinstance(s, str):
                 self.readers.append(s)
@@ -74,7 +78,15 @@ class MultimodalDataset:
             paths = list_shards(s)
             if not paths:
                 raise FileNotFoundError(f"no shards found for {s!r} (expected {s}.json or {s}_00000.json)")
-            self.readers += [ShardReader(p) for p in paths]
+            for p in paths:
+                try:
+                    self.readers.append(ShardReader(p))
+                except ShardError as e:
+                    errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ShardError(f"{len(errors)} damaged shards (one line each):\n" + "\n".join(str(e) for e in errors))
         if not self.readers:
             raise ValueError("a dataset needs at least one shard")
         self.name = name or _shard_name(self.readers[0])

@@ -30,6 +30,14 @@ A shard is a set of files sharing a path prefix ``S`` (datasets are split into s
 Every file is written under a temporary name (``S.tmp.*``) and renamed to its final name only
 by :meth:`ShardWriter.finalize`, json last, so an interrupted run never leaves a shard that
 looks whole.
+
+:class:`ShardReader` checks a shard's integrity when it opens it, from file sizes, headers and
+the index arrays only (never the token or image data), and raises :class:`ShardError` naming the
+file and what is wrong: every ``.idx`` header (magic, version, dtype) and size, every ``.bin``
+size against the sum of its sequence lengths, the json fields the reader relies on,
+``image_offsets.npy`` against both, every stored image's length against the image geometry, and
+the tokenizer's image ids when the shard has images. A damaged file (a copy cut short, a disk
+filling up) thus fails when the datasets are built, not mid-epoch inside numpy.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import glob
 import json
 import os
 import re
+import struct
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -50,6 +59,17 @@ SHARD_INDEX_DIGITS = 5
 
 TEXT, IMAGES, FEATURES, LOSSMASK = "text", "images", "features", "lossmask"
 _DTYPES = {TEXT: np.int32, IMAGES: np.uint8, FEATURES: np.int16, LOSSMASK: np.int8}
+
+# The fixed part of a megatron.core IndexedDataset .idx file (see its _IndexWriter): magic,
+# version, dtype code, sequence count, document count. The arrays follow: int32 sequence
+# lengths, int64 byte pointers into the .bin, int64 document indices.
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_IDX_VERSION = 1
+_IMAGE_TOKEN_KEYS = ("image_start_id", "image_token_id", "image_end_id")
+
+
+class ShardError(ValueError):
+    """A shard's files are missing, damaged or disagree with each other (raised when opened)."""
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -265,30 +285,65 @@ class ShardReader:
         meta_path = prefix + ".json"
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: not a finished shard (interrupted preprocessing?)")
-        with open(meta_path) as f:
-            self.metadata: Dict[str, Any] = json.load(f)
-        if self.metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {self.metadata.get('format_version')} != {FORMAT_VERSION}")
-        idx = _indexed_dataset_module()
         self.prefix = prefix
-        self._text = idx.IndexedDataset(f"{prefix}.{TEXT}")
-        self._store = IMAGES if self.metadata["image_store"] == "pixels" else FEATURES
-        self._mask = idx.IndexedDataset(f"{prefix}.{LOSSMASK}") if self.metadata.get("has_loss_mask") else None
-        self.image_offsets = np.load(f"{prefix}.image_offsets.npy")
-        # A text-only shard has an empty image .bin, which cannot be memory-mapped: skip it.
-        has_images = len(self.image_offsets) > 0 and int(self.image_offsets[-1]) > 0
-        self._images = idx.IndexedDataset(f"{prefix}.{self._store}") if has_images else None
-        num_stored = len(self._images) if self._images is not None else 0
+        self.metadata: Dict[str, Any] = _read_metadata(meta_path)
         n = self.metadata["num_samples"]
-        if len(self._text) != n or len(self.image_offsets) != n + 1 or num_stored != self.image_offsets[-1]:
-            raise ValueError(
-                f"{prefix}: inconsistent shard (json says {n} samples; text has {len(self._text)}, "
-                f"offsets {len(self.image_offsets) - 1}, images {num_stored} vs {self.image_offsets[-1]})"
-            )
+        self._store = IMAGES if self.metadata["image_store"] == "pixels" else FEATURES
+        idx = _indexed_dataset_module()
+
+        # Every check runs before IndexedDataset maps a file: its own checks are bare asserts,
+        # and a short .bin maps fine and fails only when a sample past its end is read.
+        text_lengths = check_indexed_files(f"{prefix}.{TEXT}", _DTYPES[TEXT], idx)
+        if len(text_lengths) != n:
+            raise ShardError(f"{meta_path}: num_samples is {n} but {prefix}.{TEXT}.idx holds {len(text_lengths)} samples")
+        image_lengths = check_indexed_files(f"{prefix}.{self._store}", _DTYPES[self._store], idx)
+        self.image_offsets = _read_image_offsets(f"{prefix}.image_offsets.npy", n, meta_path,
+                                                 f"{prefix}.{self._store}.idx", len(image_lengths))
+        self._check_images(image_lengths)
+        if self.metadata.get("has_loss_mask"):
+            mask_lengths = check_indexed_files(f"{prefix}.{LOSSMASK}", _DTYPES[LOSSMASK], idx)
+            bad = _first_mismatch(mask_lengths, text_lengths)
+            if bad is not None:
+                raise ShardError(f"{prefix}.{LOSSMASK}.idx: sample {bad}: mask length "
+                                 f"{_at(mask_lengths, bad)} != text length {_at(text_lengths, bad)}")
+        self._check_totals(text_lengths, len(image_lengths))
+
         tok = self.metadata.get("tokenizer") or {}
-        self._image_token_ids = np.asarray(
-            [tok[k] for k in ("image_start_id", "image_token_id", "image_end_id") if k in tok], dtype=np.int32
-        )
+        self._image_token_ids = np.asarray([tok[k] for k in _IMAGE_TOKEN_KEYS if k in tok], dtype=np.int32)
+
+        self._text = idx.IndexedDataset(f"{prefix}.{TEXT}")
+        self._mask = idx.IndexedDataset(f"{prefix}.{LOSSMASK}") if self.metadata.get("has_loss_mask") else None
+        # A text-only shard has an empty image .bin, which cannot be memory-mapped: skip it.
+        self._images = idx.IndexedDataset(f"{prefix}.{self._store}") if len(image_lengths) > 0 else None
+
+    def _check_images(self, image_lengths: np.ndarray) -> None:
+        """Every stored image has the geometry of the metadata; the tokenizer can mark images."""
+        m, meta_path = self.metadata, self.prefix + ".json"
+        if self._store == IMAGES:
+            s = m["image_size"]
+            want, what = s * s * 3, f"image_size {s} ({s}x{s}x3 bytes)"
+        else:
+            want, what = int(np.prod(m["feature_shape"])), f"feature_shape {m['feature_shape']}"
+        bad = np.flatnonzero(image_lengths != want)
+        if len(bad):
+            i = int(bad[0])
+            raise ShardError(f"{self.prefix}.{self._store}.idx: image {i} has {int(image_lengths[i])} values, expected "
+                             f"{want} from {meta_path} {what} ({len(bad)} of {len(image_lengths)} images differ)")
+        if len(image_lengths):
+            # The default loss mask and the loader's placeholder expansion need these ids.
+            tok = m.get("tokenizer")
+            missing = [k for k in _IMAGE_TOKEN_KEYS if not isinstance(tok, dict) or not _is_int(tok.get(k))]
+            if missing:
+                raise ShardError(f"{meta_path}: the shard has {len(image_lengths)} images but its 'tokenizer' "
+                                 f"section lacks {missing}")
+
+    def _check_totals(self, text_lengths: np.ndarray, num_stored: int) -> None:
+        """The json's summary counts, when present, agree with the index files."""
+        meta_path = self.prefix + ".json"
+        for key, actual, source in (("num_images", num_stored, f"{self.prefix}.{self._store}.idx"),
+                                    ("num_tokens", int(text_lengths.sum(dtype=np.int64)), f"{self.prefix}.{TEXT}.idx")):
+            if key in self.metadata and self.metadata[key] != actual:
+                raise ShardError(f"{meta_path}: {key} is {self.metadata[key]!r} but {source} holds {actual}")
 
     def __len__(self) -> int:
         return int(self.metadata["num_samples"])
@@ -322,3 +377,134 @@ class ShardReader:
             return np.array(self._mask[i])
         tokens = self.tokens(i)
         return (~np.isin(tokens, self._image_token_ids)).astype(np.int8)
+
+
+# --- integrity checks (ShardReader.__init__) ---------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _at(a: np.ndarray, i: int) -> Any:
+    return int(a[i]) if i < len(a) else "none"
+
+
+def _first_mismatch(a: np.ndarray, b: np.ndarray) -> Optional[int]:
+    """The first index where ``a`` and ``b`` differ (a length difference counts), or None."""
+    k = min(len(a), len(b))
+    bad = np.flatnonzero(a[:k] != b[:k])
+    if len(bad):
+        return int(bad[0])
+    return None if len(a) == len(b) else k
+
+
+def _read_metadata(meta_path: str) -> Dict[str, Any]:
+    """The shard's json, with the fields the reader relies on checked."""
+    try:
+        with open(meta_path) as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{meta_path}: unreadable shard metadata ({e})") from e
+    if not isinstance(m, dict):
+        raise ShardError(f"{meta_path}: shard metadata must be a JSON object, got {type(m).__name__}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{meta_path}: format_version {m.get('format_version')} != {FORMAT_VERSION}")
+    if not _is_int(m.get("num_samples")) or m["num_samples"] < 0:
+        raise ShardError(f"{meta_path}: num_samples must be a non-negative integer, got {m.get('num_samples')!r}")
+    store = m.get("image_store")
+    if store == "pixels":
+        if not _is_int(m.get("image_size")) or m["image_size"] <= 0:
+            raise ShardError(f"{meta_path}: image_store 'pixels' needs a positive integer image_size, "
+                             f"got {m.get('image_size')!r}")
+    elif store == "features":
+        shape = m.get("feature_shape")
+        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(x) and x > 0 for x in shape):
+            raise ShardError(f"{meta_path}: image_store 'features' needs feature_shape [tokens, dim] of positive "
+                             f"integers, got {shape!r}")
+    else:
+        raise ShardError(f"{meta_path}: image_store must be 'pixels' or 'features', got {store!r}")
+    return m
+
+
+def check_indexed_files(path_prefix: str, dtype: type, idx: Any = None) -> np.ndarray:
+    """Check one IndexedDataset pair ``path_prefix.idx/.bin``; returns its sequence lengths.
+
+    Reads the .idx (header and arrays: O(number of sequences)) and only the size of the .bin.
+    Raises :class:`ShardError` naming the file when the header is not megatron's, the dtype is
+    not ``dtype``, the .idx size disagrees with its counts, the pointers are not the running
+    sum of the lengths, or the .bin size is not the sum of the lengths times the dtype size.
+    """
+    idx = idx or _indexed_dataset_module()
+    idx_path, bin_path = path_prefix + ".idx", path_prefix + ".bin"
+    for p in (idx_path, bin_path):
+        if not os.path.isfile(p):
+            raise ShardError(f"{p}: missing (every shard file is renamed into place before its json)")
+    idx_size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size:
+        raise ShardError(f"{idx_path}: {idx_size} bytes, shorter than the {_IDX_HEADER.size}-byte "
+                         "IndexedDataset header (truncated?)")
+    magic, version, code, n, d = _IDX_HEADER.unpack(head)
+    if magic != idx._INDEX_HEADER:
+        raise ShardError(f"{idx_path}: header {magic!r} is not an IndexedDataset index ({idx._INDEX_HEADER!r})")
+    if version != _IDX_VERSION:
+        raise ShardError(f"{idx_path}: index version {version}, expected {_IDX_VERSION}")
+    want_code = idx.DType.code_from_dtype(dtype)
+    if code != want_code:
+        names = {c.value: c.name for c in idx.DType}
+        raise ShardError(f"{idx_path}: dtype code {code} ({names.get(code, 'unknown')}), expected "
+                         f"{want_code} ({np.dtype(dtype).name})")
+    expected_idx = _IDX_HEADER.size + n * (4 + 8) + d * 8
+    if idx_size != expected_idx:
+        raise ShardError(f"{idx_path}: size {idx_size} bytes, expected {expected_idx} for its {n} sequences and "
+                         f"{d} documents (truncated or padded)")
+    off = _IDX_HEADER.size
+    lengths = np.fromfile(idx_path, dtype=np.int32, count=n, offset=off)
+    pointers = np.fromfile(idx_path, dtype=np.int64, count=n, offset=off + 4 * n)
+    documents = np.fromfile(idx_path, dtype=np.int64, count=d, offset=off + 12 * n)
+    if (lengths < 0).any():
+        i = int(np.flatnonzero(lengths < 0)[0])
+        raise ShardError(f"{idx_path}: sequence {i} has negative length {int(lengths[i])}")
+    if d == 0 or int(documents[0]) != 0 or int(documents[-1]) != n:
+        raise ShardError(f"{idx_path}: document indices must run from 0 to the {n} sequences, got "
+                         f"{documents[:1].tolist()}..{documents[-1:].tolist()}")
+    itemsize = np.dtype(dtype).itemsize
+    ends = np.cumsum(lengths, dtype=np.int64) * itemsize
+    bad = np.flatnonzero(pointers != ends - lengths.astype(np.int64) * itemsize)
+    if len(bad):
+        i = int(bad[0])
+        raise ShardError(f"{idx_path}: sequence {i} points to byte {int(pointers[i])}, expected "
+                         f"{int(ends[i] - lengths[i] * itemsize)} (corrupt index)")
+    expected_bin = int(ends[-1]) if n else 0
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != expected_bin:
+        how = "truncated" if bin_size < expected_bin else "padded"
+        raise ShardError(f"{bin_path}: size {bin_size} bytes, expected {expected_bin} ({n} sequences of "
+                         f"{np.dtype(dtype).name} per {idx_path}): {how}")
+    return lengths
+
+
+def _read_image_offsets(path: str, num_samples: int, meta_path: str, images_idx: str, num_stored: int) -> np.ndarray:
+    """``image_offsets.npy``: int ``[num_samples + 1]``, from 0, non-decreasing, ending at the images stored."""
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: missing")
+    try:
+        off = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ShardError(f"{path}: unreadable ({e})") from e
+    if off.ndim != 1 or not np.issubdtype(off.dtype, np.integer):
+        raise ShardError(f"{path}: must be a 1-D integer array, got {off.dtype} {off.shape}")
+    if len(off) != num_samples + 1:
+        raise ShardError(f"{path}: length {len(off)}, expected num_samples + 1 = {num_samples + 1} "
+                         f"(num_samples from {meta_path})")
+    if int(off[0]) != 0:
+        raise ShardError(f"{path}: first entry is {int(off[0])}, expected 0")
+    dec = np.flatnonzero(np.diff(off) < 0)
+    if len(dec):
+        i = int(dec[0])
+        raise ShardError(f"{path}: decreases at sample {i} ({int(off[i])} -> {int(off[i + 1])})")
+    if int(off[-1]) != num_stored:
+        raise ShardError(f"{path}: last entry {int(off[-1])} but {images_idx} stores {num_stored} images")
+    return off
