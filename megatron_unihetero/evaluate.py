@@ -80,6 +80,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--output", help="write the metrics here as JSON")
     args = parser.parse_args(argv)
     iteration_dir = resolve_iteration_dir(args.load)
+    ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)  # names a damaged file
     run_config, model = build_from_checkpoint(iteration_dir)
     tokenizer_path = args.tokenizer or run_config.data.tokenizer
     if not tokenizer_path:

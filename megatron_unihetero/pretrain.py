@@ -2,6 +2,12 @@
 
 Start it with torchrun (or the deepspeed launcher) for several processes; alone it runs as a
 single process. Restarting the same command resumes from the newest complete checkpoint.
+
+Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error, 3 stopped after
+``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
+at the stop; ``latest`` still names the last finite checkpoint), 4 no checkpoint to resume from
+verifies against its manifest (with ``checkpoint.fallback=false``: the newest one fails; the
+message names the file).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import torch.distributed as dist
 from megatron_unihetero import parallel
 from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
 from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.training.checkpoint import CheckpointError
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.trainer import Trainer, write_summary
+from megatron_unihetero.training.trainer import NonFiniteTrainingError, Trainer, write_summary
 
 
 def parse_args(argv=None):
@@ -44,9 +51,19 @@ def main(argv=None) -> dict:
     if dist.get_rank() == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-    trainer = Trainer(cfg)
-    trainer.install_signal_handler()
-    result = trainer.train()
+    try:
+        trainer = Trainer(cfg)
+        trainer.install_signal_handler()
+        result = trainer.train()
+    except (NonFiniteTrainingError, CheckpointError) as exc:
+        # Every rank took the same decision (the skip flags are all-reduced; rank 0's choice of
+        # checkpoint is broadcast), so every rank gets here: the process groups can be torn
+        # down cleanly before the exit.
+        if dist.get_rank() == 0:
+            print(f"[megatron_unihetero] {exc}", file=sys.stderr, flush=True)
+        parallel.destroy()
+        dist.destroy_process_group()
+        raise SystemExit(3 if isinstance(exc, NonFiniteTrainingError) else 4) from exc
     if trainer.is_logger:
         write_summary(os.path.join(cfg.logging.dir, "train_summary.json"), result)
         print(f"[megatron_unihetero] done: checkpoint {result.get('checkpoint')}, "

@@ -170,6 +170,7 @@ def write_checkpoint(full: State, model: ModelConfig, save: str, tp: int, pp: in
         run = RunConfig(model=model, data=DataConfig(tokenizer=tokenizer),
                         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
         config_io.save_config(run, os.path.join(iter_dir, "config.yaml"))
+        ckpt.write_manifest(iter_dir)  # the trainer verifies it before loading
         ckpt.mark_latest(staging, iter_dir)
     return save
 

@@ -58,6 +58,9 @@ class TrainConfig:
     # torch.compile each decoder layer (parallel.apply_compile; TP=1, local spec, not ZeRO-3).
     # The first step pays the compilation (a C++ compiler is needed on CPU).
     compile: bool = False
+    # Stop the run after this many consecutive steps skipped for a non-finite loss or gradient
+    # norm (each such step is skipped, not applied); 0: never stop.
+    max_bad_steps: int = 10
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
 
@@ -69,6 +72,12 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True  # restart the same command -> resume from `latest`
     load: Optional[str] = None  # start from this checkpoint (weights only) when not resuming
+    # What a resume (and checkpoint.load) checks against the checkpoint's manifest.json before
+    # loading: full (sizes and sha256 checksums, one read of each file) | sizes.
+    verify: str = "full"
+    # When the newest checkpoint fails verification, resume from the newest one that passes
+    # (logged); false: stop with an error naming the file.
+    fallback: bool = True
 
 
 @dataclass
@@ -160,5 +169,10 @@ class RunConfig:
         if self.data.seq_length > llm.max_sequence_length:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
                               f"model.llm.max_sequence_length={llm.max_sequence_length}")
+        if self.train.max_bad_steps < 0:
+            raise ConfigError(f"train.max_bad_steps must be >= 0 (0: never stop); got "
+                              f"{self.train.max_bad_steps}")
+        if self.checkpoint.verify not in ("full", "sizes"):
+            raise ConfigError(f"checkpoint.verify must be full or sizes; got {self.checkpoint.verify!r}")
         if self.train.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")

@@ -151,32 +151,91 @@ class DeepSpeedEngine:
         # optimizer inside, whose lr and weight_decay its step reads; each group carries the
         # wd_mult of optim.param_groups. The trainer advances it (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
+        self._own_skip = False  # whether the last step was skipped by _drop_non_finite_grads
 
     # -- steps -------------------------------------------------------------------------------
+    def _library_skips_non_finite(self) -> bool:
+        """Whether DeepSpeed's optimizer skips a step with non-finite gradients by itself.
+
+        ZeRO 1-2 (an invalid global norm, or bf16's ``check_grad_overflow``), ZeRO-3 and the
+        bf16 optimizer of ZeRO-0 do: they zero the gradients, leave parameters and optimizer
+        state as they were, and ``engine.was_step_applied()`` says so. ZeRO-0 in fp32 steps
+        the plain torch optimizer with no check at all.
+        """
+        return self.zero_stage > 0 or _use_bf16(self.cfg)
+
     def _run(self, batches: List[dict], weights: Mapping[str, float], backward: bool) -> Dict[str, float]:
         counts = losses.global_counts(batches, self.cfg.model.image_token_id, self.dp_group)
         device = next(self.model.parameters()).device
         reports = []
-        for batch in batches:
+        loss_finite = True
+        self._own_skip = False
+        for index, batch in enumerate(batches):
             total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
             reports.append(report)
             if backward:
+                loss_finite = loss_finite and bool(torch.isfinite(total))
                 # DeepSpeed averages gradients over DP; the normalised losses must be summed
                 # (losses.py): times dp_size.
                 self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
-                self.engine.step()  # steps the optimizer at the accumulation boundary only
+                if index == len(batches) - 1 and not self._library_skips_non_finite():
+                    self._own_skip = self._drop_non_finite_grads(loss_finite)
+                if self._own_skip:
+                    # DeepSpeed's fp32 clipping indexes the first parameter with a gradient
+                    # and fails when there is none: nothing to clip in a skipped step. Its
+                    # config is the only switch (as for load_universal_checkpoint in load()).
+                    clip = self.engine._config.gradient_clipping
+                    self.engine._config.gradient_clipping = 0.0
+                    try:
+                        self.engine.step()
+                    finally:
+                        self.engine._config.gradient_clipping = clip
+                else:
+                    self.engine.step()  # steps the optimizer at the accumulation boundary only
         return losses.summarize(reports, counts, weights)
 
+    @torch.no_grad()
+    def _drop_non_finite_grads(self, loss_finite: bool) -> bool:
+        """ZeRO-0 fp32 only (DeepSpeed has no check there): before the boundary ``step()``, if
+        the step's loss or gradients are non-finite on any rank, drop every gradient, so the
+        torch optimizer skips every parameter (no update, no change to its state) while
+        DeepSpeed's step still advances its counters. The gradients are DP-reduced by the
+        boundary backward; one MAX over the world gives every rank the same decision.
+        Returns whether the step is skipped.
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        bad = not loss_finite or not all(bool(torch.isfinite(p.grad).all()) for p in params)
+        flag = torch.tensor([1.0 if bad else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return False
+        for param in params:
+            param.grad = None
+        return True
+
     def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
-        """One optimizer step at the learning rate :attr:`lr_scheduler` last set."""
+        """One optimizer step at the learning rate :attr:`lr_scheduler` last set.
+
+        A step whose gradients are non-finite is skipped (parameters and optimizer state
+        unchanged, ``skipped`` 1.0); the trainer still advances the LR schedule.
+        """
         if len(batches) != self.grad_accumulation:
             raise ValueError(f"got {len(batches)} micro-batches; DeepSpeed is configured for "
                              f"gradient_accumulation_steps={self.grad_accumulation}")
         summary = self._run(batches, weights, backward=True)
-        norm = self.engine.get_global_grad_norm()
+        skipped = self._own_skip or not self.engine.was_step_applied()
+        norm = None if self._own_skip else self.engine.get_global_grad_norm()
         summary["grad_norm"] = float(norm) if norm is not None else float("nan")
-        parallel.sync_semantic_targets(self.model)
+        summary["skipped"] = 1.0 if skipped else 0.0
+        if not skipped:  # a skipped step left the projector as it was: the copy stays too
+            parallel.sync_semantic_targets(self.model)
         return summary
+
+    def parameters_are_finite(self) -> bool:
+        """Whether every parameter this rank holds is finite (local: the caller all-reduces).
+        Under ZeRO-3 a rank holds its partition of each parameter (``ds_tensor``)."""
+        tensors = [p.ds_tensor if self.zero_stage == 3 else p for p in self.model.parameters()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     @torch.no_grad()
     def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:

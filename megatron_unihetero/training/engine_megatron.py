@@ -16,6 +16,7 @@ data-parallel size.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Dict, List, Mapping
 
@@ -23,8 +24,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-from megatron_unihetero import parallel
+from megatron_unihetero import parallel, platform
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import (
@@ -98,14 +100,51 @@ class MegatronEngine:
             dp_group=self.dp_group)
         for wrapped in self.wrapped:
             wrapped.finish_grad_sync()
-        # Clips by the global norm (TP x PP, and the DP shards of the distributed optimizer),
-        # steps the fp32 masters, copies them into the model (and all-gathers over DP).
-        updated, grad_norm, _ = self.optimizer.step()
-        if not updated:  # only fp16 loss scaling can skip a step (bf16/fp32 never do)
-            raise FloatingPointError("the optimizer skipped the step: inf/nan in the gradients")
-        summary["grad_norm"] = float(grad_norm)
-        parallel.sync_semantic_targets(self.chunks)
+        grad_norm, skipped = self._optimizer_step(summary.get("loss"))
+        summary["grad_norm"] = grad_norm
+        summary["skipped"] = 1.0 if skipped else 0.0
+        if not skipped:  # a skipped step left the projector as it was: the copy stays too
+            parallel.sync_semantic_targets(self.chunks)
         return summary
+
+    @torch.no_grad()
+    def _optimizer_step(self, loss) -> tuple:
+        """megatron-core's ``optimizer.step()``, taken apart to skip a non-finite step.
+
+        ``step()`` only skips on the fp16 loss scaler's found-inf; in bf16/fp32 it would apply
+        a NaN update. Its own parts are run here instead (as ``ChainedOptimizer.step`` runs
+        them): ``prepare_grads`` (main grads; fp16's found-inf), ``get_grad_norm`` (global over
+        TP x PP and the distributed optimizer's DP shards), then, only when the step's loss and
+        norm are finite on every rank, the clip and ``step_with_ready_grads`` (Adam step, copy
+        to the model, DP all-gather). A skipped step changes neither the parameters nor the
+        optimizer state (Adam's moments and step count); the trainer still advances the LR
+        schedule, as megatron's training loop does for skipped steps.
+        Returns (grad_norm, skipped).
+        """
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm()) if not found_inf else float("inf")
+        # The loss lives on the last pipeline stage only, and a DP rank's loss share can be
+        # NaN while the norm is finite elsewhere: one MAX over the world makes every rank take
+        # the same decision (the norm alone is already global).
+        bad = found_inf or not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss))
+        flag = torch.tensor([1.0 if bad else 0.0], device=platform.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            return grad_norm, True
+        if self.cfg.train.clip_grad > 0:
+            for opt in megatron_optimizers(self.optimizer):
+                params = [] if opt.is_stub_optimizer else opt.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(
+                        params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                        use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        if not self.optimizer.step_with_ready_grads():
+            raise RuntimeError("megatron-core's optimizer did not apply a step with finite gradients")
+        return grad_norm, False
+
+    def parameters_are_finite(self) -> bool:
+        """Whether every parameter this rank holds is finite (local: the caller all-reduces)."""
+        return all(bool(torch.isfinite(p).all()) for chunk in self.chunks for p in chunk.parameters())
 
     @torch.no_grad()
     def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:

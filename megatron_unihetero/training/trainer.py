@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import psutil
 import torch
@@ -33,6 +33,10 @@ from megatron_unihetero.training.optim import advance_lr
 H100_BF16_PEAK_TFLOPS = 989.0
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -50,6 +54,10 @@ class Trainer:
         self.valid_loader_factory = lambda: self._loader("valid")
         self.step = 0
         self._stop_requested = False
+        # Steps skipped for a non-finite loss or gradient norm (the engine did not apply them).
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+        self.last_good_step = 0
         self.is_logger = (parallel_state.is_pipeline_last_stage()
                           and parallel_state.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
@@ -80,18 +88,25 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _latest(self):
+        """The checkpoint to resume from, or None. Global rank 0 verifies its manifest
+        (``checkpoint.verify``), takes the newest that passes with ``checkpoint.fallback`` and
+        broadcasts the choice, so every rank loads the same one; the files are read once."""
         ck = self.cfg.checkpoint
-        return ckpt.latest_iteration_dir(ck.dir) if ck.resume and os.path.isdir(ck.dir) else None
+        if not ck.resume:
+            return None
+        return ckpt.agree_on_resume(ck.dir, ck.verify, ck.fallback, repoint=True)
 
     def _load_initial_weights(self) -> bool:
         """``checkpoint.load`` (weights only) when not resuming; before the engine wraps the model."""
-        if self._latest() is None and self.cfg.checkpoint.load:
-            self.load(_resolve_load(self.cfg.checkpoint.load), full=False)
+        # Decided once: verification reads the checkpoint, and maybe_resume needs the same answer.
+        self._resume_dir = self._latest()
+        if self._resume_dir is None and self.cfg.checkpoint.load:
+            self.load(_resolve_load(self.cfg.checkpoint.load, self.cfg.checkpoint), full=False)
             return True
         return False
 
     def maybe_resume(self) -> None:
-        latest = self._latest()
+        latest = self._resume_dir
         if latest is not None:
             self.load(latest, full=True)
             self.metrics.info(f"resumed from {latest} at step {self.step}")
@@ -117,8 +132,22 @@ class Trainer:
         self.train_loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
 
-    def save(self) -> str:
+    def _model_is_finite(self) -> bool:
+        """Whether every parameter of every rank is finite (collective: all ranks call it)."""
+        flag = torch.tensor([1.0 if self.engine.parameters_are_finite() else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def save(self) -> Optional[str]:
+        """Save a checkpoint and mark it ``latest``; returns its folder, or None (nothing
+        written, ``latest`` and older checkpoints untouched) when the model is non-finite."""
         ck = self.cfg.checkpoint
+        if not self._model_is_finite():
+            # A NaN/Inf model must never become `latest` (a restart would resume from it) nor
+            # make pruning delete the good checkpoints before it.
+            self.metrics.info(f"not saving a checkpoint at step {self.step}: the model has "
+                              f"non-finite parameters; latest stays {self._last_checkpoint()}")
+            return None
         iter_dir = ckpt.iteration_dir(ck.dir, self.step)
         if dist.get_rank() == 0:
             os.makedirs(iter_dir, exist_ok=True)
@@ -133,6 +162,7 @@ class Trainer:
                                                "lr_scheduler": self.engine.lr_scheduler.state_dict()})
         ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
         if dist.get_rank() == 0:
+            ckpt.write_manifest(iter_dir)  # synced to disk before `latest` names the folder
             ckpt.mark_latest(ck.dir, iter_dir)
             ckpt.prune(ck.dir, ck.keep_last)
         ckpt.barrier()
@@ -164,19 +194,48 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.step += 1
             final = self._log_step(summary, batches, lr, elapsed)
+            self._stop_if_too_many_bad_steps()
             if cfg.logging.eval_interval and self.step % cfg.logging.eval_interval == 0:
                 final.update(self.evaluate())
             stop = self._stop_agreed()
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.train.steps or stop:
-                last_saved = self.save()
-                self.metrics.info(f"saved checkpoint {last_saved}")
+                saved = self.save()
+                if saved is not None:
+                    last_saved = saved
+                    self.metrics.info(f"saved checkpoint {last_saved}")
             if stop:
                 self.metrics.info(f"stopping at step {self.step} on SIGTERM")
                 break
         self.metrics.close()
         final["checkpoint"] = last_saved
         return final
+
+    def _count_skipped(self, summary: Dict[str, float]) -> None:
+        """Every rank counts (the engine's decision is the same on all): the stop is collective."""
+        if summary.get("skipped", 0.0) > 0:
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+            values = ", ".join(f"{k} {summary[k]}" for k in ("loss", "grad_norm") if k in summary)
+            self.metrics.info(f"WARNING: step {self.step} skipped (not applied): non-finite loss or "
+                              f"gradient norm ({values}); {self.bad_steps_in_a_row} in a row")
+        else:
+            self.bad_steps_in_a_row = 0
+            self.last_good_step = self.step
+
+    def _last_checkpoint(self) -> str:
+        ck_dir = self.cfg.checkpoint.dir
+        latest = ckpt.latest_iteration_dir(ck_dir) if os.path.isdir(ck_dir) else None
+        return latest or "none"
+
+    def _stop_if_too_many_bad_steps(self) -> None:
+        limit = self.cfg.train.max_bad_steps
+        if limit and self.bad_steps_in_a_row >= limit:
+            self.metrics.close()
+            raise NonFiniteTrainingError(
+                f"stopping: {self.bad_steps_in_a_row} consecutive steps with a non-finite loss or "
+                f"gradient norm (last good step {self.last_good_step}); the last checkpoint is "
+                f"{self._last_checkpoint()}")
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1 if self._stop_requested else 0], device=platform.device())
@@ -185,7 +244,7 @@ class Trainer:
 
     def _reduce_over_dp(self, summary: Dict[str, float]) -> Dict[str, float]:
         """Each DP rank holds its share (sum / global count): the step mean is their sum."""
-        keys = sorted(k for k in summary if k not in ("grad_norm",) and not k.startswith("count_"))
+        keys = sorted(k for k in summary if k not in ("grad_norm", "skipped") and not k.startswith("count_"))
         if not keys:
             return summary
         values = torch.tensor([summary[k] for k in keys], dtype=torch.float64, device=platform.device())
@@ -197,6 +256,7 @@ class Trainer:
 
     def _log_step(self, summary, batches, lr, elapsed) -> dict:
         summary = self._reduce_over_dp(summary) if summary else summary
+        self._count_skipped(summary)
         # Work of the whole step: this rank's batches, summed over the data-parallel ranks.
         work = torch.tensor([
             sum(int((b["segment_ids"] >= 0).sum()) for b in batches),
@@ -206,7 +266,8 @@ class Trainer:
         if self.dp_size > 1:
             dist.all_reduce(work, group=self.ps.get_data_parallel_group())
         tokens, docs, flops = work.tolist()
-        record = dict(summary, lr=lr, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
+        record = dict(summary, lr=lr, skipped_steps=self.skipped_steps,
+                      bad_steps_in_a_row=self.bad_steps_in_a_row, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
                       samples_per_s=docs / elapsed, tflops_per_s=flops / elapsed / 1e12 / dist.get_world_size(),
                       memory_gb=_memory_gb())
         peak = self.cfg.logging.peak_tflops or (H100_BF16_PEAK_TFLOPS if platform.has_cuda() else None)
@@ -269,9 +330,12 @@ def _memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _resolve_load(path: str) -> str:
+def _resolve_load(path: str, ck) -> str:
+    """``checkpoint.load``: a checkpoint dir (its newest verified iteration; ``latest`` is not
+    moved in another run's folder) or an iteration folder (verified when it has a manifest)."""
     if os.path.isfile(os.path.join(path, ckpt.LATEST)):
-        return ckpt.latest_iteration_dir(path)
+        return ckpt.agree_on_resume(path, ck.verify, ck.fallback)
+    ckpt.agree_on_folder(path, ck.verify)
     return path
 
 
