@@ -80,7 +80,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--output", help="write the metrics here as JSON")
     args = parser.parse_args(argv)
     iteration_dir = resolve_iteration_dir(args.load)
-    ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)  # names a damaged file
+    try:
+        ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)
+    except ckpt.CheckpointError as exc:  # names the damaged file: a usage error, not a traceback
+        parser.error(str(exc))
     run_config, model = build_from_checkpoint(iteration_dir)
     tokenizer_path = args.tokenizer or run_config.data.tokenizer
     if not tokenizer_path:

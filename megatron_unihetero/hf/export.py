@@ -44,7 +44,10 @@ def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
                                   f"a checkpoint folder (or give --iteration)")
     if not os.path.isdir(path):
         raise ConversionError(f"checkpoint iteration folder {path!r} does not exist")
-    ckpt.verify_checkpoint(path, "sizes", require_manifest=False)  # CheckpointError names the file
+    try:
+        ckpt.verify_checkpoint(path, "sizes", require_manifest=False)
+    except ckpt.CheckpointError as exc:  # names the file; the converter reports ConversionErrors
+        raise ConversionError(str(exc)) from None
     return path
 
 
