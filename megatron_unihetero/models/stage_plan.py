@@ -89,8 +89,6 @@ class StagePlan:
 def mirrored_prefixes(config: ModelConfig) -> tuple:
     """State prefixes that are copies of other state in a checkpoint of this model (rebuilt on
     load, so a checkpoint drops them when it is merged to one stage): the last stage's mirror
-    of the projector, at PP > 1 with ``input_embedding`` targets."""
-    semantic = config.semantic
-    if semantic.enabled and semantic.target == "input_embedding":
-        return (TARGET_PROJECTOR_PREFIX,)
-    return ()
+    of the projector, which only a pipeline of several stages has."""
+    last_of_several = StagePlan.build(config, pre_process=False, post_process=True)
+    return (TARGET_PROJECTOR_PREFIX,) if last_of_several.target_projector == MIRROR else ()

@@ -49,7 +49,7 @@ from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
 from megatron_unihetero.training import losses
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
-from megatron_unihetero.training.step import model_inputs
+from megatron_unihetero.training.step import all_finite, model_inputs
 
 _CKPT_TAG = "engine"
 
@@ -174,7 +174,8 @@ class DeepSpeedEngine:
             total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
             reports.append(report)
             if backward:
-                loss_finite = loss_finite and bool(torch.isfinite(total))
+                if not self._library_skips_non_finite():  # a device sync: only where it is used
+                    loss_finite = loss_finite and bool(torch.isfinite(total))
                 # DeepSpeed averages gradients over DP; the normalised losses must be summed
                 # (losses.py): times dp_size.
                 self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
@@ -204,7 +205,7 @@ class DeepSpeedEngine:
         Returns whether the step is skipped.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
-        bad = not loss_finite or not all(bool(torch.isfinite(p.grad).all()) for p in params)
+        bad = not loss_finite or not all_finite(p.grad for p in params)
         flag = torch.tensor([1.0 if bad else 0.0], device=platform.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() == 0:
@@ -235,7 +236,7 @@ class DeepSpeedEngine:
         """Whether every parameter this rank holds is finite (local: the caller all-reduces).
         Under ZeRO-3 a rank holds its partition of each parameter (``ds_tensor``)."""
         tensors = [p.ds_tensor if self.zero_stage == 3 else p for p in self.model.parameters()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all_finite(tensors)
 
     @torch.no_grad()
     def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:

@@ -144,7 +144,7 @@ class MegatronEngine:
 
     def parameters_are_finite(self) -> bool:
         """Whether every parameter this rank holds is finite (local: the caller all-reduces)."""
-        return all(bool(torch.isfinite(p).all()) for chunk in self.chunks for p in chunk.parameters())
+        return step_lib.all_finite(p for chunk in self.chunks for p in chunk.parameters())
 
     @torch.no_grad()
     def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:

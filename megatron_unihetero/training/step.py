@@ -23,6 +23,15 @@ MODEL_INPUTS = ("tokens", "position_ids", "segment_ids", "labels", "images", "im
                 "image_latents")
 
 
+def all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite, with one device sync (not one per
+    tensor): this rank's answer, the callers all-reduce it."""
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def model_inputs(batch: Mapping, device: torch.device) -> Dict:
     """The model's keyword arguments from a collated micro-batch, on ``device``."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k in MODEL_INPUTS}
