@@ -18,6 +18,13 @@ the uninterrupted one would have. The global row stream does not depend on ``dp_
 
 All ranks hold the same state; saving rank 0's is enough.
 
+Workers (``num_workers > 0``): the row plan above stays in the main process (it is index
+arithmetic only, and it is what the position counts); each batch's reading, image decoding
+(encoded shards), resizing, normalisation and collation runs in a torch DataLoader worker
+process. The plan is the DataLoader's sampler: each item is (this rank's rows of one batch,
+the position after it), a worker returns (batch, position), and DataLoader hands batches back
+in plan order, so batches do not depend on ``num_workers`` and the position stays exact.
+
 In a trainer::
 
     from megatron.core import parallel_state as ps
@@ -40,7 +47,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch.utils.data
 
 from megatron_unihetero.data.blending import BlendedSampleStream, parse_data_path
 from megatron_unihetero.data.collate import Collator
@@ -50,6 +59,25 @@ from megatron_unihetero.data.packing import SampleRef, WindowPacker
 
 STATE_VERSION = 1
 _END = object()
+# Image stores whose samples are uint8 pixels once read (encoded shards decode in sample()).
+PIXEL_STORES = ("pixels", "encoded")
+
+
+def auto_num_workers(num_workers: int, ranks_per_node: Optional[int] = None) -> int:
+    """``num_workers``, or for -1 (auto) the workers this rank's share of the CPU affords.
+
+    A rank keeps 2 cores (its training thread and torch's intra-op threads); the rest of its
+    share of the node go to workers, at most 8. On a 2-core machine this is 0: a worker
+    would only compete with the trainer for the cores.
+    """
+    if num_workers >= 0:
+        return num_workers
+    ranks = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, ranks) - 2))
 
 
 class MultimodalLoader:
@@ -69,7 +97,12 @@ class MultimodalLoader:
         pack_window: samples per packing window (larger: better packing, more memory per window).
         image_mean, image_std: normalisation, [0, 1] units.
         image_size: output image side; None keeps the stored size (must then be one size).
-        prefetch: batches prepared ahead in a background thread (0: build in ``__next__``).
+        prefetch: batches prepared ahead in a background thread (0: build in ``__next__``);
+            with workers, batches prepared ahead per worker (at least 1).
+        num_workers: worker processes that read, decode and collate batches (0: none, see the
+            module docstring; -1: :func:`auto_num_workers`). Batches are identical for any value.
+        pin_memory: workers' batches are copied to pinned memory (faster host-to-GPU copies).
+        multiprocessing_context: for the workers (None: torch's default, fork on Linux).
     """
 
     def __init__(
@@ -89,6 +122,9 @@ class MultimodalLoader:
         image_std: Sequence[float] = IMAGENET_STD,
         image_size: Optional[int] = None,
         prefetch: int = 2,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        multiprocessing_context: Optional[str] = None,
     ) -> None:
         if isinstance(datasets, MultimodalDataset):
             datasets = [datasets]
@@ -100,6 +136,8 @@ class MultimodalLoader:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.tokens_per_image, self.seed, self.pack_window = tokens_per_image, seed, pack_window
         self.dp_rank, self.dp_size, self.prefetch = dp_rank, dp_size, prefetch
+        self.num_workers = auto_num_workers(num_workers)
+        self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
 
         self.stream = BlendedSampleStream(self.datasets, weights, seed=seed, tokens_per_image=tokens_per_image,
                                           num_samples=num_samples)
@@ -123,6 +161,7 @@ class MultimodalLoader:
         self._thread: Optional[threading.Thread] = None
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
+        self._workers_iter: Optional[Iterator] = None  # the DataLoader's iterator (num_workers > 0)
 
     def _make_collator(self, mean, std, image_size) -> Collator:
         first = self.datasets[0]
@@ -131,17 +170,18 @@ class MultimodalLoader:
                 if d.tokenizer_ids[key] != first.tokenizer_ids[key]:
                     raise ValueError(f"datasets {first.name} and {d.name} disagree on {key} "
                                      f"({first.tokenizer_ids[key]} vs {d.tokenizer_ids[key]}): preprocess with one tokenizer")
-            if d.image_store != first.image_store:
+            if (d.image_store in PIXEL_STORES) != (first.image_store in PIXEL_STORES):
                 raise ValueError(f"datasets {first.name} ({first.image_store}) and {d.name} ({d.image_store}) "
                                  "store images differently: cannot blend pixels with features")
-        if first.image_store == "pixels":
+        if first.image_store in PIXEL_STORES:
             side = image_size or first.metadata["image_size"]
             shape = (3, side, side)
         else:
             shape = tuple(first.metadata["feature_shape"])
         return Collator(seq_length=self.seq_length, tokens_per_image=self.tokens_per_image,
                         image_token_id=first.tokenizer_ids["image_token_id"], pad_id=first.tokenizer_ids["pad_id"],
-                        image_store=first.image_store, image_shape=shape,
+                        image_store="pixels" if first.image_store in PIXEL_STORES else first.image_store,
+                        image_shape=shape,
                         normalizer=ImageNormalizer(mean, std, image_size))
 
     # --- the global row stream -------------------------------------------------------------
@@ -171,21 +211,32 @@ class MultimodalLoader:
         self.packer.count_emitted(row)
         return row
 
-    def _produce(self) -> Optional[dict]:
-        """The next batch of this rank, or None at the end of a finite stream."""
+    def _plan(self) -> Optional[List[Optional[List[SampleRef]]]]:
+        """This rank's rows of the next batch (None rows: padding), or None at the end."""
         group = [self._next_row() for _ in range(self.micro_batch_size * self.dp_size)]
         if group[0] is None:
             return None
-        mine = group[self.dp_rank * self.micro_batch_size:(self.dp_rank + 1) * self.micro_batch_size]
-        rows = [[self.datasets[r.dataset].sample(r.index) for r in row] if row is not None else [] for row in mine]
-        return self.collator(rows)
+        return group[self.dp_rank * self.micro_batch_size:(self.dp_rank + 1) * self.micro_batch_size]
 
-    # --- iteration, optionally prefetched --------------------------------------------------
+    def _produce(self) -> Optional[dict]:
+        """The next batch of this rank, or None at the end of a finite stream."""
+        plan = self._plan()
+        return None if plan is None else build_batch(self.datasets, self.collator, plan)
+
+    # --- iteration: in __next__, a prefetch thread, or worker processes --------------------
 
     def __iter__(self) -> "MultimodalLoader":
         return self
 
     def __next__(self) -> dict:
+        if self.num_workers > 0:
+            if self._workers_iter is None:
+                self._workers_iter = iter(torch.utils.data.DataLoader(
+                    _BatchBuilder(self.datasets, self.collator), sampler=_Plans(self), batch_size=None,
+                    collate_fn=_identity, num_workers=self.num_workers, prefetch_factor=max(1, self.prefetch),
+                    pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context))
+            batch, self._consumed = next(self._workers_iter)  # StopIteration at the end
+            return batch
         if self.prefetch <= 0:
             batch = self._produce()
             if batch is None:
@@ -236,11 +287,22 @@ class MultimodalLoader:
         self.close()
 
     def close(self) -> None:
-        """Stop the prefetch thread (the position stays that of the last batch returned)."""
+        """Stop the prefetch thread or the workers. The position stays that of the last batch
+        returned, and iterating again continues from there (batches made ahead are dropped)."""
+        if self._stop_background():
+            self._restore(self._consumed)
+
+    def _stop_background(self) -> bool:
+        """Stop the thread / workers; True if one ran (the producer may then be ahead)."""
+        ran = self._thread is not None or self._workers_iter is not None
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread, self._queue = None, None
+        if self._workers_iter is not None:
+            self._workers_iter._shutdown_workers()  # now, not whenever the iterator is collected
+            self._workers_iter = None
+        return ran
 
     # --- state -----------------------------------------------------------------------------
 
@@ -267,7 +329,11 @@ class MultimodalLoader:
         diff = {k: (state["config"].get(k), v) for k, v in self._fingerprint.items() if state["config"].get(k) != v}
         if diff:
             raise ValueError(f"loader state was saved with a different data configuration (saved, now): {diff}")
-        self.close()
+        self._stop_background()
+        self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        """Put the producer at ``state`` (checked by load_state_dict, or our own snapshot)."""
         self._window = state["window"]
         self._rows_consumed = state["rows_consumed"]
         self._ended = state["ended"]
@@ -292,6 +358,43 @@ class MultimodalLoader:
         p = self._consumed["packing"]
         eff = p["tokens"] / (p["rows"] * self.seq_length) if p["rows"] else 0.0
         return {**p, "efficiency": eff, "rows_consumed": self._consumed["rows_consumed"]}
+
+
+def build_batch(datasets: Sequence[MultimodalDataset], collator: Collator,
+                plan: Sequence[Optional[Sequence[SampleRef]]]) -> dict:
+    """Read the samples of a batch's rows (decoding encoded images) and collate them."""
+    rows = [[datasets[r.dataset].sample(r.index) for r in row] if row is not None else [] for row in plan]
+    return collator(rows)
+
+
+class _BatchBuilder(torch.utils.data.Dataset):
+    """What a DataLoader worker runs: (rows, position) -> (batch, position)."""
+
+    def __init__(self, datasets: Sequence[MultimodalDataset], collator: Collator) -> None:
+        self.datasets, self.collator = list(datasets), collator
+
+    def __getitem__(self, item: Tuple[Any, dict]) -> Tuple[dict, dict]:
+        plan, position = item
+        return build_batch(self.datasets, self.collator, plan), position
+
+
+class _Plans:
+    """The DataLoader's sampler: the loader's plan, batch by batch, with the position after each
+    (runs in the main process, ahead of the batches handed out by up to prefetch x workers)."""
+
+    def __init__(self, loader: MultimodalLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        while True:
+            plan = self.loader._plan()
+            if plan is None:
+                return
+            yield plan, self.loader._snapshot()
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 def build_loader(

@@ -8,6 +8,12 @@ A shard is a set of files sharing a path prefix ``S`` (datasets are split into s
     ``BOS ... EOS``. Every image of the sample appears as exactly one placeholder wrapped as
     ``<image_start> <image> <image_end>``; the loader expands ``<image>`` to the model's
     tokens-per-image.
+``S.encoded.bin/.idx``  (``image_store == "encoded"``, the preprocessing default; format 2)
+    IndexedDataset, dtype uint8, one sequence per image: the image's encoded file bytes
+    (JPEG, PNG or WebP, see ``ENCODED_FORMATS``), already at ``image_size`` x ``image_size``
+    (the source file itself when it was, else re-encoded; ``image_encoding`` in the json says
+    how). The loader decodes them (:meth:`ShardReader.images`), in its worker processes: about
+    10x smaller than pixels at 224 px (150 KB raw RGB).
 ``S.images.bin/.idx``  (``image_store == "pixels"``)
     IndexedDataset, dtype uint8, one sequence per image: ``image_size*image_size*3`` RGB bytes
     in HWC order, images in the order they appear across samples.
@@ -43,9 +49,11 @@ filling up) thus fails when the datasets are built, not mid-epoch inside numpy.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
+import shutil
 import struct
 from typing import Any, Dict, Optional, Sequence
 
@@ -54,11 +62,18 @@ import numpy as np
 # torch and megatron.core are imported where used: both are slow to import, and the
 # preprocessing workers import this module (through preprocess/pipeline.py) but never write.
 
-FORMAT_VERSION = 1
+# 2: adds the "encoded" image store. Version 1 shards (pixels / features) read unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SHARD_INDEX_DIGITS = 5
 
-TEXT, IMAGES, FEATURES, LOSSMASK = "text", "images", "features", "lossmask"
-_DTYPES = {TEXT: np.int32, IMAGES: np.uint8, FEATURES: np.int16, LOSSMASK: np.int8}
+TEXT, IMAGES, ENCODED, FEATURES, LOSSMASK = "text", "images", "encoded", "features", "lossmask"
+_DTYPES = {TEXT: np.int32, IMAGES: np.uint8, ENCODED: np.uint8, FEATURES: np.int16, LOSSMASK: np.int8}
+# image_store -> the file kind holding its images
+STORE_KINDS = {"encoded": ENCODED, "pixels": IMAGES, "features": FEATURES}
+# The formats an encoded image may be in (PIL format names). Decoding is restricted to them, so
+# a shard cannot make the loader run any other of PIL's decoders.
+ENCODED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 # The fixed part of a megatron.core IndexedDataset .idx file (see its _IndexWriter): magic,
 # version, dtype code, sequence count, document count. The arrays follow: int32 sequence
@@ -105,8 +120,9 @@ class ShardWriter:
 
     Args:
         prefix: final path prefix of the shard.
-        image_store: "pixels" (uint8 HWC images of ``image_size``) or "features".
-        image_size: side of the square images (pixels store).
+        image_store: "encoded" (encoded image bytes, JPEG/PNG/WebP of ``image_size``), "pixels"
+            (uint8 HWC images of ``image_size``) or "features".
+        image_size: side of the square images (encoded and pixels stores).
         feature_shape: ``(tokens, dim)`` of each image's features (features store).
         with_loss_mask: write ``S.lossmask.*``; then every :meth:`add_sample` needs a mask.
         metadata: extra entries for ``S.json`` (tokenizer, sources, template, ...).
@@ -122,10 +138,10 @@ class ShardWriter:
         with_loss_mask: bool = False,
         metadata: Optional[Dict[str, Any]] = None,
     ) -> None:
-        if image_store not in ("pixels", "features"):
-            raise ValueError(f"image_store must be 'pixels' or 'features', got {image_store!r}")
-        if image_store == "pixels" and not image_size:
-            raise ValueError("image_store='pixels' needs image_size")
+        if image_store not in STORE_KINDS:
+            raise ValueError(f"image_store must be one of {sorted(STORE_KINDS)}, got {image_store!r}")
+        if image_store in ("encoded", "pixels") and not image_size:
+            raise ValueError(f"image_store={image_store!r} needs image_size")
         if image_store == "features" and (feature_shape is None or len(feature_shape) != 2):
             raise ValueError(f"image_store='features' needs feature_shape=(tokens, dim), got {feature_shape}")
         self.prefix = prefix
@@ -134,7 +150,7 @@ class ShardWriter:
         self.feature_shape = tuple(int(x) for x in feature_shape) if feature_shape is not None else None
         self.with_loss_mask = with_loss_mask
         self.metadata = dict(metadata or {})
-        self._kinds = [TEXT, IMAGES if image_store == "pixels" else FEATURES] + ([LOSSMASK] if with_loss_mask else [])
+        self._kinds = [TEXT, STORE_KINDS[image_store]] + ([LOSSMASK] if with_loss_mask else [])
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         idx = _indexed_dataset_module()
         self._builders = {k: idx.IndexedDatasetBuilder(self._tmp(k) + ".bin", dtype=_DTYPES[k]) for k in self._kinds}
@@ -157,7 +173,11 @@ class ShardWriter:
             self.abort()
 
     def add_sample(self, tokens: np.ndarray, images: Sequence[np.ndarray] = (), loss_mask: Optional[np.ndarray] = None) -> None:
-        """Append one sample: its token ids, its images (in placeholder order) and loss mask."""
+        """Append one sample: its token ids, its images (in placeholder order) and loss mask.
+
+        An image is a uint8 ``[S, S, 3]`` array (pixels), the encoded file bytes (encoded) or a
+        ``[tokens, dim]`` array (features).
+        """
         import torch
 
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -181,7 +201,21 @@ class ShardWriter:
         b.end_document()
         self.bytes_written += arr.nbytes
 
-    def _check_image(self, img: np.ndarray) -> np.ndarray:
+    def _check_image(self, img: Any) -> np.ndarray:
+        if self.image_store == "encoded":
+            if not isinstance(img, (bytes, bytearray, memoryview)) or len(img) == 0:
+                raise ValueError(f"{self.prefix}: sample {len(self)}: an encoded image must be non-empty bytes, "
+                                 f"got {type(img).__name__}")
+            # The header only (no decode): the workers decoded it already; this catches a
+            # caller passing images of another size or format into the shard.
+            try:
+                fmt, size = encoded_image_header(bytes(img))
+            except ValueError as e:
+                raise ValueError(f"{self.prefix}: sample {len(self)}: encoded image is {e}") from None
+            if fmt not in ENCODED_FORMATS or size != (self.image_size, self.image_size):
+                raise ValueError(f"{self.prefix}: sample {len(self)}: encoded image is {fmt} {size}, expected one of "
+                                 f"{ENCODED_FORMATS} at ({self.image_size}, {self.image_size})")
+            return np.frombuffer(bytearray(img), dtype=np.uint8)  # writable: torch.from_numpy warns otherwise
         img = np.asarray(img)
         if self.image_store == "pixels":
             want = (self.image_size, self.image_size, 3)
@@ -208,11 +242,11 @@ class ShardWriter:
                 f"{reader.prefix}: image store {m['image_store']}/{m.get('image_size')}/{m.get('feature_shape')} "
                 f"does not match {self.prefix}: {self.image_store}/{self.image_size}/{self.feature_shape}"
             )
-        self._builders[TEXT].add_index(f"{reader.prefix}.{TEXT}")
-        self._builders[self._kinds[1]].add_index(f"{reader.prefix}.{self._kinds[1]}")
+        self._append_indexed(TEXT, reader.prefix)
+        self._append_indexed(self._kinds[1], reader.prefix)
         if self.with_loss_mask:
             if m.get("has_loss_mask"):
-                self._builders[LOSSMASK].add_index(f"{reader.prefix}.{LOSSMASK}")
+                self._append_indexed(LOSSMASK, reader.prefix)
             else:
                 for i in range(len(reader)):
                     self._add(LOSSMASK, reader.loss_mask(i), torch)
@@ -223,6 +257,18 @@ class ShardWriter:
         self._num_tokens += int(m.get("num_tokens", int(reader.sequence_lengths.sum())))
         for kind in (TEXT, self._kinds[1]):
             self.bytes_written += os.path.getsize(f"{reader.prefix}.{kind}.bin")
+
+    def _append_indexed(self, kind: str, prefix: str) -> None:
+        """IndexedDatasetBuilder.add_index without its gc.collect() per call (a third of a
+        second each in a large process: hours over a merge of thousands of shards). The source
+        index is read (and checked) with numpy, so no memory map needs collecting."""
+        builder = self._builders[kind]
+        lengths, documents = check_indexed_files(f"{prefix}.{kind}", _DTYPES[kind], with_documents=True)
+        offset = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(lengths.tolist())
+        builder.document_indices.extend((offset + documents[1:]).tolist())
+        with open(f"{prefix}.{kind}.bin", "rb") as f:
+            shutil.copyfileobj(f, builder.data_file)
 
     def abort(self) -> None:
         """Close and delete every temporary file; no final-named file is created."""
@@ -254,7 +300,8 @@ class ShardWriter:
             "num_tokens": int(self._num_tokens),
             "image_store": self.image_store,
             "image_size": self.image_size,
-            "image_layout": "HWC uint8 RGB" if self.image_store == "pixels" else None,
+            "image_layout": {"pixels": "HWC uint8 RGB", "encoded": "encoded image files (JPEG/PNG/WEBP), decoded to RGB",
+                             "features": None}[self.image_store],
             "feature_shape": list(self.feature_shape) if self.feature_shape else None,
             "feature_dtype": "float16" if self.image_store == "features" else None,
             "feature_storage": "int16_bits" if self.image_store == "features" else None,
@@ -288,7 +335,7 @@ class ShardReader:
         self.prefix = prefix
         self.metadata: Dict[str, Any] = _read_metadata(meta_path)
         n = self.metadata["num_samples"]
-        self._store = IMAGES if self.metadata["image_store"] == "pixels" else FEATURES
+        self._store = STORE_KINDS[self.metadata["image_store"]]
         idx = _indexed_dataset_module()
 
         # Every check runs before IndexedDataset maps a file: its own checks are bare asserts,
@@ -300,6 +347,8 @@ class ShardReader:
         self.image_offsets = _read_image_offsets(f"{prefix}.image_offsets.npy", n, meta_path,
                                                  f"{prefix}.{self._store}.idx", len(image_lengths))
         self._check_images(image_lengths)
+        if self._store == ENCODED and len(image_lengths):
+            self._check_first_encoded(int(image_lengths[0]))
         if self.metadata.get("has_loss_mask"):
             mask_lengths = check_indexed_files(f"{prefix}.{LOSSMASK}", _DTYPES[LOSSMASK], idx)
             bad = _first_mismatch(mask_lengths, text_lengths)
@@ -319,12 +368,18 @@ class ShardReader:
     def _check_images(self, image_lengths: np.ndarray) -> None:
         """Every stored image has the geometry of the metadata; the tokenizer can mark images."""
         m, meta_path = self.metadata, self.prefix + ".json"
-        if self._store == IMAGES:
+        if self._store == ENCODED:
+            # An encoded image's length says nothing about its geometry; an empty one is damage.
+            bad = np.flatnonzero(image_lengths <= 0)
+            if len(bad):
+                raise ShardError(f"{self.prefix}.{ENCODED}.idx: image {int(bad[0])} is empty "
+                                 f"({len(bad)} of {len(image_lengths)} images are)")
+        elif self._store == IMAGES:
             s = m["image_size"]
             want, what = s * s * 3, f"image_size {s} ({s}x{s}x3 bytes)"
         else:
             want, what = int(np.prod(m["feature_shape"])), f"feature_shape {m['feature_shape']}"
-        bad = np.flatnonzero(image_lengths != want)
+        bad = np.flatnonzero(image_lengths != want) if self._store != ENCODED else []
         if len(bad):
             i = int(bad[0])
             raise ShardError(f"{self.prefix}.{self._store}.idx: image {i} has {int(image_lengths[i])} values, expected "
@@ -336,6 +391,21 @@ class ShardReader:
             if missing:
                 raise ShardError(f"{meta_path}: the shard has {len(image_lengths)} images but its 'tokenizer' "
                                  f"section lacks {missing}")
+
+    def _check_first_encoded(self, length: int) -> None:
+        """The first encoded image's header matches the metadata (catches a shard written with
+        the wrong image_size or a foreign .bin); the others are checked when decoded."""
+        path = f"{self.prefix}.{ENCODED}.bin"
+        with open(path, "rb") as f:
+            data = f.read(length)
+        try:
+            fmt, size = encoded_image_header(data)
+        except ValueError as e:
+            raise ShardError(f"{path}: image 0 is not a readable image file ({e})") from None
+        s = self.metadata["image_size"]
+        if fmt not in ENCODED_FORMATS or size != (s, s):
+            raise ShardError(f"{path}: image 0 is {fmt} {size[0]}x{size[1]}, expected one of {ENCODED_FORMATS} at "
+                             f"{s}x{s} (image_size in {self.prefix}.json)")
 
     def _check_totals(self, text_lengths: np.ndarray, num_stored: int) -> None:
         """The json's summary counts, when present, agree with the index files."""
@@ -359,9 +429,21 @@ class ShardReader:
     def num_images(self, i: int) -> int:
         return int(self.image_offsets[i + 1] - self.image_offsets[i])
 
-    def images(self, i: int) -> np.ndarray:
-        """Sample i's images: uint8 ``[n, H, W, 3]`` (pixels) or float16 ``[n, tokens, dim]``."""
+    def encoded_images(self, i: int) -> list:
+        """Sample i's images as their stored file bytes (encoded store only)."""
+        if self._store != ENCODED:
+            raise ValueError(f"{self.prefix}: image_store is {self.metadata['image_store']!r}, not 'encoded'")
         lo, hi = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+        return [self._images[j].tobytes() for j in range(lo, hi)]
+
+    def images(self, i: int) -> np.ndarray:
+        """Sample i's images: uint8 ``[n, H, W, 3]`` (pixels; encoded, decoded here) or float16
+        ``[n, tokens, dim]`` (features)."""
+        lo, hi = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+        if self._store == ENCODED:
+            s = self.metadata["image_size"]
+            out = [self._decode(self._images[j].tobytes(), lo, j) for j in range(lo, hi)]
+            return np.stack(out) if out else np.zeros((0, s, s, 3), dtype=np.uint8)
         if self._store == IMAGES:
             s = self.metadata["image_size"]
             shape = (s, s, 3)
@@ -371,12 +453,49 @@ class ShardReader:
         arr = np.stack(out) if out else np.zeros((0, *shape), dtype=np.uint8 if self._store == IMAGES else np.int16)
         return arr if self._store == IMAGES else arr.view(np.float16)
 
+    def _decode(self, data: bytes, first: int, j: int) -> np.ndarray:
+        s = self.metadata["image_size"]
+        try:
+            pixels = decode_encoded_image(data)
+        except ValueError as e:
+            raise ShardError(f"{self.prefix}.{ENCODED}.bin: image {j} cannot be decoded ({e})") from None
+        if pixels.shape != (s, s, 3):
+            raise ShardError(f"{self.prefix}.{ENCODED}.bin: image {j} is {pixels.shape[1]}x{pixels.shape[0]}, "
+                             f"expected {s}x{s} (image_size in {self.prefix}.json)")
+        return pixels
+
     def loss_mask(self, i: int) -> np.ndarray:
         """int8 mask, 1 = the token is a training target. See the module docstring for the default."""
         if self._mask is not None:
             return np.array(self._mask[i])
         tokens = self.tokens(i)
         return (~np.isin(tokens, self._image_token_ids)).astype(np.int8)
+
+
+# --- encoded images ----------------------------------------------------------------------------
+
+
+def encoded_image_header(data: bytes) -> tuple:
+    """(PIL format, (width, height)) from an encoded image's header, without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as img:
+            return img.format, img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"not a {'/'.join(ENCODED_FORMATS)} image: {e}") from None
+
+
+def decode_encoded_image(data: bytes) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` RGB of an encoded JPEG/PNG/WebP image; ValueError if it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as img:
+            img.load()
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e)) from None
 
 
 # --- integrity checks (ShardReader.__init__) ---------------------------------------------------
@@ -408,14 +527,17 @@ def _read_metadata(meta_path: str) -> Dict[str, Any]:
         raise ShardError(f"{meta_path}: unreadable shard metadata ({e})") from e
     if not isinstance(m, dict):
         raise ShardError(f"{meta_path}: shard metadata must be a JSON object, got {type(m).__name__}")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{meta_path}: format_version {m.get('format_version')} != {FORMAT_VERSION}")
+    if m.get("format_version") not in READABLE_VERSIONS:
+        raise ShardError(f"{meta_path}: format_version {m.get('format_version')!r} is not one this reader "
+                         f"reads {READABLE_VERSIONS}")
     if not _is_int(m.get("num_samples")) or m["num_samples"] < 0:
         raise ShardError(f"{meta_path}: num_samples must be a non-negative integer, got {m.get('num_samples')!r}")
     store = m.get("image_store")
-    if store == "pixels":
+    if store == "encoded" and m["format_version"] < 2:
+        raise ShardError(f"{meta_path}: image_store 'encoded' needs format_version 2, got {m['format_version']}")
+    if store in ("encoded", "pixels"):
         if not _is_int(m.get("image_size")) or m["image_size"] <= 0:
-            raise ShardError(f"{meta_path}: image_store 'pixels' needs a positive integer image_size, "
+            raise ShardError(f"{meta_path}: image_store {store!r} needs a positive integer image_size, "
                              f"got {m.get('image_size')!r}")
     elif store == "features":
         shape = m.get("feature_shape")
@@ -423,17 +545,18 @@ def _read_metadata(meta_path: str) -> Dict[str, Any]:
             raise ShardError(f"{meta_path}: image_store 'features' needs feature_shape [tokens, dim] of positive "
                              f"integers, got {shape!r}")
     else:
-        raise ShardError(f"{meta_path}: image_store must be 'pixels' or 'features', got {store!r}")
+        raise ShardError(f"{meta_path}: image_store must be one of {sorted(STORE_KINDS)}, got {store!r}")
     return m
 
 
-def check_indexed_files(path_prefix: str, dtype: type, idx: Any = None) -> np.ndarray:
+def check_indexed_files(path_prefix: str, dtype: type, idx: Any = None, with_documents: bool = False):
     """Check one IndexedDataset pair ``path_prefix.idx/.bin``; returns its sequence lengths.
 
     Reads the .idx (header and arrays: O(number of sequences)) and only the size of the .bin.
     Raises :class:`ShardError` naming the file when the header is not megatron's, the dtype is
     not ``dtype``, the .idx size disagrees with its counts, the pointers are not the running
     sum of the lengths, or the .bin size is not the sum of the lengths times the dtype size.
+    ``with_documents``: returns (lengths, document indices).
     """
     idx = idx or _indexed_dataset_module()
     idx_path, bin_path = path_prefix + ".idx", path_prefix + ".bin"
@@ -483,7 +606,7 @@ def check_indexed_files(path_prefix: str, dtype: type, idx: Any = None) -> np.nd
         how = "truncated" if bin_size < expected_bin else "padded"
         raise ShardError(f"{bin_path}: size {bin_size} bytes, expected {expected_bin} ({n} sequences of "
                          f"{np.dtype(dtype).name} per {idx_path}): {how}")
-    return lengths
+    return (lengths, documents) if with_documents else lengths
 
 
 def _read_image_offsets(path: str, num_samples: int, meta_path: str, images_idx: str, num_stored: int) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import io
+
 import numpy as np
 
 from megatron_unihetero.data.shards import ShardWriter, shard_name
@@ -62,20 +64,25 @@ def write_synthetic_dataset(
     image_size: int = 8,
     qa: bool = False,
     extra_samples: Sequence[Tuple[np.ndarray, List[np.ndarray]]] = (),
+    image_store: str = "pixels",
 ) -> List[str]:
     """Write ``num_samples`` samples over ``num_shards`` shards ``prefix_0000N``; returns their prefixes.
 
     ``extra_samples`` (tokens, images) are appended to the last shard (e.g. an over-long one).
+    ``image_store="encoded"`` stores each image as a PNG (lossless: it decodes to the same pixels).
     """
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, num_samples, num_shards + 1).astype(int)
     prefixes = []
     for s in range(num_shards):
         path = shard_name(prefix, s)
-        with ShardWriter(path, image_size=image_size, with_loss_mask=qa, metadata={"tokenizer": TOKENIZER}) as w:
+        with ShardWriter(path, image_store=image_store, image_size=image_size, with_loss_mask=qa,
+                         metadata={"tokenizer": TOKENIZER}) as w:
             for i in range(bounds[s], bounds[s + 1]):
                 tokens, images, mask = make_sample(rng, tag=tag, sample=i, text_len=text_len,
                                                    max_images=max_images, image_size=image_size, qa=qa)
+                if image_store == "encoded":
+                    images = [png_bytes(im) for im in images]
                 w.add_sample(tokens, images, mask)
             if s == num_shards - 1:
                 for tokens, images in extra_samples:
@@ -84,3 +91,12 @@ def write_synthetic_dataset(
             w.finalize()
         prefixes.append(path)
     return prefixes
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """The PNG file of uint8 ``[H, W, 3]`` pixels."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

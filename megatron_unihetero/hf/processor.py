@@ -6,6 +6,11 @@ encoded on its own (so each gets SentencePiece's dummy prefix) and each image wr
 times. Images were resized (shorter side, bicubic), centre-cropped and normalised with the
 ImageNet mean/std (data/image_transforms.py), whatever the encoder.
 
+The chat template is data/conversation.py's, the one preprocessing renders question/answer rows
+and LLaVA conversations with (``<s>[image] Question: q Answer: a</s>``): ``apply_chat_template``
+gives the token ids training saw, and ``add_generation_prompt`` ends the prompt with
+`` Answer:``, where training's answers begin.
+
 A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
 SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the
 dummy prefix, like our per-segment encoding) with our special tokens registered at the same
@@ -21,21 +26,14 @@ from tokenizers.processors import TemplateProcessing
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter
 
+from megatron_unihetero.data import conversation
 from megatron_unihetero.data import tokenizer as ours_lib
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
 from megatron_unihetero.models.vision import _HF_CLASSES, image_normalization, load_hf_vision_config
 
-# Renders messages the way a training document reads: contents concatenated, each image as
-# <image_start><image><image_end>, no role markers (the demo data has none).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + ours_lib.IMAGE_START_TOKEN + ours_lib.IMAGE_TOKEN
-    + ours_lib.IMAGE_END_TOKEN + "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}"
-)
+# One definition, shared with preprocessing (see the module docstring).
+CHAT_TEMPLATE = conversation.chat_template()
 
 SAMPLE_TEXTS = (
     "a large red circle at the top left",
@@ -140,6 +138,7 @@ def llava_processor(model: ModelConfig, fast_tokenizer):
     """A LlavaProcessor that expands each ``<image>`` to ``tokens_per_image`` image tokens."""
     hf_vision = load_hf_vision_config(model.vision)
     has_cls = _HF_CLASSES[model.vision.model_type][2]
+    fast_tokenizer.chat_template = CHAT_TEMPLATE  # tokenizer.apply_chat_template renders it too
     return LlavaProcessor(
         image_processor=image_processor(model), tokenizer=fast_tokenizer,
         patch_size=hf_vision.patch_size,

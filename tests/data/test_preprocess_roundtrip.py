@@ -62,7 +62,7 @@ def test_parquet_caption_round_trip(env):
         assert np.array_equal(images[0], decode_image(row["image"], SIZE))
         assert mask.tolist() == [1, 0, 0, 0] + [1] * (len(tokens) - 4)  # default: all but image tokens
     meta = ShardReader(list_shards(prefix)[0]).metadata
-    assert meta["tokenizer"]["image_token_id"] == tok.image_token_id and meta["image_store"] == "pixels"
+    assert meta["tokenizer"]["image_token_id"] == tok.image_token_id and meta["image_store"] == "encoded"
     assert meta["image_size"] == SIZE and meta["has_loss_mask"] is False
 
 
@@ -106,7 +106,8 @@ def test_jsonl_with_image_paths_and_gzip(env):
         (img_dir / f"{i}.jpg").write_bytes(png_bytes(i, fmt="JPEG"))
         rows.append({"url_path": f"{i}.jpg", "text": f"a red circle number {i}"})
     path = write_jsonl(str(env["root"] / "pairs.jsonl.gz"), rows)
-    summary, prefix = run(env, [path], "jsonl", text_column="text", image_column="url_path", image_path_root=str(img_dir))
+    summary, prefix = run(env, [path], "jsonl", text_column="text", image_column="url_path", image_path_root=str(img_dir),
+                          image_store="pixels")
     got = samples_of(prefix)
     assert summary["samples"] == 5 and summary["rejected"] == 0
     for i, (tokens, images, _) in enumerate(got):
@@ -118,7 +119,7 @@ def test_webdataset_tar(env):
     samples = [{"png": png_bytes(i), "txt": f"a blue square {i}".encode()} for i in range(4)]
     samples.append({"jpg": png_bytes(9, fmt="JPEG"), "json": b'{"caption": "a green triangle"}'})
     path = write_webdataset(str(env["root"] / "wds.tar"), samples)
-    summary, prefix = run(env, [path], "wds")
+    summary, prefix = run(env, [path], "wds", image_store="pixels")
     got = samples_of(prefix)
     assert summary["samples"] == 5 and summary["rejected"] == 0
     texts = [f"a blue square {i}" for i in range(4)] + ["a green triangle"]

@@ -128,7 +128,7 @@ def test_wrong_num_samples_in_json(shard):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"image_store": "jpeg"}, "image_store must be 'pixels' or 'features'"),
+    ({"image_store": "jpeg"}, "image_store must be one of ['encoded', 'features', 'pixels'], got 'jpeg'"),
     ({"image_size": None}, "needs a positive integer image_size"),
     ({"num_images": 999}, "num_images is 999"),
     ({"format_version": 99}, "format_version 99"),

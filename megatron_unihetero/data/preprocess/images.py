@@ -1,4 +1,12 @@
-"""Image decoding and resizing: PIL decode -> RGB -> resize shorter side -> centre crop."""
+"""Image decoding, resizing and encoding: PIL decode -> RGB -> resize shorter side -> centre crop.
+
+Two outputs, one per shard image store:
+  pixels   uint8 ``[size, size, 3]`` (:func:`decode_image`)
+  encoded  the image file at ``size`` x ``size`` (:func:`encode_image`): the source bytes
+           themselves when the source already is that size in the target format, else the
+           resized pixels re-encoded (JPEG at a quality, or lossless PNG / WebP). Decoding it
+           gives exactly the pixels store's array for lossless formats and for kept sources.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,12 @@ from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
+
+# --image-format choices -> the PIL format written when an image must be re-encoded.
+# "auto" keeps a lossy source lossy and a lossless one lossless: JPEG sources are written as
+# JPEG (at --jpeg-quality), every other source as PNG.
+IMAGE_FORMATS = ("auto", "jpeg", "png", "webp")
+_PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 class ImageError(Exception):
@@ -35,35 +49,90 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Decode encoded image bytes to a uint8 ``[size, size, 3]`` array or raise ImageError."""
+def _decode(data: bytes, size: int, where: str):
+    """(source PIL format, source (w, h), pixels ``[size, size, 3]``) or raise ImageError."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # force the full decode now: truncated files fail here, not later
-            return resize_center_crop(img, size)
+            return img.format, img.size, resize_center_crop(img, size)
     except Image.DecompressionBombError as e:
-        raise ImageError("bad_image", f"image too large: {e}") from None
+        raise ImageError("bad_image", f"{where}image too large: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt data
-        raise ImageError("bad_image", f"cannot decode image ({len(data)} bytes): {e}") from None
+        raise ImageError("bad_image", f"{where}cannot decode image ({len(data)} bytes): {e}") from None
 
 
-def load_image_value(value: Any, size: int, root: Optional[str]) -> np.ndarray:
-    """An image column value -> pixels. Accepts bytes, a path (relative to ``root``), or a HF
-    datasets Image struct ``{"bytes": ..., "path": ...}``."""
+def decode_image(data: bytes, size: int, where: str = "") -> np.ndarray:
+    """Decode encoded image bytes to a uint8 ``[size, size, 3]`` array or raise ImageError."""
+    return _decode(data, size, where)[2]
+
+
+def encode_image(data: bytes, size: int, image_format: str = "auto", jpeg_quality: int = 90,
+                 where: str = "") -> bytes:
+    """The image file for the encoded store: ``size`` x ``size``, in the target format.
+
+    The source is always fully decoded (an undecodable file is rejected here, not in the
+    training loader). It is kept byte for byte when it already is ``size`` x ``size`` in the
+    target format; otherwise its resized, centre-cropped RGB pixels are encoded.
+    """
+    source_format, source_size, pixels = _decode(data, size, where)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if image_format == "auto":
+        target = "JPEG" if source_format == "JPEG" else "PNG"
+    else:
+        target = _PIL_FORMAT[image_format]
+    if source_format == target and source_size == (size, size):
+        return data
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels)
+    if target == "JPEG":
+        # 4:4:4 chroma: 4:2:0 would halve the colour resolution, visible on small images.
+        img.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0)
+    elif target == "WEBP":
+        img.save(buf, format="WEBP", lossless=True)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_image_value(value: Any, root: Optional[str]) -> bytes:
+    """An image column value -> the encoded file bytes. Accepts bytes, a path (relative to
+    ``root``), or a HF datasets Image struct ``{"bytes": ..., "path": ...}``."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) == 0:
             raise ImageError("bad_image", "empty image bytes")
-        return decode_image(bytes(value), size)
+        return bytes(value)
     if isinstance(value, str):
         if not value:
             raise ImageError("missing_image_file", "empty image path")
         path = value if os.path.isabs(value) or root is None else os.path.join(root, value)
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                return f.read()
         except OSError as e:
             raise ImageError("missing_image_file", f"cannot read image file {path}: {e.strerror}") from None
-        return decode_image(data, size)
     raise ImageError("wrong_type", f"image value is {type(value).__name__}, expected bytes or a path")
+
+
+def _where(value: Any, root: Optional[str]) -> str:
+    """The reject detail's prefix: the resolved path of an image given by path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        return (value if os.path.isabs(value) or root is None else os.path.join(root, value)) + ": "
+    return ""
+
+
+def load_image_value(value: Any, size: int, root: Optional[str]) -> np.ndarray:
+    """An image column value (see :func:`read_image_value`) -> pixels ``[size, size, 3]``."""
+    return decode_image(read_image_value(value, root), size, _where(value, root))
+
+
+def prepare_image(value: Any, size: int, root: Optional[str], store: str = "pixels",
+                  image_format: str = "auto", jpeg_quality: int = 90):
+    """An image column value -> what the shard stores: pixels, or encoded bytes (``store``)."""
+    if store == "encoded":
+        return encode_image(read_image_value(value, root), size, image_format, jpeg_quality, _where(value, root))
+    return load_image_value(value, size, root)

@@ -7,12 +7,16 @@ shards without one when others have one.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Dict, List, Sequence
 
 from megatron_unihetero.data.shards import ShardReader, ShardWriter, list_shards
 
 # Metadata that must agree between merged shards (else the merged shard would lie).
 _MUST_MATCH = ("image_store", "image_size", "feature_shape", "feature_dtype")
+# Copied from the first shard into the merged one (describe how the samples were made).
+_KEEP = ("tokenizer", "sample_config", "image_encoding", "vision_model", "vision_model_type", "feature_source")
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
@@ -24,6 +28,45 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
             raise FileNotFoundError(f"no finished shard found for {p!r} (looked for {p}.json and {p}_NNNNN.json)")
         out.extend(shards)
     return out
+
+
+def part_inputs(prefix: str, num_parts: int) -> List[str]:
+    """The dataset prefixes of the ``num_parts`` jobs of a split run (``--num-shards``), in order.
+
+    Every part must have finished: its summary is written last, after its shards.
+    """
+    from megatron_unihetero.data.preprocess.pipeline import part_prefix
+
+    parts = [part_prefix(prefix, i, num_parts) for i in range(num_parts)]
+    missing = [p for p in parts if not os.path.exists(p + ".summary.json")]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {num_parts} parts of {prefix!r} have not finished "
+                                f"(no summary): {missing[:3]}")
+    return parts
+
+
+def merge_reports(parts: Sequence[str], output_prefix: str) -> Dict[str, Any]:
+    """OUTPUT.rejects.jsonl (every part's, in order) and OUTPUT.summary.json (their sums)."""
+    summaries = []
+    with open(output_prefix + ".rejects.jsonl", "w") as out:
+        for p in parts:
+            with open(p + ".summary.json") as f:
+                summaries.append(json.load(f))
+            with open(p + ".rejects.jsonl") as f:
+                for line in f:
+                    out.write(line)
+    total: Dict[str, Any] = {k: sum(s[k] for s in summaries) for k in ("rows", "samples", "rejected", "images", "image_bytes")
+                             if all(k in s for s in summaries)}
+    reasons: Dict[str, int] = {}
+    for s in summaries:
+        for reason, n in s["rejects_by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    total.update(rejects_by_reason=dict(sorted(reasons.items())), parts=list(parts),
+                 reject_fraction=total["rejected"] / total["rows"] if total.get("rows") else 0.0,
+                 ok=all(s["ok"] for s in summaries), rejects_file=output_prefix + ".rejects.jsonl")
+    with open(output_prefix + ".summary.json", "w") as f:
+        json.dump(total, f, indent=1)
+    return total
 
 
 def merge_shards(inputs: Sequence[str], output_prefix: str) -> Dict[str, Any]:
@@ -50,7 +93,7 @@ def merge_shards(inputs: Sequence[str], output_prefix: str) -> Dict[str, Any]:
         image_size=first.get("image_size"),
         feature_shape=first.get("feature_shape"),
         with_loss_mask=with_mask,
-        metadata={k: first[k] for k in ("tokenizer", "sample_config", "vision_model", "vision_model_type", "feature_source") if k in first},
+        metadata={k: first[k] for k in _KEEP if k in first},
     )
     with writer:
         for r in readers:

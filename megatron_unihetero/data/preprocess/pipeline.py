@@ -9,6 +9,12 @@ Why it is shaped this way:
     whole input ahead), and readers stream their files.
   * Robustness: each bad row is skipped, counted by reason and listed in
     ``PREFIX.rejects.jsonl``; shards are only renamed to final names when whole.
+  * Many machines: ``num_shards=K, shard_index=I`` makes this run job I of K independent
+    jobs. Job I takes a contiguous block of the input files (``split_by="files"``, the
+    default when there are at least K files) or of the rows (``"rows"``: one counting pass
+    over non-parquet inputs) and writes its own dataset, ``part_prefix(PREFIX, I, K)``; the K
+    parts concatenated in index order (tools/merge_shards.py --num-parts K) are exactly the
+    samples one job would have written.
 """
 
 from __future__ import annotations
@@ -18,16 +24,19 @@ import json
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from megatron_unihetero.data.preprocess import worker as W
 from megatron_unihetero.data.preprocess.features import FeatureExtractor
-from megatron_unihetero.data.preprocess.readers import count_rows, detect_format, iter_records
+from megatron_unihetero.data.preprocess.readers import RowRange, count_rows, detect_format, iter_records
 from megatron_unihetero.data.preprocess.samples import SampleConfig
+
+IMAGE_STORES = ("encoded", "pixels", "features")
+SPLIT_BY = ("auto", "files", "rows")
 from megatron_unihetero.data.shards import ShardWriter, _indexed_dataset_module, list_shards, shard_name
 from megatron_unihetero.data.tokenizer import build_tokenizer
 
@@ -46,6 +55,36 @@ class PreprocessConfig:
     vision_model: Optional[str] = None  # set: store frozen-encoder features instead of pixels
     progress: bool = True
     task_timeout_s: float = 1800.0      # per chunk; a dead worker fails the run instead of hanging it
+    # encoded: image files at the target size (JPEG/PNG/WebP: sample.image_format); pixels: raw
+    # RGB; features: frozen-encoder features (needs vision_model).
+    image_store: str = "encoded"
+    num_shards: int = 1                 # K independent jobs ...
+    shard_index: int = 0                # ... of which this is job I (writes part_prefix(PREFIX, I, K))
+    split_by: str = "auto"              # files | rows | auto (files when there are >= K files)
+
+    def __post_init__(self) -> None:
+        if self.vision_model and self.image_store != "features":
+            self.image_store = "features"  # --precompute-features
+        if self.image_store not in IMAGE_STORES:
+            raise ValueError(f"image_store must be one of {IMAGE_STORES}, got {self.image_store!r}")
+        if self.image_store == "features" and not self.vision_model:
+            raise ValueError("image_store 'features' needs vision_model (a local HF vision model folder)")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
+
+    @property
+    def job_prefix(self) -> str:
+        """Where this job writes: the output prefix, or its part's when the run is split."""
+        if self.num_shards == 1:
+            return self.output_prefix
+        return part_prefix(self.output_prefix, self.shard_index, self.num_shards)
+
+
+def part_prefix(prefix: str, index: int, count: int) -> str:
+    """The dataset prefix job ``index`` of ``count`` writes: ``PREFIX.part00001-of-00004``."""
+    return f"{prefix}.part{index:05d}-of-{count:05d}"
 
 
 class ShardSink:
@@ -57,14 +96,16 @@ class ShardSink:
         self.writer = None
         self.shards: List[str] = []
         self.num_samples = 0
+        self.num_images = 0
+        self.image_bytes = 0  # stored bytes of the images (for bytes-per-image figures)
         self.feature_shape = None
 
     def _open(self) -> None:
-        prefix = shard_name(self.cfg.output_prefix, len(self.shards))
-        if self.cfg.vision_model:
+        prefix = shard_name(self.cfg.job_prefix, len(self.shards))
+        if self.cfg.image_store == "features":
             kw = dict(image_store="features", feature_shape=self.feature_shape, image_size=self.cfg.sample.image_size)
         else:
-            kw = dict(image_store="pixels", image_size=self.cfg.sample.image_size)
+            kw = dict(image_store=self.cfg.image_store, image_size=self.cfg.sample.image_size)
         self.writer = ShardWriter(prefix, with_loss_mask=self.cfg.sample.has_loss_mask, metadata=self.metadata, **kw)
 
     def add(self, sample) -> None:
@@ -72,6 +113,8 @@ class ShardSink:
             self._open()
         self.writer.add_sample(sample.tokens, sample.images, sample.loss_mask)
         self.num_samples += 1
+        self.num_images += len(sample.images)
+        self.image_bytes += sum(len(im) if isinstance(im, bytes) else im.nbytes for im in sample.images)
         if self.writer.bytes_written >= self.limit:
             self.close()
 
@@ -87,13 +130,41 @@ class ShardSink:
             self.writer = None
 
 
-def _chunks(cfg: PreprocessConfig) -> Iterator[List[W.Row]]:
+Plan = List[Tuple[str, RowRange]]  # (input file, rows of it this job reads; None = all)
+
+
+def job_plan(cfg: PreprocessConfig) -> Plan:
+    """The inputs (and row ranges) of job ``shard_index`` of ``num_shards``: a contiguous block
+    of the files, or of the global row order when splitting by rows."""
+    k, i = cfg.num_shards, cfg.shard_index
+    split = cfg.split_by if cfg.split_by != "auto" else ("files" if len(cfg.inputs) >= k else "rows")
+    if k == 1:
+        return [(p, None) for p in cfg.inputs]
+    if split == "files":
+        if len(cfg.inputs) < k:
+            raise ValueError(f"--num-shards {k} jobs split by files need at least {k} input files, got "
+                             f"{len(cfg.inputs)} (use --split-by rows)")
+        n = len(cfg.inputs)
+        return [(p, None) for p in cfg.inputs[i * n // k:(i + 1) * n // k]]
+    counts = [count_rows(p, cfg.input_format or detect_format(p), exact=True) for p in cfg.inputs]
+    total = sum(counts)
+    lo, hi = i * total // k, (i + 1) * total // k
+    plan, start = [], 0
+    for path, n in zip(cfg.inputs, counts):
+        a, b = max(lo, start) - start, min(hi, start + n) - start
+        if a < b:
+            plan.append((path, (a, b)))
+        start += n
+    return plan
+
+
+def _chunks(cfg: PreprocessConfig, plan: Plan) -> Iterator[List[W.Row]]:
     chunk: List[W.Row] = []
-    for path in cfg.inputs:
+    for path, row_range in plan:
         fmt = cfg.input_format or detect_format(path)
         s = cfg.sample
         for row, rec in iter_records(path, fmt, text_column=s.text_column, image_column=s.image_column,
-                                     columns=s.columns(), batch_size=cfg.chunk_size):
+                                     columns=s.columns(), batch_size=cfg.chunk_size, row_range=row_range):
             chunk.append((path, row, rec))
             if len(chunk) == cfg.chunk_size:
                 yield chunk
@@ -155,15 +226,25 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"input file {path} does not exist")
     tokenizer = build_tokenizer(cfg.tokenizer_model)  # fail fast here, not in every worker
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
-    _remove_old_shards(cfg.output_prefix)
+    out = cfg.job_prefix
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _remove_old_shards(out)
+    plan = job_plan(cfg)
+    # The workers return what the shard stores: encoded bytes, or pixels (also for features).
+    sample = replace(cfg.sample, images_as="encoded" if cfg.image_store == "encoded" else "pixels")
     metadata = {
         "tokenizer": tokenizer.metadata(),
-        "sources": [os.path.abspath(p) for p in cfg.inputs],
-        "sample_config": asdict(cfg.sample),
+        "sources": [os.path.abspath(p) for p, _ in plan],
+        "sample_config": asdict(sample),
         "dataset_name": os.path.basename(cfg.output_prefix),
     }
-    wcfg = W.WorkerConfig(cfg.tokenizer_model, cfg.sample, cfg.vision_model,
+    if cfg.image_store == "encoded":
+        metadata["image_encoding"] = {"format": sample.image_format, "jpeg_quality": sample.jpeg_quality,
+                                      "source_kept_when": "already image_size x image_size in the target format"}
+    if cfg.num_shards > 1:
+        metadata["job"] = {"index": cfg.shard_index, "count": cfg.num_shards,
+                           "inputs": [[os.path.abspath(p), list(r) if r else None] for p, r in plan]}
+    wcfg = W.WorkerConfig(cfg.tokenizer_model, sample, cfg.vision_model,
                           torch_threads=max(1, (os.cpu_count() or 1) // max(1, cfg.workers)) if cfg.workers > 1 else 0)
     feature_shape = None
     if cfg.vision_model:
@@ -173,7 +254,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
         metadata.update(extractor.metadata())
         feature_shape = tuple(extractor([np.zeros((cfg.sample.image_size,) * 2 + (3,), np.uint8)]).shape[1:])
         del extractor
-    totals = [count_rows(p, cfg.input_format or detect_format(p)) for p in cfg.inputs]
+    totals = [(r[1] - r[0]) if r else count_rows(p, cfg.input_format or detect_format(p)) for p, r in plan]
     total = sum(totals) if all(t is not None for t in totals) else None
     _indexed_dataset_module()  # megatron.core's slow import is kept out of the measured rate
     sink = ShardSink(cfg, metadata)
@@ -181,11 +262,11 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     reasons: collections.Counter = collections.Counter()
     rows = 0
     t0 = time.time()
-    rejects_path = cfg.output_prefix + ".rejects.jsonl"
+    rejects_path = out + ".rejects.jsonl"
     bar = tqdm(total=total, unit="row", disable=not cfg.progress, dynamic_ncols=True)
     try:
         with open(rejects_path, "w") as rejects:
-            results = ordered_map(W.process_chunk, _chunks(cfg), cfg.workers, W.init_worker, wcfg,
+            results = ordered_map(W.process_chunk, _chunks(cfg, plan), cfg.workers, W.init_worker, wcfg,
                                   window=2 * max(1, cfg.workers), timeout=cfg.task_timeout_s)
             for chunk in results:
                 for r in chunk:
@@ -218,9 +299,14 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
         "samples_per_s": round(sink.num_samples / seconds, 1) if seconds > 0 else None,
         "workers": cfg.workers,
         "rejects_file": rejects_path,
+        "image_store": cfg.image_store,
+        "image_bytes": sink.image_bytes,
+        "images": sink.num_images,
     }
+    if cfg.num_shards > 1:
+        summary["job"] = metadata["job"]
     summary["ok"] = summary["reject_fraction"] <= cfg.max_reject_fraction
-    with open(cfg.output_prefix + ".summary.json", "w") as f:
+    with open(out + ".summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 

@@ -1,15 +1,21 @@
 """Turn one input row into training samples: token ids, images and (optionally) a loss mask.
 
-A row becomes a *document*, a list of segments: ``("image", value)`` or ``("text", str,
-is_target)``. Each text segment is encoded on its own (so the prompt/answer boundary is a
-token boundary) and each image becomes ``<image_start> <image> <image_end>``; the sample is
-``BOS + segments + EOS``.
+A row becomes a *document*, a list of segments: ``("image", value)``, ``("text", str,
+is_target)`` or ``("eos", is_target)``. Each image becomes ``<image_start> <image> <image_end>``;
+the text between two special tokens is encoded as one string (as the exported HF tokenizer
+encodes a rendered chat), and the target/prompt boundaries inside it must fall on token
+boundaries (else the row is rejected, reason ``token_boundary``). The sample is
+``BOS + segments + EOS`` (no second EOS when the document ends with one).
 
 Templates (``--template``):
-  caption      [image] caption                          every text token is a target
-  qa           [image] "Question: q Answer:" " a"       targets: the answer and EOS only
-  both         one caption sample and one qa sample per row
-  interleaved  the row's list of {"text": ...} / {"image": ...} segments, every text a target
+  caption       [image] caption                          every text token is a target
+                (a conversation record: its images, then its one assistant reply)
+  qa            [image] "Question: q Answer: a"          targets: " a" and EOS only
+                (the one-turn case of data/conversation.py's template)
+  both          one caption sample and one qa sample per row
+  interleaved   the row's list of {"text": ...} / {"image": ...} segments, every text a target
+  conversation  a LLaVA record's ``conversations`` (``--input-format llava``), rendered by
+                data/conversation.py: targets are the assistant turns and their EOS
 """
 
 from __future__ import annotations
@@ -20,9 +26,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from megatron_unihetero.data.preprocess.images import ImageError, load_image_value
+from megatron_unihetero.data import conversation
+from megatron_unihetero.data.preprocess.images import IMAGE_FORMATS, ImageError, prepare_image
 
-TEMPLATES = ("caption", "qa", "both", "interleaved")
+TEMPLATES = ("caption", "qa", "both", "interleaved", "conversation")
+IMAGES_AS = ("pixels", "encoded")
+# LLaVA's speaker names (and HF's) -> conversation.py roles
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+LLAVA_IMAGE = "<image>"
 
 
 class RowReject(Exception):
@@ -43,23 +54,38 @@ class SampleConfig:
     question_column: str = "question"
     answer_column: str = "answer"
     interleaved_column: str = "segments"
+    conversation_column: str = "conversations"
     image_path_root: Optional[str] = None
     image_size: int = 64
     max_text_tokens: Optional[int] = None
+    # What a Sample's images are: "pixels" (uint8 arrays) or "encoded" (image file bytes at
+    # image_size, see images.encode_image). The preprocessing pipeline sets it from its
+    # image_store (--image-store); in-memory users (eval) keep pixels.
+    images_as: str = "pixels"
+    image_format: str = "auto"
+    jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown template {self.template!r}; choose from {TEMPLATES}")
+        if self.images_as not in IMAGES_AS:
+            raise ValueError(f"images_as must be one of {IMAGES_AS}, got {self.images_as!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
     @property
     def has_loss_mask(self) -> bool:
         """Shards carry a loss mask when any sample has a prompt/answer split."""
-        return self.template in ("qa", "both")
+        return self.template in ("qa", "both", "conversation")
 
     def columns(self) -> Optional[List[str]]:
         """Parquet columns to read (the others are never decoded)."""
         if self.template == "interleaved":
             return [self.interleaved_column]
+        if self.template == "conversation":
+            return [self.image_column, self.conversation_column]
         cols = [self.image_column]
         if self.template in ("caption", "both"):
             cols.append(self.text_column)
@@ -71,7 +97,7 @@ class SampleConfig:
 @dataclass
 class Sample:
     tokens: np.ndarray                     # int32 [T]
-    images: List[np.ndarray] = field(default_factory=list)  # uint8 [S, S, 3] each
+    images: List[Any] = field(default_factory=list)  # uint8 [S, S, 3] each, or encoded bytes
     loss_mask: Optional[np.ndarray] = None  # int8 [T] when the shard has a loss mask
 
 
@@ -98,13 +124,94 @@ def documents(rec: Dict[str, Any], cfg: SampleConfig) -> List[List[tuple]]:
     """The row's documents (one per sample) as segment lists; raises RowReject."""
     if cfg.template == "interleaved":
         return [_interleaved(rec, cfg)]
+    if cfg.template == "conversation":
+        return [_render(llava_messages(rec, cfg))]
     docs = []
     if cfg.template in ("caption", "both"):
-        docs.append([("image", _image(rec, cfg.image_column)), ("text", _text(rec, cfg.text_column), True)])
+        if cfg.text_column not in rec and cfg.conversation_column in rec:
+            docs.append(_llava_caption(rec, cfg))
+        else:
+            docs.append([("image", _image(rec, cfg.image_column)), ("text", _text(rec, cfg.text_column), True)])
     if cfg.template in ("qa", "both"):
         q, a = _text(rec, cfg.question_column), _text(rec, cfg.answer_column)
-        docs.append([("image", _image(rec, cfg.image_column)), ("text", f"Question: {q} Answer:", False), ("text", " " + a, True)])
+        docs.append(_render(conversation.qa_messages(_image(rec, cfg.image_column), q, a)))
     return docs
+
+
+def _render(messages: List[Dict[str, Any]]) -> List[tuple]:
+    try:
+        return conversation.render(messages)
+    except conversation.ConversationError as e:
+        raise RowReject("bad_conversation", str(e)) from None
+
+
+def _llava_images(rec: Dict[str, Any], column: str) -> List[Any]:
+    value = rec.get(column)
+    if value is None:
+        return []  # a text-only conversation
+    values = value if isinstance(value, list) else [value]
+    for j, v in enumerate(values):
+        if not isinstance(v, (str, bytes, dict)) or (isinstance(v, str) and not v):
+            raise RowReject("wrong_type", f"{column}[{j}] is {v!r:.60}, expected an image path")
+    return values
+
+
+def llava_messages(rec: Dict[str, Any], cfg: SampleConfig) -> List[Dict[str, Any]]:
+    """A LLaVA record -> conversation.py messages, each ``<image>`` becoming the next image of
+    ``rec[image_column]`` (a path or a list of paths) where it stands in the text.
+
+    Text around an ``<image>`` is stripped (LLaVA's own preprocessing strips it too). A record
+    with images but no ``<image>`` at all gets them at the start of its first turn (LLaVA's
+    convention); any other count mismatch rejects the row.
+    """
+    col = cfg.conversation_column
+    turns = rec.get(col)
+    if not isinstance(turns, list) or not turns:
+        raise RowReject("missing_column", f"column {col!r} is missing or not a non-empty list of turns")
+    images = _llava_images(rec, cfg.image_column)
+    placeholders = sum(t.get("value", "").count(LLAVA_IMAGE) for t in turns
+                       if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if placeholders == 0 and images:
+        turns = [dict(turns[0], value=LLAVA_IMAGE * len(images) + "\n" + str(turns[0].get("value", "")))] + turns[1:]
+    elif placeholders != len(images):
+        raise RowReject("image_placeholders", f"{placeholders} {LLAVA_IMAGE} in {col!r} but {len(images)} "
+                                              f"images in {cfg.image_column!r}")
+    messages, k = [], 0
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RowReject("wrong_type", f"{col}[{j}] must be {{'from': ..., 'value': str}}, got {turn!r:.80}")
+        role = LLAVA_ROLES.get(turn.get("from"))
+        if role is None:
+            raise RowReject("bad_conversation", f"{col}[{j}]: speaker {turn.get('from')!r} is not one of "
+                                                f"{sorted(LLAVA_ROLES)}")
+        content = []
+        for n, piece in enumerate(turn["value"].split(LLAVA_IMAGE)):
+            if n > 0:
+                content.append({"type": "image", "image": images[k]})
+                k += 1
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+        messages.append({"role": role, "content": content})
+    for j, m in enumerate(messages):
+        if m["role"] == "assistant" and not any(it["type"] == "text" for it in m["content"]):
+            raise RowReject("empty_text", f"{col}[{j}]: the assistant turn is empty")
+    return messages
+
+
+def _llava_caption(rec: Dict[str, Any], cfg: SampleConfig) -> List[tuple]:
+    """``--template caption`` on a conversation record (LLaVA-Pretrain): the record's images,
+    then its one assistant reply, every text token a target; the (boilerplate) instruction of
+    the user turn is dropped, so the sample reads like any caption sample."""
+    messages = llava_messages(rec, cfg)
+    if len(messages) != 2:
+        raise RowReject("bad_conversation", f"--template caption needs one user and one assistant turn, "
+                                            f"got {len(messages)} turns (use --template conversation)")
+    _render(messages)  # roles and order
+    images = [("image", it["image"]) for it in messages[0]["content"] if it["type"] == "image"]
+    if not images:
+        raise RowReject("missing_column", f"image column {cfg.image_column!r} is missing or null")
+    reply = " ".join(it["text"] for it in messages[1]["content"] if it["type"] == "text")
+    return images + [("text", reply, True)]
 
 
 def _interleaved(rec: Dict[str, Any], cfg: SampleConfig) -> List[tuple]:
@@ -135,47 +242,92 @@ def _interleaved(rec: Dict[str, Any], cfg: SampleConfig) -> List[tuple]:
     return out
 
 
-def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optional[Dict[int, np.ndarray]] = None) -> Sample:
+def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optional[Dict[int, Any]] = None) -> Sample:
     """Tokenize and decode one document (raises RowReject for bad images / too long text).
 
-    ``cache`` maps ``id(image value)`` to its pixels, so the caption and qa samples of one row
-    ("both") decode the shared image once; it must not outlive the row (ids get reused).
+    ``cache`` maps ``id(image value)`` to its prepared image, so the caption and qa samples of
+    one row ("both") decode the shared image once; it must not outlive the row (ids get reused).
     """
     # BOS counts as a target unless the document has a prompt: a caption sample's mask then
     # equals the default a shard without a loss mask implies (ShardReader.loss_mask).
     has_prompt = any(seg[0] == "text" and not seg[2] for seg in doc)
     ids: List[int] = [tokenizer.bos_id]
     mask: List[int] = [0 if has_prompt else 1]
-    images: List[np.ndarray] = []
+    images: List[Any] = []
     n_text = 0
     image_ids = [tokenizer.image_start_id, tokenizer.image_token_id, tokenizer.image_end_id]
-    for seg in doc:
-        if seg[0] == "image":
-            key = id(seg[1])
-            if cache is None or key not in cache:
-                try:
-                    pixels = load_image_value(seg[1], cfg.image_size, cfg.image_path_root)
-                except ImageError as e:
-                    raise RowReject(e.reason, str(e)) from None
-                if cache is not None:
-                    cache[key] = pixels
-            images.append(cache[key] if cache is not None else pixels)
-            ids += image_ids
-            mask += [0, 0, 0]
-        else:
-            t = tokenizer.encode(seg[1])
-            ids += t
-            mask += [1 if seg[2] else 0] * len(t)
+    pending: List[tuple] = []  # the text segments since the last special token
+
+    def flush() -> None:
+        nonlocal n_text
+        if pending:
+            t, m = _encode_text(pending, tokenizer)
+            ids.extend(t)
+            mask.extend(m)
             n_text += len(t)
+            pending.clear()
+
+    for seg in doc:
+        if seg[0] == "text":
+            pending.append(seg)
+            continue
+        flush()
+        if seg[0] == "eos":
+            ids.append(tokenizer.eos_id)
+            mask.append(1 if seg[1] else 0)
+            continue
+        key = id(seg[1])
+        if cache is None or key not in cache:
+            try:
+                image = prepare_image(seg[1], cfg.image_size, cfg.image_path_root, cfg.images_as,
+                                      cfg.image_format, cfg.jpeg_quality)
+            except ImageError as e:
+                raise RowReject(e.reason, str(e)) from None
+            if cache is not None:
+                cache[key] = image
+        images.append(cache[key] if cache is not None else image)
+        ids += image_ids
+        mask += [0, 0, 0]
+    flush()
     if cfg.max_text_tokens is not None and n_text > cfg.max_text_tokens:
         raise RowReject("too_long", f"{n_text} text tokens > --max-text-tokens {cfg.max_text_tokens}")
-    ids.append(tokenizer.eos_id)
-    mask.append(1)
+    if not (doc and doc[-1][0] == "eos"):
+        ids.append(tokenizer.eos_id)
+        mask.append(1)
     return Sample(
         tokens=np.asarray(ids, dtype=np.int32),
         images=images,
         loss_mask=np.asarray(mask, dtype=np.int8) if cfg.has_loss_mask else None,
     )
+
+
+def _encode_text(segments: List[tuple], tokenizer) -> tuple:
+    """(ids, mask) of consecutive text segments, encoded as ONE string.
+
+    The exported HF tokenizer sees the rendered text between two special tokens as one string,
+    so training must too. The mask needs the target/prompt boundaries inside it to be token
+    boundaries: the ids of the text up to each boundary must be a prefix of the whole's.
+    """
+    runs: List[list] = []  # merge neighbours with the same target flag: [text, is_target]
+    for seg in segments:
+        if runs and runs[-1][1] == seg[2]:
+            runs[-1][0] += seg[1]
+        else:
+            runs.append([seg[1], seg[2]])
+    whole = "".join(r[0] for r in runs)
+    ids = tokenizer.encode(whole)
+    if len(runs) == 1:
+        return ids, [1 if runs[0][1] else 0] * len(ids)
+    mask: List[int] = []
+    text = ""
+    for text_run, target in runs:
+        text += text_run
+        upto = tokenizer.encode(text) if len(text) < len(whole) else ids
+        if upto != ids[:len(upto)] or len(upto) < len(mask):
+            raise RowReject("token_boundary", f"the tokenizer merges tokens across the prompt/answer boundary "
+                                              f"after {text[-40:]!r}: the loss mask would be wrong")
+        mask += [1 if target else 0] * (len(upto) - len(mask))
+    return ids, mask
 
 
 def row_to_samples(rec: Dict[str, Any], tokenizer, cfg: SampleConfig) -> List[Sample]:

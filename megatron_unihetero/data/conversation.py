@@ -1,0 +1,149 @@
+"""The one conversation template: what training documents look like, and the exported chat template.
+
+Preprocessing (``--template qa`` rows and ``--input-format llava`` conversations) renders a
+conversation with :func:`render`; the exported HF processor's ``chat_template`` is
+:func:`chat_template`, the same rules written in Jinja. A test checks that
+``processor.apply_chat_template(messages)`` gives exactly the token ids preprocessing wrote.
+
+A conversation is a list of messages ``{"role": "user" | "assistant", "content": str | items}``,
+items being ``{"type": "text", "text": str}`` or ``{"type": "image"}`` (HF's format; the Python
+side also carries the image itself in ``item["image"]``). It must alternate user, assistant,
+user, ... ; images appear in user turns only. A document reads::
+
+    <s> [images before the turn's first text] Question: <the rest of the user turn>
+        Answer: <assistant text></s> Question: ... Answer: ...</s>
+
+with each image as ``<image_start><image><image_end>``. The loss is on the assistant text and
+its ``</s>`` only. A one-turn conversation with its image first is exactly the ``qa``
+template's layout: ``[image] Question: q Answer: a``.
+
+The Python side returns *segments* (``("image", value)``, ``("text", str, is_target)``,
+``("eos", is_target)``); samples.py encodes them. Text segments next to each other form one
+string between special tokens, which the HF tokenizer encodes as one piece: samples.py does
+the same and checks that the prompt/answer boundary falls on a token boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+from megatron_unihetero.data.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN
+
+USER_PREFIX = "Question: "
+ASSISTANT_PREFIX = " Answer:"
+ANSWER_SEPARATOR = " "  # between ASSISTANT_PREFIX and the answer (part of the target)
+IMAGE_PLACEHOLDER = IMAGE_START_TOKEN + IMAGE_TOKEN + IMAGE_END_TOKEN
+ROLES = ("user", "assistant")
+
+Segment = Tuple[Any, ...]
+
+
+class ConversationError(ValueError):
+    """A conversation that does not fit the template (the detail names the message)."""
+
+
+def _items(message: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ConversationError(f"message {k}: content must be a string or a list of items, "
+                                f"got {type(content).__name__}")
+    for j, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in ("text", "image") or (kind == "text" and not isinstance(item.get("text"), str)):
+            raise ConversationError(f"message {k} item {j}: expected {{'type': 'text', 'text': str}} or "
+                                    f"{{'type': 'image'}}, got {item!r:.80}")
+    return content
+
+
+def check(messages: Sequence[Dict[str, Any]]) -> None:
+    """Raise ConversationError unless ``messages`` alternate user/assistant from a user turn,
+    end with an assistant turn and hold images in user turns only."""
+    if not messages:
+        raise ConversationError("empty conversation")
+    for k, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        want = ROLES[k % 2]
+        if role != want:
+            raise ConversationError(f"message {k}: role {role!r}, expected {want!r} (turns alternate user, assistant)")
+        items = _items(m, k)
+        if role == "assistant" and any(it["type"] == "image" for it in items):
+            raise ConversationError(f"message {k}: images are only supported in user turns")
+    if messages[-1]["role"] != "assistant":
+        raise ConversationError(f"the conversation ends with a {messages[-1]['role']!r} turn, not an assistant turn")
+
+
+def render(messages: Sequence[Dict[str, Any]]) -> List[Segment]:
+    """The document's segments (BOS not included; the last segment is the final ``</s>``)."""
+    check(messages)
+    segments: List[Segment] = []
+    for k, m in enumerate(messages):
+        items = _items(m, k)
+        if m["role"] == "user":
+            started = False  # images before the first text go before "Question:"
+            for it in items:
+                if it["type"] == "image":
+                    segments.append(("image", it.get("image")))
+                else:
+                    segments.append(("text", ("" if started else USER_PREFIX) + it["text"], False))
+                    started = True
+            if not started:
+                segments.append(("text", USER_PREFIX, False))
+        else:
+            text = "".join(it["text"] for it in items)
+            segments += [("text", ASSISTANT_PREFIX, False), ("text", ANSWER_SEPARATOR + text, True), ("eos", True)]
+    return segments
+
+
+def render_text(messages: Sequence[Dict[str, Any]], bos_token: str, eos_token: str) -> str:
+    """The string :func:`chat_template` renders for ``messages`` (for tests and debugging)."""
+    parts = [bos_token]
+    for seg in render(messages):
+        parts.append(IMAGE_PLACEHOLDER if seg[0] == "image" else eos_token if seg[0] == "eos" else seg[1])
+    return "".join(parts)
+
+
+def chat_template() -> str:
+    """:func:`render` in Jinja, for ``processor.chat_template`` (transformers' variables:
+    ``messages``, ``bos_token``, ``eos_token``, ``add_generation_prompt``). The assistant text
+    sits in ``{% generation %}`` so ``return_assistant_tokens_mask=True`` marks the tokens
+    training computes the loss on."""
+    q = _jinja_string(USER_PREFIX)
+    return (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set items = [{'type': 'text', 'text': message['content']}] -%}"
+        "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- set ns = namespace(started=false) -%}"
+        "{%- for item in items -%}"
+        "{%- if item['type'] == 'image' -%}" + _jinja_string(IMAGE_PLACEHOLDER).join(("{{- ", " -}}")) +
+        "{%- elif item['type'] == 'text' -%}"
+        "{%- if not ns.started -%}{{- " + q + " -}}{%- endif -%}"
+        "{{- item['text'] -}}{%- set ns.started = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if not ns.started -%}{{- " + q + " -}}{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- " + _jinja_string(ASSISTANT_PREFIX) + " -}}"
+        "{%- generation -%}{{- " + _jinja_string(ANSWER_SEPARATOR) + " -}}"
+        "{%- for item in items -%}{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}"
+        "{{- eos_token -}}{%- endgeneration -%}"
+        "{%- else -%}{{- raise_exception('roles must be user or assistant, got ' + message['role']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + _jinja_string(ASSISTANT_PREFIX) + " -}}{%- endif -%}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal for ``text``."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def qa_messages(image: Any, question: str, answer: str) -> List[Dict[str, Any]]:
+    """The one-turn conversation of a question/answer row (``--template qa``)."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
