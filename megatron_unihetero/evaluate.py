@@ -5,13 +5,15 @@
 
 ``--load`` is a checkpoint folder: either the run's checkpoint dir (``CKPT/latest`` names the
 iteration folder) or an iteration folder itself. The iteration folder holds the run's
-``config.yaml`` (a RunConfig) and the model weights in ``model/`` (checkpointing/model_io.py).
-``--data`` is the demo data folder (its ``valid.parquet`` is read) or a parquet file.
+``config.yaml`` (a RunConfig) and the model weights in ``dist/`` (checkpointing/dist.py).
+``--data`` is the demo data folder (its ``valid.parquet`` is read), a parquet file, or a
+multiple-choice TSV in VLMEvalKit's layout (eval/data.py ``read_vlmeval_tsv``).
 Runs on one process (TP=1, PP=1); a checkpoint saved at any TP/PP is merged on load.
 
 Metrics (megatron_unihetero/eval): answer accuracy over each question's candidates, caption
 perplexity, linear-probe test accuracy of the mean visual hidden state for each first-object
-attribute, and top-1 retrieval of the true next visual embedding (semantic head only).
+attribute, and top-1 / top-5 retrieval of the true next visual embedding with the R² and cosine
+of the predictions against the mean predictor's (semantic head only; eval/diagnostics.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import sys
 from typing import Dict, Optional
 
 from megatron_unihetero import parallel
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.config_io import load_config
 from megatron_unihetero.data.tokenizer import build_tokenizer
 from megatron_unihetero.eval import runners
-from megatron_unihetero.eval.data import build_eval_sets, read_rows
+from megatron_unihetero.eval.data import build_eval_sets, held_out_path, read_rows
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
@@ -51,22 +54,30 @@ def build_from_checkpoint(iteration_dir: str):
     run_config = load_config(RunConfig, os.path.join(iteration_dir, ITERATION_CONFIG))
     parallel.initialize(1, 1, seed=run_config.train.seed)
     model = parallel.build_model(run_config.model)
-    parallel.load_model(model, os.path.join(iteration_dir, "model"))
+    dist_ckpt.load_model([model], dist_ckpt.dist_dir(iteration_dir))
     model.eval()
     return run_config, model
 
 
 def evaluate_model(model, sets, *, min_probe_samples: int = 10) -> Dict[str, object]:
-    """Every metric that applies to this model and data."""
-    results: Dict[str, object] = {"num_samples": len(sets.captions)}
+    """Every metric that applies to this model and data.
+
+    Held-out data without captions (a multiple-choice TSV) has no caption perplexity and no
+    probes; its retrieval and R² run on the questions' image + prompt + right answer.
+    """
+    results: Dict[str, object] = {"num_samples": len(sets.questions)}
     accuracy = runners.answer_accuracy(model, sets.questions)
     results["answer_accuracy"] = accuracy["accuracy"]
-    results.update({f"caption_{k}": v for k, v in runners.caption_perplexity(model, sets.captions).items()})
-    if len(sets.captions) >= min_probe_samples:
+    results["chance_accuracy"] = (sum(1.0 / len(q.candidates) for q in sets.questions) / len(sets.questions)
+                                  if sets.questions else float("nan"))
+    if sets.captions:
+        results.update({f"caption_{k}": v for k, v in runners.caption_perplexity(model, sets.captions).items()})
+    if sets.attributes and len(sets.captions) >= min_probe_samples:
         probes = runners.attribute_probes(model, sets.captions, sets.attributes)
         results["probes"] = probes
     if model.semantic_head is not None:
-        results["semantic_retrieval"] = runners.semantic_retrieval(model, sets.captions)
+        with_images = sets.captions or [q.candidates[q.answer] for q in sets.questions]
+        results["semantic_retrieval"] = runners.semantic_retrieval(model, with_images)
     return results
 
 
@@ -74,7 +85,9 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="checkpoint dir or iteration folder")
-    parser.add_argument("--data", required=True, help="demo data folder (valid.parquet) or a parquet file")
+    parser.add_argument("--data", required=True,
+                        help="demo data folder (valid.parquet), a parquet file, or a VLMEvalKit "
+                             "multiple-choice TSV (.tsv)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: the run config's data.tokenizer)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--output", help="write the metrics here as JSON")
@@ -93,8 +106,11 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"tokenizer {tokenizer_path!r} has <image> id {tokenizer.image_token_id}, "
                      f"the model was trained with model.image_token_id="
                      f"{run_config.model.image_token_id}")
-    data_path = os.path.join(args.data, "valid.parquet") if os.path.isdir(args.data) else args.data
-    rows = read_rows(data_path, args.max_samples)
+    data_path = held_out_path(args.data)
+    try:
+        rows = read_rows(data_path, args.max_samples)
+    except ValueError as exc:  # a malformed TSV row: the message names the file, row and field
+        parser.error(str(exc))
     mean, std = image_normalization(run_config.model.vision)
     sets = build_eval_sets(rows, tokenizer, tokens_per_image=model.tokens_per_image,
                            image_size=load_hf_vision_config(run_config.model.vision).image_size,

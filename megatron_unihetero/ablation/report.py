@@ -16,8 +16,11 @@ COLUMNS = [
     "arm", "data_size", "seed", "steps", "docs_seen", "epochs",
     "answer_accuracy", "caption_perplexity",
     "probe_shape", "probe_colour", "probe_position", "probe_size", "probe_mean",
-    "retrieval_top1",
+    "retrieval_top1", "retrieval_top5", "retrieval_r2", "retrieval_cos", "retrieval_baseline_cos",
     "final_loss", "final_text", "final_semantic", "final_pixel",
+    "final_semantic_r2", "final_semantic_cos", "final_semantic_baseline_cos", "final_semantic_mse",
+    "final_semantic_baseline_mse", "final_semantic_pred_var", "final_pixel_r2", "final_pixel_baseline",
+    "final_embed_norm_visual", "final_embed_norm_text",
     "train_wall_s", "eval_wall_s", "wall_s",
 ]
 
@@ -26,6 +29,9 @@ METRIC_LABELS = {
     "caption_perplexity": "caption perplexity (held-out)",
     "probe_mean": "linear-probe accuracy, mean of 4 attributes",
     "retrieval_top1": "semantic retrieval top-1",
+    "retrieval_r2": "semantic R² (held-out; 0 = the mean predictor)",
+    "final_semantic_r2": "semantic R² (train, last 10 steps; 0 = the mean predictor)",
+    "final_pixel_r2": "pixel loss gain over the condition-free denoiser (train)",
     "final_text": "final train text loss",
 }
 
@@ -162,7 +168,7 @@ def plot_metric(results: Sequence[dict], metric: str, path: str, *, labels=None,
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("data size (unique training image-text pairs)")
+    ax.set_xlabel("data size N (unique training samples)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     n_seeds = len({r["seed"] for r in results})
     ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} vs data size "
@@ -185,7 +191,8 @@ def markdown_tables(results: Sequence[dict], labels=None, arm_order=None) -> str
     labels = labels or {}
     sizes = sorted({int(r["data_size"]) for r in results})
     lines = []
-    for metric in ("answer_accuracy", "caption_perplexity", "probe_mean", "retrieval_top1", "final_text"):
+    for metric in ("answer_accuracy", "caption_perplexity", "probe_mean", "retrieval_top1", "retrieval_r2",
+                   "final_semantic_r2", "final_pixel_r2", "final_text"):
         summary = summarize(results, metric, arm_order)
         if not any(summary.values()):
             continue
@@ -251,7 +258,8 @@ def paired_table(results: Sequence[dict], metric: str = "answer_accuracy", basel
 def per_run_table(results: Sequence[dict]) -> str:
     cols = ["arm", "data_size", "seed", "steps", "epochs", "answer_accuracy", "caption_perplexity",
             "probe_shape", "probe_colour", "probe_position", "probe_size", "retrieval_top1",
-            "final_loss", "final_text", "final_semantic", "final_pixel", "wall_s"]
+            "retrieval_top5", "retrieval_r2", "final_loss", "final_text", "final_semantic",
+            "final_semantic_r2", "final_pixel", "final_pixel_r2", "final_embed_norm_visual", "wall_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
@@ -279,7 +287,7 @@ def write_results(results: Sequence[dict], out_dir: str, *, labels=None, arm_ord
     write_csv(results, paths["csv"])
     plot_metric(results, "answer_accuracy", paths["png"], labels=labels, arm_order=arm_order, chance=chance)
     extra = []
-    for metric in ("caption_perplexity", "probe_mean", "retrieval_top1"):
+    for metric in ("caption_perplexity", "probe_mean", "retrieval_top1", "retrieval_r2", "final_semantic_r2"):
         if any(_num(r.get(metric)) is not None for r in results) and len({r["data_size"] for r in results}) > 0:
             p = os.path.join(out_dir, f"{metric}.png")
             plot_metric(results, metric, p, labels=labels, arm_order=arm_order)

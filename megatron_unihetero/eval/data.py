@@ -1,4 +1,5 @@
-"""Evaluation samples from the demo data's held-out split (valid.parquet).
+"""Evaluation samples from held-out data: the demo data's split (valid.parquet), or a
+multiple-choice TSV in VLMEvalKit's layout (:func:`read_vlmeval_tsv`).
 
 Reuses the preprocessing's own templates (data/preprocess/samples.py) so a question is scored
 in exactly the layout the model was trained on (``[image] "Question: q Answer:" " a"``), the
@@ -6,13 +7,22 @@ placeholder expansion of the loader (data/collate.py) and the training image nor
 (data/image_transforms.py).
 
 Columns used: image, caption, question, answer, candidates, and the first object's attributes
-shape, colour, position, size (probe labels).
+shape, colour, position, size (probe labels). A row without a caption (a TSV row) gives a
+question only; a set without attributes gets no probes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import csv
+import io
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from PIL import Image
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,10 +43,97 @@ class EvalSets:
 
 
 def read_rows(path: str, max_samples: Optional[int] = None) -> List[dict]:
+    """Rows of held-out data: a parquet file (the demo layout) or a VLMEvalKit TSV (``.tsv``)."""
+    if path.endswith(".tsv"):
+        return read_vlmeval_tsv(path, max_samples)
     table = pq.read_table(path)
     if max_samples is not None:
         table = table.slice(0, max_samples)
     return table.to_pylist()
+
+
+OPTION_LETTERS = tuple("ABCDEFGHIJ")
+_TSV_REQUIRED = ("index", "image", "question", "answer")
+
+
+def read_vlmeval_tsv(path: str, max_samples: Optional[int] = None) -> List[dict]:
+    """Multiple-choice rows of a VLMEvalKit TSV (MMBench / SEED-Bench / ScienceQA layout).
+
+    Columns: ``index``, ``image`` (base64 image bytes; or, as VLMEvalKit writes repeated
+    images, the ``index`` of an earlier row whose image it shares), ``question``, option
+    columns ``A`` ``B`` ... (an empty cell: that option is absent), ``answer`` (the letter of
+    the right option), optional ``hint`` (put before the question, as VLMEvalKit's prompt
+    does). Returns rows in the demo layout: ``image`` bytes, ``question``, ``answer`` (the
+    option's text) and ``candidates`` (the options' texts). Every image is decoded here (PIL,
+    nothing else), so a bad row fails naming the file, the row and the field.
+    """
+    csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's 128 KiB default
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        header = reader.fieldnames or []
+        missing = [c for c in _TSV_REQUIRED if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; a VLMEvalKit multiple-choice TSV "
+                             f"has {list(_TSV_REQUIRED)} and option columns A, B, ...; got {header}")
+        letters = [c for c in OPTION_LETTERS if c in header]
+        if len(letters) < 2:
+            raise ValueError(f"{path}: needs at least two option columns (A, B, ...); got {header}")
+        rows, images = [], {}
+        for line, rec in enumerate(reader, start=2):  # line 1 is the header
+            if max_samples is not None and len(rows) >= max_samples:
+                break
+            where = f"{path}: line {line} (index {rec.get('index')!r})"
+            if None in rec:  # more cells than header columns: a tab inside an unquoted field
+                raise ValueError(f"{where}: {len(header) + len(rec[None])} fields for {len(header)} columns")
+            index = (rec["index"] or "").strip()
+            if not index:
+                raise ValueError(f"{where}: field 'index' is empty")
+            image = _tsv_image(rec.get("image"), images, where)
+            images[index] = image
+            options = [(c, (rec.get(c) or "").strip()) for c in letters]
+            options = [(c, text) for c, text in options if text and text.lower() != "nan"]
+            answer = (rec.get("answer") or "").strip()
+            if answer not in dict(options):
+                raise ValueError(f"{where}: field 'answer' is {answer!r}, not the letter of one of "
+                                 f"the options {[c for c, _ in options]}")
+            question = (rec.get("question") or "").strip()
+            if not question:
+                raise ValueError(f"{where}: field 'question' is empty")
+            hint = (rec.get("hint") or "").strip()
+            if hint and hint.lower() != "nan":
+                question = f"{hint} {question}"
+            texts = [text for _, text in options]
+            if len(set(texts)) != len(texts):
+                raise ValueError(f"{where}: two options have the same text {texts}: the answer "
+                                 "could not be told apart by likelihood")
+            rows.append({"id": index, "image": image, "question": question,
+                         "answer": dict(options)[answer], "candidates": texts,
+                         "answer_letter": answer})
+    return rows
+
+
+def _tsv_image(value: Optional[str], earlier: Dict[str, bytes], where: str) -> bytes:
+    value = (value or "").strip()
+    if not value:
+        raise ValueError(f"{where}: field 'image' is empty")
+    if len(value) < 64 and value in earlier:  # VLMEvalKit's reference to a repeated image
+        return earlier[value]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{where}: field 'image' is not base64 ({exc}) nor the index of an "
+                         "earlier row") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated image fails here, naming the row
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{where}: field 'image' does not decode as an image: {exc}") from None
+    return data
+
+
+def held_out_path(data: str) -> str:
+    """``--data``: a demo data folder (its valid.parquet), a parquet file or a TSV."""
+    return os.path.join(data, "valid.parquet") if os.path.isdir(data) else data
 
 
 def _text_sample(doc, tokenizer, cfg: SampleConfig, tokens_per_image: int,
@@ -62,7 +159,8 @@ def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image
     normalize = ImageNormalizer(image_size=image_size, **norm)
     qa_cfg = SampleConfig(template="qa", image_size=image_size)
     caption_cfg = SampleConfig(template="caption", image_size=image_size)
-    sets = EvalSets(attributes={name: [] for name in PROBE_ATTRIBUTES})
+    has_attributes = bool(rows) and all(name in rows[0] for name in PROBE_ATTRIBUTES)
+    sets = EvalSets(attributes={name: [] for name in PROBE_ATTRIBUTES} if has_attributes else {})
     for row in rows:
         candidates = list(row["candidates"])
         if row["answer"] not in candidates:
@@ -73,8 +171,9 @@ def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image
         options = [_text_sample(documents({**row, "answer": c}, qa_cfg)[0], tokenizer, qa_cfg,
                                 tokens_per_image, normalize) for c in candidates]
         sets.questions.append(QuestionSample(options, candidates.index(row["answer"])))
-        doc = documents(row, caption_cfg)[0]
-        sets.captions.append(_text_sample(doc, tokenizer, caption_cfg, tokens_per_image, normalize))
-        for name in PROBE_ATTRIBUTES:
+        if row.get("caption"):
+            doc = documents(row, caption_cfg)[0]
+            sets.captions.append(_text_sample(doc, tokenizer, caption_cfg, tokens_per_image, normalize))
+        for name in sets.attributes:
             sets.attributes[name].append(row[name])
     return sets

@@ -25,3 +25,17 @@ def top1_hits(predictions: torch.Tensor, candidates: torch.Tensor,
     if predictions.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool)
     return nearest_by_cosine(predictions, candidates).cpu() == true_index.cpu()
+
+
+def topk_hits(predictions: torch.Tensor, candidates: torch.Tensor, true_index: torch.Tensor,
+              k: int) -> torch.Tensor:
+    """Bool [N]: whether candidate ``true_index[n]`` is among the ``k`` most cosine-similar to
+    prediction n (all candidates when there are fewer than k). Ties rank the true one last, so
+    a constant prediction is not credited with hits."""
+    if predictions.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    sims = F.normalize(predictions.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T
+    true_index = true_index.to(sims.device)
+    true_sim = sims.gather(1, true_index[:, None])
+    rank = (sims >= true_sim).sum(dim=1)  # 1 = strictly best; ties count against it
+    return (rank <= k).cpu()

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_unihetero.eval import metrics, probes, retrieval
+from megatron_unihetero.eval import diagnostics, metrics, probes, retrieval
 
 
 @dataclass
@@ -131,12 +131,16 @@ def attribute_probes(model, samples: Sequence[TextSample], attributes: Dict[str,
 
 @torch.no_grad()
 def semantic_retrieval(model, samples: Sequence[TextSample]) -> Dict[str, float]:
-    """Top-1 retrieval of the true next visual target among the sample's own visual targets."""
+    """Retrieval of the true next visual target among the sample's own visual targets (top-1,
+    top-5 and their chance rates), and the regression figures over every held-out prediction
+    (eval/diagnostics.py: R² about the held-out mean target, cosine, and the mean predictor's
+    figures as the baseline)."""
     _check(model)
     if model.semantic_head is None:
         raise ValueError("semantic retrieval needs the semantic head (model.semantic.weight > 0)")
     model.eval()
-    hits, chance = [], []
+    hits, hits5, chance, chance5 = [], [], [], []
+    stats = None
     for sample in samples:
         if sample.images is None or sample.images.shape[0] == 0:
             continue
@@ -152,8 +156,16 @@ def semantic_retrieval(model, samples: Sequence[TextSample]) -> Dict[str, float]
         per_position[layout.visual_mask[0]] = layout.visual_index
         true_index = per_position[1:][layout.semantic_mask[0, :-1]]
         hits.append(retrieval.top1_hits(predictions, bank, true_index))
+        hits5.append(retrieval.topk_hits(predictions, bank, true_index, 5))
         chance.append(torch.full((predictions.shape[0],), 1.0 / bank.shape[0]))
-    hits_all = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
-    return {"top1": float(hits_all.double().mean()) if len(hits_all) else float("nan"),
-            "chance": float(torch.cat(chance).mean()) if chance else float("nan"),
-            "num_predictions": int(len(hits_all))}
+        chance5.append(torch.full((predictions.shape[0],), min(5, bank.shape[0]) / bank.shape[0]))
+        stats = diagnostics.add_stats(stats, diagnostics.regression_stats(predictions, bank[true_index]))
+
+    def mean(parts):
+        return float(torch.cat(parts).double().mean()) if parts and len(torch.cat(parts)) else float("nan")
+
+    result = {"top1": mean(hits), "chance": mean(chance), "top5": mean(hits5), "chance_top5": mean(chance5),
+              "num_predictions": int(sum(len(h) for h in hits))}
+    if stats is not None:
+        result.update({k[len("semantic_"):]: v for k, v in diagnostics.regression_figures(stats).items()})
+    return result

@@ -19,6 +19,11 @@ so its engine multiplies the backward by the DP size.
 
 Weights: text defaults to 1, the others to 0. An objective other than text whose weight is 0
 is left out of the total and the report (its head may still be built, e.g. during a ramp).
+
+Diagnostics: model outputs keyed ``stats/<name>`` (eval/diagnostics.py) are sufficient
+statistics, not objectives. They never enter the total; the report carries them detached and
+:func:`summarize` sums them over the micro-batches (tensors), so that after the DP sum the
+step-level figures (R², baselines) are exact for any split.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero import platform
+from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.models.heads import text_label_mask
 from megatron_unihetero.models.interleaver import semantic_positions
 
@@ -83,6 +89,9 @@ def assemble_loss(outputs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], coun
     total = torch.zeros((), device=device)
     report: Dict[str, torch.Tensor] = {}
     for name, (loss_sum, _) in outputs.items():
+        if diagnostics.is_stats(name):
+            report[name] = loss_sum.detach()
+            continue
         weight = objective_weight(weights, name)
         if name != "text" and weight == 0.0:
             continue
@@ -98,12 +107,19 @@ def summarize(reports: List[Mapping[str, torch.Tensor]], counts: Mapping[str, in
 
     Each objective's shares summed over the micro-batches, ``loss`` their weighted total, and
     ``count_<objective>`` the global counts. The shares are this rank's part of the DP-global
-    means: the caller all-reduces (sums) them over DP for logging.
+    means: the caller all-reduces (sums) them over DP for logging. Diagnostic statistics
+    (``stats/<name>``) are kept as summed float64 tensors for the same all-reduce; the trainer
+    turns them into figures (``diagnostics.finish``) after it.
     """
     summary: Dict[str, float] = {}
+    stats: Dict[str, torch.Tensor] = {}
     for report in reports:
         for name, value in report.items():
-            summary[name] = summary.get(name, 0.0) + float(value)
+            if diagnostics.is_stats(name):
+                stats[name] = diagnostics.add_stats(stats.get(name), value)
+            else:
+                summary[name] = summary.get(name, 0.0) + float(value)
     summary["loss"] = sum(objective_weight(weights, k) * v for k, v in summary.items())
     summary.update({f"count_{k}": float(v) for k, v in counts.items()})
+    summary.update(stats)  # float64 sums, reduced over DP like the shares (a sum)
     return summary

@@ -60,7 +60,8 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
         if step % self.cfg.log_interval == 0 or step == 1:
             parts = [f"step {step}"]
-            for key in ("loss", "text", "semantic", "pixel", "grad_norm", "lr", "tokens_per_s",
+            for key in ("loss", "text", "semantic", "semantic_r2", "pixel", "pixel_r2", "grad_norm",
+                        "lr", "tokens_per_s",
                         "samples_per_s", "tflops_per_s", "mfu", "memory_gb"):
                 if key in record:
                     parts.append(f"{key} {record[key]:.4g}")

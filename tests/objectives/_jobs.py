@@ -62,7 +62,8 @@ def routing_job():
         model = parallel.build_model(tiny_config(pixel_weight=1.0, routing=routing))
         _unzero(model.pixel_head)
         out = model(**make_batch())
-        assert set(out) == {"text", "semantic", "pixel"}, out.keys()
+        assert set(out) == {"text", "semantic", "pixel", "stats/semantic", "stats/pixel",
+                            "stats/embedding"}, out.keys()
         loss_sum, count = out["pixel"]
         assert int(count) == 2 * TOKENS_PER_IMAGE, count  # every image token has a predecessor
         assert torch.isfinite(loss_sum) and float(loss_sum) > 0
@@ -93,7 +94,8 @@ def routing_job():
     model = parallel.build_model(tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=0.0))
     assert model.semantic_head is None
     out = model(**make_batch())
-    assert set(out) == {"text", "pixel"} and int(out["pixel"][1]) == 2 * TOKENS_PER_IMAGE
+    assert set(out) == {"text", "pixel", "stats/pixel", "stats/embedding"}, out.keys()
+    assert int(out["pixel"][1]) == 2 * TOKENS_PER_IMAGE
     parallel.destroy()
 
 
@@ -225,9 +227,17 @@ def runners_job():
     oracle = runners.semantic_retrieval(model, [sample])
     assert oracle["top1"] == 1.0 and oracle["num_predictions"] == TOKENS_PER_IMAGE, oracle
     assert abs(oracle["chance"] - 1.0 / TOKENS_PER_IMAGE) < 1e-9
+    assert oracle["top5"] == 1.0 and abs(oracle["chance_top5"] - 5.0 / TOKENS_PER_IMAGE) < 1e-9
+    assert abs(oracle["r2"] - 1.0) < 1e-9 and abs(oracle["cos"] - 1.0) < 1e-6, oracle
     shifted = torch.cat([truth[1:], truth[:1]])
     model.semantic_head = _Fixed(shifted)
     assert runners.semantic_retrieval(model, [sample])["top1"] == 0.0
+    # The mean of the held-out targets: R² 0 and its cosine equals the baseline's (high: the
+    # cosine alone is fooled); one fixed ranking of the candidates, each the truth once: chance.
+    model.semantic_head = _Fixed(truth.mean(0, keepdim=True).expand_as(truth))
+    mean = runners.semantic_retrieval(model, [sample])
+    assert abs(mean["r2"]) < 1e-5 and abs(mean["cos"] - mean["baseline_cos"]) < 1e-5, mean
+    assert mean["top1"] == mean["chance"] and mean["top5"] == mean["chance_top5"], mean
     model.semantic_head = real_head
     real = runners.semantic_retrieval(model, samples)
     assert 0.0 <= real["top1"] <= 1.0 and real["num_predictions"] == 2 * TOKENS_PER_IMAGE
@@ -240,6 +250,7 @@ def evaluate_cli_job(workdir, tokenizer_path):
     import os
 
     from megatron_unihetero import evaluate, parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
     from megatron_unihetero.config_io import save_config
     from megatron_unihetero.data.demo_world import write_demo_data
     from megatron_unihetero.data.tokenizer import build_tokenizer
@@ -256,7 +267,7 @@ def evaluate_cli_job(workdir, tokenizer_path):
     parallel.initialize(1, 1, seed=17)
     model = parallel.build_model(model_cfg)
     iteration = os.path.join(workdir, "ckpt", "iter_0000003")
-    parallel.save_model(model, os.path.join(iteration, "model"), model_cfg)
+    dist_ckpt.save_weights([model], iteration)
     save_config(run_cfg, os.path.join(iteration, "config.yaml"))
     with open(os.path.join(workdir, "ckpt", "latest"), "w") as handle:
         handle.write("iter_0000003\n")
@@ -274,6 +285,56 @@ def evaluate_cli_job(workdir, tokenizer_path):
     assert results["semantic_retrieval"]["num_predictions"] == 12 * TOKENS_PER_IMAGE
 
 
+def diagnostics_job():
+    """The diagnostics' statistics through the model and the step: detached, outside the loss
+    and its gradients, and exact for any micro-batch split."""
+    from megatron_unihetero import parallel
+    from megatron_unihetero.eval import diagnostics
+    from megatron_unihetero.training.step import forward_backward
+
+    parallel.initialize(1, 1, seed=23)
+    model = parallel.build_model(tiny_config())
+    batch = make_batch(seed=3)
+    out = model(**batch)
+    stats = {k: v for k, v in out.items() if diagnostics.is_stats(k)}
+    assert set(stats) == {"stats/semantic", "stats/embedding"}, out.keys()
+    assert not any(v[0].requires_grad for v in stats.values())
+    # The gradients of the step are those of the objectives alone.
+    weights = {"text": 1.0, "semantic": 1.0}
+    text, sem = out["text"], out["semantic"]
+    (text[0] / text[1] + sem[0] / sem[1]).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    whole = forward_backward(model, [batch], weights=weights, image_token_id=IMAGE_TOKEN)
+    for name, param in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+    rows = [{k: v[i:i + 1] for k, v in batch.items() if k != "images"} for i in range(2)]
+    for i, row in enumerate(rows):
+        row["images"] = batch["images"][i:i + 1]  # row i holds image i
+    split = forward_backward(model, rows, weights=weights, image_token_id=IMAGE_TOKEN, forward_only=True)
+    a, b = diagnostics.finish(whole), diagnostics.finish(split)
+    for key in ("semantic_r2", "semantic_cos", "semantic_baseline_cos", "semantic_baseline_mse",
+                "semantic_pred_var", "embed_norm_visual", "embed_norm_text"):
+        assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert a["semantic_r2"] < 1.0 and a["embed_norm_visual"] > 0 and a["embed_norm_text"] > 0
+    # R² over the step is not the mean of the micro-batches' R².
+    per_row = [diagnostics.finish(forward_backward(model, [r], weights=weights, image_token_id=IMAGE_TOKEN,
+                                                   forward_only=True))["semantic_r2"] for r in rows]
+    assert abs(sum(per_row) / 2 - a["semantic_r2"]) > 1e-4, (per_row, a["semantic_r2"])
+    # The pixel statistics: present with the pixel head; the baseline depends on the data only.
+    model = parallel.build_model(tiny_config(pixel_weight=1.0))
+    p_whole = diagnostics.finish(forward_backward(model, [batch], weights={"text": 1.0, "pixel": 1.0},
+                                                  image_token_id=IMAGE_TOKEN, forward_only=True))
+    p_split = diagnostics.finish(forward_backward(model, rows, weights={"text": 1.0, "pixel": 1.0},
+                                                  image_token_id=IMAGE_TOKEN, forward_only=True))
+    assert abs(p_whole["pixel_baseline"] - p_split["pixel_baseline"]) < 1e-6 * p_whole["pixel_baseline"]
+    assert 0.0 < p_whole["pixel_baseline"] < 1.0 and p_whole["pixel_baseline_zero"] == 1.0
+    assert abs(p_whole["pixel_loss_mean"] - p_whole["pixel"]) < 1e-5 * p_whole["pixel"]
+    parallel.destroy()
+
+
 def all_model_jobs(result_path, workdir, tokenizer_path):
     """Run every job in one spawned process (megatron's import costs ~20 s per process) and
     record each one's traceback, so each test reports its own failure."""
@@ -283,7 +344,7 @@ def all_model_jobs(result_path, workdir, tokenizer_path):
 
     jobs = {"routing": routing_job, "ema": ema_job,
             "sampling": lambda: sampling_job(os.path.join(workdir, "sample.png")),
-            "runners": runners_job,
+            "runners": runners_job, "diagnostics": diagnostics_job,
             "evaluate_cli": lambda: evaluate_cli_job(workdir, tokenizer_path)}
     results = {}
     for name, job in jobs.items():

@@ -21,6 +21,16 @@ EXPECTED = {  # arm: (semantic on, pixel routing or None)
     "pixel_shared": (False, "shared"),
     "pixel_hetero": (False, "hetero"),
     "semantic_pixel_hetero": (True, "hetero"),
+    "semantic_cosine": (True, None),
+    "semantic_ema": (True, None),
+    "semantic_encoder": (True, None),
+    "semantic_encoder_cosine": (True, None),
+}
+SEMANTIC_VARIANT = {  # arm: (semantic.loss, semantic.target); the others: mse, input_embedding
+    "semantic_cosine": ("cosine", "input_embedding"),
+    "semantic_ema": ("mse", "ema_input_embedding"),
+    "semantic_encoder": ("mse", "encoder_output"),
+    "semantic_encoder_cosine": ("cosine", "encoder_output"),
 }
 
 
@@ -48,6 +58,10 @@ def test_arm_config_loads_validates_and_has_the_named_objectives(name, tmp_path)
     semantic, routing = EXPECTED[name]
     assert cfg.model.semantic.enabled is semantic
     assert cfg.model.pixel.enabled is (routing is not None)
+    if semantic:
+        loss, target = SEMANTIC_VARIANT.get(name, ("mse", "input_embedding"))
+        assert (cfg.model.semantic.loss, cfg.model.semantic.target) == (loss, target)
+    assert cfg.model.vision.path is None  # tools/run_ablation.py --vision-encoder sets it
     if routing is not None:
         assert cfg.model.pixel.routing == routing
         assert cfg.model.pixel.latent_source == "vae" and cfg.model.pixel.vae_path is None  # tiny VAE
@@ -63,8 +77,9 @@ def test_arms_differ_from_tiny_cpu_only_in_the_objectives(tmp_path):
         cfg = to_dict(_load(name, tmp_path))
         for section in ("llm", "vision", "projector", "image_token_id", "freeze_llm"):
             assert cfg["model"][section] == base["model"][section], (name, section)
-        assert cfg["model"]["semantic"]["loss"] == base["model"]["semantic"]["loss"]
-        assert cfg["model"]["semantic"]["target"] == base["model"]["semantic"]["target"]
+        if name not in SEMANTIC_VARIANT:
+            assert cfg["model"]["semantic"]["loss"] == base["model"]["semantic"]["loss"]
+            assert cfg["model"]["semantic"]["target"] == base["model"]["semantic"]["target"]
         for key in ("seq_length", "micro_batch_size", "tokenizer"):
             assert cfg["data"][key] == base["data"][key], (name, key)
         for key in ("lr", "min_lr", "weight_decay", "clip_grad", "grad_accumulation"):
@@ -80,6 +95,10 @@ def test_check_arm_config_names_a_wrong_switch(tmp_path):
         check_arm_config(ARMS["semantic"], _load("und_only", tmp_path))
     with pytest.raises(ConfigError, match="pixel.weight"):
         check_arm_config(ARMS["und_only"], cfg)
+    with pytest.raises(ConfigError, match="semantic.target"):
+        check_arm_config(ARMS["semantic_ema"], _load("semantic", tmp_path))
+    with pytest.raises(ConfigError, match="semantic.loss"):
+        check_arm_config(ARMS["semantic_cosine"], _load("semantic", tmp_path))
 
 
 def test_fit_log_slope_on_hand_made_points():
@@ -157,18 +176,21 @@ def test_plan_steps_and_collect_from_a_run_folder(tmp_path):
     with open(run_dir / "metrics.jsonl", "w") as handle:
         for step, loss in enumerate([3.0, 2.0, 1.0], 1):
             handle.write(json.dumps({"step": step, "kind": "train", "loss": loss + 0.1, "text": loss,
-                                     "semantic": 0.1, "samples_per_s": 100.0, "step_time_s": 2.0}) + "\n")
+                                     "semantic": 0.1, "semantic_r2": 0.1 * step, "samples_per_s": 100.0,
+                                     "step_time_s": 2.0}) + "\n")
         handle.write(json.dumps({"step": 3, "kind": "eval", "valid_loss": 9.0}) + "\n")
     (run_dir / "eval.json").write_text(json.dumps({
         "answer_accuracy": 0.5, "caption_perplexity": 7.0,
         "probes": {a: {"test_accuracy": v} for a, v in
                    (("shape", 0.2), ("colour", 0.4), ("position", 0.6), ("size", 0.8))},
-        "semantic_retrieval": {"top1": 0.3}}))
-    row = runner.collect(spec, str(run_dir), str(data_dir))
+        "semantic_retrieval": {"top1": 0.3, "top5": 0.7, "r2": 0.05}}))
+    row = runner.collect(spec, str(run_dir), runner.num_documents(str(data_dir), 500))
     assert row["docs_seen"] == 600 and row["epochs"] == pytest.approx(0.6)
     assert row["final_text"] == pytest.approx(2.0) and row["final_loss"] == pytest.approx(2.1)
     assert row["final_pixel"] is None and row["retrieval_top1"] == 0.3
     assert row["probe_mean"] == pytest.approx(0.5)
+    assert row["final_semantic_r2"] == pytest.approx(0.2) and row["final_pixel_r2"] is None
+    assert (row["retrieval_top5"], row["retrieval_r2"]) == (0.7, 0.05)
 
 
 def test_cli_report_only_from_finished_runs(tmp_path, capsys):

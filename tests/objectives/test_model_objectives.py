@@ -1,5 +1,6 @@
 """Objectives, sampling and evaluation on a real (tiny) model: pixel-gradient routing, the EMA
-target update, image sampling, the evaluation runners and the evaluate CLI.
+target update, image sampling, the evaluation runners, the evaluate CLI and the generation
+diagnostics (eval/diagnostics.py) through the model and the training step.
 
 All run in ONE spawned gloo worker (see _jobs.all_model_jobs); each test reports its own job.
 """
@@ -53,3 +54,7 @@ def test_eval_runners(job_results):
 
 def test_evaluate_cli(job_results):
     _assert_passed(job_results, "evaluate_cli")
+
+
+def test_diagnostics_through_the_model_and_the_step(job_results):
+    _assert_passed(job_results, "diagnostics")
