@@ -5,11 +5,18 @@ fused softmax needs CUDA. This module takes its place in the layer spec (same co
 forward signature) and calls :func:`megatron_unihetero.kernels.attention.attend`, which runs
 FlashAttention / TransformerEngine / FlexAttention on GPU and PyTorch SDPA on CPU.
 
-What travels in the ``attention_mask`` argument megatron threads through its block and layers
-is :class:`AttentionInputs`, built once per forward by the decoder (models/llm.py): the
-attention layout of the batch's packed documents (the implementation and its mask or
-cu_seqlens, :func:`~megatron_unihetero.kernels.attention.attention_layout`) and the RoPE
-cos/sin at the tokens' position ids. The rotation is applied here, to q and k, with
+What travels in the ``packed_seq_params`` argument megatron threads through its block and
+layers is :class:`AttentionInputs` (a ``PackedSeqParams``), built once per forward by the
+decoder (models/llm.py): the attention layout of the batch's packed documents (the
+implementation and its mask or cu_seqlens,
+:func:`~megatron_unihetero.kernels.attention.attention_layout`) and the RoPE cos/sin at the
+tokens' position ids. Not the ``attention_mask`` slot: megatron-core's activation recompute
+(``recompute_granularity`` full or selective) hands that argument to its checkpoint function,
+which saves it with ``save_for_backward`` and so takes tensors only; ``packed_seq_params``
+reaches the recomputed layers and core attention as a closure variable, a structure of
+tensors is fine there. ``attention_mask`` stays None.
+
+The rotation is applied here, to q and k, with
 :func:`megatron_unihetero.kernels.rope.apply_rope`; megatron's own rope path is not used (the
 decoder passes ``rotary_pos_emb=None``): megatron-core's unfused rope recomputes cos/sin for q
 and k in every layer and copies both tensors twice, where this computes them once per forward
@@ -22,10 +29,12 @@ its ``ModuleSpec`` (models/llm.py ``layer_spec``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -35,12 +44,17 @@ from megatron_unihetero.kernels.attention import AttentionLayout, attend
 from megatron_unihetero.kernels.rope import apply_rope
 
 
-class AttentionInputs(NamedTuple):
-    """What travels in megatron's ``attention_mask`` slot from the decoder to CoreAttention."""
+@dataclass
+class AttentionInputs(PackedSeqParams):
+    """What travels in megatron's ``packed_seq_params`` slot from the decoder to CoreAttention.
 
-    layout: AttentionLayout  # the batch's documents, as the chosen attention kernel needs them
-    cos: torch.Tensor  # [s, b, 1, head_dim]: RoPE at each token's position id, megatron's layout
-    sin: torch.Tensor
+    megatron-core's own fields stay unset (``qkv_format`` None: not its "thd" path; the
+    hidden states stay [s, b, h]).
+    """
+
+    layout: Optional[AttentionLayout] = None  # the batch's documents, as the kernel needs them
+    cos: Optional[torch.Tensor] = None  # [s, b, 1, head_dim]: RoPE at each token's position id
+    sin: Optional[torch.Tensor] = None
 
 
 class CoreAttention(MegatronModule):
@@ -70,16 +84,18 @@ class CoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None, **kwargs):
         """q [s, b, heads, d], k and v [s, b, groups, d] (megatron's layout) -> [s, b, heads * d]."""
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("attention_bias / packed_seq_params are not used by UniHetero")
-        if not isinstance(attention_mask, AttentionInputs):
-            raise TypeError("CoreAttention expects AttentionInputs in megatron's attention_mask "
+        if attention_bias is not None or attention_mask is not None:
+            raise NotImplementedError("attention_bias / attention_mask are not used by UniHetero "
+                                      "(the layout travels in packed_seq_params)")
+        if not isinstance(packed_seq_params, AttentionInputs):
+            raise TypeError("CoreAttention expects AttentionInputs in megatron's packed_seq_params "
                             "slot (built by LlamaDecoder.forward)")
+        inputs = packed_seq_params
         # Rotated in megatron's contiguous [s, b, heads, d] layout (elementwise ops on the
         # transposed view are slower on CPU), then viewed as [b, s, heads, d].
-        query = apply_rope(query, attention_mask.cos, attention_mask.sin)
-        key = apply_rope(key, attention_mask.cos, attention_mask.sin)
+        query = apply_rope(query, inputs.cos, inputs.sin)
+        key = apply_rope(key, inputs.cos, inputs.sin)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        out = attend(q, k, v, attention_mask.layout, self.softmax_scale)
+        out = attend(q, k, v, inputs.layout, self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, self.num_heads * self.head_dim)

@@ -8,7 +8,10 @@ set up in one place, :mod:`megatron_unihetero.parallel`.
 
 from __future__ import annotations
 
+import copy
 import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +39,45 @@ from megatron_unihetero.models.mlp import MLP
 from megatron_unihetero.models.norm import RMSNorm
 
 
+@dataclass(frozen=True)
+class ActivationMemory:
+    """How the decoder keeps its activations: megatron-core's activation recompute and
+    sequence parallelism (``train.recompute*``, ``parallel.sequence_parallel``; the run config
+    validates them (training/config.py), :func:`megatron_unihetero.parallel.activation_memory`
+    reads them).
+
+    ``recompute``: "none"; "selective" (megatron-core recomputes ``recompute_modules`` of every
+    layer in the backward: by default the core attention, RoPE included); "full" (whole layers:
+    ``recompute_method`` "uniform" checkpoints the input of every chunk of
+    ``recompute_num_layers`` layers, "block" only the first ``recompute_num_layers`` layers of
+    each stage). ``sequence_parallel``: at TP > 1, activations outside the tensor-parallel
+    regions (norms, residuals) are split along the sequence over the TP ranks; at TP = 1 it
+    changes nothing (megatron's training arguments turn it off there too).
+    """
+
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: Tuple[str, ...] = ("core_attn",)
+    sequence_parallel: bool = False
+
+    def megatron_kwargs(self, tp_size: int) -> dict:
+        """The TransformerConfig fields these settings map to."""
+        kwargs = dict(sequence_parallel=self.sequence_parallel and tp_size > 1)
+        if self.recompute == "selective":
+            kwargs.update(recompute_granularity="selective", recompute_modules=list(self.recompute_modules))
+        elif self.recompute == "full":
+            kwargs.update(recompute_granularity="full", recompute_method=self.recompute_method,
+                          recompute_num_layers=self.recompute_num_layers)
+        return kwargs
+
+
 def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
                        params_dtype: torch.dtype = torch.float32,
-                       vpp_size: int = None) -> TransformerConfig:
-    """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU)."""
+                       vpp_size: int = None,
+                       memory: Optional[ActivationMemory] = None) -> TransformerConfig:
+    """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU);
+    ``memory``: activation recompute and sequence parallelism (none by default)."""
     if llm.num_attention_heads % tp_size or llm.num_query_groups % tp_size:
         raise ConfigError(
             f"tensor parallel size {tp_size} must divide llm.num_attention_heads "
@@ -89,8 +127,21 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
         # counts (training/losses.py): megatron's schedule must not divide it by the number
         # of micro-batches, nor DDP average it over data-parallel ranks (it sums).
         calculate_per_token_loss=True,
+        **(memory or ActivationMemory()).megatron_kwargs(tp_size),
     )
     return config
+
+
+def _without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """``config`` for the LM head, which runs on the whole sequence under sequence parallelism
+    (the decoder gathers the final hidden state before the heads). A shallow copy: megatron-
+    core's linears read ``sequence_parallel`` from their config when they are built, and have
+    no switch of their own (the embedding has one: ``scatter_to_sequence_parallel``)."""
+    if not config.sequence_parallel:
+        return config
+    full = copy.copy(config)
+    full.sequence_parallel = False
+    return full
 
 
 def layer_spec(llm: LLMConfig) -> ModuleSpec:
@@ -153,7 +204,8 @@ class LlamaDecoder(MegatronModule):
     """Embedding (first stage) -> transformer layers of this stage -> LM output layer (last).
 
     Hidden states are in megatron's sequence-first layout, [s, b, h], contiguous, everywhere:
-    from the embedding, between stages, and out of the final norm to the heads.
+    from the embedding, between stages, and out of the final norm to the heads; under
+    sequence parallelism [s / tp, b, h] inside the decoder and between stages (forward()).
     """
 
     def __init__(self, llm: LLMConfig, config: TransformerConfig, *, pre_process: bool,
@@ -163,16 +215,22 @@ class LlamaDecoder(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         if pre_process:
+            # Under sequence parallelism the embedding stays whole (megatron-core's own switch,
+            # as its LLaVA does): the visual tokens are scattered into it first, then forward()
+            # splits it along the sequence.
             self.embedding = LanguageModelEmbedding(
                 config, vocab_size=llm.vocab_size, max_sequence_length=llm.max_sequence_length,
-                position_embedding_type="rope",
+                position_embedding_type="rope", scatter_to_sequence_parallel=False,
             )
         self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
         self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
         if post_process:
+            # The heads read the gathered hidden state (forward()): the LM head is not
+            # sequence-parallel, its input is the whole sequence.
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                llm.hidden_size, llm.vocab_size, config=config, init_method=config.init_method,
+                llm.hidden_size, llm.vocab_size, config=_without_sequence_parallel(config),
+                init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=True,
             )
 
@@ -187,12 +245,33 @@ class LlamaDecoder(MegatronModule):
         return self.embedding(tokens, position_ids=None)
 
     def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
-        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        """Hidden states [s, b, h] (after the final norm on the last stage).
+
+        Sequence parallelism is applied here and nowhere else in the model: the first stage
+        splits its input (the embeddings with the visual tokens in) along the sequence over
+        the TP ranks, stages exchange [s / tp, b, h] (megatron's schedule sizes them so), and
+        the last stage gathers the final hidden state back to [s, b, h] for the heads. The
+        gather's backward keeps this rank's slice of the gradient (no reduction): every head
+        gives each TP rank the full gradient of the gathered state (the LM head reduces its
+        vocab-parallel part over TP itself; the semantic and pixel heads are replicated).
+        """
+        sequence_parallel = self.config.sequence_parallel
+        if self.pre_process and sequence_parallel:
+            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+            if self.config.clone_scatter_output_in_embedding:
+                # As megatron's embedding does: the split is a view that would keep the whole
+                # [s, b, h] embedding alive for the backward.
+                decoder_input = decoder_input.clone()
         hidden_in = decoder_input if self.pre_process else self.decoder.input_tensor
-        # The batch's attention layout and RoPE tables, once for all layers of this stage.
+        # The batch's attention layout and RoPE tables, once for all layers of this stage,
+        # handed down in megatron's packed_seq_params slot (models/attention.py says why).
         layout = attention_layout(segment_ids, dtype=hidden_in.dtype, device=hidden_in.device,
                                   impl=self.llm.attention_impl)
         cos, sin = self.rotary(position_ids)
-        return self.decoder(hidden_states=decoder_input,
-                            attention_mask=AttentionInputs(layout, cos, sin),
-                            rotary_pos_emb=None)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
+                              packed_seq_params=AttentionInputs(layout=layout, cos=cos, sin=sin),
+                              rotary_pos_emb=None)
+        if self.post_process and sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False)
+        return hidden

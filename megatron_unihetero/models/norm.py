@@ -20,9 +20,13 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         if config.normalization != "RMSNorm":
             raise ValueError(f"RMSNorm module built for normalization={config.normalization!r}")
-        if config.sequence_parallel or config.layernorm_zero_centered_gamma:
-            raise ValueError("RMSNorm supports neither sequence parallelism nor zero-centred gamma")
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("RMSNorm does not support zero-centred gamma")
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        # Under sequence parallelism each TP rank normalises its slice of the sequence, so the
+        # weight's gradient is a partial sum: megatron-core's mark (as on its own norms), by
+        # which its grad finalisation all-reduces it over TP (training/engine_megatron.py).
+        self.weight.sequence_parallel = config.sequence_parallel
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ global, a proxy of ``torch`` that:
 
 * forwards every attribute to the real ``torch``, except
 * ``cuda``: an object whose ``current_device()`` is the CPU, whose RNG calls use the CPU
-  generator and whose streams / synchronize / memory queries are harmless no-ops;
+  generator and whose streams / synchronize / memory queries are harmless no-ops (and
+  ``torch.cuda._lazy_call``, imported by name, runs its callable at once);
 * the tensor factories (``zeros``, ``empty``, ``tensor``, ...) and ``device``: a CUDA device
   argument becomes the CPU;
 * ``autocast("cuda")`` becomes ``autocast("cpu")``.
@@ -24,6 +25,7 @@ is what lets the distributed optimizer run on CPU with gloo).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.abc
 import importlib.machinery
@@ -162,6 +164,12 @@ class _CpuCuda(types.ModuleType):
     def set_rng_state(state, device=None):
         torch.set_rng_state(state)
 
+    # megatron-core's activation-recompute checkpoint and its RNG tracker's fork (sequence
+    # parallelism) read the state through torch.cuda.random and set it on
+    # torch.cuda.default_generators[i] (tensor_parallel/random.py): the CPU generator too.
+    random = types.SimpleNamespace(get_rng_state=get_rng_state, set_rng_state=set_rng_state)
+    default_generators = collections.defaultdict(lambda: torch.default_generator)
+
     @staticmethod
     def current_stream(*args, **kwargs):
         return _FakeStream()
@@ -222,9 +230,18 @@ class _TorchProxy(types.ModuleType):
 _PROXY = _TorchProxy()
 
 
+def _run_now(callable, **kwargs):
+    callable()
+
+
 def _patch_module(module: types.ModuleType) -> None:
     if getattr(module, "torch", None) is torch:
         module.torch = _PROXY
+    # torch.cuda._lazy_call (imported by name in tensor_parallel/random.py) queues its callable
+    # until CUDA initialises, which on CPU is never: an RNG state set through it would be lost
+    # and each call would stay queued (with a formatted stack) for the life of the process.
+    if getattr(module, "_lazy_call", None) is torch.cuda._lazy_call:
+        module._lazy_call = _run_now
 
 
 class _PatchingLoader(importlib.abc.Loader):

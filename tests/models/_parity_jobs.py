@@ -100,9 +100,10 @@ def parallel_job(path, cfg, tp, pp):
     parallel.destroy()
 
 
-def save_sharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
+def save_sharded_job(ref_path, iter_dir, cfg, tp, pp):
     """Load the reference weights at (tp, pp) and save them in the checkpoint format."""
     from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
     from megatron_unihetero.checkpointing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
@@ -110,20 +111,21 @@ def save_sharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
     model = parallel.build_model(cfg)
     layout = parallel.rank_layout(model)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
-    parallel.save_model(model, ckpt_model_dir, cfg)
+    dist_ckpt.save_weights([model], iter_dir)
     parallel.destroy()
 
 
-def load_resharded_job(ref_path, ckpt_model_dir, cfg, tp, pp):
+def load_resharded_job(ref_path, iter_dir, cfg, tp, pp):
     """Load a checkpoint saved at another layout; every tensor must equal the reference's shard."""
     from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
     from megatron_unihetero.checkpointing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
     parallel.initialize(tp, pp, seed=5)
     model = parallel.build_model(cfg)
     layout = parallel.rank_layout(model)
-    parallel.load_model(model, ckpt_model_dir)
+    dist_ckpt.load_model([model], dist_ckpt.dist_dir(iter_dir))
     expected = shard_state_dict(ref["state"], model.state_dict().keys(), layout)
     for name, tensor in model.state_dict().items():
         if name in expected:
@@ -318,4 +320,180 @@ def decoder_layout_once_job():
     finally:
         llm_module.attention_layout = real
     assert len(model.llm.decoder.layers) == 4 and len(calls) == 1
+    parallel.destroy()
+
+
+# -- activation memory (recompute, sequence parallelism) and the DDP overlap ------------------
+
+MEMORY_VARIANTS = {  # name: ActivationMemory fields
+    "plain": dict(),
+    "selective": dict(recompute="selective"),  # megatron's default: core_attn
+    # (layernorm recompute needs TransformerEngine in megatron-core 0.16: training/config.py)
+    "selective_mlp": dict(recompute="selective", recompute_modules=("core_attn", "mlp")),
+    "full_uniform": dict(recompute="full", recompute_method="uniform", recompute_num_layers=2),
+    "full_block": dict(recompute="full", recompute_method="block", recompute_num_layers=1),
+    "sp": dict(sequence_parallel=True),
+    "sp_selective": dict(sequence_parallel=True, recompute="selective"),
+    "sp_full": dict(sequence_parallel=True, recompute="full", recompute_num_layers=1),
+}
+
+
+def _memory_engine(model, cfg, overlap_grad_reduce=False, distributed=True):
+    from megatron_unihetero.training.config import ParallelConfig, RunConfig, TrainConfig
+    from megatron_unihetero.training.engine_megatron import MegatronEngine
+
+    run = RunConfig(model=cfg, parallel=ParallelConfig(distributed_optimizer=distributed,
+                                                       overlap_grad_reduce=overlap_grad_reduce),
+                    # No clipping: it would scale main_grad in place before the check.
+                    train=TrainConfig(lr=1e-3, warmup_steps=0, clip_grad=0.0, dtype="fp32"))
+    return MegatronEngine(model, run)
+
+
+class _Counter:
+    """Counts calls of a module's forward (as a forward pre-hook) and records input shapes."""
+
+    def __init__(self):
+        self.calls, self.shapes = 0, []
+
+    def __call__(self, module, args, kwargs):
+        self.calls += 1
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if torch.is_tensor(hidden):
+            self.shapes.append(tuple(hidden.shape))
+
+
+def _memory_variant_step(ref, cfg, name):
+    """One engine step of ``MEMORY_VARIANTS[name]`` from the reference weights at this TP:
+    (summary, {global name: main_grad}, {what: forward calls}, layer-input shapes, model).""" 
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing.sharding import shard_state_dict, to_global_name
+    from megatron_unihetero.models.llm import ActivationMemory
+
+    model = parallel.build_model(cfg, memory=ActivationMemory(**MEMORY_VARIANTS[name]))
+    layout = parallel.rank_layout(model)
+    model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
+    parallel.sync_semantic_targets(model, ema=False)
+    layers = model.llm.decoder.layers
+    counters = {what: _Counter() for what in ("attention", "layer0", "mlp0", "norm0")}
+    hooks = [layer.self_attention.core_attention.register_forward_pre_hook(
+        counters["attention"], with_kwargs=True) for layer in layers]
+    for what, module in (("layer0", layers[0]), ("mlp0", layers[0].mlp),
+                         ("norm0", layers[0].input_layernorm)):
+        hooks.append(module.register_forward_pre_hook(counters[what], with_kwargs=True))
+    engine = _memory_engine(model, cfg)
+    summary = engine.train_step(make_batches(), {"text": 1.0, "semantic": cfg.semantic.weight})
+    for hook in hooks:
+        hook.remove()
+    grads = {to_global_name(n, layout.layer_offset): p.main_grad.detach().clone()
+             for n, p in model.named_parameters() if p.requires_grad}
+    calls = {what: counter.calls for what, counter in counters.items()}
+    return summary, grads, calls, counters["layer0"].shapes, model
+
+
+def _expected_calls(settings: dict, num_layers: int, num_micro: int) -> dict:
+    """Forward calls per step: once per micro-batch, again in the backward where recomputed."""
+    recompute = settings.get("recompute", "none")
+    modules = settings.get("recompute_modules", ("core_attn",)) if recompute == "selective" else ()
+    full = recompute == "full"
+    if full and settings.get("recompute_method", "uniform") == "block":
+        recomputed_layers = settings["recompute_num_layers"]  # the first layers of the stage
+    else:
+        recomputed_layers = num_layers if (full or "core_attn" in modules) else 0
+    return dict(attention=num_micro * (num_layers + recomputed_layers),
+                layer0=num_micro * (2 if full else 1),  # layer 0 is recomputed by every full setting
+                mlp0=num_micro * (2 if full or "mlp" in modules else 1),
+                norm0=num_micro * (2 if full or "layernorm" in modules else 1))
+
+
+def memory_parity_job(path, cfg):
+    """On 2 ranks. TP=2: megatron-core's recompute (selective: core attention, also MLP and
+    norms; full: uniform and block) and sequence parallelism (alone and with recompute) give
+    the losses and the finalised gradients (main_grad, after the engine's grad sync) of the
+    plain TP=2 run, which gives the TP=1 reference's; and each setting does what it says
+    (recomputed forwards counted, the decoder's input split along the sequence, the norms
+    marked for megatron's TP all-reduce). Then DP=2: ``parallel.overlap_grad_reduce`` reduces
+    in the backward and gives the same losses and gradients."""
+    from megatron.core import parallel_state
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing.sharding import shard_tensor
+
+    ref = torch.load(path, weights_only=True)
+    parallel.initialize(2, 1, seed=11)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    num_micro, seq, batch, num_layers = 2, 48, 2, cfg.llm.num_layers
+    results = {name: _memory_variant_step(ref, cfg, name) for name in MEMORY_VARIANTS}
+    plain_summary, plain_grads = results["plain"][:2]
+    for key in ("text", "semantic", "loss"):
+        assert abs(plain_summary[key] - ref["summary"][key]) <= 1e-5 * abs(ref["summary"][key]), key
+    for name, expected in plain_grads.items():
+        reference = shard_tensor(name, ref["grads"][name], tp_rank, 2)
+        assert (expected - reference).norm() <= 1e-5 * reference.norm() + 1e-8, name
+
+    for name, (summary, grads, calls, shapes, model) in results.items():
+        for key in ("text", "semantic", "loss"):
+            assert abs(summary[key] - plain_summary[key]) <= 1e-6 * abs(plain_summary[key]), (
+                name, key, summary[key], plain_summary[key])
+        assert grads.keys() == plain_grads.keys()
+        for param, grad in grads.items():
+            expected = plain_grads[param]
+            err = (grad - expected).norm()
+            assert err <= 1e-5 * expected.norm() + 1e-8, (name, param, float(err), float(expected.norm()))
+        settings = MEMORY_VARIANTS[name]
+        assert calls == _expected_calls(settings, num_layers, num_micro), (name, calls)
+        sequence = seq // 2 if settings.get("sequence_parallel") else seq
+        assert shapes and all(shape == (sequence, batch, cfg.llm.hidden_size) for shape in shapes), (
+            name, shapes)
+        norms = [p for n, p in model.llm.named_parameters() if n.endswith("layernorm.weight")]
+        assert len(norms) == 2 * num_layers + 1
+        assert all(p.sequence_parallel == bool(settings.get("sequence_parallel")) for p in norms)
+
+    tp2_params = sum(p.numel() for p in results["plain"][-1].parameters())
+    tp2_trainable = sum(p.numel() for p in results["plain"][-1].parameters() if p.requires_grad)
+
+    # DP=2: overlap_grad_reduce, every DP rank its own data, two steps (golden counts, then
+    # the buckets reduce in the backward of the last micro-batch).
+    parallel.initialize(1, 1, seed=11)
+    # The memory planner's parameter count of one TP=2 rank, from its meta build at TP=1 and
+    # megatron-core's tensor-parallel marks, is what a TP=2 rank holds.
+    from megatron_unihetero import plan
+    from megatron_unihetero.training.config import ParallelConfig, RunConfig
+
+    planned = plan.count_parameters(RunConfig(model=cfg, parallel=ParallelConfig(tensor_parallel=2)),
+                                    pre_process=True, post_process=True)
+    assert planned == (tp2_params, tp2_trainable), (planned, tp2_params, tp2_trainable)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    weights = {"text": 1.0, "semantic": cfg.semantic.weight}
+    runs = {}
+    for overlap in (False, True):
+        model = parallel.build_model(cfg)
+        model.load_state_dict(ref["state"], strict=False)
+        parallel.sync_semantic_targets(model, ema=False)
+        engine = _memory_engine(model, cfg, overlap_grad_reduce=overlap)
+        wrapped = engine.wrapped[0]
+        launched = []
+        real_finish = wrapped.finish_grad_sync
+
+        def finish(*args, real_finish=real_finish, wrapped=wrapped, **kwargs):
+            launched.append([group.grad_reduce_handle is not None for group in wrapped.bucket_groups])
+            return real_finish(*args, **kwargs)
+
+        wrapped.finish_grad_sync = finish
+        steps = []
+        for step in range(2):
+            summary = engine.train_step(make_batches(seed=100 * step + dp_rank), weights)
+            grads = [p.main_grad.detach().clone() for p in model.parameters() if p.requires_grad]
+            steps.append((summary, grads))
+        runs[overlap] = steps, launched
+    (plain_steps, plain_launched), (overlap_steps, overlap_launched) = runs[False], runs[True]
+    assert not any(flag for flags in plain_launched for flag in flags)
+    # Step 1 records which gradients each bucket waits for; from step 2 on the reduction is
+    # already in flight when the backward ends.
+    assert not any(overlap_launched[0]) and all(overlap_launched[1]), overlap_launched
+    for (a, grads_a), (b, grads_b) in zip(plain_steps, overlap_steps):
+        for key in ("text", "semantic", "loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a[key], b[key])
+        for ga, gb in zip(grads_a, grads_b):
+            assert torch.equal(ga, gb)
+    dist.barrier()
     parallel.destroy()

@@ -19,3 +19,9 @@ def test_interleaved_pipeline_matches_single_rank(reference):
 
 def test_decoder_builds_the_attention_layout_once_per_forward():
     run_distributed_test(jobs.decoder_layout_once_job, 1)
+
+
+def test_recompute_sequence_parallel_and_grad_overlap_match_the_plain_run(reference):
+    """TP=2: selective and full recompute and sequence parallelism give the plain run's losses
+    and finalised gradients; DP=2: overlap_grad_reduce gives the same gradients (one job)."""
+    run_distributed_test(jobs.memory_parity_job, 2, reference, jobs.tiny_config())
