@@ -7,7 +7,10 @@ Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error, 3 sto
 ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
 at the stop; ``latest`` still names the last finite checkpoint), 4 no checkpoint to resume from
 verifies against its manifest (with ``checkpoint.fallback=false``: the newest one fails; the
-message names the file).
+message names the file), or a checkpoint could not be written (a full disk: the message names
+the folder; ``latest`` still names the previous checkpoint), 5 a collective failed or timed out
+after ``parallel.timeout_minutes`` (a hung or dead rank; the message names what the run was
+doing).
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from megatron_unihetero.config_io import ConfigLoadError, load_config, save_conf
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.training.checkpoint import CheckpointError
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.trainer import NonFiniteTrainingError, Trainer, write_summary
+from megatron_unihetero.training.trainer import (
+    CollectiveFailure,
+    NonFiniteTrainingError,
+    Trainer,
+    write_summary,
+)
 
 
 def parse_args(argv=None):
@@ -47,7 +55,7 @@ def main(argv=None) -> dict:
 
     parallel.init_distributed(cfg.parallel.timeout_minutes)
     parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
-                        vpp=cfg.parallel.virtual_pipeline)
+                        vpp=cfg.parallel.virtual_pipeline, timeout_minutes=cfg.parallel.timeout_minutes)
     if dist.get_rank() == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
@@ -55,6 +63,10 @@ def main(argv=None) -> dict:
         trainer = Trainer(cfg)
         trainer.install_signal_handler()
         result = trainer.train()
+    except CollectiveFailure as exc:
+        # A peer is hung or gone: the process groups cannot be torn down collectively.
+        print(f"[megatron_unihetero] rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(5) from exc
     except (NonFiniteTrainingError, CheckpointError) as exc:
         # Every rank took the same decision (the skip flags are all-reduced; rank 0's choice of
         # checkpoint is broadcast), so every rank gets here: the process groups can be torn

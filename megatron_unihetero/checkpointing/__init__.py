@@ -1,1 +1,1 @@
-"""Checkpoint layouts: per-rank shards <-> one full (TP=1, PP=1) state dict."""
+"""Checkpoints on disk (dist.py: megatron-core torch_dist) and the TP slicing of full state dicts (sharding.py)."""

@@ -1,4 +1,4 @@
-"""Split a full (TP=1, PP=1) state dict into one rank's shard, and merge shards back.
+"""Split a full (TP=1, PP=1) state dict into one rank's shard.
 
 The rules are by parameter name, for our Llama layout on megatron-core layers:
 
@@ -9,15 +9,16 @@ The rules are by parameter name, for our Llama layout on megatron-core layers:
 * everything else (norms, vision encoder, projector, heads) is replicated;
 * pipeline stages hold consecutive layers: local ``layers.{i}`` is global ``layers.{offset+i}``.
 
-These pure functions serve the tests (same weights at any TP/PP), resharding a checkpoint, and
-the HuggingFace converters, all without a process group.
+These pure functions place one full set of weights (a reference, an HF conversion) into a model
+at any TP/PP without a process group: the parallel-parity tests use them. Checkpoints do not:
+torch_dist reshards them through each module's sharded state dict (dist.py).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 
@@ -65,17 +66,6 @@ def to_global_name(name: str, layer_offset: int) -> str:
     return f"{match.group(1)}{int(match.group(2)) + layer_offset}{match.group(3)}"
 
 
-def to_local_name(name: str, layer_offset: int, num_local_layers: int):
-    """The local name on a stage, or None when the layer lives on another stage."""
-    match = _LAYER.match(name)
-    if not match:
-        return name
-    local = int(match.group(2)) - layer_offset
-    if not 0 <= local < num_local_layers:
-        return None
-    return f"{match.group(1)}{local}{match.group(3)}"
-
-
 def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     kind, dim = split_rule(name)
     if kind == "replicated" or tp_size == 1:
@@ -87,17 +77,6 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> t
         raise ValueError(f"{name}: size {full.shape[dim]} along dim {dim} is not divisible by "
                          f"tensor parallel size {tp_size}")
     return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def merge_tensor(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`shard_tensor` over shards ordered by TP rank."""
-    kind, dim = split_rule(name)
-    if kind == "replicated" or len(shards) == 1:
-        return shards[0]
-    if kind == "glu":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(shards, dim=dim)
 
 
 def is_model_state(name: str) -> bool:
@@ -119,25 +98,3 @@ def shard_state_dict(full: Dict[str, torch.Tensor], local_names: Iterable[str],
                            f"(needed for local parameter {name!r})")
         out[name] = shard_tensor(global_name, full[global_name], layout.tp_rank, layout.tp_size)
     return out
-
-
-def merge_state_dicts(ranks: List[Tuple[RankLayout, Dict[str, torch.Tensor]]],
-                      drop_prefixes: Tuple[str, ...] = ()) -> Dict[str, torch.Tensor]:
-    """Merge per-rank state dicts (any TP x PP grid, DP replicas excluded) into a full one.
-
-    ``drop_prefixes``: derived copies to leave out (the last stage's projector mirror, listed
-    in the checkpoint's layout.json). Replicated tensors present on several stages (the vision
-    encoder) are taken once.
-    """
-    by_name: Dict[str, Dict[int, torch.Tensor]] = {}
-    for layout, state in ranks:
-        for name, tensor in state.items():
-            if not is_model_state(name) or tensor is None or name.startswith(drop_prefixes):
-                continue
-            global_name = to_global_name(name, layout.layer_offset)
-            by_name.setdefault(global_name, {}).setdefault(layout.tp_rank, tensor)
-    full = {}
-    for name, shards in by_name.items():
-        ordered = [shards[r] for r in sorted(shards)]
-        full[name] = merge_tensor(name, ordered)
-    return full

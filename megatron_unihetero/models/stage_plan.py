@@ -2,9 +2,8 @@
 
     plan = StagePlan.build(model_config, pre_process=True, post_process=False)
 
-The model (models/unihetero.py), the HF importer (hf/importer.py), the checkpoint code
-(checkpointing/model_io.py) and the semantic-target sync (parallel/) read this object; none of
-them decides for itself. A module the plan leaves out is ``None`` on the model.
+The model (models/unihetero.py, also for what its checkpoint calls a copy) and the
+semantic-target sync (parallel/) read this object; neither decides for itself. A module the plan leaves out is ``None`` on the model.
 
 The rules:
 - first stage (``pre_process``): the vision encoder, the projector and the token embedding;
@@ -73,22 +72,14 @@ class StagePlan:
         """A stage with neither end: LLM layers only."""
         return not (self.pre_process or self.post_process)
 
-    def holds_prefix(self) -> Dict[str, bool]:
-        """Whether this stage holds the state under each top-level name prefix (the LLM's
-        layers are placed by their index, not by this table)."""
-        return {
-            "vision.": self.vision, "projector.": self.projector,
-            "llm.embedding.": self.pre_process,
-            "llm.decoder.final_layernorm.": self.post_process, "llm.output_layer.": self.post_process,
-            "semantic_head.": self.semantic_head,
-            TARGET_PROJECTOR_PREFIX: self.target_projector is not None,
-            "pixel_head.": self.pixel_head, "pixel_vae.": self.pixel_vae,
-        }
-
-
-def mirrored_prefixes(config: ModelConfig) -> tuple:
-    """State prefixes that are copies of other state in a checkpoint of this model (rebuilt on
-    load, so a checkpoint drops them when it is merged to one stage): the last stage's mirror
-    of the projector, which only a pipeline of several stages has."""
-    last_of_several = StagePlan.build(config, pre_process=False, post_process=True)
-    return (TARGET_PROJECTOR_PREFIX,) if last_of_several.target_projector == MIRROR else ()
+    def copies(self) -> Dict[str, str]:
+        """State this stage holds as a copy of another stage's: ``{local prefix: the original's
+        prefix}``. A checkpoint stores the original once (the first stage's); the copy is
+        written as its replica and loads from it, at any pipeline size: the last stage's
+        encoder (it recomputes semantic targets) and the ``mirror`` of the projector."""
+        copies = {}
+        if self.vision and not self.pre_process:
+            copies["vision."] = "vision."
+        if self.target_projector == MIRROR:
+            copies[TARGET_PROJECTOR_PREFIX] = "projector."
+        return copies

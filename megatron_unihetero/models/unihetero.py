@@ -26,6 +26,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.models import interleaver
 from megatron_unihetero.models.config import IGNORE_INDEX, ModelConfig
 from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic_loss, text_loss
@@ -107,6 +108,23 @@ class UniHeteroModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
+    # -- checkpoint --------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """megatron-core's sharded state dict (checkpointing/dist.py): the decoder's layers
+        TP-split with a global layer axis, everything else replicated; the copies this stage
+        holds of another stage's state (``StagePlan.copies``: the last stage's encoder and
+        projector mirror) are named as the original and marked as its replicas, so the
+        checkpoint stores each tensor once and the copy loads from it at any pipeline size."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for local, original in self.plan.copies().items():
+            for key, sharded in state.items():
+                if key.startswith(prefix + local):
+                    sharded.key = prefix + original + sharded.key[len(prefix + local):]
+                    # replica_id = (pipeline copy, TP rank, DP rank): 0 is the main replica.
+                    sharded.replica_id = (1, *sharded.replica_id[1:])
+        return state
+
     # -- pieces ------------------------------------------------------------------------------
     def vision_features(self, images: Optional[torch.Tensor],
                         image_features: Optional[torch.Tensor]) -> torch.Tensor:
@@ -170,7 +188,10 @@ class UniHeteroModel(MegatronModule):
         latents = None
         if self.pixel_head is not None and num_images:
             latents = self.pixel_latents(images, image_latents)
-        return self.losses(hidden, labels, layout, features, visual, latents=latents)
+        # Input-embedding norms (diagnostics): only where this stage also embeds (PP = 1).
+        embedded = decoder_input.transpose(0, 1) if self.pre_process else None
+        return self.losses(hidden, labels, layout, features, visual, latents=latents,
+                           embeddings=embedded)
 
     def pixel_latents(self, images: Optional[torch.Tensor],
                       image_latents: Optional[torch.Tensor]) -> torch.Tensor:
@@ -184,8 +205,14 @@ class UniHeteroModel(MegatronModule):
         return self.pixel_vae.encode(images)
 
     def losses(self, hidden, labels, layout, features, visual,
-               latents=None) -> Dict[str, LossAndCount]:
-        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h]."""
+               latents=None, embeddings=None) -> Dict[str, LossAndCount]:
+        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h].
+
+        Also the diagnostics' sufficient statistics (eval/diagnostics.py), keyed
+        ``stats/<name>`` as ``(sums, rows)``: computed under no_grad from detached tensors, never
+        part of the loss. ``embeddings`` [b, s, h]: the LLM's input embeddings, when this stage
+        made them.
+        """
         s, b, h = hidden.shape
         rows = hidden.reshape(s * b, h)  # [s, b] order: free for megatron's contiguous output
 
@@ -201,6 +228,11 @@ class UniHeteroModel(MegatronModule):
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
             out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
                                             self.cfg.semantic.loss, impl=self.cfg.semantic.loss_impl)
+            with torch.no_grad():  # the fused loss never keeps the prediction: one more head pass
+                stats = (diagnostics.regression_stats(self.semantic_head(sem_hidden.detach()), targets)
+                         if sem_hidden.shape[0] else
+                         diagnostics.empty_regression_stats(targets.shape[-1], rows.device))
+            out[diagnostics.stats_key("semantic")] = (stats, out["semantic"][1])
         if self.pixel_head is not None:
             cond = self.pixel_head.condition(hidden.transpose(0, 1), layout.semantic_mask,
                                              layout.segment_ids)
@@ -209,6 +241,17 @@ class UniHeteroModel(MegatronModule):
             else:
                 pixel_targets = cond.new_zeros(0, self.pixel_head.token_dim)
             out["pixel"] = pixel_loss(self.pixel_head, cond, pixel_targets)
+            schedule = self.pixel_head.noise_scheduler.alphas_cumprod
+            stats = (diagnostics.pixel_stats(out["pixel"][0], pixel_targets, schedule,
+                                             self.cfg.pixel.prediction)
+                     if pixel_targets.shape[0] else
+                     diagnostics.empty_pixel_stats(self.pixel_head.token_dim, schedule.numel(),
+                                                   rows.device))
+            out[diagnostics.stats_key("pixel")] = (stats, out["pixel"][1])
+        if embeddings is not None:
+            valid = layout.segment_ids >= 0
+            out[diagnostics.stats_key("embedding")] = (
+                diagnostics.embedding_stats(embeddings, layout.visual_mask, valid), valid.sum())
         return out
 
 

@@ -9,6 +9,7 @@ semantic-target projector in step with the first's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import List, Optional
@@ -18,15 +19,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_unihetero import platform
-from megatron_unihetero.checkpointing import model_io
 from megatron_unihetero.checkpointing.sharding import RankLayout
-from megatron_unihetero.models.llm import transformer_config
-from megatron_unihetero.models.stage_plan import EMA, StagePlan, mirrored_prefixes
+from megatron_unihetero.models.llm import ActivationMemory, transformer_config
+from megatron_unihetero.models.stage_plan import EMA, StagePlan
 from megatron_unihetero.models.unihetero import UniHeteroModel
 from megatron_unihetero.testing.distributed import free_port
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
+def init_distributed(timeout_minutes: float = 30) -> None:
     """Join the process group torchrun / the deepspeed launcher set up in the environment."""
     if dist.is_initialized():
         return
@@ -42,13 +42,16 @@ def init_distributed(timeout_minutes: int = 30) -> None:
                             timeout=timedelta(minutes=timeout_minutes))
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = None) -> None:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = None,
+               timeout_minutes: float = 30) -> None:
     """Create megatron-core's TP/PP/DP groups over the running process group and seed RNGs.
 
     ``vpp``: virtual pipeline stages per rank (model chunks for the interleaved 1F1B schedule).
+    ``timeout_minutes`` (``parallel.timeout_minutes``): how long any collective of any group
+    (the world's and each of megatron's) waits before it fails instead of hanging.
     """
     platform.prepare_megatron()
-    init_distributed()
+    init_distributed(timeout_minutes)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
@@ -58,7 +61,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = 
         raise ValueError("virtual pipeline stages need pipeline_parallel >= 2")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp)
+                                             virtual_pipeline_model_parallel_size=vpp,
+                                             distributed_timeout_minutes=timeout_minutes)
     # Same seed on every rank: weights are initialised on the CPU in full and then split
     # (TransformerConfig.use_cpu_initialization), so every TP/PP layout gets the same model.
     torch.manual_seed(seed)
@@ -70,19 +74,48 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
 
 
-def build_model(model_config, params_dtype: torch.dtype = torch.float32, compile_layers: bool = False):
+@contextlib.contextmanager
+def single_process(seed: int = 1234):
+    """A world of one (TP = PP = DP = 1) for tools that build the model outside a launcher
+    (HF export and import, reading a checkpoint in full). A process group that was already
+    running is kept; one started here is torn down after."""
+    started = not dist.is_initialized()
+    initialize(1, 1, seed)
+    try:
+        yield
+    finally:
+        destroy()
+        if started:
+            dist.destroy_process_group()
+
+
+def activation_memory(run_config) -> ActivationMemory:
+    """A run config's activation recompute and sequence parallelism settings
+    (``train.recompute*``, ``parallel.sequence_parallel``), as the model builder takes them."""
+    train = run_config.train
+    return ActivationMemory(
+        recompute=train.recompute, recompute_method=train.recompute_method,
+        recompute_num_layers=train.recompute_num_layers,
+        recompute_modules=tuple(train.recompute_modules),
+        sequence_parallel=run_config.parallel.sequence_parallel)
+
+
+def build_model(model_config, params_dtype: torch.dtype = torch.float32, compile_layers: bool = False,
+                memory: Optional[ActivationMemory] = None):
     """This rank's pipeline stage of the UniHetero model, on this rank's device."""
-    chunks = build_model_chunks(model_config, params_dtype, compile_layers)
+    chunks = build_model_chunks(model_config, params_dtype, compile_layers, memory=memory)
     if len(chunks) != 1:
         raise ValueError("virtual pipeline stages are set: use build_model_chunks")
     return chunks[0]
 
 
 def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
-                       compile_layers: bool = False) -> List:
+                       compile_layers: bool = False,
+                       memory: Optional[ActivationMemory] = None) -> List:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
     ``compile_layers``: torch.compile each chunk's decoder layers (``train.compile``,
-    :func:`apply_compile`).
+    :func:`apply_compile`). ``memory``: activation recompute and sequence parallelism
+    (:func:`activation_memory` of the run config; None: neither).
 
     Chunk v of pipeline rank p holds layer block v * PP + p, so the first chunk of the first
     rank has the vision side and embeddings and the last chunk of the last rank has the heads.
@@ -92,7 +125,7 @@ def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
         model_config.llm,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        params_dtype=params_dtype, vpp_size=vpp,
+        params_dtype=params_dtype, vpp_size=vpp, memory=memory,
     )
     chunks = []
     for vp_stage in (range(vpp) if vpp else [None]):
@@ -137,42 +170,6 @@ def _chunk_list(model) -> List:
 def _vp_stages(chunks: List):
     """(virtual stage or None, chunk) for this rank's chunks."""
     return list(enumerate(chunks)) if len(chunks) > 1 else [(None, chunks[0])]
-
-
-def save_model(model, model_dir: str, model_config, states: Optional[List[dict]] = None) -> None:
-    """Write this model (a stage or a chunk list) in the checkpoint format; every rank calls.
-
-    DP rank 0 of each (TP, PP) coordinate writes its chunks' files, global rank 0 the layout.
-    ``states``: the chunks' state dicts when the engine must produce them (ZeRO-3 gathers).
-    """
-    chunks = _chunk_list(model)
-    states = states if states is not None else [chunk.state_dict() for chunk in chunks]
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    mine = []
-    for (vp_stage, chunk), state in zip(_vp_stages(chunks), states):
-        layout = rank_layout(chunk)
-        if parallel_state.get_data_parallel_rank() == 0:
-            model_io.save_model_shard(state, model_dir, layout, pp_rank, vp_stage)
-        mine.append((pp_rank if vp_stage is None else (pp_rank, vp_stage), layout.layer_offset))
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if dist.get_rank() == 0:
-        offsets = {key: offset for items in gathered for key, offset in items}
-        model_io.write_layout(model_dir, parallel_state.get_tensor_model_parallel_world_size(),
-                              parallel_state.get_pipeline_model_parallel_world_size(), offsets,
-                              mirrored_prefixes(model_config),
-                              vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size())
-    dist.barrier()
-
-
-def load_model(model, model_dir: str) -> None:
-    """Load a checkpoint saved at any TP/PP/VPP into this rank's stage or chunks."""
-    for vp_stage, chunk in _vp_stages(_chunk_list(model)):
-        model_io.load_into_model(chunk, model_dir, rank_layout(chunk),
-                                 parallel_state.get_pipeline_model_parallel_rank(),
-                                 parallel_state.get_pipeline_model_parallel_world_size(),
-                                 vp_stage=vp_stage,
-                                 vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size())
 
 
 @torch.no_grad()

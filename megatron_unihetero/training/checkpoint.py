@@ -2,37 +2,46 @@
 
     CKPT_DIR/latest                       name of the newest *complete* iteration folder
     CKPT_DIR/iter_0000100/config.yaml     the resolved run config
-    CKPT_DIR/iter_0000100/model/          per-(TP, PP) safetensors + layout.json (model_io.py)
-    CKPT_DIR/iter_0000100/engine/         optimizer state per (TP, PP) rank (engine-specific)
+    CKPT_DIR/iter_0000100/dist/           model (+ megatron optimizer) state, torch_dist:
+                                          every rank writes its own part (checkpointing/dist.py)
+    CKPT_DIR/iter_0000100/engine/         DeepSpeed's own checkpoint (deepspeed engine only)
     CKPT_DIR/iter_0000100/trainer.pt      step, LR scheduler, loader position, RNG states (rank 0)
     CKPT_DIR/iter_0000100/manifest.json   every other file of the folder: size and sha256
 
-Every rank writes its part into the iteration folder, all ranks meet at a barrier, then rank 0
-writes the manifest (reading every file, so on a shared filesystem it sees all ranks' parts),
-fsyncs the files, the manifest and the folders, and only then moves ``latest``
-(write-then-rename). A crash mid-save leaves ``latest`` on the previous complete checkpoint.
+A save (:class:`CheckpointWriter`) has every rank write its part into the iteration folder, in
+place or in a forked writer process (``checkpoint.async_save``: training goes on meanwhile),
+then *commits* it once every rank's write finished: the files are hashed and fsynced (spread
+over the ranks), rank 0 writes the manifest, fsyncs it and the folders, and only then moves
+``latest`` (write-then-rename) and prunes. A crash or a failed write (a full disk) before the
+commit leaves ``latest`` and the older checkpoints as they were.
 
 A file can still be damaged after the save (a full disk during a copy, a truncated transfer),
 so a resume verifies the manifest first (:func:`resume_candidate`): sizes always, checksums in
 ``full`` mode, and with fallback it takes the newest checkpoint that verifies. Files are loaded
-with ``torch.load(weights_only=True)`` or safetensors: no pickle of untrusted data.
+with ``torch.load(weights_only=True)`` or torch_dist's tensor reads: no pickle of untrusted data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
+
 from megatron_unihetero import platform
-from megatron_unihetero.checkpointing import model_io
+from megatron_unihetero.checkpointing import dist as dist_ckpt
+from megatron_unihetero.config_io import load_config
+from megatron_unihetero.training.config import RunConfig
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -45,7 +54,7 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 _NONE, _FAILED = -1, -2  # broadcast codes: no checkpoint / rank 0 raised
 
 
-class CheckpointError(model_io.CheckpointError):
+class CheckpointError(dist_ckpt.CheckpointError):
     """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
@@ -93,27 +102,63 @@ def iteration_names(ckpt_dir: str) -> List[str]:
 def write_manifest(iter_dir: str) -> str:
     """``iter_dir/manifest.json``: every file under ``iter_dir`` with its size and checksum.
 
-    Call it after every rank has written its part (after the barrier) and before
-    :func:`mark_latest`. Each file is fsynced as it is hashed (on one machine that flushes any
-    process's writes to it; on a network filesystem each writer's close already has), then the
-    manifest and every folder, so ``latest`` never names a checkpoint still in the page cache.
+    Collective when a process group is up (every rank calls it, after every rank's write and
+    before :func:`mark_latest`): rank 0 lists the files, each rank hashes and fsyncs its share
+    (largest first, so the ranks finish together: at 7B a checkpoint is ~100 GB, too much for
+    one reader), and rank 0 writes the manifest and fsyncs it and every folder, so ``latest``
+    never names a checkpoint still in the page cache. Alone, one process does all of it.
     """
-    files = {}
-    for rel in _files_under(iter_dir):
-        with open(os.path.join(iter_dir, rel), "rb") as handle:
-            digest = hashlib.file_digest(handle, CHECKSUM).hexdigest()
-            os.fsync(handle.fileno())
-            files[rel] = {"size": os.fstat(handle.fileno()).st_size, CHECKSUM: digest}
+    rank, world = _rank_and_world()
+    listing = [[(rel, os.path.getsize(os.path.join(iter_dir, rel))) for rel in _files_under(iter_dir)]
+               if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(listing, src=0)
+    mine = {rel: _hash_and_sync(os.path.join(iter_dir, rel)) for rel in _share(listing[0], rank, world)}
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
     path = os.path.join(iter_dir, MANIFEST)
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"format": MANIFEST_FORMAT, "iteration": os.path.basename(os.path.normpath(iter_dir)),
-                   "checksum": CHECKSUM, "files": files}, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
-    for folder, _, _ in os.walk(iter_dir):
-        _fsync_dir(folder)
+    if rank == 0:
+        files = {rel: entry for part in parts for rel, entry in part.items()}
+        with open(path + ".tmp", "w") as handle:
+            json.dump({"format": MANIFEST_FORMAT, "iteration": os.path.basename(os.path.normpath(iter_dir)),
+                       "checksum": CHECKSUM, "files": files}, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(path + ".tmp", path)
+        for folder, _, _ in os.walk(iter_dir):
+            _fsync_dir(folder)
+    if world > 1:
+        dist.barrier()
     return path
+
+
+def _share(listing: List[Tuple[str, int]], rank: int, world: int) -> List[str]:
+    """This rank's files: the largest go first, each to the rank with the least bytes so far."""
+    load = [0] * world
+    mine = []
+    for rel, size in sorted(listing, key=lambda item: (-item[1], item[0])):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += size
+        if owner == rank:
+            mine.append(rel)
+    return mine
+
+
+def _hash_and_sync(path: str) -> dict:
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, CHECKSUM).hexdigest()
+        # On one machine this flushes any process's writes to the file; on a network
+        # filesystem each writer's close already has.
+        os.fsync(handle.fileno())
+        return {"size": os.fstat(handle.fileno()).st_size, CHECKSUM: digest}
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def manifest_problems(iter_dir: str, mode: str = "full") -> List[str]:
@@ -282,6 +327,102 @@ def prune(ckpt_dir: str, keep_last: int, mode: str = "sizes") -> List[str]:
     for name in doomed:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     return doomed
+
+
+class CheckpointWriter:
+    """Writes the trainer's checkpoints, one in flight at a time, and commits each.
+
+    ``write(iter_dir, request)`` takes megatron-core's save request (checkpointing/dist.py;
+    None when everything is already on disk). Synchronous: the request's write runs in this
+    process, then its finalisation (torch_dist's global metadata; raises on every rank when
+    any rank's write failed) and the commit. Asynchronous (``checkpoint.async_save``): the
+    write runs in a forked process through megatron-core's ``AsyncCallsQueue``, training goes
+    on, and :meth:`poll` (called every step; collective) finalises and commits once every rank
+    is done; :meth:`wait` blocks for it (before the next save, at the end, on SIGTERM). The
+    commit (manifest, ``latest``, prune) is :func:`commit`. A failed write raises
+    :class:`CheckpointError` naming the folder and leaves ``latest`` where it was.
+    """
+
+    def __init__(self, ckpt_dir: str, keep_last: int, async_save: bool = False):
+        self.ckpt_dir = ckpt_dir
+        self.keep_last = keep_last
+        self.queue = AsyncCallsQueue() if async_save else None
+        self.in_flight: Optional[str] = None
+
+    def write(self, iter_dir: str, request: Optional[AsyncRequest]) -> None:
+        self.wait()
+        if request is None:
+            self._commit(iter_dir)
+            return
+        if self.queue is None:
+            with naming_failures(iter_dir):
+                request.execute_sync()
+            self._commit(iter_dir)
+            return
+        request.add_finalize_fn(lambda: self._commit(iter_dir))
+        self.in_flight = iter_dir
+        with naming_failures(iter_dir):
+            self.queue.schedule_async_request(request)
+
+    def poll(self) -> Optional[str]:
+        """Finalise a finished asynchronous write; returns the folder committed, if any."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> Optional[str]:
+        return self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> Optional[str]:
+        if self.queue is None or self.in_flight is None:
+            return None
+        iter_dir = self.in_flight
+        with naming_failures(iter_dir):
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        if not done:
+            return None
+        self.in_flight = None
+        return iter_dir
+
+    def close(self) -> Optional[str]:
+        """Wait for the write in flight (returns the folder it committed) and stop the queue."""
+        committed = self.wait()
+        if self.queue is not None:
+            self.queue.close()
+        return committed
+
+    def _commit(self, iter_dir: str) -> None:
+        commit(self.ckpt_dir, iter_dir, self.keep_last)
+
+
+def commit(ckpt_dir: str, iter_dir: str, keep_last: int) -> None:
+    """Make the fully written ``iter_dir`` the ``latest`` checkpoint; collective."""
+    barrier()  # every rank's files (trainer state, DeepSpeed's partitions) are on disk
+    write_manifest(iter_dir)  # synced to disk before `latest` names the folder
+    if _rank_and_world()[0] == 0:
+        mark_latest(ckpt_dir, iter_dir)
+        prune(ckpt_dir, keep_last)
+    barrier()
+
+
+@contextlib.contextmanager
+def naming_failures(iter_dir: str):
+    """A failed write (disk full, no permission, a rank's writer died) as a CheckpointError
+    that names the folder; ``latest`` is only moved by a commit, so it is untouched."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    # torch's CheckpointException (what megatron-core raises on every rank when a write
+    # failed) derives from BaseException, not Exception.
+    except (Exception, TorchCheckpointException) as exc:
+        raise CheckpointError(f"writing checkpoint {iter_dir} failed: {type(exc).__name__}: {exc}. "
+                              f"latest still names the previous checkpoint") from exc
+
+
+def load_model_weights(iter_dir: str) -> Dict[str, torch.Tensor]:
+    """The model of checkpoint folder ``iter_dir`` as one TP=1/PP=1 state dict, on this one
+    process, whatever layout saved it (built from the folder's config.yaml)."""
+    run = load_config(RunConfig, os.path.join(iter_dir, "config.yaml"))
+    return dist_ckpt.load_full_model_state(iter_dir, run.model)
 
 
 def rng_state() -> dict:

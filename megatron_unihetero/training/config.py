@@ -14,6 +14,12 @@ from typing import List, Optional
 from megatron_unihetero import platform
 from megatron_unihetero.models.config import ConfigError, ModelConfig
 
+# The values of train.recompute* (models/llm.py ActivationMemory takes them; kept here so that
+# loading a config does not import megatron-core).
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+
 
 @dataclass
 class DataConfig:
@@ -23,7 +29,9 @@ class DataConfig:
     seq_length: int = 128
     micro_batch_size: int = 4
     tokenizer: Optional[str] = None  # SentencePiece .model or a local HF tokenizer folder
-    num_workers: int = 0
+    # Loader worker processes per rank (read, decode encoded images, collate); -1: auto (the
+    # cores a rank's share of the node leaves, 0 on small machines; data/loader.auto_num_workers).
+    num_workers: int = -1
     pack_window: int = 512
 
 
@@ -38,8 +46,22 @@ class ParallelConfig:
     # moments sharded over data-parallel ranks). false: every DP rank holds the full state.
     distributed_optimizer: bool = True
     zero_stage: int = 1  # deepspeed engine only
+    # megatron engine, TP > 1: split the activations outside the tensor-parallel regions
+    # (norms, residuals, the decoder's input and output) along the sequence over the TP ranks
+    # (megatron-core's sequence parallelism); at TP = 1 it changes nothing.
+    sequence_parallel: bool = False
+    # megatron engine: reduce (distributed optimizer: reduce-scatter) each gradient bucket over
+    # DP while the backward is still running (megatron-core's DDP overlap_grad_reduce). megatron-
+    # core launches a bucket when all its parameters have their gradient, so every trainable
+    # parameter must get one in each step's last micro-batch (megatron-core's DDP asserts
+    # otherwise): a last micro-batch without images leaves the projector out.
+    overlap_grad_reduce: bool = False
+    # Not supported (validate says why); kept so that the setting is refused by name.
+    overlap_param_gather: bool = False
     deepspeed_config: Optional[str] = None  # a user's DeepSpeed JSON (overrides the generated one)
-    timeout_minutes: int = 30
+    # How long a collective of any process group waits before the run ends with an error
+    # naming the operation (a hung or dead rank), instead of hanging.
+    timeout_minutes: float = 30
 
 
 @dataclass
@@ -58,11 +80,23 @@ class TrainConfig:
     # torch.compile each decoder layer (parallel.apply_compile; TP=1, local spec, not ZeRO-3).
     # The first step pays the compilation (a C++ compiler is needed on CPU).
     compile: bool = False
+    # Activation recompute, megatron-core's (models/llm.py ActivationMemory): none | selective
+    # (recompute_modules of every layer: core_attn by default, also mlp, layernorm) | full
+    # (whole layers: recompute_method uniform, every chunk of recompute_num_layers layers; block,
+    # the first recompute_num_layers layers of each pipeline stage). megatron engine only.
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
     # Stop the run after this many consecutive steps skipped for a non-finite loss or gradient
     # norm (each such step is skipped, not applied); 0: never stop.
     max_bad_steps: int = 10
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
+
+
+# megatron-core's distributed-optimizer checkpoint formats this project offers (engine_megatron).
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 
 
 @dataclass
@@ -78,6 +112,15 @@ class CheckpointConfig:
     # When the newest checkpoint fails verification, resume from the newest one that passes
     # (logged); false: stop with an error naming the file.
     fallback: bool = True
+    # Write checkpoints in a forked process while training goes on (megatron-core's async
+    # torch_dist save; megatron engine). A save is committed (`latest` moves) once every
+    # rank's write has finished; the next save, the end of the run and SIGTERM wait for it.
+    async_save: bool = False
+    # The megatron engine's optimizer state on disk (megatron-core's distributed-optimizer
+    # formats): fully_reshardable (model-space tensors: resumes at any TP, PP and DP; a save
+    # gathers each buffer over DP, bucket by bucket) | dp_reshardable (each rank's own
+    # buffers, no exchange: the fastest save, but only the DP size may change).
+    optimizer_format: str = "fully_reshardable"
 
 
 @dataclass
@@ -117,6 +160,12 @@ class RunConfig:
             raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.llm."
                               f"num_attention_heads={llm.num_attention_heads} and "
                               f"num_query_groups={llm.num_query_groups}")
+        if llm.vocab_size % tp:
+            # megatron-core splits the embedding and output layer by rows over TP.
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.llm."
+                              f"vocab_size={llm.vocab_size}: pad the vocabulary (tools/"
+                              f"convert_hf_to_checkpoint.py --vocab-divisible-by, default 1024, "
+                              f"serves TP up to 8)")
         if llm.num_layers % pp:
             raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide "
                               f"model.llm.num_layers={llm.num_layers}")
@@ -142,6 +191,12 @@ class RunConfig:
             if pp > 1:
                 raise ConfigError("parallel.engine=deepspeed supports pipeline_parallel=1 only "
                                   "(use engine=megatron for pipeline parallelism)")
+        if self.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ConfigError(f"checkpoint.optimizer_format must be one of "
+                              f"{' | '.join(OPTIMIZER_FORMATS)}; got {self.checkpoint.optimizer_format!r}")
+        if self.checkpoint.async_save and par.engine != "megatron":
+            raise ConfigError("checkpoint.async_save needs parallel.engine=megatron: DeepSpeed "
+                              "writes its own checkpoint in place")
         if self.train.compile:
             if tp > 1:
                 raise ConfigError("train.compile needs parallel.tensor_parallel=1: the tensor-"
@@ -155,6 +210,7 @@ class RunConfig:
             if not platform.can_compile():
                 raise ConfigError("train.compile on CPU needs a C++ compiler for TorchInductor's "
                                   "kernels: none on PATH (install g++ or set CXX)")
+        self._validate_memory()
         if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
             raise ConfigError(f"parallel.deepspeed_config {par.deepspeed_config!r} does not exist")
         if not self.data.train:
@@ -176,3 +232,51 @@ class RunConfig:
             raise ConfigError(f"checkpoint.verify must be full or sizes; got {self.checkpoint.verify!r}")
         if self.train.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype must be auto, bf16 or fp32; got {self.train.dtype!r}")
+
+    def _validate_memory(self) -> None:
+        """Activation recompute, sequence parallelism and the DDP overlaps."""
+        train, par, llm = self.train, self.parallel, self.model.llm
+        if train.recompute not in RECOMPUTE:
+            raise ConfigError(f"train.recompute must be one of {' | '.join(RECOMPUTE)}; got "
+                              f"{train.recompute!r}")
+        if train.recompute != "none" and par.engine != "megatron":
+            raise ConfigError("train.recompute needs parallel.engine=megatron: megatron-core's "
+                              "recompute is checked under its own DDP only (ZeRO-3 gathers "
+                              "parameters in module hooks that a recomputed forward runs again)")
+        if train.recompute != "none" and train.compile:
+            raise ConfigError("train.recompute does not combine with train.compile: the compiled "
+                              "layers would run inside megatron-core's checkpoint function")
+        if train.recompute == "full":
+            if train.recompute_method not in RECOMPUTE_METHODS:
+                raise ConfigError(f"train.recompute_method must be one of "
+                                  f"{' | '.join(RECOMPUTE_METHODS)}; got {train.recompute_method!r}")
+            per_chunk = llm.num_layers // (par.pipeline_parallel * (par.virtual_pipeline or 1))
+            n = train.recompute_num_layers
+            if not 1 <= n <= per_chunk:
+                raise ConfigError(f"train.recompute_num_layers must be between 1 and the layers of "
+                                  f"one pipeline stage ({per_chunk}); got {n}")
+            if train.recompute_method == "uniform" and per_chunk % n:
+                raise ConfigError(f"train.recompute_num_layers={n} must divide the layers of one "
+                                  f"pipeline stage ({per_chunk}) with recompute_method=uniform")
+        if train.recompute == "selective":
+            bad = sorted(set(train.recompute_modules) - set(RECOMPUTE_MODULES))
+            if bad or not train.recompute_modules:
+                raise ConfigError(f"train.recompute_modules must be a non-empty subset of "
+                                  f"{', '.join(RECOMPUTE_MODULES)}; got {train.recompute_modules}")
+            if "layernorm" in train.recompute_modules and not platform.has_transformer_engine():
+                raise ConfigError("train.recompute_modules: layernorm needs TransformerEngine: "
+                                  "megatron-core 0.16's output-discarding checkpoint (its norm "
+                                  "recompute) reads TransformerEngine's FP8 state even without FP8")
+        if par.sequence_parallel and par.engine != "megatron":
+            raise ConfigError("parallel.sequence_parallel needs parallel.engine=megatron (its grad "
+                              "finalisation all-reduces the norms' gradients over TP)")
+        if par.overlap_grad_reduce and par.engine != "megatron":
+            raise ConfigError("parallel.overlap_grad_reduce is a megatron-engine option (megatron-"
+                              "core's DDP); DeepSpeed has its own overlap_comm")
+        if par.overlap_param_gather:
+            raise ConfigError(
+                "parallel.overlap_param_gather is not supported: megatron-core then all-gathers the "
+                "updated parameter shards in forward pre-hooks of the next step, but this engine "
+                "reads the parameters between steps (the semantic-target projector sync right after "
+                "each optimizer step, the finiteness check, evaluation and checkpoint saving), which "
+                "would see stale shards. Use parallel.overlap_grad_reduce for the backward overlap")

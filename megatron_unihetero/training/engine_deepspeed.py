@@ -15,8 +15,9 @@ engine (:func:`~megatron_unihetero.training.optim.build_lr_scheduler`), so a Dee
 "scheduler" section is dropped.
 
 Checkpoints: ``engine.save_checkpoint`` writes optimizer state and ZeRO partitions to
-``iter_dir/engine`` (tag "engine"). The model weights travel in our own model files; DeepSpeed's
-copy of the module in its checkpoint is the same iteration's weights. ZeRO partitions are per
+``iter_dir/engine`` (tag "engine"), module included: a resume reads that. The model weights are
+also written as every checkpoint has them (``iter_dir/dist``, checkpointing/dist.py), which
+export, evaluation and weights-only starts read. ZeRO partitions are per
 DP rank: a resume at another DP size converts the checkpoint once with DeepSpeed's
 universal-checkpoint tool (``deepspeed.checkpoint.ds_to_universal``, into
 ``ITER/engine_universal``, on global rank 0) and loads that (per-parameter fp32 weights and
@@ -28,6 +29,7 @@ the weights only (``--checkpoint.load=ITER --checkpoint.resume=false``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import glob
 import json
@@ -44,6 +46,7 @@ from deepspeed.checkpoint import ds_to_universal
 from megatron.core import parallel_state
 
 from megatron_unihetero import parallel, platform
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
 from megatron_unihetero.training import losses
@@ -247,26 +250,20 @@ class DeepSpeedEngine:
             self.engine.train()
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def model_state(self) -> Dict[str, torch.Tensor]:
-        """This TP rank's full state dict (same keys as ``model.state_dict()``).
-
-        Under ZeRO-3 the parameters are gathered over DP: a collective, so every DP rank of the
-        TP group must call it (not only DP rank 0).
-        """
-        if self.zero_stage < 3:
-            return self.model.state_dict()
-        params = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().clone() if torch.is_tensor(v) else v
-                    for k, v in self.model.state_dict().items()}
-
-    def model_states(self) -> List[Dict[str, torch.Tensor]]:
-        """The trainer's interface: one state dict per model chunk (one here, PP=1)."""
-        return [self.model_state()]
-
     def save(self, iter_dir: str) -> None:
-        """Optimizer state and ZeRO partitions into ``iter_dir/engine``; collective (all ranks)."""
+        """DeepSpeed's checkpoint (module, optimizer state, ZeRO partitions) into
+        ``iter_dir/engine``, and the model weights as every checkpoint has them
+        (checkpointing/dist.py: what export, evaluation and weights-only starts read);
+        collective (all ranks), written before it returns."""
         self.engine.save_checkpoint(iter_dir, tag=_CKPT_TAG, client_state={}, save_latest=False)
+        # Under ZeRO-3 each rank holds 1/DP of every parameter: gathered for the write (every
+        # rank of the TP group takes part) and released after it, so the write is in place.
+        gathered = (deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+                    if self.zero_stage == 3 else contextlib.nullcontext())
+        with gathered:
+            request = dist_ckpt.save(dist_ckpt.model_sharded_state_dict([self.model]),
+                                     dist_ckpt.dist_dir(iter_dir), content={"engine": "deepspeed"})
+            request.execute_sync()
 
     def _saved_dp_size(self, ckpt_dir: str) -> int:
         names = glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_mp_rank_*optim_states.pt"))

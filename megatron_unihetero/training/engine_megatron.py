@@ -6,57 +6,74 @@ default) they are reduce-scattered over the data-parallel group, each DP rank up
 1/DP shard of the fp32 master weights and Adam moments (ZeRO-1), and the updated parameters
 are all-gathered back. Without it they are all-reduced and every rank holds the full state.
 
-Checkpoint of the optimizer, one file per (TP, PP) rank written by DP rank 0: the state that
-does not depend on DP (param groups, step) plus, for the distributed optimizer, the parameter
-state gathered from all DP shards into megatron-core's "dp_zero" layout (each buffer without
-its DP-dependent padding). It is scattered again on load, so a run resumes at another
-data-parallel size.
+Checkpoints (checkpointing/dist.py): the model chunks and megatron-core's optimizer sharded
+state in one torch_dist checkpoint, every rank writing its own part. The optimizer's form is
+``checkpoint.optimizer_format``: ``fully_reshardable`` (the default: model-space tensors, so
+a run resumes at another TP, PP and DP size) or ``dp_reshardable`` (each rank's flat buffers
+as they are: no exchange at save, but only the DP size may change).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Dict, List, Mapping
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_unihetero import parallel, platform
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import (
     build_lr_scheduler,
+    allocate_adam_state,
     build_megatron_optimizer,
     megatron_optimizers,
     untie_step_counters,
     use_fused_torch_adam,
 )
 
-OPTIMIZER_FORMAT = "megatron_unihetero.megatron_optimizer.v1"
+
+# The distributed optimizer's loaders of parameter state (one per checkpoint format).
+_PARAM_STATE_LOADERS = ("load_parameter_state_from_fully_reshardable",
+                        "load_parameter_state_from_dp_reshardable")
 
 
 @contextlib.contextmanager
-def _step_counters_set_aside(inner: torch.optim.Optimizer):
-    """Hide torch Adam's per-parameter ``step`` while megatron-core restores a shard's state.
+def _param_state_loads_skip_adam_steps(optimizers):
+    """Work around megatron-core 0.16 for torch AdamW (the fallback without TE/apex).
 
-    megatron-core 0.16 copies every entry of a parameter's optimizer state from the dp_zero
-    tensors, which hold only param / exp_avg / exp_avg_sq: right for TE/apex FusedAdam (step
-    in the param group), a KeyError for torch AdamW, its fallback without them. The step
-    counters were already restored from the param groups by ``load_state_dict`` (as one tensor
-    shared by every parameter: untied after).
+    Its distributed optimizer copies *every* entry of a parameter's inner optimizer state from
+    the checkpoint's parameter state, which holds param / exp_avg / exp_avg_sq only: right for
+    TE/apex FusedAdam (the step lives in the param group), a KeyError on torch AdamW's
+    per-parameter ``step``. Those steps were already restored from the param groups by the
+    same ``load_state_dict``; during the parameter-state copy they are set aside (and untied
+    after, see optim.untie_step_counters).
     """
-    steps = {param: state.pop("step") for param, state in inner.state.items() if "step" in state}
+    wrapped = [opt for opt in optimizers if isinstance(opt, DistributedOptimizer)]
+    for opt in wrapped:
+        for name in _PARAM_STATE_LOADERS:
+            def load_without_steps(param_state, _load=getattr(opt, name), _inner=opt.optimizer):
+                steps = {p: st.pop("step") for p, st in _inner.state.items() if "step" in st}
+                try:
+                    return _load(param_state)
+                finally:
+                    for param, step in steps.items():
+                        _inner.state[param]["step"] = step
+            setattr(opt, name, load_without_steps)  # shadows the method on this instance only
     try:
         yield
     finally:
-        for param, step in steps.items():
-            inner.state[param]["step"] = step
-        untie_step_counters(inner)
+        for opt in wrapped:
+            for name in _PARAM_STATE_LOADERS:
+                delattr(opt, name)
 
 
 class MegatronEngine:
@@ -72,10 +89,20 @@ class MegatronEngine:
         # Summing, not averaging, over DP: each rank's loss is already divided by the step's
         # global token counts (training/losses.py), and megatron-core requires it with the
         # model's calculate_per_token_loss.
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                                    use_distributed_optimizer=self.distributed,
                                                    average_in_collective=False)
         self.wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
+        if ddp_config.overlap_grad_reduce:
+            # What megatron's training loop sets up for its schedules: no DP reduction in the
+            # backward of micro-batches before the last (no_sync), and with several chunks each
+            # chunk's reduction launched as soon as its last backward is done (grad_sync).
+            config = self.model.config
+            no_sync = [wrapped.no_sync for wrapped in self.wrapped]
+            grad_sync = [wrapped.start_grad_sync for wrapped in self.wrapped]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
         for wrapped in self.wrapped:
             wrapped.broadcast_params()  # DP replicas start identical, before masters are copied
         params_dtype = next(p.dtype for p in self.model.parameters())
@@ -94,18 +121,31 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # No finalize_model_grads_func for the schedule: its per-token scaling divides every
         # gradient by one token count, while each objective here is normalised by its own
-        # (up front, in the loss); the DP reduction is finish_grad_sync below.
+        # (up front, in the loss); the gradient finalisation is _finalize_grads below.
         summary = step_lib.forward_backward(
             self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
             dp_group=self.dp_group)
-        for wrapped in self.wrapped:
-            wrapped.finish_grad_sync()
+        self._finalize_grads()
         grad_norm, skipped = self._optimizer_step(summary.get("loss"))
         summary["grad_norm"] = grad_norm
         summary["skipped"] = 1.0 if skipped else 0.0
         if not skipped:  # a skipped step left the projector as it was: the copy stays too
             parallel.sync_semantic_targets(self.chunks)
         return summary
+
+    def _finalize_grads(self) -> None:
+        """The parts of megatron-core's ``finalize_model_grads`` this model needs: the DP
+        reduction (``finish_grad_sync``: waits for the buckets already reducing with
+        ``parallel.overlap_grad_reduce``), then the TP all-reduce of the gradients of
+        parameters marked ``sequence_parallel`` (the norms, under sequence parallelism; a no-op
+        otherwise). ``finalize_model_grads`` itself is not called: its PP embedding-tying step
+        expects a GPTModel's shared-embedding attributes, which this model (untied
+        embeddings) does not have, and there is nothing tied to reduce.
+        """
+        for wrapped in self.wrapped:
+            wrapped.finish_grad_sync()
+        _allreduce_non_tensor_model_parallel_grads(self.wrapped, self.model.config,
+                                                   parallel_state.get_tensor_model_parallel_group())
 
     @torch.no_grad()
     def _optimizer_step(self, loss) -> tuple:
@@ -159,59 +199,66 @@ class MegatronEngine:
                 chunk.train()
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def model_states(self) -> List[Dict[str, torch.Tensor]]:
-        """One state dict per chunk (local names)."""
-        return [chunk.state_dict() for chunk in self.chunks]
+    def _sharded_state_dict(self, optimizer_format: str, is_loading: bool = False) -> dict:
+        """Model chunks and optimizer as megatron-core sharded state (checkpointing/dist.py)."""
+        metadata = {"distrib_optim_sharding_type": optimizer_format,
+                    # one naming of the optimizer's parts whatever the number of sub-optimizers
+                    "chained_optim_avoid_prefix": True}
+        state = dist_ckpt.model_sharded_state_dict(self.chunks)
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                               metadata=metadata)
+        return state
 
-    def _optim_path(self, iter_dir: str) -> str:
-        return os.path.join(iter_dir, "engine", f"optim_tp{parallel_state.get_tensor_model_parallel_rank():02d}"
-                                                f"_pp{parallel_state.get_pipeline_model_parallel_rank():02d}.pt")
-
-    def _sharded_optimizers(self) -> list:
-        return [opt for opt in megatron_optimizers(self.optimizer) if isinstance(opt, DistributedOptimizer)]
-
-    def save(self, iter_dir: str) -> None:
-        """Collective over the DP group (the distributed optimizer gathers its shards)."""
-        payload = {"format": OPTIMIZER_FORMAT, "distributed": self.distributed,
-                   "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-                   "common": self.optimizer.state_dict()}
-        if self.distributed:
-            payload["param_state"] = [opt.get_parameter_state_dp_zero() for opt in self._sharded_optimizers()]
-        if parallel_state.get_data_parallel_rank() != 0:
-            return
-        path = self._optim_path(iter_dir)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    def save(self, iter_dir: str) -> AsyncRequest:
+        """Plan the save of model and optimizer into ``iter_dir/dist``; collective. The trainer
+        runs the returned request (in place, or asynchronously) and commits it."""
+        fmt = self.cfg.checkpoint.optimizer_format
+        return dist_ckpt.save(self._sharded_state_dict(fmt), dist_ckpt.dist_dir(iter_dir),
+                              content={"engine": self.name, "optimizer_format": fmt,
+                                       "distributed_optimizer": self.distributed,
+                                       "tensor_parallel": self.cfg.parallel.tensor_parallel,
+                                       "pipeline_parallel": self.cfg.parallel.pipeline_parallel,
+                                       "virtual_pipeline": self.cfg.parallel.virtual_pipeline})
 
     def load(self, iter_dir: str) -> None:
-        path = self._optim_path(iter_dir)
-        if not os.path.isfile(path):
-            raise RuntimeError(
-                f"{path} is missing: the checkpoint was saved with another tensor/pipeline layout "
-                f"or engine. Start from its weights instead with --checkpoint.load={iter_dir} "
-                f"--checkpoint.resume=false")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != OPTIMIZER_FORMAT:
-            raise RuntimeError(f"{path} is not a megatron-engine optimizer state "
-                               f"(format {OPTIMIZER_FORMAT} expected)")
-        if payload["distributed"] != self.distributed:
-            saved = "on" if payload["distributed"] else "off"
-            raise RuntimeError(
-                f"{path} was saved with parallel.distributed_optimizer {saved}; this run has it "
-                f"{'on' if self.distributed else 'off'}. Resume with the same setting, or start "
-                f"from the weights with --checkpoint.load={iter_dir} --checkpoint.resume=false")
-        self.optimizer.load_state_dict(payload["common"])
+        """Resume model and optimizer from ``iter_dir`` saved at any TP / PP / DP size."""
+        folder = dist_ckpt.dist_dir(iter_dir)
+        saved = dist_ckpt.content(folder)
+        restart = (f"Start from its weights instead with --checkpoint.load={iter_dir} "
+                   f"--checkpoint.resume=false")
+        if saved.get("engine") != self.name:
+            raise dist_ckpt.CheckpointError(
+                f"{folder} was saved by the {saved.get('engine')!r} engine, this run uses "
+                f"{self.name!r}: its optimizer state does not transfer. {restart}")
+        if saved["distributed_optimizer"] != self.distributed:
+            was = "on" if saved["distributed_optimizer"] else "off"
+            raise dist_ckpt.CheckpointError(
+                f"{folder} was saved with parallel.distributed_optimizer {was}; this run has it "
+                f"{'on' if self.distributed else 'off'}. Resume with the same setting, or "
+                f"{restart[0].lower() + restart[1:]}")
+        for opt in megatron_optimizers(self.optimizer):
+            if not opt.is_stub_optimizer:
+                allocate_adam_state(opt.optimizer)
+        saved_layout = tuple(saved.get(k) for k in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline"))
+        par = self.cfg.parallel
+        layout = (par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline)
+        if saved["optimizer_format"] == "dp_reshardable" and saved_layout != layout:
+            raise dist_ckpt.CheckpointError(
+                f"{folder} holds the optimizer state as checkpoint.optimizer_format="
+                f"dp_reshardable at (TP, PP, VPP) = {saved_layout}; this run has {layout}: that "
+                f"format reshards over data-parallel ranks only. Resume at the saved layout (and "
+                f"save with fully_reshardable to change it), or {restart[0].lower() + restart[1:]}")
+        state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
+                               folder)
+        for i, chunk in enumerate(self.chunks):
+            dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
+        with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
+            # no_grad: for fp32 models the master shards are views of the parameters
+            self.optimizer.load_state_dict(state["optimizer"])
         # The loaded param groups carry the saved run's max_lr / min_lr, which the LR scheduler
         # reads: this run's config wins, as for the rest of the schedule (optim.build_lr_scheduler).
         for group in self.optimizer.param_groups:
             group["max_lr"], group["min_lr"] = self.cfg.train.lr, self.cfg.train.min_lr
-        if self.distributed:
-            # DP rank 0 scatters the gathered state to the current DP ranks (any DP size).
-            # no_grad: for fp32 models the master shards are views of the parameters.
-            first = parallel_state.get_data_parallel_rank() == 0
-            with torch.no_grad():
-                for opt, state in zip(self._sharded_optimizers(), payload["param_state"]):
-                    with _step_counters_set_aside(opt.optimizer):
-                        opt.load_parameter_state_from_dp_zero(state if first else None)
+        for opt in megatron_optimizers(self.optimizer):
+            untie_step_counters(opt.optimizer)  # restored as one tensor shared by every parameter
         use_fused_torch_adam(self.optimizer)  # the loaded param groups replaced its switch

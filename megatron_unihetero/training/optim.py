@@ -138,6 +138,25 @@ def use_fused_torch_adam(optimizer) -> None:
                 state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
+@torch.no_grad()
+def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of a fresh torch Adam(W) its (zero) state before a checkpoint load.
+
+    torch creates the state at the first step; megatron-core 0.16's optimizers, without TE or
+    apex FusedAdam, read the ``step`` from it while they build the sharded state dict to load
+    into (and fail on a fresh optimizer). The load then overwrites all of it. megatron-core's
+    own way (``_init_optimizer_states_with_dummy_values``) takes a real step, which would
+    move the parameters by weight decay until they are overwritten too.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def untie_step_counters(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter state its own Adam ``step`` tensor.
 

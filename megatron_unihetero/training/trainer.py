@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Dict, List, Optional
@@ -19,8 +20,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_unihetero import parallel, platform
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.config_io import save_config
 from megatron_unihetero.data.loader import build_loader
+from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import checkpoint as ckpt
@@ -37,13 +40,29 @@ class NonFiniteTrainingError(RuntimeError):
     """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
 
 
+class CollectiveFailure(RuntimeError):
+    """A collective timed out (``parallel.timeout_minutes``) or lost a peer; names what the run
+    was doing."""
+
+
+# What torch.distributed's backends say when a collective times out or a peer is gone (gloo
+# raises RuntimeError / DistBackendError with these texts; NCCL's watchdog, "Timeout").
+_COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer",
+                        "connection reset by peer", "broken pipe")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistError) or any(t in str(exc).lower() for t in _COLLECTIVE_FAILURES)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.ps = parallel_state
         # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
         self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=_params_dtype(cfg),
-                                                 compile_layers=cfg.train.compile)
+                                                 compile_layers=cfg.train.compile,
+                                                 memory=parallel.activation_memory(cfg))
         self.model = self.chunks[0]
         self._weights_loaded = self._load_initial_weights()
         self.engine = _build_engine(self.chunks, cfg)
@@ -63,6 +82,10 @@ class Trainer:
                           and self.dp_rank == 0)
         self.metrics = MetricsLogger(cfg.logging, enabled=self.is_logger, total_steps=cfg.train.steps)
         self._flop_terms = self._count_flop_terms()
+        ck = cfg.checkpoint
+        self.writer = ckpt.CheckpointWriter(ck.dir, ck.keep_last, async_save=ck.async_save)
+        self.last_committed: Optional[str] = None
+        self.phase = "starting"  # what the loop is doing, for errors (a timed-out collective)
 
     # -- setup ---------------------------------------------------------------------------------
     def _loader(self, split: str):
@@ -75,10 +98,12 @@ class Trainer:
             tokens_per_image=self.model.tokens_per_image, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=self.cfg.train.seed, pack_window=data.pack_window,
             image_size=_encoder_image_size(self.model, self.cfg), image_mean=mean, image_std=std,
+            # The validation loader is rebuilt for every evaluation: no worker start-up for it.
+            num_workers=data.num_workers if split == "train" else 0,
         )
 
     def _count_flop_terms(self) -> dict:
-        return flop_terms(self.cfg.model)
+        return flop_terms(self.cfg.model, pipeline_parallel=self.cfg.parallel.pipeline_parallel)
 
     def install_signal_handler(self) -> None:
         """SIGTERM (a scheduler's preemption) -> save a checkpoint at the end of this step."""
@@ -114,12 +139,8 @@ class Trainer:
             self.metrics.info(f"initialised weights from {self.cfg.checkpoint.load}")
 
     def load(self, iter_dir: str, full: bool) -> None:
-        zero3 = self.cfg.parallel.engine == "deepspeed" and self.cfg.parallel.zero_stage == 3
-        if not (full and zero3):
-            # Under ZeRO-3 the parameters are partitioned: a full resume restores them through
-            # DeepSpeed's own checkpoint; a weights-only start loads before the engine exists.
-            parallel.load_model(self.chunks, os.path.join(iter_dir, "model"))
         if not full:
+            dist_ckpt.load_model(self.chunks, dist_ckpt.dist_dir(iter_dir))
             return
         self.engine.load(iter_dir)
         state = ckpt.load_trainer_state(iter_dir)
@@ -139,7 +160,8 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def save(self) -> Optional[str]:
-        """Save a checkpoint and mark it ``latest``; returns its folder, or None (nothing
+        """Save a checkpoint of this step; returns its folder, committed as ``latest`` now or,
+        with ``checkpoint.async_save``, by a later :meth:`CheckpointWriter.poll`. None (nothing
         written, ``latest`` and older checkpoints untouched) when the model is non-finite."""
         ck = self.cfg.checkpoint
         if not self._model_is_finite():
@@ -148,25 +170,33 @@ class Trainer:
             self.metrics.info(f"not saving a checkpoint at step {self.step}: the model has "
                               f"non-finite parameters; latest stays {self._last_checkpoint()}")
             return None
+        self._log_commit(self.writer.wait())  # one save in flight: the previous one commits first
         iter_dir = ckpt.iteration_dir(ck.dir, self.step)
+        if self._last_checkpoint() == iter_dir:
+            return iter_dir  # this step is the checkpoint resumed from (a SIGTERM right after)
         if dist.get_rank() == 0:
+            # Whatever an earlier, uncommitted save of this step left (a crash, a full disk)
+            # must not end up in this checkpoint's manifest.
+            shutil.rmtree(iter_dir, ignore_errors=True)
             os.makedirs(iter_dir, exist_ok=True)
             save_config(self.cfg, os.path.join(iter_dir, "config.yaml"))
         ckpt.barrier()
-        states = self.engine.model_states()  # collective under ZeRO-3: every rank calls it
-        parallel.save_model(self.chunks, os.path.join(iter_dir, "model"), self.cfg.model, states)
-        self.engine.save(iter_dir)
-        if dist.get_rank() == 0:
-            ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
-                                               "rng": ckpt.rng_state(),
-                                               "lr_scheduler": self.engine.lr_scheduler.state_dict()})
-        ckpt.barrier()  # every rank has written its part: now the checkpoint is complete
-        if dist.get_rank() == 0:
-            ckpt.write_manifest(iter_dir)  # synced to disk before `latest` names the folder
-            ckpt.mark_latest(ck.dir, iter_dir)
-            ckpt.prune(ck.dir, ck.keep_last)
-        ckpt.barrier()
+        with ckpt.naming_failures(iter_dir):
+            request = self.engine.save(iter_dir)  # collective; None: already written
+            if dist.get_rank() == 0:
+                ckpt.save_trainer_state(iter_dir, {"step": self.step, "loader": self.train_loader.state_dict(),
+                                                   "rng": ckpt.rng_state(),
+                                                   "lr_scheduler": self.engine.lr_scheduler.state_dict()})
+        # Written in place (then committed: manifest, `latest`, prune) or in a forked writer
+        # (checkpoint.async_save: committed by a later poll, training goes on meanwhile).
+        self.writer.write(iter_dir, request)
+        self._log_commit(None if self.writer.in_flight else iter_dir)
         return iter_dir
+
+    def _log_commit(self, iter_dir: Optional[str]) -> None:
+        if iter_dir is not None:
+            self.last_committed = iter_dir
+            self.metrics.info(f"saved checkpoint {iter_dir}")
 
     # -- the loop ------------------------------------------------------------------------------
     def objective_weights(self) -> Dict[str, float]:
@@ -178,37 +208,58 @@ class Trainer:
         return [next(self.train_loader) for _ in range(self.cfg.train.grad_accumulation)]
 
     def train(self) -> dict:
+        """The loop; a collective that times out or loses a peer ends it as a
+        :class:`CollectiveFailure` that says what the run was doing (:attr:`phase`)."""
+        try:
+            return self._train()
+        except (NonFiniteTrainingError, ckpt.CheckpointError):
+            raise
+        except RuntimeError as exc:
+            if not is_collective_failure(exc):
+                raise
+            raise CollectiveFailure(
+                f"a collective failed while {self.phase} (parallel.timeout_minutes="
+                f"{self.cfg.parallel.timeout_minutes}; another rank is hung or gone): "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    def _train(self) -> dict:
         cfg = self.cfg
+        self.phase = "resuming"
         self.maybe_resume()
         for chunk in self.chunks:
             chunk.train()
-        last_saved = None
         final: dict = {}
         if cfg.train.compile and self.step < cfg.train.steps:
             self.metrics.info("train.compile: the first step compiles the decoder layers")
         while self.step < cfg.train.steps:
             start = time.perf_counter()
+            self.phase = f"loading the batches of step {self.step + 1}"
             batches = self.next_batches()
             lr = advance_lr(self.engine.lr_scheduler, self.step, cfg.train)
+            self.phase = (f"running train step {self.step + 1} (forward, backward, gradient "
+                          f"reduction, optimizer step)")
             summary = self.engine.train_step(batches, self.objective_weights())
             elapsed = time.perf_counter() - start
             self.step += 1
+            self.phase = f"logging step {self.step} (the loss reduction over data-parallel ranks)"
+            self._log_commit(self.writer.poll())  # an asynchronous save that has finished
             final = self._log_step(summary, batches, lr, elapsed)
             self._stop_if_too_many_bad_steps()
             if cfg.logging.eval_interval and self.step % cfg.logging.eval_interval == 0:
+                self.phase = f"evaluating at step {self.step}"
                 final.update(self.evaluate())
             stop = self._stop_agreed()
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.train.steps or stop:
-                saved = self.save()
-                if saved is not None:
-                    last_saved = saved
-                    self.metrics.info(f"saved checkpoint {last_saved}")
+                self.phase = f"saving the checkpoint of step {self.step}"
+                self.save()
             if stop:
                 self.metrics.info(f"stopping at step {self.step} on SIGTERM")
                 break
+        self.phase = "finishing the last checkpoint"
+        self._log_commit(self.writer.close())  # the last save is committed before the run ends
         self.metrics.close()
-        final["checkpoint"] = last_saved
+        final["checkpoint"] = self.last_committed
         return final
 
     def _count_skipped(self, summary: Dict[str, float]) -> None:
@@ -231,6 +282,7 @@ class Trainer:
     def _stop_if_too_many_bad_steps(self) -> None:
         limit = self.cfg.train.max_bad_steps
         if limit and self.bad_steps_in_a_row >= limit:
+            self.writer.close()  # a save in flight is of finite weights: let it commit
             self.metrics.close()
             raise NonFiniteTrainingError(
                 f"stopping: {self.bad_steps_in_a_row} consecutive steps with a non-finite loss or "
@@ -243,19 +295,24 @@ class Trainer:
         return bool(flag.item())
 
     def _reduce_over_dp(self, summary: Dict[str, float]) -> Dict[str, float]:
-        """Each DP rank holds its share (sum / global count): the step mean is their sum."""
+        """Each DP rank holds its share (sum / global count): the step mean is their sum.
+        The diagnostics' statistics (``stats/*``, vectors of sums) ride in the same all-reduce."""
         keys = sorted(k for k in summary if k not in ("grad_norm", "skipped") and not k.startswith("count_"))
         if not keys:
             return summary
-        values = torch.tensor([summary[k] for k in keys], dtype=torch.float64, device=platform.device())
+        parts = [torch.as_tensor(summary[k], dtype=torch.float64).reshape(-1).to(platform.device())
+                 for k in keys]
+        values = torch.cat(parts)
         if self.dp_size > 1:
             dist.all_reduce(values, group=self.ps.get_data_parallel_group())
         out = dict(summary)
-        out.update(dict(zip(keys, values.tolist())))
+        for key, part in zip(keys, values.split([p.numel() for p in parts])):
+            out[key] = part.cpu() if diagnostics.is_stats(key) else float(part)
         return out
 
     def _log_step(self, summary, batches, lr, elapsed) -> dict:
         summary = self._reduce_over_dp(summary) if summary else summary
+        summary = diagnostics.finish(summary)  # the step's statistics -> R², baselines, norms
         self._count_skipped(summary)
         # Work of the whole step: this rank's batches, summed over the data-parallel ranks.
         work = torch.tensor([
@@ -280,20 +337,23 @@ class Trainer:
     def evaluate(self) -> dict:
         loader = self.valid_loader_factory()
         totals: Dict[str, float] = {}
+        stats: Dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(self.cfg.logging.eval_batches):
             try:
                 batch = next(loader)
             except StopIteration:
                 break
-            summary = self.engine.eval_step([batch], self.objective_weights())
             summary = self._reduce_over_dp(summary) if summary else summary
             for k, v in summary.items():
-                if not k.startswith("count_"):
+                if diagnostics.is_stats(k):  # summed over every batch: exact over the split
+                    stats[k] = diagnostics.add_stats(stats.get(k), v)
+                elif not k.startswith("count_"):
                     totals[k] = totals.get(k, 0.0) + v
             n += 1
         loader.close()
         result = {f"valid_{k}": v / max(n, 1) for k, v in totals.items()}
+        result.update(diagnostics.finish(stats, prefix="valid_"))
         self.metrics.log_eval(self.step, result)
         return result
 

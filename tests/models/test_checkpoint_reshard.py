@@ -10,7 +10,7 @@ from tests.models import _parity_jobs as jobs
 @pytest.mark.parametrize("saved,loaded", [((2, 1), (1, 2)), ((1, 2), (1, 1))],
                          ids=["tp2-to-pp2", "pp2-to-single"])
 def test_checkpoint_reshards_on_load(reference, tmp_path, saved, loaded):
-    model_dir = str(tmp_path / "model")
+    model_dir = str(tmp_path / "iter_0000001")
     cfg = jobs.tiny_config()
     run_distributed_test(jobs.save_sharded_job, saved[0] * saved[1], reference, model_dir, cfg, *saved)
     run_distributed_test(jobs.load_resharded_job, loaded[0] * loaded[1], reference, model_dir, cfg, *loaded)

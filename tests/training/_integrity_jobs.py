@@ -14,6 +14,6 @@ def agree_job(ckpt_dir: str, fallback: bool, expected) -> None:
     if expected == "error":
         assert chosen.startswith("error:"), (dist.get_rank(), chosen)
         if dist.get_rank() == 0:
-            assert "tp00_pp00.safetensors" in chosen, chosen
+            assert "__0_0.distcp" in chosen, chosen
     else:
         assert chosen == expected, (dist.get_rank(), chosen)

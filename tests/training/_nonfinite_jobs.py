@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_unihetero.checkpointing.model_io import load_full_state
+from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training import losses
 
 
@@ -38,7 +38,6 @@ def save_refusal_job(args):
     ``latest`` and the earlier checkpoint as they were."""
     from megatron_unihetero import parallel
     from megatron_unihetero.config_io import load_config
-    from megatron_unihetero.training import checkpoint as ckpt
     from megatron_unihetero.training.config import RunConfig
     from megatron_unihetero.training.trainer import Trainer
 
@@ -62,5 +61,5 @@ def save_refusal_job(args):
 
 
 def model_is_finite(iter_dir: str) -> bool:
-    state = load_full_state(os.path.join(iter_dir, "model"))
+    state = ckpt.load_model_weights(iter_dir)
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())

@@ -14,15 +14,15 @@ from megatron_unihetero.training import checkpoint as ckpt
 from tests.training import _integrity_jobs as integrity_jobs
 from tests.training import _train_jobs as jobs
 
-MODEL_FILE = "model/tp00_pp00.safetensors"
+MODEL_FILE = "dist/__0_0.distcp"
 
 
 def fake_checkpoint(ckpt_dir: str, step: int, manifest: bool = True) -> str:
     """An iteration folder with a few files of distinct content, like the trainer's layout."""
     iter_dir = ckpt.iteration_dir(ckpt_dir, step)
-    os.makedirs(os.path.join(iter_dir, "model"), exist_ok=True)
+    os.makedirs(os.path.join(iter_dir, "dist"), exist_ok=True)
     os.makedirs(os.path.join(iter_dir, "engine"), exist_ok=True)
-    for rel, size in ((MODEL_FILE, 4096), ("model/layout.json", 40), ("engine/optim.pt", 1000),
+    for rel, size in ((MODEL_FILE, 4096), ("dist/.metadata", 40), ("engine/optim.pt", 1000),
                       ("trainer.pt", 300), ("config.yaml", 20)):
         with open(os.path.join(iter_dir, rel), "wb") as handle:
             handle.write(bytes((step * 7 + i) % 251 for i in range(size)))
@@ -51,8 +51,8 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     with open(os.path.join(iter_dir, ckpt.MANIFEST)) as handle:
         manifest = json.load(handle)
     assert manifest["iteration"] == "iter_0000003" and manifest["checksum"] == "sha256"
-    assert sorted(manifest["files"]) == ["config.yaml", "engine/optim.pt", "model/layout.json",
-                                         MODEL_FILE, "trainer.pt"]
+    assert sorted(manifest["files"]) == sorted(["config.yaml", "engine/optim.pt", "dist/.metadata",
+                                                MODEL_FILE, "trainer.pt"])
     assert manifest["files"][MODEL_FILE]["size"] == 4096
     assert ckpt.manifest_problems(iter_dir, "full") == []
     assert ckpt.verify_checkpoint(iter_dir) is True

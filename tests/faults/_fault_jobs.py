@@ -1,0 +1,103 @@
+"""Pretraining processes that fail on purpose, for the fault tests.
+
+    python -m tests.faults._fault_jobs FAULT [pretrain overrides ...]
+
+FAULT is ``none`` or ``KIND@STEP``, acting on the checkpoint save of that step:
+- ``kill_mid_write@S``: the process is killed (SIGKILL) while torch_dist writes its tensor
+  files (the writer, a forked child, writes one item and then kills its parent);
+- ``kill_before_commit@S``: killed after every file is written, before the manifest and
+  ``latest`` (the commit);
+- ``enospc@S``: writing the tensor files fails with "No space left on device";
+- ``stall@S``: before step S, rank 1 sleeps longer than ``parallel.timeout_minutes`` (a hung
+  rank: the others' next collective times out).
+The faults are injected by wrapping the functions they hit, in this process only.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+import sys
+import time
+
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+from megatron_unihetero import pretrain
+from megatron_unihetero.training import checkpoint as ckpt
+from megatron_unihetero.training.trainer import Trainer
+
+
+def _is_step(path: str, step: int) -> bool:
+    return f"iter_{step:07d}" in str(path)
+
+
+def _wrap_tensor_writes(step: int, fault):
+    """Run ``fault(path)`` before each item torch_dist writes into the checkpoint of ``step``
+    (in the forked writer process)."""
+    original = filesystem_async._write_item
+
+    @functools.wraps(original)  # megatron inspects its signature
+    def write_item(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "write"))
+        if _is_step(getattr(stream, "name", ""), step):
+            fault(stream.name)
+        return original(*args, **kwargs)
+
+    filesystem_async._write_item = write_item
+
+
+def kill_mid_write(step: int) -> None:
+    def fault(path):
+        # Something of the file is on disk, then the training process dies mid-save.
+        os.write(os.open(path, os.O_WRONLY | os.O_APPEND), b"\0" * 64)
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(1)
+
+    _wrap_tensor_writes(step, fault)
+
+
+def kill_before_commit(step: int) -> None:
+    original = ckpt.write_manifest
+
+    def write_manifest(iter_dir):
+        if _is_step(iter_dir, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(iter_dir)
+
+    ckpt.write_manifest = write_manifest
+
+
+def enospc(step: int) -> None:
+    def fault(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    _wrap_tensor_writes(step, fault)
+
+
+def stall(step: int) -> None:
+    original = Trainer.next_batches
+
+    def next_batches(self):
+        if self.step + 1 == step and int(os.environ.get("RANK", "0")) == 1:
+            time.sleep(60 * self.cfg.parallel.timeout_minutes * 4)
+        return original(self)
+
+    Trainer.next_batches = next_batches
+
+
+FAULTS = {"kill_mid_write": kill_mid_write, "kill_before_commit": kill_before_commit,
+          "enospc": enospc, "stall": stall}
+
+
+def main(argv) -> None:
+    fault, overrides = argv[0], argv[1:]
+    if fault != "none":
+        kind, step = fault.split("@")
+        FAULTS[kind](int(step))
+    pretrain.main(overrides)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

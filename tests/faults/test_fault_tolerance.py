@@ -1,0 +1,134 @@
+"""Faults a long run meets, injected on CPU: kills (also mid-save), a full disk, a hung rank.
+
+Each run is the tiny pretraining run (megatron_unihetero.testing.runs) in its own process, with
+a checkpoint every 2 steps; the reference is the same command run without a fault.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from megatron_unihetero.testing.distributed import free_port
+from megatron_unihetero.training import checkpoint as ckpt
+
+from tests.training import _train_jobs as jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAVE_EVERY = {"checkpoint.save_interval": 2}
+
+
+def _command(fault: str, args, ranks: int = 1) -> list:
+    job = ["-m", "tests.faults._fault_jobs", fault, *args]
+    if ranks == 1:
+        return [sys.executable, *job]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+            "--master-port", str(free_port()), *job]
+
+
+def _run(fault: str, args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run to the end; the output goes through a file, not a pipe: a process killed mid-save
+    can leave a helper of megatron's writer behind holding its stdout, and waiting for a pipe
+    to close would wait for that helper."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.run(_command(fault, args, ranks), cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        log.seek(0)
+        proc.stdout = log.read()
+    return proc
+
+
+def _latest(run_dir: str) -> str:
+    return os.path.basename(ckpt.latest_iteration_dir(os.path.join(run_dir, "ckpt")) or "none")
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    return jobs.make_data(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_prefix, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("straight"))
+    done = _run("none", jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
+    assert done.returncode == 0, done.stdout
+    return jobs.train_losses(run_dir)
+
+
+def _kill_at_a_random_step(args, run_dir: str, step: int) -> None:
+    """SIGKILL from outside once ``step`` is logged (whatever the run is doing then)."""
+    proc = subprocess.Popen(_command("none", args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics):
+            with open(metrics) as handle:
+                if any(json.loads(line).get("step", 0) >= step for line in handle if line.strip()):
+                    break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_kill_9_at_three_points_resumes_with_the_losses_of_an_uninterrupted_run(
+        data_prefix, uninterrupted, tmp_path):
+    """A random step (from outside), mid-write of the tensor files, and after every file but
+    before the commit; each time the same command then resumes and ends with the losses of
+    the run that was never interrupted."""
+    seed = random.randrange(10**6)
+    step = random.Random(seed).choice([1, 3, 5])
+    for point in (f"outside@{step}", "kill_mid_write@4", "kill_before_commit@4"):
+        run_dir = str(tmp_path / point.replace("@", "_"))
+        # The kill from outside hits a run that saves asynchronously (its writer is a forked
+        # process: the kill may land while it writes); the two mid-save kills, synchronous ones.
+        mode = {"checkpoint.async_save": "true" if point.startswith("outside") else "false"}
+        args = jobs.overrides(data_prefix, run_dir, **SAVE_EVERY, **mode)
+        if point.startswith("outside"):
+            _kill_at_a_random_step(args, run_dir, step)
+        else:
+            killed = _run(point, args)
+            assert killed.returncode == -signal.SIGKILL, (point, killed.stdout[-3000:])
+            # Killed mid-save: the checkpoint of step 4 is not committed, step 2 is latest.
+            assert _latest(run_dir) == "iter_0000002", point
+            assert not os.path.exists(os.path.join(run_dir, "ckpt", "iter_0000004", ckpt.MANIFEST))
+        resumed = _run("none", args)  # the same command again
+        assert resumed.returncode == 0, (point, resumed.stdout[-3000:])
+        losses = jobs.train_losses(run_dir)
+        assert sorted(losses) == [1, 2, 3, 4, 5, 6], point
+        for s in losses:
+            assert losses[s] == pytest.approx(uninterrupted[s], rel=1e-6), (point, s, f"seed {seed}")
+        assert _latest(run_dir) == "iter_0000006"
+        assert ckpt.manifest_problems(os.path.join(run_dir, "ckpt", "iter_0000006")) == []
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(data_prefix, tmp_path, async_save):
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **SAVE_EVERY,
+                          **{"checkpoint.async_save": str(async_save).lower()})
+    failed = _run("enospc@4", args)
+    assert failed.returncode == 4, failed.stdout[-3000:]
+    assert "writing checkpoint" in failed.stdout and "iter_0000004" in failed.stdout, failed.stdout[-3000:]
+    assert "No space left on device" in failed.stdout
+    assert _latest(run_dir) == "iter_0000002"
+    assert ckpt.manifest_problems(os.path.join(run_dir, "ckpt", "iter_0000002")) == []
+
+
+def test_a_hung_rank_ends_the_run_with_the_operation_named(data_prefix, tmp_path):
+    """Rank 1 stalls before step 3: rank 0's next collective times out after
+    parallel.timeout_minutes (3 s here) and the run stops with exit code 5, saying where."""
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **{"parallel.timeout_minutes": 0.05,
+                                                   "checkpoint.save_interval": 0})
+    start = time.time()
+    done = _run("stall@3", args, ranks=2)
+    assert done.returncode != 0
+    assert "rank 0: a collective failed while running train step 3" in done.stdout, done.stdout[-4000:]
+    assert "timeout_minutes=0.05" in done.stdout
+    assert time.time() - start < 200  # it ended; it did not wait for the stalled rank's sleep
