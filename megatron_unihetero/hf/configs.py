@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional
 from transformers import LlamaConfig, LlavaConfig
 
 from megatron_unihetero.models.config import LLMConfig, ModelConfig, VisionConfig
-from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config, tokens_per_image
+from megatron_unihetero.models.vision import (
+    _HF_CLASSES, HF_MODEL_TYPES, load_hf_vision_config, tokens_per_image)
 
 
 class ConversionError(ValueError):
@@ -17,7 +18,7 @@ class ConversionError(ValueError):
 
 
 # config.json model_type -> our vision.model_type (full CLIP/SigLIP folders are not vision-only).
-VISION_MODEL_TYPES = {"dinov2": "dinov2", "siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+VISION_MODEL_TYPES = {hf: ours for ours, hf in HF_MODEL_TYPES.items()}
 # Fields of a vision config that describe the saving code, not the model.
 _VOLATILE_KEYS = ("transformers_version", "architectures", "model_type", "_name_or_path", "dtype",
                   "torch_dtype", "output_hidden_states", "return_dict", "id2label", "label2id")
@@ -45,7 +46,8 @@ def vision_type_of(config: Dict[str, Any], folder: str, role: str = "--vision") 
         raise ConversionError(
             f"{role} folder {folder!r} holds a {model_type!r} model "
             f"(architectures {config.get('architectures')}); expected a vision encoder: "
-            f"{', '.join(sorted(VISION_MODEL_TYPES))} (Dinov2Model, SiglipVisionModel, CLIPVisionModel)")
+            f"{', '.join(sorted(VISION_MODEL_TYPES))} (Dinov2Model, Dinov2WithRegistersModel, "
+            f"SiglipVisionModel, CLIPVisionModel)")
     return VISION_MODEL_TYPES[model_type]
 
 
@@ -108,7 +110,8 @@ def feature_select_strategy(vision: VisionConfig) -> str:
 
 def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_id: Optional[int],
                  eos_token_id: Optional[int], dtype: str):
-    """The LlavaConfig of an exported model (the vision config from the encoder's own)."""
+    """The LlavaConfig of an exported model (the vision config from the encoder's own, at the
+    size the model runs it: the export writes position embeddings of that size)."""
     hf_vision = load_hf_vision_config(model.vision)
     text = llama_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)

@@ -6,6 +6,13 @@
 The folder holds config.json (LlavaConfig), generation_config.json, model.safetensors (4.x
 on-disk names; see weights.py), the tokenizer, the LlavaProcessor files (image processor +
 chat template) and, when the model has them, unihetero_heads.{safetensors,json} (heads.py).
+
+The vocabulary: config.json's text vocab_size is the model's (``model.llm.vocab_size``, padded
+for TP), which is what the embedding and LM head hold; the tokenizer has the real tokens (its
+length may be smaller: the rows past it are padding, which generation_config.json suppresses).
+The vision tower is written at the size the model ran it (``vision.image_size``): its position
+embeddings interpolated once, the LlavaConfig's vision image_size and the processor's crop that
+size, so one ``<image>`` expands to the tokens_per_image the model was trained with.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import yaml
 from transformers import GenerationConfig
 
 from megatron_unihetero import config_io
-from megatron_unihetero.checkpointing import model_io
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf import processor as processor_lib
 from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, staged_output
 from megatron_unihetero.hf.configs import ConversionError, llava_config
 from megatron_unihetero.hf.weights import full_to_llava_disk, split_heads
 from megatron_unihetero.models.config import ModelConfig
+from megatron_unihetero.models.vision import position_embeddings_at_run_size
 from megatron_unihetero.training import checkpoint as ckpt
 
 CONFIG_FILE = "config.yaml"
@@ -62,11 +70,11 @@ def read_run_config(iter_dir: str) -> dict:
     return data
 
 
-def read_full_state(model_dir: str) -> Dict[str, torch.Tensor]:
-    """Every (TP, PP) shard merged into one TP=1/PP=1 state dict, minus derived copies."""
+def read_full_state(iter_dir: str, model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """The checkpoint's model as one TP=1/PP=1 state dict, whatever layout saved it."""
     try:
-        return model_io.load_full_state(model_dir)
-    except model_io.CheckpointError as exc:
+        return dist_ckpt.load_full_model_state(iter_dir, model)
+    except dist_ckpt.CheckpointError as exc:
         raise ConversionError(str(exc)) from None
 
 
@@ -90,8 +98,8 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
         raise ConversionError(f"tokenizer {tokenizer!r} maps <image> to {ours_tok.image_token_id} "
                               f"but model.image_token_id is {model.image_token_id}")
 
-    full = read_full_state(os.path.join(iter_dir, "model"))
-    llava_part, head_part = split_heads(full)
+    full = read_full_state(iter_dir, model)
+    llava_part, head_part = split_heads(_vision_at_run_size(full, model))
     unknown = sorted(k for k in llava_part if not k.startswith(("llm.", "vision.model.", "projector.")))
     if unknown:
         raise ConversionError(f"{iter_dir}: tensors with no place in the export: {unknown[:5]}")
@@ -107,12 +115,28 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
 
     with staged_output(save) as staging:
         config.save_pretrained(staging)
-        _generation_config(ours_tok).save_pretrained(staging)
+        _generation_config(ours_tok, model.llm.vocab_size).save_pretrained(staging)
         save_hf_weights(cast_floats(disk, target), staging)
         hf_processor.save_pretrained(staging)
         heads_lib.save_heads(staging, cast_floats(head_part, target), model)
     return save
 
 
-def _generation_config(tok):
-    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+def _vision_at_run_size(full: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """The vision tower with position embeddings for ``vision.image_size`` (the LlavaConfig
+    says that size): Llava calls its tower without ``interpolate_pos_encoding``, so the
+    interpolation our encoder does at run time is done once here, by transformers' own code."""
+    prefix = "vision.model."
+    own = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    resized = position_embeddings_at_run_size(model.vision, own)
+    out = {k: v for k, v in full.items() if not k.startswith(prefix)}
+    out.update({prefix + k: v for k, v in resized.items()})
+    return out
+
+
+def _generation_config(tok, vocab_size: int):
+    # Rows past the tokenizer are padding (the vocabulary is padded for TP): never real text,
+    # so generation must not emit them.
+    padding = list(range(tok.vocab_size, vocab_size))
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                            suppress_tokens=padding or None)

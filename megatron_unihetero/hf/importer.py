@@ -1,31 +1,40 @@
-"""HuggingFace weights -> a megatron_unihetero checkpoint at any TP/PP (no process group needed).
+"""HuggingFace weights -> a megatron_unihetero checkpoint, which any TP / PP / DP layout loads.
 
 Two sources:
-* ``--llm`` a LlamaForCausalLM folder and ``--vision`` a Dinov2 / SigLIP / CLIP vision folder:
-  the projector and the semantic head are freshly initialised (seeded);
+* ``--llm`` a LlamaForCausalLM folder and ``--vision`` a Dinov2 (with registers too) / SigLIP /
+  CLIP vision folder: the projector and the semantic head are freshly initialised (seeded);
 * ``--llm`` an exported LlavaForConditionalGeneration folder (export.py): everything, heads
   included when unihetero_heads.* is there, comes back (the round trip).
 
-The checkpoint is the one the trainer writes: ``CKPT/iter_0000000/{config.yaml, model/}`` and
-``CKPT/latest``. Each (TP, PP) rank's file holds exactly the names that rank's
-UniHeteroModel has (:func:`stage_names`: the stage's models/stage_plan.py plan), split by
-checkpointing/sharding.py's rules, so ``model_io.load_into_model`` loads it strictly.
+The vocabulary: the tokenizer (by default the ``--llm`` folder's own) appends the special
+tokens it lacks (<image>, <image_start>, <image_end>, <pad>: data/tokenizer.py); the embedding
+and LM head grow to hold them, with transformers' ``resize_token_embeddings`` (mean init), and
+are padded to a multiple of ``vocab_divisible_by`` (default 128 x 8, so TP = 1..8 split the
+rows evenly). ``model.llm.vocab_size`` in the checkpoint's config is that padded size, and
+:func:`training_settings` lists what a training config must say to load the checkpoint.
+
+The checkpoint is the one the trainer writes: ``CKPT/iter_0000000/{config.yaml, dist/,
+manifest.json}`` and ``CKPT/latest``. The converted state dict is loaded strictly into the
+whole model (TP = PP = 1, on this one process) and written through its sharded state dict
+(checkpointing/dist.py), so a run at any layout loads it (``checkpoint.load``) without a
+conversion per layout.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Optional
 
 import torch
 import transformers
+import yaml
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from megatron_unihetero import config_io
-from megatron_unihetero.checkpointing import model_io
-from megatron_unihetero.checkpointing.sharding import RankLayout, shard_state_dict, to_local_name
+from megatron_unihetero import config_io, parallel
+from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf.common import staged_output
 from megatron_unihetero.hf.configs import (
@@ -35,12 +44,18 @@ from megatron_unihetero.hf.weights import llava_module_state_to_full, llm_from_h
 from megatron_unihetero.models.config import ModelConfig, PixelGenConfig, SemanticGenConfig, VisionConfig
 from megatron_unihetero.models.heads import SemanticHead
 from megatron_unihetero.models.projector import Projector
-from megatron_unihetero.models.stage_plan import TARGET_PROJECTOR_PREFIX, StagePlan, mirrored_prefixes
-from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config
+from megatron_unihetero.models.stage_plan import TARGET_PROJECTOR_PREFIX
+from megatron_unihetero.models.vision import _HF_CLASSES, load_hf_vision_config, tokens_per_image
 from megatron_unihetero.training import checkpoint as ckpt
-from megatron_unihetero.training.config import DataConfig, ParallelConfig, RunConfig
+from megatron_unihetero.training.config import DataConfig, RunConfig
 
 State = Dict[str, torch.Tensor]
+
+logger = logging.getLogger(__name__)
+
+# Megatron pads the vocabulary to make-vocab-size-divisible-by (128) x TP. A checkpoint here
+# has no TP, so the padding must suit every TP a run may use: 128 x 8 serves TP = 1, 2, 4, 8.
+DEFAULT_VOCAB_DIVISIBLE_BY = 128 * 8
 
 
 def _from_pretrained(cls, folder: str, role: str):
@@ -76,16 +91,22 @@ def _fresh_heads(model: ModelConfig, encoder_dim: int, seed: int) -> State:
 
 
 def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
+                          tokenizer_vocab: int, vocab_divisible_by: int,
                           semantic: SemanticGenConfig, seed: int,
-                          max_sequence_length: Optional[int] = None):
+                          max_sequence_length: Optional[int] = None,
+                          image_size: Optional[int] = None):
     llm_json = read_config_json(llm_dir, "--llm")
     llm = llm_config_from_hf(llm_json, llm_dir, max_sequence_length)
     vision_json = read_config_json(vision_dir, "--vision")
     vision = VisionConfig(model_type=vision_type_of(vision_json, vision_dir),
-                          path=os.path.abspath(vision_dir))
+                          path=os.path.abspath(vision_dir), image_size=image_size)
+    tokens_per_image(vision)  # a bad --image-size fails before the weights are read
+    hf_llm = _from_pretrained(LlamaForCausalLM, llm_dir, "--llm")
+    llm.vocab_size = grow_vocabulary(hf_llm, tokenizer_vocab, vocab_divisible_by, seed, llm_dir)
     model = ModelConfig(llm=llm, vision=vision, semantic=semantic, image_token_id=image_token_id)
 
-    full = llm_from_hf(_from_pretrained(LlamaForCausalLM, llm_dir, "--llm").state_dict(), llm)
+    full = llm_from_hf(hf_llm.state_dict(), llm)
+    del hf_llm
     _, model_cls, _ = _HF_CLASSES[vision.model_type]
     encoder = _from_pretrained(getattr(transformers, model_cls), vision_dir, "--vision")
     full.update({"vision.model." + k: v for k, v in encoder.state_dict().items()})
@@ -93,10 +114,13 @@ def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
     return model, full
 
 
-def from_llava(folder: str, llava_json: dict):
+def from_llava(folder: str, llava_json: dict, *, tokenizer_vocab: int = 0,
+               vocab_divisible_by: int = 1, seed: int = 1234, image_size: Optional[int] = None):
     """An exported Llava folder (+ its heads file) -> (ModelConfig, full state)."""
     model = model_config_from_llava(llava_json, folder)
+    model.vision.image_size = image_size
     hf = _from_pretrained(LlavaForConditionalGeneration, folder, "--llm")
+    model.llm.vocab_size = grow_vocabulary(hf, tokenizer_vocab, vocab_divisible_by, seed, folder)
     full = llava_module_state_to_full(hf.state_dict(), model.llm)
     heads_json = os.path.join(folder, heads_lib.HEADS_CONFIG)
     if os.path.isfile(heads_json):
@@ -112,95 +136,111 @@ def from_llava(folder: str, llava_json: dict):
     return model, full
 
 
-def check_parallel(model: ModelConfig, tp: int, pp: int) -> None:
-    llm = model.llm
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1; got {tp} and {pp}")
-    for field, value in (("num_attention_heads", llm.num_attention_heads),
-                         ("num_query_groups (num_key_value_heads)", llm.num_query_groups),
-                         ("ffn_hidden_size (intermediate_size)", llm.ffn_hidden_size),
-                         ("vocab_size", llm.vocab_size)):
-        if value % tp:
-            raise ConversionError(f"--tp {tp} does not divide llm.{field} = {value}")
-    if llm.num_layers % pp:
-        raise ConversionError(f"--pp {pp} does not divide llm.num_layers "
-                              f"(num_hidden_layers) = {llm.num_layers}")
+def padded_vocab_size(needed: int, divisible_by: int) -> int:
+    """``needed`` rounded up to a multiple of ``divisible_by``."""
+    return -(-needed // divisible_by) * divisible_by
 
 
-def stage_names(full_names: Iterable[str], model: ModelConfig, pp_rank: int, pp: int) -> List[str]:
-    """The local state names of pipeline stage ``pp_rank``: what its :class:`StagePlan` holds."""
-    plan = StagePlan.build(model, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
-    holds = plan.holds_prefix()
-    per_stage = model.llm.num_layers // pp
-    names, has_target = [], False
-    for name in full_names:
-        if name.startswith("llm.decoder.layers."):
-            local = to_local_name(name, pp_rank * per_stage, per_stage)
-            if local is not None:
-                names.append(local)
-            continue
-        prefix = next((p for p in holds if name.startswith(p)), None)
-        if prefix is None:
-            raise ConversionError(f"no pipeline stage holds {name!r}")
-        if holds[prefix]:
-            names.append(name)
-            has_target |= prefix == TARGET_PROJECTOR_PREFIX
-    if plan.target_projector is not None and not has_target:
-        # The last stage's copy of the projector (sharding.py fills it from projector.*).
-        names += [TARGET_PROJECTOR_PREFIX + n[len("projector."):] for n in full_names
-                  if n.startswith("projector.")]
-    return names
+def grow_vocabulary(hf_model, tokenizer_vocab: int, divisible_by: int, seed: int, folder: str) -> int:
+    """Make the HF model's embedding and LM head hold the tokenizer's vocabulary (its appended
+    specials: <image>, ...), padded to a multiple of ``divisible_by``; returns the new size.
+
+    transformers' own ``resize_token_embeddings(mean_resizing=True)`` does it: new rows are
+    drawn around the mean of the existing rows (a normal of 1e-9 x their covariance), so the
+    new tokens barely move the next-token distribution of the pretrained model. The padding
+    rows beyond the tokenizer get the same init; no text ever holds their ids. Never shrinks:
+    rows beyond the tokenizer the checkpoint already has are kept. Seeded, so an import is
+    reproducible."""
+    if divisible_by < 1:
+        raise ConversionError(f"--vocab-divisible-by must be >= 1; got {divisible_by}")
+    current = hf_model.get_input_embeddings().weight.shape[0]
+    target = padded_vocab_size(max(current, tokenizer_vocab), divisible_by)
+    if target != current:
+        logger.info("%s: embedding and LM head grow from %d to %d rows (tokenizer: %d tokens, "
+                    "padded to a multiple of %d)", folder, current, target, tokenizer_vocab,
+                    divisible_by)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf_model.resize_token_embeddings(target, mean_resizing=True)
+    return target
 
 
-def write_checkpoint(full: State, model: ModelConfig, save: str, tp: int, pp: int,
-                     tokenizer: Optional[str]) -> str:
-    check_parallel(model, tp, pp)
-    per_stage = model.llm.num_layers // pp
+def write_checkpoint(full: State, model: ModelConfig, save: str, tokenizer: Optional[str]) -> str:
+    """``save/iter_0000000``: ``full`` loaded strictly into the model ``model`` describes and
+    written as the trainer writes weights (checkpointing/dist.py), which any TP / PP / DP
+    layout loads; then the run config, the manifest and ``latest``."""
     with staged_output(save) as staging:
         iter_dir = ckpt.iteration_dir(staging, 0)
-        model_dir = os.path.join(iter_dir, "model")
-        for pp_rank in range(pp):
-            local_names = stage_names(full.keys(), model, pp_rank, pp)
-            for tp_rank in range(tp):
-                layout = RankLayout(tp_rank, tp, pp_rank * per_stage)
-                model_io.save_model_shard(shard_state_dict(full, local_names, layout),
-                                          model_dir, layout, pp_rank)
-        model_io.write_layout(model_dir, tp, pp, {r: r * per_stage for r in range(pp)},
-                              mirrored_prefixes(model))
-        run = RunConfig(model=model, data=DataConfig(tokenizer=tokenizer),
-                        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
-        config_io.save_config(run, os.path.join(iter_dir, "config.yaml"))
-        ckpt.write_manifest(iter_dir)  # the trainer verifies it before loading
+        with parallel.single_process():
+            stage = parallel.build_model(model)
+            missing, unexpected = stage.load_state_dict(full, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            # A fresh EMA target projector starts as the projector (what training does too).
+            fresh_ema = [k for k in missing if k.startswith(TARGET_PROJECTOR_PREFIX)]
+            if sorted(missing) != sorted(fresh_ema) or unexpected:
+                raise ConversionError(f"the converted weights do not fit the model: missing "
+                                      f"{[k for k in missing if k not in fresh_ema][:5]}, "
+                                      f"unexpected {unexpected[:5]}")
+            if fresh_ema:
+                parallel.sync_semantic_targets([stage], ema=False)
+            dist_ckpt.save_weights([stage], iter_dir)
+            run = RunConfig(model=model, data=DataConfig(tokenizer=tokenizer))
+            config_io.save_config(run, os.path.join(iter_dir, "config.yaml"))
+            ckpt.write_manifest(iter_dir)  # the trainer verifies it before loading
         ckpt.mark_latest(staging, iter_dir)
     return save
 
 
-def import_hf(llm: str, save: str, *, vision: Optional[str] = None, tp: int = 1, pp: int = 1,
+def default_tokenizer(llm_dir: str) -> Optional[str]:
+    """The LLM folder's own tokenizer: its SentencePiece ``tokenizer.model`` (what Llama-2
+    ships, read exactly as preprocessing reads it), else its HF tokenizer (``tokenizer.json``:
+    the folder); None when it has neither."""
+    sentencepiece = os.path.join(llm_dir, "tokenizer.model")
+    if os.path.isfile(sentencepiece):
+        return os.path.abspath(sentencepiece)
+    if os.path.isfile(os.path.join(llm_dir, "tokenizer.json")):
+        return os.path.abspath(llm_dir)
+    return None
+
+
+def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
               tokenizer: Optional[str] = None, image_token_id: Optional[int] = None,
               semantic: Optional[SemanticGenConfig] = None, seed: int = 1234,
-              max_sequence_length: Optional[int] = None) -> str:
-    """Write checkpoint ``save`` from HF folders (see the module docstring); returns ``save``."""
+              max_sequence_length: Optional[int] = None,
+              vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+              image_size: Optional[int] = None) -> str:
+    """Write checkpoint ``save`` from HF folders (see the module docstring); returns ``save``.
+
+    ``tokenizer``: default the ``--llm`` folder's own (:func:`default_tokenizer`). Its specials
+    that the LLM has no rows for are added to the embedding and LM head, and the vocabulary is
+    padded to a multiple of ``vocab_divisible_by`` (:func:`grow_vocabulary`). ``image_size``:
+    the resolution the encoder runs at (``model.vision.image_size``)."""
     llm_json = read_config_json(llm, "--llm")
     kind = llm_json.get("model_type")
     if kind == "llava":
         if vision is not None:
             raise ConversionError(f"--llm {llm!r} is a Llava folder that holds its vision tower; "
                                   f"do not give --vision")
-        model, full = from_llava(llm, llm_json)
         if tokenizer is None and os.path.isfile(os.path.join(llm, "tokenizer_config.json")):
             tokenizer = os.path.abspath(llm)
+        tokenizer_vocab = _tokenizer_vocab(tokenizer, llm_json.get("image_token_index"))
+        model, full = from_llava(llm, llm_json, tokenizer_vocab=tokenizer_vocab,
+                                 vocab_divisible_by=vocab_divisible_by, seed=seed,
+                                 image_size=image_size)
     elif kind == "llama":
         if vision is None:
             raise ConversionError("--vision is required with a Llama --llm folder")
+        tokenizer = tokenizer or default_tokenizer(llm)
+        if tokenizer is None and image_token_id is None:
+            raise ConversionError(f"--llm folder {llm!r} has no tokenizer (tokenizer.model or "
+                                  f"tokenizer.json): give --tokenizer (its <image> id is used) "
+                                  f"or --image-token-id")
         image_token_id, tokenizer_vocab = _resolve_image_token(image_token_id, tokenizer)
         model, full = from_llama_and_vision(
-            llm, vision, image_token_id=image_token_id,
+            llm, vision, image_token_id=image_token_id, tokenizer_vocab=tokenizer_vocab,
+            vocab_divisible_by=vocab_divisible_by,
             semantic=semantic or SemanticGenConfig(weight=1.0), seed=seed,
-            max_sequence_length=max_sequence_length)
-        if tokenizer_vocab > model.llm.vocab_size:
-            raise ConversionError(f"tokenizer {tokenizer!r} has {tokenizer_vocab} tokens but the "
-                                  f"--llm vocab_size is {model.llm.vocab_size}: resize the LLM's "
-                                  f"embeddings first")
+            max_sequence_length=max_sequence_length, image_size=image_size)
     else:
         raise ConversionError(f"--llm folder {llm!r} holds a {kind!r} model (architectures "
                               f"{llm_json.get('architectures')}); expected 'llama' "
@@ -208,7 +248,37 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None, tp: int = 1,
     if not 0 <= model.image_token_id < model.llm.vocab_size:
         raise ConversionError(f"image token id {model.image_token_id} is outside the vocabulary "
                               f"(llm.vocab_size = {model.llm.vocab_size})")
-    return write_checkpoint(full, model, save, tp, pp, tokenizer)
+    tokens_per_image(model.vision)  # a bad --image-size fails here, naming the patch size
+    return write_checkpoint(full, model, save, tokenizer)
+
+
+# What a training config must say to train from an imported checkpoint (checkpoint.load).
+TRAINING_KEYS = ("model.llm.vocab_size", "model.image_token_id", "model.vision.model_type",
+                 "model.vision.path", "model.vision.image_size", "data.tokenizer")
+
+
+def training_settings(save: str) -> Dict[str, object]:
+    """``{dotted key: value}`` of checkpoint ``save``'s model and tokenizer that a run with
+    ``checkpoint.load=save`` must use (printed by tools/convert_hf_to_checkpoint.py)."""
+    with open(os.path.join(ckpt.iteration_dir(save, 0), "config.yaml")) as handle:
+        run = yaml.safe_load(handle)
+    out: Dict[str, object] = {}
+    for key in TRAINING_KEYS:
+        value = run
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def _tokenizer_vocab(tokenizer: Optional[str], image_token_id: Optional[int]) -> int:
+    if tokenizer is None:
+        return 0
+    ours, _ = hf_tokenizer(tokenizer)
+    if image_token_id is not None and ours.image_token_id != image_token_id:
+        raise ConversionError(f"tokenizer {tokenizer!r} maps <image> to {ours.image_token_id} but "
+                              f"the Llava config's image_token_index is {image_token_id}")
+    return ours.vocab_size
 
 
 def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]):

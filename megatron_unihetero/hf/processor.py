@@ -14,13 +14,15 @@ gives the token ids training saw, and ``add_generation_prompt`` ends the prompt 
 A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
 SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the
 dummy prefix, like our per-segment encoding) with our special tokens registered at the same
-ids; :func:`check_token_ids` proves the ids match on sample text before anything is written.
+ids; :func:`check_token_ids` proves the ids match on sample text before anything is written,
+and :func:`check_image_tokens` that one ``<image>`` becomes tokens_per_image image tokens.
 """
 
 from __future__ import annotations
 
 from typing import List
 
+import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers.processors import TemplateProcessing
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
@@ -30,7 +32,8 @@ from megatron_unihetero.data import conversation
 from megatron_unihetero.data import tokenizer as ours_lib
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
-from megatron_unihetero.models.vision import _HF_CLASSES, image_normalization, load_hf_vision_config
+from megatron_unihetero.models.vision import (
+    _HF_CLASSES, extra_tokens, image_normalization, load_hf_vision_config, tokens_per_image)
 
 # One definition, shared with preprocessing (see the module docstring).
 CHAT_TEMPLATE = conversation.chat_template()
@@ -120,6 +123,8 @@ def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
 
 
 def image_processor(model: ModelConfig):
+    """Resize + centre-crop to the size the model runs its encoder at (``vision.image_size``
+    when set, else the encoder config's), then normalise like training."""
     # Lazy: without the optional torchvision, resolving this name logs a fallback warning, which
     # only the export (that builds the processor) should show.
     from transformers import CLIPImageProcessor
@@ -139,11 +144,28 @@ def llava_processor(model: ModelConfig, fast_tokenizer):
     hf_vision = load_hf_vision_config(model.vision)
     has_cls = _HF_CLASSES[model.vision.model_type][2]
     fast_tokenizer.chat_template = CHAT_TEMPLATE  # tokenizer.apply_chat_template renders it too
-    return LlavaProcessor(
+    processor = LlavaProcessor(
         image_processor=image_processor(model), tokenizer=fast_tokenizer,
         patch_size=hf_vision.patch_size,
-        # Llava counts (size/patch)^2 + additional tokens, minus one for "default" (CLS dropped).
-        num_additional_image_tokens=int(has_cls),
+        # Llava counts (size/patch)^2 + additional tokens (CLS, DINOv2's registers), minus one
+        # for "default" (CLS dropped).
+        num_additional_image_tokens=int(has_cls) + extra_tokens(model.vision.model_type, hf_vision),
         vision_feature_select_strategy=feature_select_strategy(model.vision),
         chat_template=CHAT_TEMPLATE, image_token=ours_lib.IMAGE_TOKEN,
     )
+    check_image_tokens(processor, model)
+    return processor
+
+
+def check_image_tokens(processor, model: ModelConfig) -> None:
+    """Raise unless the processor turns one ``<image>`` into ``tokens_per_image`` copies of
+    ``model.image_token_id`` (the positions our interleaver fills with the image's features)."""
+    size = load_hf_vision_config(model.vision).image_size
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    ids = processor(text=ours_lib.IMAGE_TOKEN, images=image)["input_ids"][0]
+    got = sum(1 for i in ids if i == model.image_token_id)
+    expected = tokens_per_image(model.vision)
+    if processor.image_token_id != model.image_token_id or got != expected:
+        raise ConversionError(f"the exported processor places {got} tokens of id "
+                              f"{processor.image_token_id} per image; the model expects "
+                              f"{expected} of model.image_token_id={model.image_token_id}")

@@ -1,6 +1,6 @@
 """Tensor-name and layout mapping between our full state dict and HuggingFace Llava / Llama.
 
-Our full (TP=1, PP=1) state dict (checkpointing/model_io.load_full_state) has
+Our full (TP=1, PP=1) state dict (checkpointing/dist.load_full_model_state) has
 ``llm.*`` on megatron-core layers, ``vision.model.*`` (the HF vision model's own transformers-5
 names), ``projector.linear_fc{1,2}.*`` and the generation heads. The HF side is written in the
 transformers-4.x *on-disk* layout: transformers 5.x loads it through its
@@ -9,8 +9,9 @@ saved in the 5.x layout). The 4.x names per part:
 
 * Llama:      ``language_model.model.{embed_tokens,layers.*,norm}``, ``language_model.lm_head``
 * projector:  ``multi_modal_projector.linear_{1,2}``
-* vision:     CLIP / SigLIP: ``vision_tower.vision_model.<5.x name>``; Dinov2: ``vision_tower.<name>``
-              with Dinov2's 4.x attention/MLP names (``attention.attention.query``, ...).
+* vision:     CLIP / SigLIP: ``vision_tower.vision_model.<5.x name>``; Dinov2 (with registers too):
+              ``vision_tower.<name>`` with Dinov2's 4.x attention/MLP names
+              (``attention.attention.query``, ...).
 
 Megatron's fused layouts are undone here: ``linear_qkv`` holds, per query group, that group's
 query heads then one key head then one value head (each ``head_dim`` rows); SwiGLU's
@@ -175,15 +176,19 @@ def _dinov2_to_4x(state: State) -> State:
     return out
 
 
+# Dinov2 with registers has Dinov2's 4.x names (transformers' conversion mapping renames both).
+_DINOV2_FAMILY = ("dinov2", "dinov2_with_registers")
+
+
 def vision_disk_prefix(model_type: str) -> str:
     """Where the vision model's own names sit in a 4.x Llava checkpoint."""
-    return LLAVA_VISION if model_type == "dinov2" else LLAVA_VISION + "vision_model."
+    return LLAVA_VISION if model_type in _DINOV2_FAMILY else LLAVA_VISION + "vision_model."
 
 
 def vision_to_disk(vision: State, model_type: str) -> State:
     """Our ``vision.model.*`` (transformers-5 names) -> 4.x Llava on-disk names."""
     own = {k[len("vision.model."):]: v for k, v in vision.items() if k.startswith("vision.model.")}
-    if model_type == "dinov2":
+    if model_type in _DINOV2_FAMILY:
         own = _dinov2_to_4x(own)
     prefix = vision_disk_prefix(model_type)
     return {prefix + k: v for k, v in own.items()}

@@ -89,12 +89,16 @@ class LLMConfig:
 class VisionConfig:
     """A HuggingFace vision encoder (Dinov2 by default), built from a config or a local folder."""
 
-    model_type: str = "dinov2"  # dinov2 | siglip | clip
+    model_type: str = "dinov2"  # dinov2 | dinov2_with_registers | siglip | clip
     path: Optional[str] = None  # local HF folder; None: build from `hf_config` (random init)
     hf_config: Dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         image_size=32, patch_size=8,
     ))
+    # The side (px) images are fed at; None: the encoder config's image_size. Another size runs
+    # the same weights with position embeddings interpolated the way transformers does
+    # (DINOv2-L's folder says 518; 224 gives 16 x 16 patches). A multiple of the patch size.
+    image_size: Optional[int] = None
     feature_layer: int = -1  # which hidden state feeds the projector (-1: last; -2: penultimate)
     drop_cls_token: bool = True  # keep only patch tokens (LLaVA's "patch" feature selection)
     frozen: bool = True
@@ -104,8 +108,11 @@ class VisionConfig:
     image_std: Optional[List[float]] = None
 
     def __post_init__(self):
-        _check(self.model_type in ("dinov2", "siglip", "clip"),
-               f"vision.model_type must be dinov2, siglip or clip; got {self.model_type!r}")
+        _check(self.model_type in ("dinov2", "dinov2_with_registers", "siglip", "clip"),
+               f"vision.model_type must be dinov2, dinov2_with_registers, siglip or clip; got "
+               f"{self.model_type!r}")
+        _check(self.image_size is None or self.image_size > 0,
+               f"vision.image_size must be a positive number of pixels; got {self.image_size}")
 
 
 @dataclass

@@ -21,15 +21,14 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("errsrc")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(str(root / "llama"))
-    LlamaForCausalLM(LlamaConfig(**{**LLAMA, "vocab_size": 401})).save_pretrained(str(root / "llama401"))
     BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(str(root / "bert"))
     os.makedirs(root / "weightless")
     shutil.copy(root / "llama" / "config.json", root / "weightless" / "config.json")
     tok = train_tiny_tokenizer(str(root / "tok"))
     dinov2 = save_tiny_dinov2(str(root / "dinov2"))
-    ckpt = import_hf(str(root / "llama"), str(root / "ckpt"), vision=dinov2, tp=2, tokenizer=tok)
-    return dict(root=root, llama=str(root / "llama"), llama401=str(root / "llama401"),
+    ckpt = import_hf(str(root / "llama"), str(root / "ckpt"), vision=dinov2, tokenizer=tok)
+    return dict(root=root, llama=str(root / "llama"),
                 bert=str(root / "bert"), weightless=str(root / "weightless"), dinov2=dinov2,
                 tok=tok, ckpt=ckpt)
 
@@ -66,15 +65,6 @@ def test_import_refuses_missing_files(folders, tmp_path):
     _fails(lambda: import_hf(folders["llama"], out, image_token_id=4), out, "--vision")
 
 
-@pytest.mark.parametrize("tp, pp, field", [(3, 1, "num_attention_heads"), (1, 3, "num_layers"),
-                                           (2, 1, "vocab_size")])
-def test_import_refuses_parallel_sizes_that_do_not_divide(folders, tmp_path, tp, pp, field):
-    out = str(tmp_path / "out")
-    llm = folders["llama401"] if field == "vocab_size" else folders["llama"]
-    _fails(lambda: import_hf(llm, out, vision=folders["dinov2"], tp=tp, pp=pp, image_token_id=4),
-           out, field, f"--{'tp' if tp > 1 else 'pp'} {max(tp, pp)}")
-
-
 def test_export_refuses_broken_checkpoints(folders, tmp_path):
     out = str(tmp_path / "out")
     _fails(lambda: export_checkpoint(str(tmp_path / "nowhere"), out), out, "nowhere")
@@ -82,8 +72,8 @@ def test_export_refuses_broken_checkpoints(folders, tmp_path):
     _fails(lambda: export_checkpoint(folders["ckpt"], out, iteration=99), out, "iter_0000099")
     broken = str(tmp_path / "broken")
     shutil.copytree(folders["ckpt"], broken)
-    os.remove(os.path.join(broken, "iter_0000000", "model", "tp01_pp00.safetensors"))
-    _fails(lambda: export_checkpoint(broken, out), out, "tp01_pp00.safetensors")
+    os.remove(os.path.join(broken, "iter_0000000", "dist", "__0_0.distcp"))
+    _fails(lambda: export_checkpoint(broken, out), out, "dist/__0_0.distcp", "missing")
     _fails(lambda: export_checkpoint(folders["ckpt"], out, dtype="int8"), out, "--dtype")
 
 
@@ -107,7 +97,28 @@ def test_cli_reports_errors_without_traceback(folders, tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = str(tmp_path / "out")
-    code = cli.main(["--llm", folders["llama"], "--vision", folders["dinov2"], "--save", out,
-                     "--tp", "3", "--image-token-id", "4"])
-    assert code == 2 and "--tp 3 does not divide" in capsys.readouterr().err
+    code = cli.main(["--llm", folders["llama"], "--save", out, "--image-token-id", "4"])
+    assert code == 2 and "--vision is required" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_import_without_a_tokenizer_or_a_bad_image_size_is_named(folders, tmp_path):
+    out = str(tmp_path / "out")
+    # The Llama folder has no tokenizer.model / tokenizer.json and none is given.
+    _fails(lambda: import_hf(folders["llama"], out, vision=folders["dinov2"]), out,
+           folders["llama"], "no tokenizer", "--tokenizer", "--image-token-id")
+    # 20 px is not a multiple of the tiny Dinov2's 8 px patches.
+    _fails(lambda: import_hf(folders["llama"], out, vision=folders["dinov2"], tokenizer=folders["tok"],
+                             image_size=20), out, "vision.image_size=20", "patch_size=8")
+    _fails(lambda: import_hf(folders["llama"], out, vision=folders["dinov2"], tokenizer=folders["tok"],
+                             vocab_divisible_by=0), out, "--vocab-divisible-by")
+
+
+def test_training_config_refuses_a_vocabulary_tp_does_not_divide():
+    from megatron_unihetero.models.config import ConfigError, LLMConfig, ModelConfig
+    from megatron_unihetero.training.config import ParallelConfig, RunConfig
+
+    run = RunConfig(model=ModelConfig(llm=LLMConfig(vocab_size=1001)), parallel=ParallelConfig(tensor_parallel=2))
+    with pytest.raises(ConfigError, match=r"tensor_parallel=2 does not divide model.llm.vocab_size=1001.*"
+                                          r"--vocab-divisible-by"):
+        run.validate(2)

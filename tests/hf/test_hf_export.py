@@ -1,7 +1,7 @@
 """Checkpoint -> transformers Llava: logit parity at TP=1, TP=2 and PP=2, processor, generate.
 
-Checkpoints are written with the real functions (parallel.build_model, model_io.save_model_shard,
-write_layout, config_io.save_config) in spawned gloo jobs. The reference job (TP=1) also records
+Checkpoints are written with the real functions (parallel.build_model, checkpointing/dist.py's
+save_weights, config_io.save_config) in spawned gloo jobs. The reference job (TP=1) also records
 our model's logits and semantic-head output; the TP=2 / PP=2 jobs load the reference weights, so
 the three exports must all reproduce the reference logits.
 """
@@ -49,12 +49,12 @@ LAYOUTS = ((1, 1), (2, 1), (1, 2))
 def write_checkpoint(model, cfg, ckpt, tokenizer, tp, pp):
     """Save like the trainer: DP rank 0 of every (TP, PP) coordinate writes its shard."""
 
-    from megatron_unihetero import config_io, parallel
+    from megatron_unihetero import config_io
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
     from megatron_unihetero.training.config import DataConfig, RunConfig
 
     iter_dir = os.path.join(ckpt, "iter_0000007")
-    model_dir = os.path.join(iter_dir, "model")
-    parallel.save_model(model, model_dir, cfg)
+    dist_ckpt.save_weights([model], iter_dir)
     if dist.get_rank() == 0:
         config_io.save_config(RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer)),
                               os.path.join(iter_dir, "config.yaml"))
@@ -191,7 +191,7 @@ def test_processor_prepares_inputs_like_training(exports, tokenizer_path):
     assert (inputs["pixel_values"] - pixels).abs().max() < 1e-5
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " hi"}]}]
     rendered = processor.apply_chat_template(messages, tokenize=False)
-    assert rendered == "<image_start><image><image_end> hi"
+    assert rendered == "<s><image_start><image><image_end>Question:  hi"  # data/conversation.py
 
 
 def test_generate_runs(exports):
