@@ -187,8 +187,8 @@ def stage_activation_bytes(cfg: RunConfig, rank: int, pre_process: bool, post_pr
         # No graph: while it runs it holds all its hidden states (output_hidden_states).
         encoder_kept, encoder_transient = encoder_states, (vision.num_hidden_layers + 1) * encoder_states
     else:
-        f_enc = int(d_enc * vision.mlp_ratio) if cfg.model.vision.model_type == "dinov2" \
-            else vision.intermediate_size
+        dinov2 = cfg.model.vision.model_type in ("dinov2", "dinov2_with_registers")
+        f_enc = int(d_enc * vision.mlp_ratio) if dinov2 else vision.intermediate_size
         per_layer = n_images * encoder_tokens * (16 * d_enc + 4 * f_enc + 4 * vision.num_attention_heads) * scale
         encoder_kept, encoder_transient = vision.num_hidden_layers * per_layer, 0.0
     if pre_process:

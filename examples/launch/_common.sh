@@ -42,7 +42,7 @@ except Exception as exc:
     sys.exit(3)
 par, tr, data = cfg.parallel, cfg.train, cfg.data
 tp, pp = par.tensor_parallel, par.pipeline_parallel
-print(tp, pp, par.engine, par.timeout_minutes, data.micro_batch_size, tr.grad_accumulation,
+print(tp, pp, par.engine, f"{par.timeout_minutes:g}", data.micro_batch_size, tr.grad_accumulation,
       data.seq_length)
 ' "$WORLD_SIZE_TOTAL" "$CONFIG" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"); then
     die 2 "could not read '$CONFIG' (see the config error above)"

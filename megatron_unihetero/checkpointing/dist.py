@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
@@ -101,8 +102,10 @@ def load(sharded_state_dict: dict, folder: str) -> dict:
     try:
         state, missing, unexpected = dist_checkpointing.load(
             sharded_state_dict, folder, sharded_strategy=strategy, strict=StrictHandling.RETURN_ALL)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {folder} cannot be read: {type(exc).__name__}: {exc}") from exc
+    except (OSError, RuntimeError, ValueError, KeyError, CheckpointingException) as exc:
+        # e.g. a tensor of another shape (a model built with another vocab_size or width)
+        raise CheckpointError(f"checkpoint {folder} does not load into this model: "
+                              f"{type(exc).__name__}: {exc}") from exc
     # megatron's words: "unexpected" = requested but not in the checkpoint.
     if unexpected:
         raise CheckpointError(f"checkpoint {folder} lacks {len(unexpected)} tensors this model "

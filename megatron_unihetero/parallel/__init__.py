@@ -23,23 +23,27 @@ from megatron_unihetero.checkpointing.sharding import RankLayout
 from megatron_unihetero.models.llm import ActivationMemory, transformer_config
 from megatron_unihetero.models.stage_plan import EMA, StagePlan
 from megatron_unihetero.models.unihetero import UniHeteroModel
-from megatron_unihetero.testing.distributed import free_port
 
 
 def init_distributed(timeout_minutes: float = 30) -> None:
     """Join the process group torchrun / the deepspeed launcher set up in the environment."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        # A single process started without a launcher: a world of one on a free local port
-        # (a fixed port would collide with other runs on the same machine).
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    timeout = timedelta(minutes=timeout_minutes)
+    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        # A single process started without a launcher: a world of one over an in-memory store,
+        # so no port is needed (a free port picked now could be taken by another process before
+        # the bind: a race when many runs start on one machine).
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(name, value)
+        if platform.has_cuda():
+            torch.cuda.set_device(0)
+        dist.init_process_group(platform.distributed_backend(), store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timeout)
+        return
     if platform.has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(platform.distributed_backend(),
-                            timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(platform.distributed_backend(), timeout=timeout)
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = None,

@@ -44,6 +44,8 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.checkpoint import ds_to_universal
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
@@ -136,6 +138,11 @@ class DeepSpeedEngine:
         self.dp_size = dist.get_world_size(self.dp_group)
         self.ds_config = resolve_config(cfg, self.dp_size)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        if self.zero_stage == 3:
+            # ZeRO-3 releases the semantic head's gathered weights after the diagnostics' second
+            # (no_grad) head pass, which the fused loss's backward still reads: no semantic_r2 /
+            # cosine figures under ZeRO-3 (the losses are unchanged).
+            model.semantic_diagnostics = False
         # DP replicas start identical (DeepSpeed broadcasts too; this keeps stage 3 honest).
         with torch.no_grad():
             src = dist.get_global_rank(self.dp_group, 0)
@@ -255,15 +262,19 @@ class DeepSpeedEngine:
         ``iter_dir/engine``, and the model weights as every checkpoint has them
         (checkpointing/dist.py: what export, evaluation and weights-only starts read);
         collective (all ranks), written before it returns."""
-        self.engine.save_checkpoint(iter_dir, tag=_CKPT_TAG, client_state={}, save_latest=False)
         # Under ZeRO-3 each rank holds 1/DP of every parameter: gathered for the write (every
         # rank of the TP group takes part) and released after it, so the write is in place.
+        # The write gets copies: ZeRO-3 must find its parameters as it left them.
         gathered = (deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
                     if self.zero_stage == 3 else contextlib.nullcontext())
         with gathered:
-            request = dist_ckpt.save(dist_ckpt.model_sharded_state_dict([self.model]),
-                                     dist_ckpt.dist_dir(iter_dir), content={"engine": "deepspeed"})
-            request.execute_sync()
+            state = dist_ckpt.model_sharded_state_dict([self.model])
+            if self.zero_stage == 3:
+                for sharded in nested_values(state):
+                    if isinstance(sharded, (ShardedTensor, ShardedTensorFactory)):
+                        sharded.data = sharded.data.detach().clone()
+        dist_ckpt.save(state, dist_ckpt.dist_dir(iter_dir), content={"engine": "deepspeed"}).execute_sync()
+        self.engine.save_checkpoint(iter_dir, tag=_CKPT_TAG, client_state={}, save_latest=False)
 
     def _saved_dp_size(self, ckpt_dir: str) -> int:
         names = glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_mp_rank_*optim_states.pt"))

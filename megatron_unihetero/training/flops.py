@@ -56,7 +56,7 @@ def vision_forward_flops(cfg: ModelConfig) -> tuple:
     (DINOv2, SigLIP, CLIP) of ``num_hidden_layers`` layers over its patches and CLS token."""
     hf = load_hf_vision_config(cfg.vision)
     d, layers = hf.hidden_size, hf.num_hidden_layers
-    if cfg.vision.model_type == "dinov2":
+    if cfg.vision.model_type in ("dinov2", "dinov2_with_registers"):
         # DINOv2 sizes its MLP by mlp_ratio (its config's intermediate_size is unused); the
         # giant model's SwiGLU has three matrices of a 2/3 width rounded up to 8.
         f = int(d * hf.mlp_ratio)

@@ -344,6 +344,7 @@ class Trainer:
                 batch = next(loader)
             except StopIteration:
                 break
+            summary = self.engine.eval_step([batch], self.objective_weights())
             summary = self._reduce_over_dp(summary) if summary else summary
             for k, v in summary.items():
                 if diagnostics.is_stats(k):  # summed over every batch: exact over the split

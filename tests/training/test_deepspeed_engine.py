@@ -2,8 +2,8 @@
 
 Same weights, same batches: the first step's loss equals the megatron engine's, later steps
 track it (same AdamW, same clipping, same learning-rate schedule and weight decay), the loss
-decreases, and ``model_state()`` has ``model.state_dict()``'s keys (gathered in full under
-ZeRO-3).
+decreases, and the weights its checkpoint writes (``ITER/dist``, gathered in full under ZeRO-3)
+are the trained model's.
 The first DeepSpeed run on a machine builds its shared-memory comm op (once: it is cached in
 ~/.cache/torch_extensions).
 """
@@ -53,6 +53,7 @@ def _train(engine, batches, steps, first=0):
 
 def zero_job(stage, tmp_dir):
     from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
     from megatron_unihetero.training.engine_deepspeed import DeepSpeedEngine
     from megatron_unihetero.training.engine_megatron import MegatronEngine
     from tests.models._parity_jobs import make_batches
@@ -80,18 +81,20 @@ def zero_job(stage, tmp_dir):
     global_losses = [_global(v) for v in losses]
     assert global_losses[-1] < global_losses[0], global_losses
 
-    state = engine.model_state()
-    assert set(state) == set(model.state_dict()), set(state) ^ set(model.state_dict())
+    # Save and resume: a fresh engine loaded from the checkpoint (and the scheduler's state, as
+    # the trainer keeps it) takes the same next step.
+    engine.save(tmp_dir)
+    scheduler_state = engine.lr_scheduler.state_dict()
+    # The checkpoint's weights (ITER/dist, gathered in full under ZeRO-3) are the trained ones.
+    saved = parallel.build_model(cfg.model)
+    dist_ckpt.load_model([saved], dist_ckpt.dist_dir(tmp_dir))
+    state = {k: v for k, v in saved.state_dict().items() if torch.is_tensor(v)}
+    assert set(state) == set(ref_state), set(state) ^ set(ref_state)
     for key, want in ref_state.items():
         got = state[key]
         assert got.shape == want.shape, (key, got.shape, want.shape)
         err = float((got.float() - want.float()).norm())
         assert err <= 1e-4 * float(want.float().norm()) + 1e-6, (stage, key, err)
-
-    # Save and resume: a fresh engine loaded from the checkpoint (and the scheduler's state, as
-    # the trainer keeps it) takes the same next step.
-    engine.save(tmp_dir)
-    scheduler_state = engine.lr_scheduler.state_dict()
     (next_loss,), _ = _train(engine, batches, 1, first=STEPS)
     dist.barrier()
     resumed_model = parallel.build_model(cfg.model)

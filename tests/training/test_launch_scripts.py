@@ -173,9 +173,10 @@ def test_paper_7b_config_loads_and_validates(tmp_path):
     (tmp_path / "pairs_00000.json").write_text("{}")
     cfg = load_config(RunConfig, str(PAPER), [f"--data.train=[{prefix}]"])
     cfg.validate(world)
-    # the deepspeed alternative in the comments validates too
+    # the deepspeed alternative in the comments validates too (it saves in place)
     load_config(RunConfig, str(PAPER), [f"--data.train=[{prefix}]", "--parallel.engine=deepspeed",
-                                        "--parallel.tensor_parallel=2"]).validate(world)
+                                        "--parallel.tensor_parallel=2",
+                                        "--checkpoint.async_save=false"]).validate(world)
 
 
 def test_paper_7b_dry_run_on_8_nodes():
