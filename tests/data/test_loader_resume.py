@@ -12,6 +12,7 @@ from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from megatron_unihetero.data.loader import MultimodalLoader, build_loader
 from megatron_unihetero.data.shards import ShardWriter
 from megatron_unihetero.data.synthetic_shards import TOKENIZER, image_fill_value, write_synthetic_dataset
+from megatron_unihetero.testing.batches import assert_same_batch, take
 
 IMG = TOKENIZER["image_token_id"]
 TPI = 5
@@ -32,19 +33,6 @@ def _loader(data, **kw):
     args = dict(seq_length=S, micro_batch_size=2, tokens_per_image=TPI, pack_window=48, seed=7, prefetch=0)
     args.update(kw)
     return build_loader(["0.7", str(data / "cap"), "0.3", str(data / "qa")], **args)
-
-
-def _take(loader, n):
-    return [b for _, b in zip(range(n), loader)]
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def _unexpand(tokens):
@@ -72,7 +60,7 @@ def _catalogue(data):
 def test_batches_match_their_samples(data):
     cat = _catalogue(data)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for batch in _take(_loader(data), 12):
+    for batch in take(_loader(data), 12):
         tokens, labels, seg = batch["tokens"], batch["labels"], batch["segment_ids"]
         pixel_values = ((batch["images"] * std + mean) * 255).round()[:, 0, 0, 0].long().tolist()
         expected_pixels, docs = [], 0
@@ -98,47 +86,47 @@ def test_batches_match_their_samples(data):
 
 
 def test_deterministic_for_seed(data):
-    a, b = _take(_loader(data), 6), _take(_loader(data), 6)
+    a, b = take(_loader(data), 6), take(_loader(data), 6)
     for x, y in zip(a, b):
-        _same(x, y)
-    c = _take(_loader(data, seed=8), 6)
+        assert_same_batch(x, y)
+    c = take(_loader(data, seed=8), 6)
     assert not all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_resume_gives_identical_batches(data, prefetch):
-    ref = _take(_loader(data), 40)  # crosses several packing windows and epochs of 'qa'
+    ref = take(_loader(data), 40)  # crosses several packing windows and epochs of 'qa'
     for k in (0, 3, 17, 29):
         first = _loader(data, prefetch=prefetch)
-        _take(first, k)
+        take(first, k)
         state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint round trip
         first.close()
         resumed = _loader(data, prefetch=prefetch)
         resumed.load_state_dict(state)
-        for x, y in zip(_take(resumed, 40 - k), ref[k:]):
-            _same(x, y)
+        for x, y in zip(take(resumed, 40 - k), ref[k:]):
+            assert_same_batch(x, y)
         assert resumed.stats["rows_consumed"] == 40 * 2
         resumed.close()
 
 
 def test_dp_ranks_disjoint_and_cover_the_stream(data):
-    single = _take(_loader(data, micro_batch_size=4), 10)
-    ranks = [_take(_loader(data, micro_batch_size=2, dp_rank=r, dp_size=2), 10) for r in range(2)]
+    single = take(_loader(data, micro_batch_size=4), 10)
+    ranks = [take(_loader(data, micro_batch_size=2, dp_rank=r, dp_size=2), 10) for r in range(2)]
     for step, whole in enumerate(single):
         parts = [ranks[r][step] for r in range(2)]
         for key in ("tokens", "labels", "position_ids", "segment_ids", "images"):
-            _same({key: torch.cat([p[key] for p in parts])}, {key: whole[key]})
+            assert_same_batch({key: torch.cat([p[key] for p in parts])}, {key: whole[key]})
         assert sum(p["num_documents"] for p in parts) == whole["num_documents"]
 
 
 def test_resume_on_other_dp_size(data):
     first = _loader(data, micro_batch_size=4)
-    _take(first, 5)
-    state, after = first.state_dict(), _take(first, 3)
+    take(first, 5)
+    state, after = first.state_dict(), take(first, 3)
     for r in range(2):
         resumed = _loader(data, micro_batch_size=2, dp_rank=r, dp_size=2)
         resumed.load_state_dict(state)
-        for x, whole in zip(_take(resumed, 3), after):
+        for x, whole in zip(take(resumed, 3), after):
             assert torch.equal(x["tokens"], whole["tokens"][2 * r:2 * r + 2])
 
 
@@ -150,7 +138,7 @@ def test_state_rejects_other_config(data):
 
 
 def _take_state(loader, n):
-    _take(loader, n)
+    take(loader, n)
     return loader.state_dict()
 
 

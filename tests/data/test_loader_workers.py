@@ -10,6 +10,7 @@ from megatron_unihetero.data.dataset import MultimodalDataset
 from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from megatron_unihetero.data.loader import auto_num_workers, build_loader
 from megatron_unihetero.data.synthetic_shards import image_fill_value, write_synthetic_dataset
+from megatron_unihetero.testing.batches import assert_same_batch, take
 
 TPI = 3
 S = 80
@@ -31,19 +32,6 @@ def _loader(data, **kw):
     return build_loader(["0.6", str(data / "cap"), "0.4", str(data / "qa")], **args)
 
 
-def _take(loader, n):
-    return [b for _, b in zip(range(n), loader)]
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
 def test_encoded_shards_decode_to_the_written_pixels(data):
     ds = MultimodalDataset(str(data / "cap"))
     assert ds.image_store == "encoded"
@@ -53,40 +41,40 @@ def test_encoded_shards_decode_to_the_written_pixels(data):
         for k, im in enumerate(images):
             assert (im == image_fill_value(1, i, k)).all()
     # The batch's images are those pixels, normalised.
-    batch = _take(_loader(data, num_workers=0), 1)[0]
+    batch = take(_loader(data, num_workers=0), 1)[0]
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     raw = (batch["images"] * std + mean) * 255
     assert batch["images"].shape[1:] == (3, 8, 8) and (raw - raw.round()).abs().max() < 1e-3
 
 
 def test_workers_give_the_in_process_batches(data):
-    ref = _take(_loader(data, num_workers=0), 24)  # several packing windows
+    ref = take(_loader(data, num_workers=0), 24)  # several packing windows
     with _loader(data, num_workers=2) as loader:
-        got = _take(loader, 24)
+        got = take(loader, 24)
         state = loader.state_dict()
     assert len(got) == 24
     for x, y in zip(got, ref):
-        _same(x, y)
+        assert_same_batch(x, y)
     # The position is that of the last batch handed out, not of the batches the workers made ahead.
     inproc = _loader(data, num_workers=0)
-    _take(inproc, 24)
+    take(inproc, 24)
     assert state == inproc.state_dict()
 
 
 def test_resume_with_workers_is_exact_also_on_another_dp_size(data):
-    ref = _take(_loader(data, micro_batch_size=4, num_workers=0), 14)
+    ref = take(_loader(data, micro_batch_size=4, num_workers=0), 14)
     first = _loader(data, micro_batch_size=4, num_workers=2)
-    _take(first, 6)
+    take(first, 6)
     state = json.loads(json.dumps(first.state_dict()))  # through a checkpoint
     # close() drops the batches made ahead and continues where the caller stopped.
     first.close()
-    for x, y in zip(_take(first, 2), ref[6:8]):
-        _same(x, y)
+    for x, y in zip(take(first, 2), ref[6:8]):
+        assert_same_batch(x, y)
     first.close()
     for r in range(2):
         resumed = _loader(data, micro_batch_size=2, dp_rank=r, dp_size=2, num_workers=2)
         resumed.load_state_dict(state)
-        for x, whole in zip(_take(resumed, 8), ref[6:14]):
+        for x, whole in zip(take(resumed, 8), ref[6:14]):
             assert torch.equal(x["tokens"], whole["tokens"][2 * r:2 * r + 2])
             assert torch.equal(x["labels"], whole["labels"][2 * r:2 * r + 2])
         resumed.close()
@@ -99,7 +87,7 @@ def test_finite_stream_ends_the_same_with_workers(data):
     a, b = epoch(0), epoch(2)
     assert len(a) == len(b) > 0 and sum(x["num_documents"] for x in a) == 20
     for x, y in zip(a, b):
-        _same(x, y)
+        assert_same_batch(x, y)
 
 
 def test_worker_errors_reach_the_caller(data, tmp_path):
