@@ -33,7 +33,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,10 @@ from megatron_unihetero.ablation.arms import ARMS, REPO_ROOT
 Log = Callable[[str], None]
 LAUNCHERS = ("local", "torchrun", "slurm")
 RESULT = "result.json"
+# What a launcher sets for its ranks: a sweep started under one (a SLURM task's torchrun) must
+# not hand its own rank to the runs it starts.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def _run(cmd: List[str], log_path: str, env: Optional[dict] = None) -> float:
@@ -61,12 +64,6 @@ def _run(cmd: List[str], log_path: str, env: Optional[dict] = None) -> float:
         raise RuntimeError(f"command failed (rc {proc.returncode}): {shlex.join(cmd)}\n"
                            f"log {log_path}:\n{tail}")
     return time.perf_counter() - t0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the training pool ---------------------------------------------------------------------
@@ -377,17 +374,14 @@ def run_one(spec: RunSpec, opts: RunOptions, log: Log = print) -> dict:
             log(f"[{spec.name}] already done, reusing {result_path}")
             return json.load(handle)
     os.makedirs(run_dir, exist_ok=True)
-    env = dict(os.environ)
-    if opts.launcher == "local":
-        # Each run is its own single-process job: give it its own rendezvous port so that runs
-        # side by side (--jobs > 1) or other jobs on the machine do not collide on 29500.
-        env["MASTER_ADDR"] = "127.0.0.1"
-        env["MASTER_PORT"] = str(free_port())
+    # A local run and the evaluation are single processes: they join a world of one over an
+    # in-memory store (parallel.init_distributed), so runs side by side need no ports; torchrun
+    # runs use --standalone (a free rendezvous port of its own).
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     if opts.threads:
         env["OMP_NUM_THREADS"] = str(opts.threads)
     log(f"[{spec.name}] training {spec.steps} steps ({opts.launcher})")
     train_s = _run(train_command(spec, opts, run_dir), os.path.join(run_dir, "train.log"), env)
-    env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())  # evaluation: one process
     eval_s = _run(eval_command(opts, run_dir), os.path.join(run_dir, "eval.log"), env)
     result = collect(spec, run_dir, opts.source.documents(spec.data_size))
     result.update(train_wall_s=train_s, eval_wall_s=eval_s, wall_s=train_s + eval_s)

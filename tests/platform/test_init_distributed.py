@@ -1,0 +1,33 @@
+"""How a process joins its process group (parallel.init_distributed), in fresh interpreters: a
+process without a launcher is a world of one whatever rendezvous variables its shell left."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+JOIN = ("import torch.distributed as dist; from megatron_unihetero import parallel; "
+        "parallel.init_distributed(0.5); print('world', dist.get_world_size(), dist.get_rank())")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _join(**env):
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return subprocess.run([sys.executable, "-c", JOIN], env={**base, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env", [{}, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}],
+                         ids=["bare", "stray-master-addr"])
+def test_a_process_without_a_launcher_is_a_world_of_one(env):
+    # Port 1 cannot be bound: a process that tried the env:// rendezvous would fail.
+    proc = _join(**env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world 1 0" in proc.stdout
+
+
+def test_a_world_size_without_a_rank_is_refused_by_name():
+    proc = _join(WORLD_SIZE="2")
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=2 but RANK is not set" in proc.stderr
