@@ -255,6 +255,102 @@ def paired_table(results: Sequence[dict], metric: str = "answer_accuracy", basel
     return "\n".join(lines) + "\n"
 
 
+# Two-sided 95 % critical values of Student's t by degrees of freedom (seeds - 1): the slope
+# test below runs on a handful of seeds, where 1.96 would overstate what they resolve.
+T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+             9: 2.262, 10: 2.228}
+
+
+def paired_slopes(results: Sequence[dict], metric: str = "answer_accuracy", baseline: str = "und_only",
+                  sizes: Optional[Sequence[int]] = None, arm_order=None) -> Dict[str, List[float]]:
+    """{arm: [one slope per seed]}: per seed, the least-squares slope per 10x data of
+    ``metric`` minus the baseline's (same size, same seed), over ``sizes`` (default all).
+
+    A positive slope says the arm gains on the baseline as data grows (the paper's Fig. 4:
+    semantic generation "lower early, steeper later"). Fitting each seed's own difference
+    curve removes what a seed shares across arms (initialisation, data order), and the spread
+    of the per-seed slopes is the honest uncertainty of the difference.
+    """
+    keep = None if sizes is None else {int(n) for n in sizes}
+    diffs: Dict[str, Dict[int, List[Tuple[int, float]]]] = {}
+    base = {(int(r["data_size"]), int(r["seed"])): _num(r.get(metric)) for r in results if r["arm"] == baseline}
+    for r in results:
+        n, seed, v = int(r["data_size"]), int(r["seed"]), _num(r.get(metric))
+        if r["arm"] == baseline or v is None or base.get((n, seed)) is None:
+            continue
+        if keep is not None and n not in keep:
+            continue
+        diffs.setdefault(r["arm"], {}).setdefault(seed, []).append((n, v - base[(n, seed)]))
+    out: Dict[str, List[float]] = {}
+    for arm in _ordered_arms(results, arm_order):
+        per_seed = []
+        for seed, pts in sorted(diffs.get(arm, {}).items()):
+            if len({p[0] for p in pts}) >= 2:
+                per_seed.append(fit_log_slope([p[0] for p in pts], [p[1] for p in pts])[0])
+        if per_seed:
+            out[arm] = per_seed
+    return out
+
+
+def slope_verdict(per_seed: Sequence[float]) -> Tuple[float, float, Optional[float], str]:
+    """(mean, std, t, verdict) of per-seed slope differences: "steeper" / "flatter" when the
+    mean differs from 0 at 95 % (one-sample t over the seeds), else "not resolved"."""
+    n = len(per_seed)
+    mean = statistics.fmean(per_seed)
+    if n < 2:
+        return mean, 0.0, None, "one seed: not tested"
+    std = statistics.stdev(per_seed)
+    t = (math.copysign(math.inf, mean) if mean else 0.0) if std == 0 else mean / (std / math.sqrt(n))
+    crit = T_CRIT_95.get(n - 1, 1.96)
+    if t > crit:
+        return mean, std, t, "steeper"
+    if t < -crit:
+        return mean, std, t, "flatter"
+    return mean, std, t, "not resolved"
+
+
+def slope_table(results: Sequence[dict], metric: str = "answer_accuracy", baseline: str = "und_only",
+                labels=None, arm_order=None) -> str:
+    """Per arm: its slope per 10x, and its slope minus the baseline's (per seed, mean ± std and
+    the verdict) over all sizes and over the upper sizes (all but the smallest), where the
+    paper's "steeper later" would show first."""
+    labels = labels or {}
+    sizes = sorted({int(r["data_size"]) for r in results})
+    if len(sizes) < 2:
+        return ""
+    upper = sizes[1:] if len(sizes) >= 3 else None
+    own = slopes(results, metric, arm_order)
+    all_sizes = paired_slopes(results, metric, baseline, None, arm_order)
+    upper_sizes = paired_slopes(results, metric, baseline, upper, arm_order) if upper else {}
+    if not all_sizes:
+        return ""
+
+    def cell(per_seed):
+        if not per_seed:
+            return "-"
+        mean, std, t, verdict = slope_verdict(per_seed)
+        t_text = "" if t is None else (f", t={t:+.1f}" if math.isfinite(t) else "")
+        return f"{mean:+.3f} ± {std:.3f} ({verdict}{t_text})"
+
+    span = f"N={sizes[0]}-{sizes[-1]}"
+    head = f"| arm | slope per 10x | minus {labels.get(baseline, baseline)}'s, {span} |"
+    if upper:
+        head += f" minus {labels.get(baseline, baseline)}'s, N={upper[0]}-{upper[-1]} |"
+    lines = [f"**{METRIC_LABELS.get(metric, metric)}: slope per 10x data and its difference from "
+             f"{labels.get(baseline, baseline)}'s** (per seed: the slope of the paired difference; "
+             f"mean ± std over seeds; steeper / flatter = different from 0 at 95 %, one-sample t "
+             f"over seeds)\n", head, "|" + "---|" * (3 + (1 if upper else 0))]
+    for arm in _ordered_arms(results, arm_order):
+        slope = own.get(arm)
+        row = f"| {labels.get(arm, arm)} | " + (f"{slope:+.3f}" if slope is not None else "-")
+        if arm == baseline:
+            row += " | (baseline)" + (" | (baseline)" if upper else "")
+        else:
+            row += " | " + cell(all_sizes.get(arm)) + ((" | " + cell(upper_sizes.get(arm))) if upper else "")
+        lines.append(row + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_run_table(results: Sequence[dict]) -> str:
     cols = ["arm", "data_size", "seed", "steps", "epochs", "answer_accuracy", "caption_perplexity",
             "probe_shape", "probe_colour", "probe_position", "probe_size", "retrieval_top1",
@@ -299,7 +395,10 @@ def write_results(results: Sequence[dict], out_dir: str, *, labels=None, arm_ord
     if notes:
         md += [notes.rstrip(), ""]
     md += ["## Summary tables", "", markdown_tables(results, labels, arm_order), "",
-           paired_table(results, labels=labels, arm_order=arm_order), "",
+           "## Against und-only, same seed", ""]
+    for metric in ("answer_accuracy", "caption_perplexity", "probe_mean"):
+        md += [paired_table(results, metric, labels=labels, arm_order=arm_order), ""]
+    md += [slope_table(results, labels=labels, arm_order=arm_order), "",
            "![understanding](understanding.png)", ""]
     md += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in extra]
     md += ["", "## Every run", "", per_run_table(results), ""]

@@ -163,6 +163,27 @@ def test_writer_produces_csv_markdown_and_png(tmp_path):
     assert slopes["semantic"] == pytest.approx(0.12) and slopes["pixel_shared"] == pytest.approx(-0.02)
 
 
+def test_paired_slopes_fit_each_seeds_difference_and_the_verdict_needs_the_seeds_to_agree():
+    results = _hand_made_results()  # semantic gains 0.07 / 10x on und-only, pixel_shared loses 0.07
+    per_seed = report.paired_slopes(results)
+    assert per_seed["semantic"] == pytest.approx([0.07, 0.07]) and "und_only" not in per_seed
+    assert per_seed["pixel_shared"] == pytest.approx([-0.07, -0.07])
+    assert report.slope_verdict(per_seed["semantic"])[3] == "steeper"
+    assert report.slope_verdict(per_seed["pixel_shared"])[3] == "flatter"
+    # Restricted to the upper sizes, the slope of a log-linear difference is the same.
+    assert report.paired_slopes(results, sizes=[1000, 2000])["semantic"] == pytest.approx([0.07, 0.07])
+    # Three seeds that disagree in sign: the mean is positive, the t test does not resolve it.
+    mean, std, t, verdict = report.slope_verdict([0.10, -0.05, 0.04])
+    assert mean == pytest.approx(0.03) and verdict == "not resolved" and abs(t) < 4.303
+    # Three seeds that agree: t = mean / (std / sqrt(3)) beyond t(2) = 4.303.
+    assert report.slope_verdict([0.10, 0.11, 0.12])[3] == "steeper"
+    assert report.slope_verdict([0.05])[3] == "one seed: not tested"
+    table = report.slope_table(results, labels={a: ARMS[a].label for a in ARMS}, arm_order=list(ARMS))
+    assert "| und-only | +0.050 | (baseline) | (baseline) |" in table
+    assert "| +semantic | +0.120 | +0.070 ± 0.000 (steeper) | +0.070 ± 0.000 (steeper) |" in table
+    assert "N=500-2000" in table and "N=1000-2000" in table
+
+
 def test_plan_steps_and_collect_from_a_run_folder(tmp_path):
     specs = runner.plan(["und_only", "semantic"], [500, 2000], [0, 1], steps_per_sample=0.1, min_steps=20)
     assert len(specs) == 8 and specs[0].seed == 0 and specs[-1].seed == 1
