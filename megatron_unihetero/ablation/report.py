@@ -180,6 +180,48 @@ def plot_metric(results: Sequence[dict], metric: str, path: str, *, labels=None,
     plt.close(fig)
 
 
+def plot_paired(results: Sequence[dict], metric: str, path: str, *, baseline: str = "und_only",
+                labels=None, arm_order=None) -> bool:
+    """``metric`` minus the baseline's (same size and seed) against data size (log x): per arm
+    the mean over seeds and a band of +-1 std; the question of the paper's Fig. 4 (does the
+    gap close or turn as data grows?) read directly. False when there is nothing to pair."""
+    diffs = paired_differences(results, metric, baseline, arm_order)
+    if not any(diffs.values()):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or {}
+    colour = {arm: f"C{i % 10}" for i, arm in enumerate(_ordered_arms(results, arm_order))}  # as plot_metric's
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for arm, by_size in diffs.items():
+        if not by_size:
+            continue
+        xs = sorted(by_size)
+        mean = [by_size[x][0] for x in xs]
+        std = [by_size[x][1] for x in xs]
+        line, = ax.plot(xs, mean, marker="o", color=colour[arm], label=labels.get(arm, arm))
+        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    sizes = sorted({int(r["data_size"]) for r in results})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("data size N (unique training samples)")
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} minus {labels.get(baseline, baseline)}")
+    ax.set_title(f"paired with {labels.get(baseline, baseline)}, same seed (mean, band = +-1 std over seeds)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _cell(mean_std_n) -> str:
     if mean_std_n is None:
         return "-"
@@ -398,8 +440,12 @@ def write_results(results: Sequence[dict], out_dir: str, *, labels=None, arm_ord
            "## Against und-only, same seed", ""]
     for metric in ("answer_accuracy", "caption_perplexity", "probe_mean"):
         md += [paired_table(results, metric, labels=labels, arm_order=arm_order), ""]
-    md += [slope_table(results, labels=labels, arm_order=arm_order), "",
-           "![understanding](understanding.png)", ""]
+    md += [slope_table(results, labels=labels, arm_order=arm_order), ""]
+    paired_png = os.path.join(out_dir, "understanding_vs_und_only.png")
+    if plot_paired(results, "answer_accuracy", paired_png, labels=labels, arm_order=arm_order):
+        paths["paired_png"] = paired_png
+        md += ["![understanding minus und-only](understanding_vs_und_only.png)", ""]
+    md += ["![understanding](understanding.png)", ""]
     md += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in extra]
     md += ["", "## Every run", "", per_run_table(results), ""]
     with open(paths["md"], "w") as handle:

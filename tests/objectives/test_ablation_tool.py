@@ -156,6 +156,9 @@ def test_writer_produces_csv_markdown_and_png(tmp_path):
     assert "| +semantic | 0.300 ± 0.014 |" in md  # mean +- std over the two seeds
     assert "+0.120" in md and "-0.020" in md  # slopes per 10x
     assert "minus und-only, same seed" in md
+    with open(paths["paired_png"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "understanding_vs_und_only.png" in md and "steeper" in md
     diffs = report.paired_differences(results)
     assert diffs["semantic"][2000][0] == pytest.approx(0.07 * math.log10(4)) and diffs["semantic"][2000][1] == 0
     assert diffs["pixel_shared"][500][0] == pytest.approx(0.0)
