@@ -30,12 +30,13 @@ def init_distributed(timeout_minutes: float = 30) -> None:
     if dist.is_initialized():
         return
     timeout = timedelta(minutes=timeout_minutes)
-    if "RANK" not in os.environ:
-        # A single process started without a launcher (every launcher, torchrun, the deepspeed
-        # launcher and so our SLURM scripts, sets RANK; a MASTER_ADDR/PORT left in the shell
-        # does not make a launcher): a world of one over an in-memory store, so no port is
-        # needed (a free port picked now could be taken by another process before the bind: a
-        # race when many runs start on one machine).
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        # A single process started without a launcher. Every launcher (torchrun, the deepspeed
+        # launcher, and so our SLURM scripts) sets both RANK and MASTER_ADDR; either alone is
+        # not a launcher: a MASTER_ADDR/PORT left in the shell, or the RANK this branch itself
+        # writes (deepspeed reads it) when a process joins a world of one a second time. A
+        # world of one over an in-memory store needs no port (a free port picked now could be
+        # taken by another process before the bind: a race when many runs start on one machine).
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but RANK is not set: start "
                                "multi-process runs with torchrun (examples/launch/)")
