@@ -133,6 +133,16 @@ def slopes(results: Sequence[dict], metric: str = "answer_accuracy", arm_order=N
     return out
 
 
+def _data_size_axis(ax, results: Sequence[dict]) -> None:
+    """The x axis of every plot: data size on a log scale, ticked at the sizes run."""
+    ax.set_xscale("log")
+    sizes = sorted({int(r["data_size"]) for r in results})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("data size N (unique training samples)")
+
+
 def plot_metric(results: Sequence[dict], metric: str, path: str, *, labels=None, arm_order=None,
                 title: Optional[str] = None, chance: Optional[float] = None) -> None:
     """``metric`` against data size (log x): per arm the seed mean, a band of +-1 std, the
@@ -163,12 +173,7 @@ def plot_metric(results: Sequence[dict], metric: str, path: str, *, labels=None,
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=line.get_color(), s=10, alpha=0.5)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3f})")
-    ax.set_xscale("log")
-    sizes = sorted({int(r["data_size"]) for r in results})
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("data size N (unique training samples)")
+    _data_size_axis(ax, results)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     n_seeds = len({r["seed"] for r in results})
     ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} vs data size "
@@ -205,12 +210,7 @@ def plot_paired(results: Sequence[dict], metric: str, path: str, *, baseline: st
         ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                         color=line.get_color(), alpha=0.12, linewidth=0)
     ax.axhline(0.0, color="black", linewidth=1)
-    ax.set_xscale("log")
-    sizes = sorted({int(r["data_size"]) for r in results})
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(n) for n in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("data size N (unique training samples)")
+    _data_size_axis(ax, results)
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} minus {labels.get(baseline, baseline)}")
     ax.set_title(f"paired with {labels.get(baseline, baseline)}, same seed (mean, band = +-1 std over seeds)",
                  fontsize=10)
@@ -255,21 +255,31 @@ def markdown_tables(results: Sequence[dict], labels=None, arm_order=None) -> str
     return "\n".join(lines)
 
 
+def _paired(results: Sequence[dict], metric: str, baseline: str) -> Dict[str, List[Tuple[int, int, float]]]:
+    """{arm: [(data size, seed, metric minus the baseline's at that size and seed)]}, the
+    baseline left out: what every paired figure below is computed from."""
+    base = {(int(r["data_size"]), int(r["seed"])): _num(r.get(metric)) for r in results if r["arm"] == baseline}
+    out: Dict[str, List[Tuple[int, int, float]]] = {}
+    for r in results:
+        key = (int(r["data_size"]), int(r["seed"]))
+        v = _num(r.get(metric))
+        if r["arm"] != baseline and v is not None and base.get(key) is not None:
+            out.setdefault(r["arm"], []).append((key[0], key[1], v - base[key]))
+    return out
+
+
 def paired_differences(results: Sequence[dict], metric: str = "answer_accuracy", baseline: str = "und_only",
                        arm_order=None) -> Dict[str, Dict[int, Tuple[float, float, int]]]:
     """{arm: {size: (mean, std, n)}} of ``metric`` minus the baseline's at the same size and seed
     (same seed = same initialisation and data order), over the seeds both have."""
-    base = {(int(r["data_size"]), int(r["seed"])): _num(r.get(metric)) for r in results if r["arm"] == baseline}
+    paired = _paired(results, metric, baseline)
     out: Dict[str, Dict[int, Tuple[float, float, int]]] = {}
     for arm in _ordered_arms(results, arm_order):
         if arm == baseline:
             continue
         by_size: Dict[int, List[float]] = {}
-        for r in results:
-            key = (int(r["data_size"]), int(r["seed"]))
-            v = _num(r.get(metric))
-            if r["arm"] == arm and v is not None and base.get(key) is not None:
-                by_size.setdefault(key[0], []).append(v - base[key])
+        for n, _, d in paired.get(arm, []):
+            by_size.setdefault(n, []).append(d)
         out[arm] = {n: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
                     for n, v in sorted(by_size.items())}
     return out
@@ -314,21 +324,15 @@ def paired_slopes(results: Sequence[dict], metric: str = "answer_accuracy", base
     of the per-seed slopes is the honest uncertainty of the difference.
     """
     keep = None if sizes is None else {int(n) for n in sizes}
-    diffs: Dict[str, Dict[int, List[Tuple[int, float]]]] = {}
-    base = {(int(r["data_size"]), int(r["seed"])): _num(r.get(metric)) for r in results if r["arm"] == baseline}
-    for r in results:
-        n, seed, v = int(r["data_size"]), int(r["seed"]), _num(r.get(metric))
-        if r["arm"] == baseline or v is None or base.get((n, seed)) is None:
-            continue
-        if keep is not None and n not in keep:
-            continue
-        diffs.setdefault(r["arm"], {}).setdefault(seed, []).append((n, v - base[(n, seed)]))
+    paired = _paired(results, metric, baseline)
     out: Dict[str, List[float]] = {}
     for arm in _ordered_arms(results, arm_order):
-        per_seed = []
-        for seed, pts in sorted(diffs.get(arm, {}).items()):
-            if len({p[0] for p in pts}) >= 2:
-                per_seed.append(fit_log_slope([p[0] for p in pts], [p[1] for p in pts])[0])
+        by_seed: Dict[int, List[Tuple[int, float]]] = {}
+        for n, seed, d in paired.get(arm, []):
+            if keep is None or n in keep:
+                by_seed.setdefault(seed, []).append((n, d))
+        per_seed = [fit_log_slope([p[0] for p in pts], [p[1] for p in pts])[0]
+                    for _, pts in sorted(by_seed.items()) if len({p[0] for p in pts}) >= 2]
         if per_seed:
             out[arm] = per_seed
     return out
