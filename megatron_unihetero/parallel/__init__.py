@@ -38,7 +38,8 @@ def init_distributed(timeout_minutes: float = 30) -> None:
         # world of one over an in-memory store needs no port (a free port picked now could be
         # taken by another process before the bind: a race when many runs start on one machine).
         if os.environ.get("WORLD_SIZE", "1") != "1":
-            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but RANK is not set: start "
+            missing = ", ".join(f"{k} is not set" for k in ("RANK", "MASTER_ADDR") if k not in os.environ)
+            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing}: start "
                                "multi-process runs with torchrun (examples/launch/)")
         for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(name, value)
