@@ -24,6 +24,12 @@ at once into the features / weight / bias gradients and keeps only those for the
 scales them by the incoming gradient). The [N, D] prediction and its gradient are never kept
 alive across forward and backward.
 
+Statistics of the prediction: ``prediction_stats=fn`` evaluates ``fn(prediction, target)``
+(detached, no grad) on the prediction the pass computes anyway and returns it beside the loss,
+``(loss_sum, stats)``. The semantic diagnostics (eval/diagnostics.py) read it, so no second
+pass of the head exists (one would run the head's weights outside the pass that owns them,
+which a parameter-partitioning engine such as ZeRO-3 releases in between).
+
 impl: "reference" (per_token_loss of head(hidden) under plain autograd), "fused" (the one-pass
 path with torch elementwise math; the CPU path of "auto"), "triton" (the one-pass path, loss and
 d(loss)/d(pred) in one Triton kernel per row; CUDA or TRITON_INTERPRET=1), "auto" (triton on
@@ -36,7 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Callable, Optional, Tuple, Union
+
 from megatron_unihetero.kernels._dispatch import REFERENCE, require, resolve_impl, triton_usable
+
+# fn(prediction [N, D], target [N, D]) -> a statistics tensor (see fused_regression_loss)
+PredictionStats = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_NO_STATS = torch.empty(0)
 
 LOSSES = ("mse", "smooth_l1", "cosine")
 COSINE_EPS = 1e-8
@@ -80,8 +92,10 @@ def loss_grad(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tens
 
 class _FusedRegression(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight, bias, target, loss, use_triton):
+    def forward(ctx, features, weight, bias, target, loss, use_triton, stats_fn):
         pred = F.linear(features, weight, bias)
+        stats = stats_fn(pred, target) if stats_fn is not None else _NO_STATS.to(pred.device)
+        ctx.mark_non_differentiable(stats)
         if use_triton:
             from megatron_unihetero.kernels import _triton_regression as tk
 
@@ -95,32 +109,36 @@ class _FusedRegression(torch.autograd.Function):
         grad_weight = grad_pred.t() @ features if need_w else None
         grad_bias = grad_pred.float().sum(0).to(bias.dtype) if need_b else None
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
-        return per_token.sum()
+        return per_token.sum(), stats
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_stats):
         grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
-def _reference(head: nn.Module, hidden, target, loss):
-    return per_token_loss(head(hidden), target, loss).sum()
+def _reference(head: nn.Module, hidden, target, loss, stats_fn):
+    pred = head(hidden)
+    with torch.no_grad():
+        stats = stats_fn(pred.detach(), target) if stats_fn is not None else None
+    return per_token_loss(pred, target, loss).sum(), stats
 
 
-def _one_pass(head: nn.Module, hidden, target, loss, use_triton):
+def _one_pass(head: nn.Module, hidden, target, loss, use_triton, stats_fn):
     features = head.features(hidden)
-    return _FusedRegression.apply(features, head.proj.weight, head.proj.bias,
-                                  target.to(features.dtype), loss, use_triton)
+    loss_sum, stats = _FusedRegression.apply(features, head.proj.weight, head.proj.bias,
+                                             target.to(features.dtype), loss, use_triton, stats_fn)
+    return loss_sum, stats if stats_fn is not None else None
 
 
-def _fused(head: nn.Module, hidden, target, loss):
-    return _one_pass(head, hidden, target, loss, use_triton=False)
+def _fused(head: nn.Module, hidden, target, loss, stats_fn):
+    return _one_pass(head, hidden, target, loss, False, stats_fn)
 
 
-def _triton(head: nn.Module, hidden, target, loss):
+def _triton(head: nn.Module, hidden, target, loss, stats_fn):
     require(triton_usable(hidden.device), "fused_regression_loss", "triton",
             "needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-    return _one_pass(head, hidden, target, loss, use_triton=True)
+    return _one_pass(head, hidden, target, loss, True, stats_fn)
 
 
 # impl name -> implementation, looked up at call time (tests swap entries to see which ran).
@@ -135,8 +153,11 @@ def fused_regression_loss(
     *,
     loss: str = "mse",
     impl: str = "auto",
-) -> torch.Tensor:
-    """Sum over tokens of the regression loss of ``head(hidden)`` against ``target``."""
+    prediction_stats: Optional[PredictionStats] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Sum over tokens of the regression loss of ``head(hidden)`` against ``target``; with
+    ``prediction_stats``, ``(loss_sum, prediction_stats(prediction, target))`` from the same
+    pass (the statistics detached)."""
     check_loss(loss)
     out_features = head.proj.weight.shape[0]
     if hidden.dim() != 2 or target.shape != (hidden.shape[0], out_features):
@@ -144,4 +165,5 @@ def fused_regression_loss(
                          f"output dim); got {tuple(hidden.shape)}, {tuple(target.shape)}")
     order = (["triton"] if hidden.is_cuda and triton_usable(hidden.device) else []) + ["fused"]
     impl = resolve_impl("fused_regression_loss", impl, IMPLS, order)
-    return _IMPLS[impl](head, hidden, target.detach(), loss)
+    loss_sum, stats = _IMPLS[impl](head, hidden, target.detach(), loss, prediction_stats)
+    return loss_sum if prediction_stats is None else (loss_sum, stats)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
+from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.kernels.cross_entropy import fused_linear_cross_entropy
 from megatron_unihetero.kernels.regression import fused_regression_loss
 from megatron_unihetero.models.config import IGNORE_INDEX
@@ -48,18 +49,23 @@ class SemanticHead(nn.Module):
 
 
 def semantic_loss(head: SemanticHead, hidden: torch.Tensor, target: torch.Tensor,
-                  kind: str, impl: str = "auto") -> LossAndCount:
-    """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``.
+                  kind: str, impl: str = "auto") -> Tuple[LossAndCount, torch.Tensor]:
+    """Summed regression loss of ``head(hidden)`` against the stop-gradient ``target``, and
+    the diagnostics' statistics of that prediction (eval/diagnostics.py regression_stats).
 
-    kernels/regression.py computes it (and validates ``kind``): by default the head's last
-    linear layer and the loss run as one fused op that never keeps the prediction;
+    kernels/regression.py computes both in one pass (and validates ``kind``): by default the
+    head's last linear layer and the loss run as one fused op that never keeps the prediction;
     ``impl="reference"`` is plain autograd through ``head(hidden)``.
     """
     count = torch.tensor(hidden.shape[0], dtype=torch.long, device=hidden.device)
     if hidden.shape[0] == 0:
-        # Keep the head in the graph so every rank runs the same backward.
-        return sum(p.sum() for p in head.parameters()) * 0.0, count
-    return fused_regression_loss(head, hidden, target, loss=kind, impl=impl), count
+        # Keep the head in the graph so every rank runs the same backward; every rank emits
+        # statistics of the same size (they are all-reduced).
+        empty = diagnostics.empty_regression_stats(target.shape[-1], hidden.device)
+        return (sum(p.sum() for p in head.parameters()) * 0.0, count), empty
+    loss_sum, stats = fused_regression_loss(head, hidden, target, loss=kind, impl=impl,
+                                            prediction_stats=diagnostics.regression_stats)
+    return (loss_sum, count), stats
 
 
 def text_label_mask(labels: torch.Tensor, image_token_id: int) -> torch.Tensor:

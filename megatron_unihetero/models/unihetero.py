@@ -94,9 +94,6 @@ class UniHeteroModel(MegatronModule):
             target_dim = encoder_dim if config.semantic.target == "encoder_output" else llm_dim
             self.semantic_head = SemanticHead(llm_dim, target_dim, config.semantic.head)
 
-        # The semantic diagnostics (eval/diagnostics.py) run the head a second time, under
-        # no_grad; an engine whose parameter management cannot take that turns them off.
-        self.semantic_diagnostics = True
         self.pixel_vae = self.pixel_head = None
         if plan.pixel_head:
             grid = vision_grid(self.tokens_per_image)
@@ -229,14 +226,10 @@ class UniHeteroModel(MegatronModule):
                 targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
             else:
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
-            out["semantic"] = semantic_loss(self.semantic_head, sem_hidden, targets,
-                                            self.cfg.semantic.loss, impl=self.cfg.semantic.loss_impl)
-            if self.semantic_diagnostics:
-                with torch.no_grad():  # the fused loss never keeps the prediction: one more head pass
-                    stats = (diagnostics.regression_stats(self.semantic_head(sem_hidden.detach()), targets)
-                             if sem_hidden.shape[0] else
-                             diagnostics.empty_regression_stats(targets.shape[-1], rows.device))
-                out[diagnostics.stats_key("semantic")] = (stats, out["semantic"][1])
+            out["semantic"], stats = semantic_loss(self.semantic_head, sem_hidden, targets,
+                                                   self.cfg.semantic.loss,
+                                                   impl=self.cfg.semantic.loss_impl)
+            out[diagnostics.stats_key("semantic")] = (stats, out["semantic"][1])
         if self.pixel_head is not None:
             cond = self.pixel_head.condition(hidden.transpose(0, 1), layout.semantic_mask,
                                              layout.segment_ids)

@@ -138,11 +138,6 @@ class DeepSpeedEngine:
         self.dp_size = dist.get_world_size(self.dp_group)
         self.ds_config = resolve_config(cfg, self.dp_size)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        if self.zero_stage == 3:
-            # ZeRO-3 releases the semantic head's gathered weights after the diagnostics' second
-            # (no_grad) head pass, which the fused loss's backward still reads: no semantic_r2 /
-            # cosine figures under ZeRO-3 (the losses are unchanged).
-            model.semantic_diagnostics = False
         # DP replicas start identical (DeepSpeed broadcasts too; this keeps stage 3 honest).
         with torch.no_grad():
             src = dist.get_global_rank(self.dp_group, 0)

@@ -128,6 +128,29 @@ def test_auto_on_cpu_is_fused_and_rejects_unknown_loss():
         fused_regression_loss(head, hidden, target[:, :4])
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_prediction_stats_come_from_the_same_pass(impl):
+    """The diagnostics' statistics ride out of the loss pass (no second head pass): equal to
+    regression_stats of the head's own prediction, detached, with the loss and its gradients
+    unchanged."""
+    from megatron_unihetero.eval.diagnostics import regression_stats
+
+    torch.manual_seed(0)
+    head = MLPHead(6, 4)
+    hidden, target = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    plain = fused_regression_loss(head, h, target, impl=impl)
+    plain.backward()
+    plain_grad = h.grad.clone()
+    h.grad = None
+    out, stats = fused_regression_loss(head, h, target, impl=impl, prediction_stats=regression_stats)
+    out.backward()
+    assert not stats.requires_grad
+    torch.testing.assert_close(stats, regression_stats(head(hidden), target))
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(h.grad, plain_grad)
+
+
 def interpreted_cases():
     """Run by test_kernel_triton_interpret.py in a child process with TRITON_INTERPRET=1."""
     for dtype in (torch.float32, torch.bfloat16):

@@ -38,7 +38,7 @@ def test_no_gradient_flows_into_the_target(kind):
     hidden = torch.randn(3, 6, requires_grad=True)
     source = torch.randn(3, 4, requires_grad=True)
     target = source * 2.0  # a target that is part of a graph
-    loss, count = semantic_loss(head, hidden, target, kind)
+    (loss, count), _ = semantic_loss(head, hidden, target, kind)
     assert int(count) == 3
     loss.backward()
     assert source.grad is None
@@ -51,8 +51,8 @@ def test_semantic_loss_sums_per_token_losses():
         head.proj.weight.copy_(torch.eye(4))
         head.proj.bias.zero_()
     hidden = torch.randn(5, 4)
-    loss, count = semantic_loss(head, hidden, hidden, "mse")
+    (loss, count), _ = semantic_loss(head, hidden, hidden, "mse")
     assert float(loss) < 1e-10 and int(count) == 5  # identity head: prediction == target
     target = hidden + 1.0
-    loss, _ = semantic_loss(head, hidden, target, "mse")
+    (loss, _), _ = semantic_loss(head, hidden, target, "mse")
     torch.testing.assert_close(loss, torch.tensor(5.0))  # 5 tokens x mean((1)^2)
