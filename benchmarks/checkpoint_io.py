@@ -43,11 +43,10 @@ def job(data_prefix: str, run_dir: str, extra: dict) -> None:
     cfg = load_config(RunConfig, None, run_overrides(data_prefix, run_dir, **extra))
     parallel.initialize(1, 1, cfg.train.seed)
     trainer = Trainer(cfg)
-    weights = trainer.objective_weights()
 
     def step() -> float:
         start = time.perf_counter()
-        trainer.engine.train_step(trainer.next_batches(), weights)
+        trainer.engine.train_batch(trainer.next_batches(), trainer.step)
         trainer.step += 1
         return time.perf_counter() - start
 
@@ -64,7 +63,8 @@ def job(data_prefix: str, run_dir: str, extra: dict) -> None:
     sync_s = time.perf_counter() - start
     sync_bytes = _bytes_by_rank(sync_dir, dist.get_world_size())
 
-    trainer.writer = ckpt.CheckpointWriter(cfg.checkpoint.dir, cfg.checkpoint.keep_last, async_save=True)
+    trainer.cfg.checkpoint.async_save = True  # a manager that writes in a forked process
+    trainer.checkpoints = ckpt.CheckpointManager(trainer.cfg, log=lambda message: None)
     step()
     dist.barrier()
     start = time.perf_counter()
@@ -73,11 +73,11 @@ def job(data_prefix: str, run_dir: str, extra: dict) -> None:
     during, committed_after = [], None
     for _ in range(6):
         during.append(step())
-        if trainer.writer.poll() is not None:
+        if trainer.checkpoints.poll() is not None:
             committed_after = time.perf_counter() - start
             break
     if committed_after is None:
-        trainer.writer.wait()
+        trainer.checkpoints.wait()
         committed_after = time.perf_counter() - start
 
     dist.barrier()
@@ -96,7 +96,7 @@ def job(data_prefix: str, run_dir: str, extra: dict) -> None:
         print(f"step time while the async write runs:   {', '.join(f'{t * 1e3:.1f}' for t in during)} ms")
         print(f"async save committed after:             {committed_after * 1e3:8.1f} ms")
         print(f"resume (model + optimizer, load):       {load_s * 1e3:8.1f} ms")
-    trainer.writer.close()
+    trainer.checkpoints.close()
     parallel.destroy()
 
 

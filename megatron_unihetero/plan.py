@@ -67,7 +67,7 @@ from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.llm import transformer_config
 from megatron_unihetero.models.unihetero import UniHeteroModel
 from megatron_unihetero.models.vision import load_hf_vision_config, tokens_per_image
-from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.config import RunConfig, resolve_dtype
 
 GB = 1024 ** 3
 
@@ -89,10 +89,7 @@ class RankPlan:
 
 
 def _dtype_bytes(cfg: RunConfig) -> int:
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    return 2 if dtype == "bf16" else 4
+    return 2 if resolve_dtype(cfg.train.dtype) == "bf16" else 4
 
 
 def _stage_kinds(pp: int) -> List[tuple]:

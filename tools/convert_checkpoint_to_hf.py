@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_unihetero.checkpointing.dist import CheckpointError  # noqa: E402
+from megatron_unihetero.checkpointing.errors import CheckpointError  # noqa: E402
 from megatron_unihetero.config_io import ConfigLoadError  # noqa: E402
 from megatron_unihetero.hf import ConversionError, export_checkpoint  # noqa: E402
 from megatron_unihetero.models.config import ConfigError  # noqa: E402

@@ -1,1 +1,2 @@
-"""Checkpoints on disk (dist.py: megatron-core torch_dist) and the TP slicing of full state dicts (sharding.py)."""
+"""Checkpoints on disk: megatron-core torch_dist I/O (dist.py) and the one error class
+(errors.py). Naming, manifests, saving and resuming: training/checkpoint.py (CheckpointManager)."""

@@ -40,13 +40,10 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_unihetero import parallel
+from megatron_unihetero.checkpointing.errors import CheckpointError
 
 DIST_DIR = "dist"
 FORMAT = "megatron_unihetero.torch_dist.v1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or does not fit; names the path."""
 
 
 def dist_dir(iter_dir: str) -> str:

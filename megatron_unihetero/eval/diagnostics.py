@@ -202,19 +202,23 @@ def embedding_figures(stats: torch.Tensor) -> Dict[str, float]:
 _FIGURES = {"semantic": regression_figures, "pixel": pixel_figures, "embedding": embedding_figures}
 
 
+def figures(name: str, stats, prefix: str = "") -> Dict[str, float]:
+    """The figures (named ``<prefix><figure>``) of statistics ``name`` summed over a step."""
+    compute = _FIGURES.get(name)
+    if compute is None:
+        raise KeyError(f"unknown statistics {stats_key(name)!r}; known: {sorted(_FIGURES)}")
+    return {prefix + k: v for k, v in compute(torch.as_tensor(stats)).items()}
+
+
 def finish(summary: Mapping[str, object], prefix: str = "") -> Dict[str, float]:
-    """The summary with every ``stats/<name>`` entry (summed over the step) replaced by its
-    figures (named ``<prefix><figure>``); every other entry is kept as it is."""
+    """A flat mapping with every ``stats/<name>`` entry (summed over the step) replaced by its
+    figures (:func:`figures`); every other entry is kept as it is."""
     out: Dict[str, object] = {}
     for key, value in summary.items():
-        if not is_stats(key):
+        if is_stats(key):
+            out.update(figures(key[len(STATS_PREFIX):], value, prefix))
+        else:
             out[key] = value
-            continue
-        name = key[len(STATS_PREFIX):]
-        figures = _FIGURES.get(name)
-        if figures is None:
-            raise KeyError(f"unknown statistics {key!r}; known: {sorted(_FIGURES)}")
-        out.update({prefix + k: v for k, v in figures(torch.as_tensor(value)).items()})
     return out
 
 

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_unihetero import platform
-from megatron_unihetero.checkpointing.sharding import RankLayout
 from megatron_unihetero.models.llm import ActivationMemory, transformer_config
 from megatron_unihetero.models.stage_plan import EMA, StagePlan
 from megatron_unihetero.models.unihetero import UniHeteroModel
@@ -164,14 +163,6 @@ def apply_compile(model) -> None:
     """
     for layer in model.llm.decoder.layers:
         layer.compile()
-
-
-def rank_layout(model):
-    """This rank's place in the TP x PP grid, for (un)sharding full state dicts."""
-    layers = model.llm.decoder.layers
-    offset = layers[0].layer_number - 1 if len(layers) else 0
-    return RankLayout(parallel_state.get_tensor_model_parallel_rank(),
-                      parallel_state.get_tensor_model_parallel_world_size(), offset)
 
 
 def _chunk_list(model) -> List:

@@ -8,7 +8,7 @@
     CKPT_DIR/iter_0000100/trainer.pt      step, LR scheduler, loader position, RNG states (rank 0)
     CKPT_DIR/iter_0000100/manifest.json   every other file of the folder: size and sha256
 
-A save (:class:`CheckpointWriter`) has every rank write its part into the iteration folder, in
+A save (:class:`CheckpointManager`, the one owner of a run's checkpoints) has every rank write its part into the iteration folder, in
 place or in a forked writer process (``checkpoint.async_save``: training goes on meanwhile),
 then *commits* it once every rank's write finished: the files are hashed and fsynced (spread
 over the ranks), rank 0 writes the manifest, fsyncs it and the folders, and only then moves
@@ -40,7 +40,8 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron_unihetero import platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
-from megatron_unihetero.config_io import load_config
+from megatron_unihetero.checkpointing.errors import CheckpointError
+from megatron_unihetero.config_io import load_config, save_config
 from megatron_unihetero.training.config import RunConfig
 
 LATEST = "latest"
@@ -52,10 +53,6 @@ CHECKSUM = "sha256"
 VERIFY_MODES = ("full", "sizes")
 _ITER = re.compile(r"^iter_(\d{7})$")
 _NONE, _FAILED = -1, -2  # broadcast codes: no checkpoint / rank 0 raised
-
-
-class CheckpointError(dist_ckpt.CheckpointError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
 def iteration_dir(ckpt_dir: str, step: int) -> str:
@@ -71,7 +68,7 @@ def latest_iteration_dir(ckpt_dir: str) -> Optional[str]:
         name = handle.read().strip()
     path = os.path.join(ckpt_dir, name)
     if not _ITER.match(name) or not os.path.isdir(path):
-        raise RuntimeError(f"{pointer} names {name!r}, which is not an iteration folder in {ckpt_dir}")
+        raise CheckpointError(f"{pointer} names {name!r}, which is not an iteration folder in {ckpt_dir}")
     return path
 
 
@@ -329,47 +326,122 @@ def prune(ckpt_dir: str, keep_last: int, mode: str = "sizes") -> List[str]:
     return doomed
 
 
-class CheckpointWriter:
-    """Writes the trainer's checkpoints, one in flight at a time, and commits each.
+class CheckpointManager:
+    """The one owner of a run's checkpoints: what to resume, loading, saving, committing.
 
-    ``write(iter_dir, request)`` takes megatron-core's save request (checkpointing/dist.py;
-    None when everything is already on disk). Synchronous: the request's write runs in this
-    process, then its finalisation (torch_dist's global metadata; raises on every rank when
-    any rank's write failed) and the commit. Asynchronous (``checkpoint.async_save``): the
-    write runs in a forked process through megatron-core's ``AsyncCallsQueue``, training goes
-    on, and :meth:`poll` (called every step; collective) finalises and commits once every rank
-    is done; :meth:`wait` blocks for it (before the next save, at the end, on SIGTERM). The
-    commit (manifest, ``latest``, prune) is :func:`commit`. A failed write raises
-    :class:`CheckpointError` naming the folder and leaves ``latest`` where it was.
+    Built before the engine (it decides the resume point once, collectively, and a weights-only
+    ``checkpoint.load`` goes into the bare model chunks); the loop then calls :meth:`load` once
+    and :meth:`save` at its cadence, :meth:`poll` every step and :meth:`close` at the end.
+
+    A save has every rank write its part into the iteration folder (the engine's files and
+    megatron-core's torch_dist request, ``Engine.save``; trainer.pt on rank 0), in place or in
+    a forked writer (``checkpoint.async_save``: megatron-core's ``AsyncCallsQueue``, training
+    goes on, :meth:`poll` finalises once every rank is done), then commits it (:func:`commit`:
+    manifest, ``latest``, prune). One save is in flight at a time. A failed write raises
+    :class:`CheckpointError` naming the folder and leaves ``latest`` where it was; a model
+    with non-finite parameters is never saved.
     """
 
-    def __init__(self, ckpt_dir: str, keep_last: int, async_save: bool = False):
-        self.ckpt_dir = ckpt_dir
-        self.keep_last = keep_last
-        self.queue = AsyncCallsQueue() if async_save else None
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.ck = cfg.checkpoint
+        self.log = log
+        self.queue = AsyncCallsQueue() if self.ck.async_save else None
         self.in_flight: Optional[str] = None
+        self.last_committed: Optional[str] = None
+        # Decided once, on global rank 0 (verifying reads the checkpoint), the same on all ranks.
+        self.resume_dir = (agree_on_resume(self.ck.dir, self.ck.verify, self.ck.fallback, repoint=True)
+                           if self.ck.resume else None)
 
-    def write(self, iter_dir: str, request: Optional[AsyncRequest]) -> None:
-        self.wait()
-        if request is None:
-            self._commit(iter_dir)
-            return
+    # -- load --------------------------------------------------------------------------------
+    def load_initial_weights(self, chunks) -> bool:
+        """``checkpoint.load``, weights only, into the bare model chunks when the run does not
+        resume (before the engine wraps them); whether it loaded."""
+        if self.resume_dir is not None or not self.ck.load:
+            return False
+        dist_ckpt.load_model(chunks, dist_ckpt.dist_dir(self._resolve_load(self.ck.load)))
+        return True
+
+    def _resolve_load(self, path: str) -> str:
+        """``checkpoint.load``: a checkpoint dir (its newest verified iteration; ``latest`` is
+        not moved in another run's folder) or an iteration folder (verified when it has a
+        manifest)."""
+        if os.path.isfile(os.path.join(path, LATEST)):
+            return agree_on_resume(path, self.ck.verify, self.ck.fallback)
+        agree_on_folder(path, self.ck.verify)
+        return path
+
+    def load(self, engine, loader) -> int:
+        """Resume engine (model, optimizer, its state), loader position and RNG states from the
+        resume point; returns the step to continue from (0 without one)."""
+        if self.resume_dir is None:
+            if self.ck.load:
+                self.log(f"initialised weights from {self.ck.load}")
+            return 0
+        engine.load(self.resume_dir)
+        state = load_trainer_state(self.resume_dir)
+        step = int(state["step"])
+        engine.load_state_dict(state, step)
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {self.resume_dir} at step {step}")
+        return step
+
+    # -- save --------------------------------------------------------------------------------
+    def save(self, step: int, engine, loader) -> Optional[str]:
+        """Save step ``step``; collective. Returns the folder, committed as ``latest`` now or,
+        with ``checkpoint.async_save``, by a later :meth:`poll`; None (nothing written,
+        ``latest`` and older checkpoints untouched) when the model is non-finite."""
+        if not _all_ranks(engine.parameters_are_finite()):
+            # A NaN/Inf model must never become `latest` (a restart would resume from it) nor
+            # make pruning delete the good checkpoints before it.
+            self.log(f"not saving a checkpoint at step {step}: the model has non-finite "
+                     f"parameters; latest stays {self.latest_name()}")
+            return None
+        self.wait()  # one save in flight: the previous one commits first
+        iter_dir = iteration_dir(self.ck.dir, step)
+        if self.latest_name() == iter_dir:
+            return iter_dir  # this step is the checkpoint resumed from (a SIGTERM right after)
+        if dist.get_rank() == 0:
+            # Whatever an earlier, uncommitted save of this step left (a crash, a full disk)
+            # must not end up in this checkpoint's manifest.
+            shutil.rmtree(iter_dir, ignore_errors=True)
+            os.makedirs(iter_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(iter_dir, "config.yaml"))
+        barrier()
+        with naming_failures(iter_dir):
+            request = engine.save(iter_dir)
+            if dist.get_rank() == 0:
+                save_trainer_state(iter_dir, dict(engine.state_dict(), step=step, rng=rng_state(),
+                                                  loader=loader.state_dict()))
+        self._write(iter_dir, request)
+        return iter_dir
+
+    def _write(self, iter_dir: str, request: AsyncRequest) -> None:
         if self.queue is None:
             with naming_failures(iter_dir):
                 request.execute_sync()
             self._commit(iter_dir)
             return
-        request.add_finalize_fn(lambda: self._commit(iter_dir))
+        request.add_finalize_fn(lambda: commit(self.ck.dir, iter_dir, self.ck.keep_last))
         self.in_flight = iter_dir
         with naming_failures(iter_dir):
             self.queue.schedule_async_request(request)
 
     def poll(self) -> Optional[str]:
-        """Finalise a finished asynchronous write; returns the folder committed, if any."""
+        """Finalise a finished asynchronous write (collective); the folder committed, if any."""
         return self._finalize(blocking=False)
 
     def wait(self) -> Optional[str]:
+        """Block until the write in flight is committed; the folder, if there was one."""
         return self._finalize(blocking=True)
+
+    def close(self) -> Optional[str]:
+        """Commit the write in flight and stop the writer; the folder committed, if any."""
+        committed = self.wait()
+        if self.queue is not None:
+            self.queue.close()
+        return committed
 
     def _finalize(self, blocking: bool) -> Optional[str]:
         if self.queue is None or self.in_flight is None:
@@ -380,17 +452,30 @@ class CheckpointWriter:
         if not done:
             return None
         self.in_flight = None
+        self._committed(iter_dir)
         return iter_dir
 
-    def close(self) -> Optional[str]:
-        """Wait for the write in flight (returns the folder it committed) and stop the queue."""
-        committed = self.wait()
-        if self.queue is not None:
-            self.queue.close()
-        return committed
-
     def _commit(self, iter_dir: str) -> None:
-        commit(self.ckpt_dir, iter_dir, self.keep_last)
+        commit(self.ck.dir, iter_dir, self.ck.keep_last)
+        self._committed(iter_dir)
+
+    def _committed(self, iter_dir: str) -> None:
+        self.last_committed = iter_dir
+        self.log(f"saved checkpoint {iter_dir}")
+
+    def latest_name(self) -> str:
+        """The folder ``latest`` names, or "none"."""
+        latest = latest_iteration_dir(self.ck.dir) if os.path.isdir(self.ck.dir) else None
+        return latest or "none"
+
+
+def _all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (collective when a process group is up)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=platform.device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
 
 
 def commit(ckpt_dir: str, iter_dir: str, keep_last: int) -> None:

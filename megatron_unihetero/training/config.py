@@ -6,6 +6,7 @@ model: TP must divide the heads, the world size must be TP x PP x DP, data paths
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
     seed: int = 1234
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: resolve_dtype) | bf16 | fp32
     # torch.compile each decoder layer (parallel.apply_compile; TP=1, local spec, not ZeRO-3).
     # The first step pays the compilation (a C++ compiler is needed on CPU).
     compile: bool = False
@@ -138,6 +139,14 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
 
 
+def resolve_dtype(dtype: str) -> str:
+    """``train.dtype`` decided for this machine: ``auto`` is bf16 where CUDA is, else fp32.
+    The one place ``auto`` is read (:meth:`RunConfig.resolved`, the memory planner)."""
+    if dtype == "auto":
+        return "bf16" if platform.has_cuda() else "fp32"
+    return dtype
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +155,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every machine-dependent value decided (``train.dtype``); the trainer
+        and the engines read only resolved configs, and a checkpoint saves this one."""
+        return dataclasses.replace(self, train=dataclasses.replace(
+            self.train, dtype=resolve_dtype(self.train.dtype)))
 
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""

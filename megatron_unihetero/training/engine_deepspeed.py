@@ -46,13 +46,17 @@ from deepspeed.checkpoint import ds_to_universal
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
 from megatron_unihetero.training import losses
-from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.checkpointing.errors import CheckpointError
+from megatron_unihetero.training.config import RunConfig, resolve_dtype
+from megatron_unihetero.training.engine import Engine
+from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
 from megatron_unihetero.training.step import all_finite, model_inputs
 
@@ -60,7 +64,7 @@ _CKPT_TAG = "engine"
 
 
 def _use_bf16(cfg: RunConfig) -> bool:
-    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and platform.has_cuda())
+    return resolve_dtype(cfg.train.dtype) == "bf16"
 
 
 def generated_config(cfg: RunConfig, dp_size: int) -> Dict[str, Any]:
@@ -124,16 +128,21 @@ def resolve_config(cfg: RunConfig, dp_size: int) -> Dict[str, Any]:
     return merged
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
+    @classmethod
+    def params_dtype(cls, cfg: RunConfig) -> torch.dtype:
+        return torch.float32  # DeepSpeed keeps fp32 master weights and casts for bf16 itself
+
     def __init__(self, model, cfg: RunConfig):
+        super().__init__(cfg)
+        cfg = self.cfg
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("the deepspeed engine supports pipeline_parallel=1 only")
         if isinstance(model, (list, tuple)):  # the trainer passes its (single) chunk list
             (model,) = model
         self.model = model
-        self.cfg = cfg
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = dist.get_world_size(self.dp_group)
         self.ds_config = resolve_config(cfg, self.dp_size)
@@ -154,7 +163,7 @@ class DeepSpeedEngine:
         self.grad_accumulation = int(self.ds_config["gradient_accumulation_steps"])
         # DeepSpeed's optimizer wrappers (ZeRO, bf16) hand out the param groups of the torch
         # optimizer inside, whose lr and weight_decay its step reads; each group carries the
-        # wd_mult of optim.param_groups. The trainer advances it (optim.advance_lr).
+        # wd_mult of optim.param_groups. train_batch advances it (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self._own_skip = False  # whether the last step was skipped by _drop_non_finite_grads
 
@@ -169,7 +178,7 @@ class DeepSpeedEngine:
         """
         return self.zero_stage > 0 or _use_bf16(self.cfg)
 
-    def _run(self, batches: List[dict], weights: Mapping[str, float], backward: bool) -> Dict[str, float]:
+    def _run(self, batches: List[dict], weights: Mapping[str, float], backward: bool) -> StepResult:
         counts = losses.global_counts(batches, self.cfg.model.image_token_id, self.dp_group)
         device = next(self.model.parameters()).device
         reports = []
@@ -219,7 +228,7 @@ class DeepSpeedEngine:
             param.grad = None
         return True
 
-    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> StepResult:
         """One optimizer step at the learning rate :attr:`lr_scheduler` last set.
 
         A step whose gradients are non-finite is skipped (parameters and optimizer state
@@ -228,14 +237,13 @@ class DeepSpeedEngine:
         if len(batches) != self.grad_accumulation:
             raise ValueError(f"got {len(batches)} micro-batches; DeepSpeed is configured for "
                              f"gradient_accumulation_steps={self.grad_accumulation}")
-        summary = self._run(batches, weights, backward=True)
-        skipped = self._own_skip or not self.engine.was_step_applied()
+        result = self._run(batches, weights, backward=True)
+        result.skipped = self._own_skip or not self.engine.was_step_applied()
         norm = None if self._own_skip else self.engine.get_global_grad_norm()
-        summary["grad_norm"] = float(norm) if norm is not None else float("nan")
-        summary["skipped"] = 1.0 if skipped else 0.0
-        if not skipped:  # a skipped step left the projector as it was: the copy stays too
+        result.grad_norm = float(norm) if norm is not None else float("nan")
+        if not result.skipped:  # a skipped step left the projector as it was: the copy stays too
             parallel.sync_semantic_targets(self.model)
-        return summary
+        return result
 
     def parameters_are_finite(self) -> bool:
         """Whether every parameter this rank holds is finite (local: the caller all-reduces).
@@ -244,7 +252,7 @@ class DeepSpeedEngine:
         return all_finite(tensors)
 
     @torch.no_grad()
-    def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+    def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> StepResult:
         self.engine.eval()
         try:
             return self._run(batches, weights, backward=False)
@@ -252,11 +260,11 @@ class DeepSpeedEngine:
             self.engine.train()
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def save(self, iter_dir: str) -> None:
+    def save(self, iter_dir: str) -> AsyncRequest:
         """DeepSpeed's checkpoint (module, optimizer state, ZeRO partitions) into
-        ``iter_dir/engine``, and the model weights as every checkpoint has them
-        (checkpointing/dist.py: what export, evaluation and weights-only starts read);
-        collective (all ranks), written before it returns."""
+        ``iter_dir/engine``, written now; returns the request that writes the model weights as
+        every checkpoint has them (checkpointing/dist.py: what export, evaluation and
+        weights-only starts read). Collective (all ranks)."""
         # Under ZeRO-3 each rank holds 1/DP of every parameter: gathered for the write (every
         # rank of the TP group takes part) and released after it, so the write is in place.
         # The write gets copies: ZeRO-3 must find its parameters as it left them.
@@ -268,8 +276,8 @@ class DeepSpeedEngine:
                 for sharded in nested_values(state):
                     if isinstance(sharded, (ShardedTensor, ShardedTensorFactory)):
                         sharded.data = sharded.data.detach().clone()
-        dist_ckpt.save(state, dist_ckpt.dist_dir(iter_dir), content={"engine": "deepspeed"}).execute_sync()
         self.engine.save_checkpoint(iter_dir, tag=_CKPT_TAG, client_state={}, save_latest=False)
+        return dist_ckpt.save(state, dist_ckpt.dist_dir(iter_dir), content={"engine": self.name})
 
     def _saved_dp_size(self, ckpt_dir: str) -> int:
         names = glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_mp_rank_*optim_states.pt"))
@@ -302,13 +310,13 @@ class DeepSpeedEngine:
     def load(self, iter_dir: str) -> None:
         ckpt_dir = os.path.join(iter_dir, _CKPT_TAG)
         if not os.path.isdir(ckpt_dir):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{ckpt_dir} is missing: the checkpoint was saved by another engine. Start from its "
                 f"weights instead with --checkpoint.load={iter_dir} --checkpoint.resume=false")
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         saved_tp = len(glob.glob(os.path.join(ckpt_dir, "mp_rank_*_model_states.pt")))
         if saved_tp and saved_tp != tp_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{ckpt_dir} was saved at tensor-parallel size {saved_tp}, this run has {tp_size}: "
                 f"the deepspeed engine resumes at the same TP size only. Start from the weights "
                 f"with --checkpoint.load={iter_dir} --checkpoint.resume=false")
@@ -338,4 +346,4 @@ class DeepSpeedEngine:
                 iter_dir, tag=_CKPT_TAG, load_module_strict=False, load_optimizer_states=True,
                 load_lr_scheduler_states=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {ckpt_dir}")
+            raise CheckpointError(f"DeepSpeed could not load its checkpoint from {ckpt_dir}")

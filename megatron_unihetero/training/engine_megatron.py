@@ -29,8 +29,11 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
+from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.engine import Engine
+from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import (
     build_lr_scheduler,
     allocate_adam_state,
@@ -76,14 +79,20 @@ def _param_state_loads_skip_adam_steps(optimizers):
                 delattr(opt, name)
 
 
-class MegatronEngine:
+class MegatronEngine(Engine):
     name = "megatron"
 
+    @classmethod
+    def params_dtype(cls, cfg: RunConfig) -> torch.dtype:
+        # bf16 parameters with fp32 master weights in megatron-core's optimizer.
+        return torch.bfloat16 if cfg.resolved().train.dtype == "bf16" else torch.float32
+
     def __init__(self, chunks, cfg: RunConfig):
+        super().__init__(cfg)
+        cfg = self.cfg
         # A stage, or this rank's virtual-stage chunks (interleaved 1F1B): DDP wraps each.
         self.chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
         self.model = self.chunks[0]
-        self.cfg = cfg
         self.distributed = cfg.parallel.distributed_optimizer
         self.dp_group = parallel_state.get_data_parallel_group()
         # Summing, not averaging, over DP: each rank's loss is already divided by the step's
@@ -108,13 +117,13 @@ class MegatronEngine:
         params_dtype = next(p.dtype for p in self.model.parameters())
         self.optimizer = build_megatron_optimizer(self.wrapped, cfg, params_dtype)
         # Sets each param group's learning rate and weight decay (times its wd_mult: none on
-        # biases and norms) on every step; the trainer advances it (optim.advance_lr).
+        # biases and norms) on every step; train_batch advances it (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
 
     def _step_model(self):
         return self.wrapped if len(self.wrapped) > 1 else self.wrapped[0]
 
-    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+    def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> StepResult:
         """One optimizer step at the learning rate :attr:`lr_scheduler` last set."""
         for wrapped in self.wrapped:
             wrapped.zero_grad_buffer()
@@ -122,16 +131,14 @@ class MegatronEngine:
         # No finalize_model_grads_func for the schedule: its per-token scaling divides every
         # gradient by one token count, while each objective here is normalised by its own
         # (up front, in the loss); the gradient finalisation is _finalize_grads below.
-        summary = step_lib.forward_backward(
+        result = step_lib.forward_backward(
             self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
             dp_group=self.dp_group)
         self._finalize_grads()
-        grad_norm, skipped = self._optimizer_step(summary.get("loss"))
-        summary["grad_norm"] = grad_norm
-        summary["skipped"] = 1.0 if skipped else 0.0
-        if not skipped:  # a skipped step left the projector as it was: the copy stays too
+        result.grad_norm, result.skipped = self._optimizer_step(result.losses.get("loss"))
+        if not result.skipped:  # a skipped step left the projector as it was: the copy stays too
             parallel.sync_semantic_targets(self.chunks)
-        return summary
+        return result
 
     def _finalize_grads(self) -> None:
         """The parts of megatron-core's ``finalize_model_grads`` this model needs: the DP
@@ -187,7 +194,7 @@ class MegatronEngine:
         return step_lib.all_finite(p for chunk in self.chunks for p in chunk.parameters())
 
     @torch.no_grad()
-    def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> Dict[str, float]:
+    def eval_step(self, batches: List[dict], weights: Mapping[str, float]) -> StepResult:
         for chunk in self.chunks:
             chunk.eval()
         try:
@@ -210,8 +217,9 @@ class MegatronEngine:
         return state
 
     def save(self, iter_dir: str) -> AsyncRequest:
-        """Plan the save of model and optimizer into ``iter_dir/dist``; collective. The trainer
-        runs the returned request (in place, or asynchronously) and commits it."""
+        """Plan the save of model and optimizer into ``iter_dir/dist``; collective. The
+        checkpoint manager runs the returned request (in place, or asynchronously) and commits
+        it."""
         fmt = self.cfg.checkpoint.optimizer_format
         return dist_ckpt.save(self._sharded_state_dict(fmt), dist_ckpt.dist_dir(iter_dir),
                               content={"engine": self.name, "optimizer_format": fmt,
@@ -227,12 +235,12 @@ class MegatronEngine:
         restart = (f"Start from its weights instead with --checkpoint.load={iter_dir} "
                    f"--checkpoint.resume=false")
         if saved.get("engine") != self.name:
-            raise dist_ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{folder} was saved by the {saved.get('engine')!r} engine, this run uses "
                 f"{self.name!r}: its optimizer state does not transfer. {restart}")
         if saved["distributed_optimizer"] != self.distributed:
             was = "on" if saved["distributed_optimizer"] else "off"
-            raise dist_ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{folder} was saved with parallel.distributed_optimizer {was}; this run has it "
                 f"{'on' if self.distributed else 'off'}. Resume with the same setting, or "
                 f"{restart[0].lower() + restart[1:]}")
@@ -243,7 +251,7 @@ class MegatronEngine:
         par = self.cfg.parallel
         layout = (par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline)
         if saved["optimizer_format"] == "dp_reshardable" and saved_layout != layout:
-            raise dist_ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{folder} holds the optimizer state as checkpoint.optimizer_format="
                 f"dp_reshardable at (TP, PP, VPP) = {saved_layout}; this run has {layout}: that "
                 f"format reshards over data-parallel ranks only. Resume at the saved layout (and "

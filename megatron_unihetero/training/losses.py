@@ -37,6 +37,7 @@ from megatron_unihetero import platform
 from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.models.heads import text_label_mask
 from megatron_unihetero.models.interleaver import semantic_positions
+from megatron_unihetero.training.results import StepResult
 
 OBJECTIVES = ("text", "semantic", "pixel")
 
@@ -102,24 +103,23 @@ def assemble_loss(outputs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], coun
 
 
 def summarize(reports: List[Mapping[str, torch.Tensor]], counts: Mapping[str, int],
-              weights: Mapping[str, float]) -> Dict[str, float]:
-    """The step's summary on this rank from its micro-batches' reports.
+              weights: Mapping[str, float]) -> StepResult:
+    """The step's result on this rank from its micro-batches' reports.
 
-    Each objective's shares summed over the micro-batches, ``loss`` their weighted total, and
-    ``count_<objective>`` the global counts. The shares are this rank's part of the DP-global
-    means: the caller all-reduces (sums) them over DP for logging. Diagnostic statistics
-    (``stats/<name>``) are kept as summed float64 tensors for the same all-reduce; the trainer
-    turns them into figures (``diagnostics.finish``) after it.
+    ``losses``: each objective's shares summed over the micro-batches, and ``loss`` their
+    weighted total; ``counts``: the global counts. The shares are this rank's part of the
+    DP-global means: the trainer sums them over DP (training/results.py). Diagnostic
+    statistics (``stats/<name>`` in the reports) become ``stats[name]``, summed float64
+    tensors reduced over DP the same way; the figures (R², ...) come from them after that.
     """
-    summary: Dict[str, float] = {}
+    shares: Dict[str, float] = {}
     stats: Dict[str, torch.Tensor] = {}
     for report in reports:
         for name, value in report.items():
             if diagnostics.is_stats(name):
-                stats[name] = diagnostics.add_stats(stats.get(name), value)
+                key = name[len(diagnostics.STATS_PREFIX):]
+                stats[key] = diagnostics.add_stats(stats.get(key), value)
             else:
-                summary[name] = summary.get(name, 0.0) + float(value)
-    summary["loss"] = sum(objective_weight(weights, k) * v for k, v in summary.items())
-    summary.update({f"count_{k}": float(v) for k, v in counts.items()})
-    summary.update(stats)  # float64 sums, reduced over DP like the shares (a sum)
-    return summary
+                shares[name] = shares.get(name, 0.0) + float(value)
+    shares["loss"] = sum(objective_weight(weights, k) * v for k, v in shares.items())
+    return StepResult(losses=shares, counts={k: int(v) for k, v in counts.items()}, stats=stats)

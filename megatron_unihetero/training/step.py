@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from megatron_unihetero.training import losses
+from megatron_unihetero.training.results import StepResult
 
 MODEL_INPUTS = ("tokens", "position_ids", "segment_ids", "labels", "images", "image_features",
                 "image_latents")
@@ -45,12 +46,12 @@ def forward_backward(
     image_token_id: int,
     forward_only: bool = False,
     dp_group=None,
-) -> Dict[str, float]:
+) -> StepResult:
     """Run one step's micro-batches (forward and, unless ``forward_only``, backward).
 
-    Returns, on the last pipeline stage, this rank's summary (:func:`losses.summarize`: each
-    objective's share of the step mean, the weighted total ``loss`` and the global counts);
-    other stages return {}. Gradients accumulate in ``.grad`` (or megatron DDP's buffers) for
+    Returns, on the last pipeline stage, this rank's result (:func:`losses.summarize`: each
+    objective's share of the step mean, the weighted total ``loss``, the global counts and the
+    diagnostics' statistics); other stages return an empty one. Gradients accumulate in ``.grad`` (or megatron DDP's buffers) for
     the optimizer.
     """
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -85,5 +86,5 @@ def forward_backward(
         forward_only=forward_only,
     )
     if not parallel_state.is_pipeline_last_stage():
-        return {}
+        return StepResult(counts=counts)
     return losses.summarize(reports, counts, weights)

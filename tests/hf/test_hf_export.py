@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero.testing import run_distributed_test
+from megatron_unihetero.testing.sharding import rank_layout
 
 SEQ = 24
 NUM_LAYERS = 2
@@ -67,7 +68,7 @@ def save_all_job(root, cfg, tokenizer):
     """On 2 ranks: a TP=1 reference (records logits and semantic predictions), then the same
     weights at TP=2 and at PP=2; each layout is written as a checkpoint under ``root``."""
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict
+    from megatron_unihetero.testing.sharding import shard_state_dict
 
     ref_path = os.path.join(root, "ref.pt")
     for tp, pp in LAYOUTS:
@@ -75,7 +76,7 @@ def save_all_job(root, cfg, tokenizer):
         model = parallel.build_model(cfg)
         if (tp, pp) != (1, 1):
             ref = torch.load(ref_path, weights_only=True)
-            local = shard_state_dict(ref["state"], model.state_dict().keys(), parallel.rank_layout(model))
+            local = shard_state_dict(ref["state"], model.state_dict().keys(), rank_layout(model))
             missing, unexpected = model.load_state_dict(local, strict=False)
             assert not unexpected and all(k.endswith("_extra_state") for k in missing)
             parallel.sync_semantic_targets(model, ema=False)

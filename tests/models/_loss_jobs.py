@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from tests.models._parity_jobs import make_batches, tiny_config
+from megatron_unihetero.testing.sharding import rank_layout
 
 
 def dp_split_job(ref_path, num_micro_per_rank):
@@ -16,7 +17,7 @@ def dp_split_job(ref_path, num_micro_per_rank):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict
+    from megatron_unihetero.testing.sharding import shard_state_dict
     from megatron_unihetero.training.step import forward_backward
 
     ref = torch.load(ref_path, weights_only=True)
@@ -24,7 +25,7 @@ def dp_split_job(ref_path, num_micro_per_rank):
     parallel.initialize(1, 1, seed=3)
     model = parallel.build_model(cfg)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(),
-                                           parallel.rank_layout(model)), strict=False)
+                                           rank_layout(model)), strict=False)
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False),
         model)
@@ -38,7 +39,7 @@ def dp_split_job(ref_path, num_micro_per_rank):
     assert len(mine) == num_micro_per_rank
     summary = forward_backward(ddp, mine, weights={"text": 1.0, "semantic": 1.0},
                                image_token_id=cfg.image_token_id,
-                               dp_group=parallel_state.get_data_parallel_group())
+                               dp_group=parallel_state.get_data_parallel_group()).figures()
     ddp.finish_grad_sync()
     loss = torch.tensor([summary["loss"]], dtype=torch.float64)
     dist.all_reduce(loss)  # each DP rank holds its share of the step mean

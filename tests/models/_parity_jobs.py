@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unihetero.models.config import LLMConfig, ModelConfig, SemanticGenConfig
+from megatron_unihetero.testing.sharding import rank_layout
 
 IMAGE_TOKEN = 3
 VOCAB = 256
@@ -51,7 +52,7 @@ def _run_step(model, cfg, batches):
     from megatron_unihetero.training.step import forward_backward
 
     return forward_backward(model, batches, weights={"text": 1.0, "semantic": cfg.semantic.weight},
-                            image_token_id=cfg.image_token_id)
+                            image_token_id=cfg.image_token_id).figures()
 
 
 def reference_job(path, cfg):
@@ -69,13 +70,13 @@ def parallel_job(path, cfg, tp, pp):
     from megatron.core import parallel_state
 
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import (
+    from megatron_unihetero.testing.sharding import (
         shard_state_dict, shard_tensor, to_global_name)
 
     ref = torch.load(path, weights_only=True)
     parallel.initialize(tp, pp, seed=11)  # another seed: the weights must come from the reference
     model = parallel.build_model(cfg)
-    layout = parallel.rank_layout(model)
+    layout = rank_layout(model)
     local = shard_state_dict(ref["state"], model.state_dict().keys(), layout)
     missing, unexpected = model.load_state_dict(local, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
@@ -104,12 +105,12 @@ def save_sharded_job(ref_path, iter_dir, cfg, tp, pp):
     """Load the reference weights at (tp, pp) and save them in the checkpoint format."""
     from megatron_unihetero import parallel
     from megatron_unihetero.checkpointing import dist as dist_ckpt
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict
+    from megatron_unihetero.testing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
     parallel.initialize(tp, pp, seed=3)
     model = parallel.build_model(cfg)
-    layout = parallel.rank_layout(model)
+    layout = rank_layout(model)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
     dist_ckpt.save_weights([model], iter_dir)
     parallel.destroy()
@@ -119,12 +120,12 @@ def load_resharded_job(ref_path, iter_dir, cfg, tp, pp):
     """Load a checkpoint saved at another layout; every tensor must equal the reference's shard."""
     from megatron_unihetero import parallel
     from megatron_unihetero.checkpointing import dist as dist_ckpt
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict
+    from megatron_unihetero.testing.sharding import shard_state_dict
 
     ref = torch.load(ref_path, weights_only=True)
     parallel.initialize(tp, pp, seed=5)
     model = parallel.build_model(cfg)
-    layout = parallel.rank_layout(model)
+    layout = rank_layout(model)
     dist_ckpt.load_model([model], dist_ckpt.dist_dir(iter_dir))
     expected = shard_state_dict(ref["state"], model.state_dict().keys(), layout)
     for name, tensor in model.state_dict().items():
@@ -191,27 +192,27 @@ def interleaved_job(path, cfg, pp, vpp, num_micro):
     from megatron.core import parallel_state
 
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict, to_global_name
+    from megatron_unihetero.testing.sharding import shard_state_dict, to_global_name
     from megatron_unihetero.training.step import forward_backward
 
     ref = torch.load(path, weights_only=True)
     parallel.initialize(1, pp, seed=11, vpp=vpp)
     chunks = parallel.build_model_chunks(cfg)
     for chunk in chunks:
-        local = shard_state_dict(ref["state"], chunk.state_dict().keys(), parallel.rank_layout(chunk))
+        local = shard_state_dict(ref["state"], chunk.state_dict().keys(), rank_layout(chunk))
         chunk.load_state_dict(local, strict=False)
     parallel.sync_semantic_targets(chunks, ema=False)
     batches = make_batches()
     batches = (batches * num_micro)[:num_micro] if num_micro != len(batches) else batches
     summary = forward_backward(chunks, batches, weights={"text": 1.0, "semantic": cfg.semantic.weight},
-                               image_token_id=cfg.image_token_id)
+                               image_token_id=cfg.image_token_id).figures()
     if parallel_state.is_pipeline_last_stage():
         for key in ("text", "semantic", "loss"):
             assert abs(summary[key] - ref["summary"][key]) <= 1e-5 * abs(ref["summary"][key]), (
                 key, summary[key], ref["summary"][key])
     checked = 0
     for chunk in chunks:
-        offset = parallel.rank_layout(chunk).layer_offset
+        offset = rank_layout(chunk).layer_offset
         for name, param in chunk.named_parameters():
             if param.grad is None:
                 continue
@@ -366,11 +367,11 @@ def _memory_variant_step(ref, cfg, name):
     """One engine step of ``MEMORY_VARIANTS[name]`` from the reference weights at this TP:
     (summary, {global name: main_grad}, {what: forward calls}, layer-input shapes, model).""" 
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_state_dict, to_global_name
+    from megatron_unihetero.testing.sharding import shard_state_dict, to_global_name
     from megatron_unihetero.models.llm import ActivationMemory
 
     model = parallel.build_model(cfg, memory=ActivationMemory(**MEMORY_VARIANTS[name]))
-    layout = parallel.rank_layout(model)
+    layout = rank_layout(model)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
     parallel.sync_semantic_targets(model, ema=False)
     layers = model.llm.decoder.layers
@@ -381,7 +382,7 @@ def _memory_variant_step(ref, cfg, name):
                          ("norm0", layers[0].input_layernorm)):
         hooks.append(module.register_forward_pre_hook(counters[what], with_kwargs=True))
     engine = _memory_engine(model, cfg)
-    summary = engine.train_step(make_batches(), {"text": 1.0, "semantic": cfg.semantic.weight})
+    summary = engine.train_step(make_batches(), {"text": 1.0, "semantic": cfg.semantic.weight}).figures()
     for hook in hooks:
         hook.remove()
     grads = {to_global_name(n, layout.layer_offset): p.main_grad.detach().clone()
@@ -416,7 +417,7 @@ def memory_parity_job(path, cfg):
     from megatron.core import parallel_state
 
     from megatron_unihetero import parallel
-    from megatron_unihetero.checkpointing.sharding import shard_tensor
+    from megatron_unihetero.testing.sharding import shard_tensor
 
     ref = torch.load(path, weights_only=True)
     parallel.initialize(2, 1, seed=11)
@@ -481,7 +482,7 @@ def memory_parity_job(path, cfg):
         wrapped.finish_grad_sync = finish
         steps = []
         for step in range(2):
-            summary = engine.train_step(make_batches(seed=100 * step + dp_rank), weights)
+            summary = engine.train_step(make_batches(seed=100 * step + dp_rank), weights).figures()
             grads = [p.main_grad.detach().clone() for p in model.parameters() if p.requires_grad]
             steps.append((summary, grads))
         runs[overlap] = steps, launched

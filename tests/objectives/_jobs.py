@@ -86,7 +86,8 @@ def routing_job():
     torch.manual_seed(21)  # the same noise draws in the step's forward
     summary = forward_backward(model, [batch], weights={"text": 1.0, "semantic": 1.0, "pixel": 0.5},
                                image_token_id=IMAGE_TOKEN, forward_only=True)
-    assert summary["count_pixel"] == float(count) == 2 * TOKENS_PER_IMAGE
+    assert summary.counts["pixel"] == int(count) == 2 * TOKENS_PER_IMAGE
+    summary = summary.figures()
     assert abs(summary["pixel"] - float(loss_sum) / float(count)) < 1e-5 * float(loss_sum), summary
     expected = summary["text"] + summary["semantic"] + 0.5 * summary["pixel"]
     assert abs(summary["loss"] - expected) < 1e-5, summary
@@ -314,21 +315,21 @@ def diagnostics_job():
     for i, row in enumerate(rows):
         row["images"] = batch["images"][i:i + 1]  # row i holds image i
     split = forward_backward(model, rows, weights=weights, image_token_id=IMAGE_TOKEN, forward_only=True)
-    a, b = diagnostics.finish(whole), diagnostics.finish(split)
+    a, b = whole.figures(), split.figures()
     for key in ("semantic_r2", "semantic_cos", "semantic_baseline_cos", "semantic_baseline_mse",
                 "semantic_pred_var", "embed_norm_visual", "embed_norm_text"):
         assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
     assert a["semantic_r2"] < 1.0 and a["embed_norm_visual"] > 0 and a["embed_norm_text"] > 0
     # R² over the step is not the mean of the micro-batches' R².
-    per_row = [diagnostics.finish(forward_backward(model, [r], weights=weights, image_token_id=IMAGE_TOKEN,
-                                                   forward_only=True))["semantic_r2"] for r in rows]
+    per_row = [forward_backward(model, [r], weights=weights, image_token_id=IMAGE_TOKEN,
+                                forward_only=True).figures()["semantic_r2"] for r in rows]
     assert abs(sum(per_row) / 2 - a["semantic_r2"]) > 1e-4, (per_row, a["semantic_r2"])
     # The pixel statistics: present with the pixel head; the baseline depends on the data only.
     model = parallel.build_model(tiny_config(pixel_weight=1.0))
-    p_whole = diagnostics.finish(forward_backward(model, [batch], weights={"text": 1.0, "pixel": 1.0},
-                                                  image_token_id=IMAGE_TOKEN, forward_only=True))
-    p_split = diagnostics.finish(forward_backward(model, rows, weights={"text": 1.0, "pixel": 1.0},
-                                                  image_token_id=IMAGE_TOKEN, forward_only=True))
+    p_whole = forward_backward(model, [batch], weights={"text": 1.0, "pixel": 1.0},
+                               image_token_id=IMAGE_TOKEN, forward_only=True).figures()
+    p_split = forward_backward(model, rows, weights={"text": 1.0, "pixel": 1.0},
+                               image_token_id=IMAGE_TOKEN, forward_only=True).figures()
     assert abs(p_whole["pixel_baseline"] - p_split["pixel_baseline"]) < 1e-6 * p_whole["pixel_baseline"]
     assert 0.0 < p_whole["pixel_baseline"] < 1.0 and p_whole["pixel_baseline_zero"] == 1.0
     assert abs(p_whole["pixel_loss_mean"] - p_whole["pixel"]) < 1e-5 * p_whole["pixel"]

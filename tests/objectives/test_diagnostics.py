@@ -128,11 +128,11 @@ def test_statistics_ride_through_the_loss_without_changing_it():
     # Two micro-batches: the statistics add up; "loss" is the objectives' total only.
     second = dict(outputs, **{"stats/semantic": (diag.regression_stats(p[:2], t[:2]), torch.tensor(2))})
     summary = summarize([report, assemble_loss(second, counts, weights)[1]], counts, weights)
-    assert summary["loss"] == pytest.approx(2 * float(total))
-    torch.testing.assert_close(summary["stats/semantic"],
+    assert summary.losses["loss"] == pytest.approx(2 * float(total))
+    torch.testing.assert_close(summary.stats["semantic"],
                                diag.regression_stats(torch.cat([p, p[:2]]), torch.cat([t, t[:2]])))
-    done = diag.finish(summary)
-    assert "stats/semantic" not in done and -10 < done["semantic_r2"] < 1 and done["loss"] == summary["loss"]
+    done = summary.figures()
+    assert "stats/semantic" not in done and -10 < done["semantic_r2"] < 1 and done["loss"] == summary.losses["loss"]
     assert set(diag.finish({"stats/embedding": torch.tensor([2.0, 6.0, 20.0, 3.0, 3.0, 3.0])})) == {
         "embed_norm_visual", "embed_norm_text"}
     with pytest.raises(KeyError, match="unknown statistics"):

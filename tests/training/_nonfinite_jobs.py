@@ -46,7 +46,7 @@ def save_refusal_job(args):
     try:
         trainer = Trainer(cfg)
         # One real step first: the distributed optimizer has no state to save before one.
-        trainer.engine.train_step(trainer.next_batches(), trainer.objective_weights())
+        trainer.engine.train_batch(trainer.next_batches(), 0)
         trainer.step = 1
         good = trainer.save()
         assert good == ckpt.iteration_dir(cfg.checkpoint.dir, 1), good

@@ -45,7 +45,7 @@ def _train(engine, batches, steps, first=0):
     losses, norms = [], []
     for step in range(first, first + steps):
         advance_lr(engine.lr_scheduler, step, engine.cfg.train)
-        summary = engine.train_step(batches, WEIGHTS)
+        summary = engine.train_step(batches, WEIGHTS).figures()
         losses.append(summary["loss"])
         norms.append(summary["grad_norm"])
     return losses, norms

@@ -51,6 +51,6 @@ def test_micro_batch_shares_add_up_to_the_step_mean():
     micro = [_outputs(text=(3.0, 4), semantic=(1.0, 1)), _outputs(text=(7.0, 6), semantic=(5.0, 3))]
     totals, reports = zip(*(assemble_loss(out, counts, weights) for out in micro))
     summary = summarize(list(reports), counts, weights)
-    assert summary["text"] == pytest.approx(10 / 10) and summary["semantic"] == pytest.approx(6 / 4)
-    assert summary["loss"] == pytest.approx(1.0 + 0.5 * 1.5) == pytest.approx(float(sum(totals)))
-    assert (summary["count_text"], summary["count_semantic"], summary["count_pixel"]) == (10.0, 4.0, 0.0)
+    assert summary.losses["text"] == pytest.approx(10 / 10) and summary.losses["semantic"] == pytest.approx(6 / 4)
+    assert summary.losses["loss"] == pytest.approx(1.0 + 0.5 * 1.5) == pytest.approx(float(sum(totals)))
+    assert summary.counts == {"text": 10, "semantic": 4, "pixel": 0}

@@ -10,8 +10,9 @@ The rules are by parameter name, for our Llama layout on megatron-core layers:
 * pipeline stages hold consecutive layers: local ``layers.{i}`` is global ``layers.{offset+i}``.
 
 These pure functions place one full set of weights (a reference, an HF conversion) into a model
-at any TP/PP without a process group: the parallel-parity tests use them. Checkpoints do not:
-torch_dist reshards them through each module's sharded state dict (dist.py).
+at any TP/PP without a process group: the parallel-parity tests use them (test-only: checkpoints
+do not, torch_dist reshards them through each module's sharded state dict,
+checkpointing/dist.py). :func:`rank_layout` reads a built model's place in the grid.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Tuple
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_unihetero.models.stage_plan import TARGET_PROJECTOR_PREFIX
 
@@ -40,6 +42,14 @@ class RankLayout:
     tp_rank: int = 0
     tp_size: int = 1
     layer_offset: int = 0
+
+
+def rank_layout(model) -> RankLayout:
+    """This rank's place in the TP x PP grid, for (un)sharding full state dicts."""
+    layers = model.llm.decoder.layers
+    offset = layers[0].layer_number - 1 if len(layers) else 0
+    return RankLayout(parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_world_size(), offset)
 
 
 def split_rule(name: str) -> Tuple[str, int]:
