@@ -83,7 +83,7 @@ def zero_job(stage, tmp_dir):
 
     # Save and resume: a fresh engine loaded from the checkpoint (and the scheduler's state, as
     # the trainer keeps it) takes the same next step.
-    engine.save(tmp_dir)
+    engine.save(tmp_dir).execute_sync()  # the model files: a request the checkpoint manager runs
     scheduler_state = engine.lr_scheduler.state_dict()
     # The checkpoint's weights (ITER/dist, gathered in full under ZeRO-3) are the trained ones.
     saved = parallel.build_model(cfg.model)
