@@ -2,6 +2,8 @@
 
 Start it with torchrun (or the deepspeed launcher) for several processes; alone it runs as a
 single process. Restarting the same command resumes from the newest complete checkpoint.
+The libraries' warnings go to LOGGING_DIR/run.log, not the console (``--logging.verbose=true``:
+both).
 
 Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error, 3 stopped after
 ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
