@@ -3,14 +3,19 @@
 # tokenizer, preprocess into indexed shards, pretrain a small UniHetero with semantic
 # generation, evaluate on the held-out split, and say where everything is.
 #   bash examples/quickstart_cpu.sh            (about 5 minutes on 2 cores)
-# Environment: STEPS (default 300), DATA (default data/shapes), RUN (default runs/quickstart).
+# Environment: STEPS (default 300), DATA (default data/shapes), RUN (default runs/quickstart),
+# INSTALL=0 to skip tools/install.sh (an environment that already has the package).
+# The console shows this package's lines only; the libraries' warnings go to $RUN/run.log,
+# $DATA/train.log and $RUN/eval_metrics.log (--logging.verbose=true / --verbose: the console too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
 DATA=${DATA:-data/shapes}
 RUN=${RUN:-runs/quickstart}
 
-bash tools/install.sh
+if [ "${INSTALL:-1}" != "0" ]; then
+  bash tools/install.sh
+fi
 
 mkdir -p "$DATA"
 if [ ! -f "$DATA/train.parquet" ]; then
@@ -35,6 +40,6 @@ fi
 
 echo
 echo "checkpoint: $RUN/checkpoints ($(cat "$RUN/checkpoints/latest"))"
-echo "logs:       $RUN/metrics.jsonl, TensorBoard: tensorboard --logdir $RUN/tensorboard"
+echo "logs:       $RUN/metrics.jsonl, $RUN/run.log (library warnings), TensorBoard: tensorboard --logdir $RUN/tensorboard"
 [ -f "$RUN/eval_metrics.json" ] && echo "metrics:    $RUN/eval_metrics.json"
 exit 0

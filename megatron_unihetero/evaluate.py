@@ -10,6 +10,9 @@ iteration folder) or an iteration folder itself. The iteration folder holds the 
 multiple-choice TSV in VLMEvalKit's layout (eval/data.py ``read_vlmeval_tsv``).
 Runs on one process (TP=1, PP=1); a checkpoint saved at any TP/PP is merged on load.
 
+The libraries' warnings (megatron-core's "TransformerEngine / apex not installed", ...) go to
+``--log`` (default: beside ``--output``), not to the console; ``--verbose`` prints them too.
+
 Metrics (megatron_unihetero/eval): answer accuracy over each question's candidates, caption
 perplexity, linear-probe test accuracy of the mean visual hidden state for each first-object
 attribute, and top-1 / top-5 retrieval of the true next visual embedding with the R² and cosine
@@ -24,15 +27,19 @@ import os
 import sys
 from typing import Dict, Optional
 
-from megatron_unihetero import parallel
-from megatron_unihetero.checkpointing import dist as dist_ckpt
-from megatron_unihetero.config_io import load_config
-from megatron_unihetero.data.tokenizer import build_tokenizer
-from megatron_unihetero.eval import runners
-from megatron_unihetero.eval.data import build_eval_sets, held_out_path, read_rows
-from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
-from megatron_unihetero.training import checkpoint as ckpt
-from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.platform import console
+
+# The libraries' import-time warnings are held for the log (main), not printed.
+with console.held_warnings() as _import_warnings:
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
+    from megatron_unihetero.config_io import load_config
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.eval import runners
+    from megatron_unihetero.eval.data import build_eval_sets, held_out_path, read_rows
+    from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
+    from megatron_unihetero.training import checkpoint as ckpt
+    from megatron_unihetero.training.config import RunConfig
 
 ITERATION_CONFIG = "config.yaml"
 
@@ -91,7 +98,24 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer path (default: the run config's data.tokenizer)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--output", help="write the metrics here as JSON")
+    parser.add_argument("--log", help="the libraries' warnings and this package's log lines go here "
+                                      "(default: beside --output, OUTPUT.log; without --output "
+                                      "they are not kept)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the libraries' warnings on the console too")
     args = parser.parse_args(argv)
+    held = list(_import_warnings)
+    _import_warnings.clear()
+    with console.RunLog(held) as log:
+        log_path = args.log or (os.path.splitext(args.output)[0] + ".log" if args.output else None)
+        if log_path:
+            log.open(log_path, verbose=args.verbose)
+        elif args.verbose:
+            log.open(os.devnull, verbose=True)
+        return _evaluate(parser, args)
+
+
+def _evaluate(parser: argparse.ArgumentParser, args) -> int:
     iteration_dir = resolve_iteration_dir(args.load)
     try:
         ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)

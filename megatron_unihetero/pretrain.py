@@ -2,6 +2,8 @@
 
 Start it with torchrun (or the deepspeed launcher) for several processes; alone it runs as a
 single process. Restarting the same command resumes from the newest complete checkpoint.
+The libraries' warnings go to LOGGING_DIR/run.log, not the console (``--logging.verbose=true``:
+both).
 
 Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error, 3 stopped after
 ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
@@ -16,22 +18,29 @@ doing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-import torch.distributed as dist
+from megatron_unihetero.platform import console
 
-from megatron_unihetero import parallel
-from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
-from megatron_unihetero.models.config import ConfigError
-from megatron_unihetero.training.checkpoint import CheckpointError
-from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.trainer import (
-    CollectiveFailure,
-    NonFiniteTrainingError,
-    Trainer,
-    write_summary,
-)
+# The libraries' import-time warnings (megatron-core: TransformerEngine / apex absent, ...) are
+# held until the run knows its log file (main), not printed.
+with console.held_warnings() as _import_warnings:
+    import torch.distributed as dist
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
+    from megatron_unihetero.models.config import ConfigError
+    from megatron_unihetero.parallel.deepspeed_mpu import launcher_environment
+    from megatron_unihetero.training.checkpoint import CheckpointError
+    from megatron_unihetero.training.config import RunConfig
+    from megatron_unihetero.training.trainer import (
+        CollectiveFailure,
+        NonFiniteTrainingError,
+        Trainer,
+        write_summary,
+    )
 
 
 def parse_args(argv=None):
@@ -45,13 +54,25 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """Run it. Library warnings (this process's imports' too) and this package's ``logging``
+    records go to ``LOGGING_DIR/run.log`` (``run.rank{R}.log`` on global rank R > 0), not to
+    the console; ``logging.verbose=true`` prints them as well (platform/console.py)."""
     args, overrides = parse_args(argv)
+    held = list(_import_warnings)
+    _import_warnings.clear()  # written into the first run's log of this process only
+    with console.RunLog(held) as log:
+        return _run(args, overrides, log)
+
+
+def _run(args, overrides, log: console.RunLog) -> dict:
     try:
         cfg = load_config(RunConfig, args.config, overrides)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigLoadError, ConfigError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+    log.open(os.path.join(cfg.logging.dir, console.log_file_name(console.launcher_rank())),
+             verbose=cfg.logging.verbose)
 
     parallel.init_distributed(cfg.parallel.timeout_minutes)
     parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
@@ -59,10 +80,15 @@ def main(argv=None) -> dict:
     if dist.get_rank() == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
+    # DeepSpeed reads LOCAL_RANK from the environment, in deepspeed.initialize and, under ZeRO-3,
+    # at every step (its parameter coordinator's rank checks): lent for the run when no
+    # launcher set it, the environment restored after (parallel.init_distributed writes none).
+    lend = launcher_environment() if cfg.parallel.engine == "deepspeed" else contextlib.nullcontext()
     try:
-        trainer = Trainer(cfg)
-        trainer.install_signal_handler()
-        result = trainer.train()
+        with lend:
+            trainer = Trainer(cfg)
+            trainer.install_signal_handler()
+            result = trainer.train()
     except CollectiveFailure as exc:
         # A peer is hung or gone: the process groups cannot be torn down collectively.
         print(f"[megatron_unihetero] rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ Images are stored encoded by default (--image-store encoded): the source file it
 already is --image-size square in the target format, else re-encoded (--image-format auto:
 JPEG sources as JPEG at --jpeg-quality, others as lossless PNG). Bad rows are skipped and
 listed in PREFIX.rejects.jsonl; the exit code is 1 only when the rejected fraction exceeds
---max-reject-fraction.
+--max-reject-fraction. The libraries' warnings go to PREFIX.log (--verbose: the console too).
 """
 
 import argparse
@@ -31,6 +31,9 @@ from megatron_unihetero.data.preprocess.pipeline import (IMAGE_STORES, SPLIT_BY,
                                                          format_summary, run_preprocess)
 from megatron_unihetero.data.preprocess.readers import FORMATS  # noqa: E402
 from megatron_unihetero.data.preprocess.samples import TEMPLATES, SampleConfig  # noqa: E402
+
+_VERBOSE = argparse.ArgumentParser(add_help=False)
+_VERBOSE.add_argument("--verbose", action="store_true")
 
 
 def parse_args(argv=None) -> PreprocessConfig:
@@ -74,6 +77,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--split-by", choices=SPLIT_BY, default="auto",
                    help="split the jobs by input files or by rows (auto: files when there are >= K files)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' warnings on the console too (they go to PREFIX.log)")
     a = p.parse_args(argv)
     if a.precompute_features and not a.vision_model:
         p.error("--precompute-features needs --vision-model LOCAL_DIR")
@@ -100,7 +105,14 @@ def parse_args(argv=None) -> PreprocessConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    summary = run_preprocess(cfg)
+    verbose = _VERBOSE.parse_known_args(argv)[0].verbose  # parse_args declares it for --help
+    # The libraries' warnings (megatron-core's, at its import for the shard writer) go to
+    # PREFIX.log beside PREFIX.rejects.jsonl, not the console; --verbose prints them too.
+    from megatron_unihetero.platform import console  # imports torch: not in the spawned workers
+
+    with console.RunLog() as log:
+        log.open(cfg.job_prefix + ".log", verbose=verbose)
+        summary = run_preprocess(cfg)
     print(format_summary(summary, cfg.max_reject_fraction))
     return 0 if summary["ok"] else 1
 

@@ -32,16 +32,15 @@ def init_distributed(timeout_minutes: float = 30) -> None:
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         # A single process started without a launcher. Every launcher (torchrun, the deepspeed
         # launcher, and so our SLURM scripts) sets both RANK and MASTER_ADDR; either alone is
-        # not a launcher: a MASTER_ADDR/PORT left in the shell, or the RANK this branch itself
-        # writes (deepspeed reads it) when a process joins a world of one a second time. A
-        # world of one over an in-memory store needs no port (a free port picked now could be
-        # taken by another process before the bind: a race when many runs start on one machine).
+        # not a launcher (a MASTER_ADDR/PORT left in the shell). A world of one over an
+        # in-memory store needs no port (a free port picked now could be taken by another
+        # process before the bind: a race when many runs start on one machine). The environment
+        # is left as it is: what DeepSpeed reads from it is lent around deepspeed.initialize
+        # only (deepspeed_mpu.launcher_environment).
         if os.environ.get("WORLD_SIZE", "1") != "1":
             missing = ", ".join(f"{k} is not set" for k in ("RANK", "MASTER_ADDR") if k not in os.environ)
             raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing}: start "
                                "multi-process runs with torchrun (examples/launch/)")
-        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(name, value)
         if platform.has_cuda():
             torch.cuda.set_device(0)
         dist.init_process_group(platform.distributed_backend(), store=dist.HashStore(), rank=0,

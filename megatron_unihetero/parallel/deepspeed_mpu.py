@@ -11,7 +11,14 @@ would otherwise switch on its Ulysses sequence-parallel paths.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch.distributed as dist
+
+# What a launcher (torchrun, the deepspeed launcher) sets and DeepSpeed reads.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 class MegatronMPU:
@@ -71,3 +78,30 @@ class MegatronMPU:
 
 def megatron_mpu() -> MegatronMPU:
     return MegatronMPU()
+
+
+@contextlib.contextmanager
+def launcher_environment() -> Iterator[None]:
+    """RANK / WORLD_SIZE / LOCAL_RANK in ``os.environ`` for the block only (around
+    ``deepspeed.initialize``); the environment is restored as it was after it.
+
+    ``deepspeed.initialize`` reads ``LOCAL_RANK`` from the environment even with
+    ``dist_init_required=False`` (its engine's argument checks and device choice, ZeRO-3's
+    ``zero.Init``). Every launcher sets these variables; a process started without one
+    (parallel.init_distributed: a world of one) has none, and they are lent here from the
+    running process group. Variables already set (a launcher's) are kept as they are.
+    """
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    lent = {"RANK": str(dist.get_rank()), "WORLD_SIZE": str(dist.get_world_size())}
+    if dist.get_world_size() == 1:
+        lent["LOCAL_RANK"] = "0"
+    for name, value in lent.items():
+        os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

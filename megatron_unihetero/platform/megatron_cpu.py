@@ -29,6 +29,7 @@ import collections
 import contextlib
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 import types
 from typing import Any
@@ -44,6 +45,7 @@ _FACTORIES = (
 )
 
 _installed = False
+logger = logging.getLogger(__name__)
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -295,7 +297,8 @@ def _type_as_seen_by_megatron(self, dtype=None, non_blocking=False, **kwargs):
 def install() -> bool:
     """Make megatron-core usable on CPU. Returns True when the layer was (or is) installed.
 
-    A no-op when CUDA is available: on GPU machines nothing is patched.
+    A no-op when CUDA is available: on GPU machines nothing is patched. Installing it says so
+    once, in an INFO record of this module's logger (the run's log file).
     """
     global _installed
     if _installed:
@@ -321,4 +324,9 @@ def install() -> bool:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _type_as_seen_by_megatron
     _installed = True
+    # Once per process, in the run's log (platform/console.py), not on the console.
+    logger.info("no CUDA: megatron-core %s runs on the CPU layer (platform/megatron_cpu.py): "
+                "megatron.core modules see a CPU torch.cuda; Tensor.cuda and Module.cuda are the "
+                "identity; Tensor.type() names CPU tensors as CUDA ones for megatron.core callers",
+                mcore_version)
     return True

@@ -153,7 +153,7 @@ class DeepSpeedEngine(Engine):
             for tensor in model.state_dict().values():
                 if torch.is_tensor(tensor) and tensor.is_floating_point():
                     dist.broadcast(tensor, src=src, group=self.dp_group)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        with parallel.deepspeed_mpu.launcher_environment(): self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.train.weight_decay),
             config=self.ds_config,

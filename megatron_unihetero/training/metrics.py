@@ -1,20 +1,45 @@
-"""Console, TensorBoard and (optional) W&B logging, plus a progress bar, on one rank."""
+"""Console, TensorBoard and (optional) W&B logging, plus a progress bar, on one rank.
+
+The periodic line says where the run is and when it ends: ``step 120/300 | eta 2:41 | loss ...``,
+the ETA from a smoothed wall time per step (evaluations and saves included). With a progress
+bar on the terminal every line is written through tqdm, above the bar, never into it.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-from typing import Dict
+import time
+from typing import Dict, Optional
 
 from megatron_unihetero.training.config import LoggingConfig
+
+
+# Weight of the newest wall time per step in the smoothed one the ETA is computed from.
+ETA_SMOOTHING = 0.1
+
+
+def format_duration(seconds: float) -> str:
+    """``M:SS`` under an hour, ``H:MM:SS`` from one hour on (``?`` when unknown)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricsLogger:
     def __init__(self, cfg: LoggingConfig, *, enabled: bool, total_steps: int):
         self.cfg = cfg
         self.enabled = enabled
+        self.total_steps = total_steps
         self.tb = self.wandb = self.bar = None
+        # Smoothed wall seconds per step, and the (step, time) of the last log_step call.
+        self.step_time: Optional[float] = None
+        self._samples = 0
+        self._last: Optional[tuple] = None
         self.history_path = os.path.join(cfg.dir, "metrics.jsonl")
         if not enabled:
             return
@@ -38,8 +63,37 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
 
     def info(self, message: str) -> None:
-        if self.enabled:
-            print(f"[megatron_unihetero] {message}", flush=True)
+        if not self.enabled:
+            return
+        line = f"[megatron_unihetero] {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)  # clears the bar, writes, redraws it below
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+    def _update_step_time(self, step: int, record: Dict[str, float]) -> None:
+        """Smooth the wall time per step over the calls (evaluations and saves in between
+        count: they are part of what is left). The first call has only its step's own time;
+        the second replaces it (a first step is slow: warm-up, compilation)."""
+        now = time.perf_counter()
+        if self._last is not None and step > self._last[0]:
+            sample = (now - self._last[1]) / (step - self._last[0])
+        else:
+            sample = record.get("step_time_s")
+        self._last = (step, now)
+        if not isinstance(sample, (int, float)) or not math.isfinite(sample) or sample < 0:
+            return
+        self._samples += 1
+        if self.step_time is None or self._samples == 2:
+            self.step_time = float(sample)
+        else:
+            self.step_time += ETA_SMOOTHING * (float(sample) - self.step_time)
+
+    def eta_seconds(self, step: int) -> Optional[float]:
+        if self.step_time is None:
+            return None
+        return max(self.total_steps - step, 0) * self.step_time
 
     def _write(self, step: int, record: Dict[str, float], prefix: str) -> None:
         with open(self.history_path, "a") as handle:
@@ -55,11 +109,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write(step, record, "train")
+        self._update_step_time(step, record)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
         if step % self.cfg.log_interval == 0 or step == 1:
-            parts = [f"step {step}"]
+            parts = [f"step {step}/{self.total_steps}", f"eta {format_duration(self.eta_seconds(step))}"]
             for key in ("loss", "text", "semantic", "semantic_r2", "pixel", "pixel_r2", "grad_norm",
                         "lr", "tokens_per_s",
                         "samples_per_s", "tflops_per_s", "mfu", "memory_gb"):
