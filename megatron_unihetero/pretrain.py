@@ -18,7 +18,6 @@ doing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -32,8 +31,7 @@ with console.held_warnings() as _import_warnings:
     from megatron_unihetero import parallel
     from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
     from megatron_unihetero.models.config import ConfigError
-    from megatron_unihetero.parallel.deepspeed_mpu import launcher_environment
-    from megatron_unihetero.training.checkpoint import CheckpointError
+    from megatron_unihetero.checkpointing.errors import CheckpointError
     from megatron_unihetero.training.config import RunConfig
     from megatron_unihetero.training.trainer import (
         CollectiveFailure,
@@ -80,15 +78,10 @@ def _run(args, overrides, log: console.RunLog) -> dict:
     if dist.get_rank() == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-    # DeepSpeed reads LOCAL_RANK from the environment, in deepspeed.initialize and, under ZeRO-3,
-    # at every step (its parameter coordinator's rank checks): lent for the run when no
-    # launcher set it, the environment restored after (parallel.init_distributed writes none).
-    lend = launcher_environment() if cfg.parallel.engine == "deepspeed" else contextlib.nullcontext()
     try:
-        with lend:
-            trainer = Trainer(cfg)
-            trainer.install_signal_handler()
-            result = trainer.train()
+        trainer = Trainer(cfg)
+        trainer.install_signal_handler()
+        result = trainer.train()
     except CollectiveFailure as exc:
         # A peer is hung or gone: the process groups cannot be torn down collectively.
         print(f"[megatron_unihetero] rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)

@@ -35,8 +35,8 @@ def init_distributed(timeout_minutes: float = 30) -> None:
         # not a launcher (a MASTER_ADDR/PORT left in the shell). A world of one over an
         # in-memory store needs no port (a free port picked now could be taken by another
         # process before the bind: a race when many runs start on one machine). The environment
-        # is left as it is: what DeepSpeed reads from it is lent around deepspeed.initialize
-        # only (deepspeed_mpu.launcher_environment).
+        # is left as it is: what DeepSpeed reads from it is lent by the DeepSpeed engine for its
+        # lifetime only (deepspeed_mpu.launcher_environment).
         if os.environ.get("WORLD_SIZE", "1") != "1":
             missing = ", ".join(f"{k} is not set" for k in ("RANK", "MASTER_ADDR") if k not in os.environ)
             raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing}: start "

@@ -82,8 +82,8 @@ def megatron_mpu() -> MegatronMPU:
 
 @contextlib.contextmanager
 def launcher_environment() -> Iterator[None]:
-    """RANK / WORLD_SIZE / LOCAL_RANK in ``os.environ`` for the block only (around
-    ``deepspeed.initialize``); the environment is restored as it was after it.
+    """RANK / WORLD_SIZE / LOCAL_RANK in ``os.environ`` for the block only (the DeepSpeed
+    engine's lifetime, training/engine_deepspeed.py); the environment is restored after it.
 
     ``deepspeed.initialize`` reads ``LOCAL_RANK`` from the environment even with
     ``dist_init_required=False`` (its engine's argument checks and device choice, ZeRO-3's

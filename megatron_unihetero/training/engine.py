@@ -15,6 +15,7 @@ evaluation, the checkpoint cadence, signals) and calls only what this class decl
     state_dict() / load_state_dict(state, step)
                                    the small state that rides in trainer.pt (the LR schedule)
     parameters_are_finite()        this rank's parameters (the caller all-reduces)
+    close()                        give back what the engine holds for the run
 
 The implementations: training/engine_megatron.py (megatron-core DDP, distributed optimizer,
 pipeline schedules) and training/engine_deepspeed.py (ZeRO 0-3, PP=1). :func:`engine_class`
@@ -94,6 +95,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def parameters_are_finite(self) -> bool:
         """Whether every parameter this rank holds is finite (local: the caller all-reduces)."""
+
+    def close(self) -> None:
+        """Give back what the engine holds for the run's lifetime (called once, at the end)."""
 
     # -- checkpoint ----------------------------------------------------------------------------
     @abc.abstractmethod

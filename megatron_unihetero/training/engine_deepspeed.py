@@ -51,7 +51,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.models.config import ConfigError
-from megatron_unihetero.parallel.deepspeed_mpu import megatron_mpu
+from megatron_unihetero.parallel.deepspeed_mpu import launcher_environment, megatron_mpu
 from megatron_unihetero.training import losses
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training.config import RunConfig, resolve_dtype
@@ -153,7 +153,13 @@ class DeepSpeedEngine(Engine):
             for tensor in model.state_dict().values():
                 if torch.is_tensor(tensor) and tensor.is_floating_point():
                     dist.broadcast(tensor, src=src, group=self.dp_group)
-        with parallel.deepspeed_mpu.launcher_environment(): self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        # DeepSpeed reads RANK / WORLD_SIZE / LOCAL_RANK from os.environ, in initialize and,
+        # under ZeRO-3, at every step (its parameter coordinator's rank checks). A launcher sets
+        # them; a process without one (a world of one) gets them lent by this engine, for its
+        # lifetime, and close() gives the environment back as it was.
+        self._environment = contextlib.ExitStack()
+        self._environment.enter_context(launcher_environment())
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.train.weight_decay),
             config=self.ds_config,
@@ -166,6 +172,9 @@ class DeepSpeedEngine(Engine):
         # wd_mult of optim.param_groups. train_batch advances it (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self._own_skip = False  # whether the last step was skipped by _drop_non_finite_grads
+
+    def close(self) -> None:
+        self._environment.close()
 
     # -- steps -------------------------------------------------------------------------------
     def _library_skips_non_finite(self) -> bool:

@@ -175,6 +175,7 @@ class Trainer:
                 break
         self.phase = "finishing the last checkpoint"
         self.checkpoints.close()  # the last save is committed before the run ends
+        self.engine.close()
         self.metrics.close()
         final["checkpoint"] = self.checkpoints.last_committed
         return final
