@@ -196,26 +196,17 @@ class RunConfig:
             if llm.num_layers % (pp * vpp):
                 raise ConfigError(f"parallel.pipeline_parallel x virtual_pipeline = {pp} x {vpp} "
                                   f"does not divide model.llm.num_layers={llm.num_layers}")
-            if par.engine != "megatron":
-                raise ConfigError("parallel.virtual_pipeline needs parallel.engine=megatron")
         if pp > 1 and self.model.semantic.enabled and not self.model.vision.frozen:
             raise ConfigError("pipeline_parallel > 1 with semantic generation needs a frozen vision "
                               "encoder (model.vision.frozen=true): the last stage recomputes the "
                               "targets with its own copy of the encoder, which would go stale")
-        if par.engine not in ("megatron", "deepspeed"):
-            raise ConfigError(f"parallel.engine must be megatron or deepspeed; got {par.engine!r}")
-        if par.engine == "deepspeed":
-            if par.zero_stage not in (0, 1, 2, 3):
-                raise ConfigError(f"parallel.zero_stage must be 0-3; got {par.zero_stage}")
-            if pp > 1:
-                raise ConfigError("parallel.engine=deepspeed supports pipeline_parallel=1 only "
-                                  "(use engine=megatron for pipeline parallelism)")
-        if self.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
-            raise ConfigError(f"checkpoint.optimizer_format must be one of "
-                              f"{' | '.join(OPTIMIZER_FORMATS)}; got {self.checkpoint.optimizer_format!r}")
-        if self.checkpoint.async_save and par.engine != "megatron":
-            raise ConfigError("checkpoint.async_save needs parallel.engine=megatron: DeepSpeed "
-                              "writes its own checkpoint in place")
+        # The engines' own options are checked by their engine (Engine.check_config); the
+        # engine modules import this one, hence the import here.
+        from megatron_unihetero.training.engine import ENGINES, engine_class
+
+        if par.engine not in ENGINES:
+            raise ConfigError(f"parallel.engine must be {' or '.join(ENGINES)}; got {par.engine!r}")
+        engine_class(self).check_config(self)
         if self.train.compile:
             if tp > 1:
                 raise ConfigError("train.compile needs parallel.tensor_parallel=1: the tensor-"
@@ -223,15 +214,10 @@ class RunConfig:
             if llm.transformer_impl != "local":
                 raise ConfigError("train.compile needs model.llm.transformer_impl=local: "
                                   "TransformerEngine's layers run their own fused kernels")
-            if par.engine == "deepspeed" and par.zero_stage == 3:
-                raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
-                                  "gathers each parameter in module hooks inside the compiled layers")
             if not platform.can_compile():
                 raise ConfigError("train.compile on CPU needs a C++ compiler for TorchInductor's "
                                   "kernels: none on PATH (install g++ or set CXX)")
         self._validate_memory()
-        if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
-            raise ConfigError(f"parallel.deepspeed_config {par.deepspeed_config!r} does not exist")
         if not self.data.train:
             raise ConfigError("data.train is empty: give one or more preprocessed shard prefixes")
         for prefix in self.data.train:
@@ -258,10 +244,6 @@ class RunConfig:
         if train.recompute not in RECOMPUTE:
             raise ConfigError(f"train.recompute must be one of {' | '.join(RECOMPUTE)}; got "
                               f"{train.recompute!r}")
-        if train.recompute != "none" and par.engine != "megatron":
-            raise ConfigError("train.recompute needs parallel.engine=megatron: megatron-core's "
-                              "recompute is checked under its own DDP only (ZeRO-3 gathers "
-                              "parameters in module hooks that a recomputed forward runs again)")
         if train.recompute != "none" and train.compile:
             raise ConfigError("train.recompute does not combine with train.compile: the compiled "
                               "layers would run inside megatron-core's checkpoint function")
@@ -286,12 +268,6 @@ class RunConfig:
                 raise ConfigError("train.recompute_modules: layernorm needs TransformerEngine: "
                                   "megatron-core 0.16's output-discarding checkpoint (its norm "
                                   "recompute) reads TransformerEngine's FP8 state even without FP8")
-        if par.sequence_parallel and par.engine != "megatron":
-            raise ConfigError("parallel.sequence_parallel needs parallel.engine=megatron (its grad "
-                              "finalisation all-reduces the norms' gradients over TP)")
-        if par.overlap_grad_reduce and par.engine != "megatron":
-            raise ConfigError("parallel.overlap_grad_reduce is a megatron-engine option (megatron-"
-                              "core's DDP); DeepSpeed has its own overlap_comm")
         if par.overlap_param_gather:
             raise ConfigError(
                 "parallel.overlap_param_gather is not supported: megatron-core then all-gathers the "

@@ -5,6 +5,8 @@ the optimizer, the learning-rate schedule, the precision and the objectives' wei
 resolved once when it is built. The trainer owns *when* things happen (the loop, logging,
 evaluation, the checkpoint cadence, signals) and calls only what this class declares:
 
+    Engine.check_config(cfg)       this engine's options (RunConfig.validate calls it, before
+                                   any rank builds a model): ConfigError naming the key
     Engine.params_dtype(cfg)       the dtype to build the model in, before the engine wraps it
     train_batch(batches, step)     one optimizer step at step ``step``'s learning rate and
                                    objective weights -> StepResult (training/results.py)
@@ -62,6 +64,11 @@ class Engine(abc.ABC):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg.resolved()  # a no-op for the trainer's (already resolved) config
         self.lr_scheduler = None  # set by the implementation once its optimizer exists
+
+    @classmethod
+    @abc.abstractmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Check the options this engine owns or cannot take; ConfigError naming the key."""
 
     @classmethod
     @abc.abstractmethod

@@ -132,6 +132,37 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """What DeepSpeed takes (ZeRO stage, the user's JSON) and the megatron-engine options it
+        cannot."""
+        par, train = cfg.parallel, cfg.train
+        if par.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0-3; got {par.zero_stage}")
+        if par.pipeline_parallel > 1:
+            raise ConfigError("parallel.engine=deepspeed supports pipeline_parallel=1 only "
+                              "(use engine=megatron for pipeline parallelism)")
+        if par.virtual_pipeline is not None:
+            raise ConfigError("parallel.virtual_pipeline needs parallel.engine=megatron")
+        if cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save needs parallel.engine=megatron: DeepSpeed "
+                              "writes its own checkpoint in place")
+        if train.compile and par.zero_stage == 3:
+            raise ConfigError("train.compile does not support parallel.zero_stage=3: ZeRO-3 "
+                              "gathers each parameter in module hooks inside the compiled layers")
+        if train.recompute != "none":
+            raise ConfigError("train.recompute needs parallel.engine=megatron: megatron-core's "
+                              "recompute is checked under its own DDP only (ZeRO-3 gathers "
+                              "parameters in module hooks that a recomputed forward runs again)")
+        if par.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel needs parallel.engine=megatron (its grad "
+                              "finalisation all-reduces the norms' gradients over TP)")
+        if par.overlap_grad_reduce:
+            raise ConfigError("parallel.overlap_grad_reduce is a megatron-engine option (megatron-"
+                              "core's DDP); DeepSpeed has its own overlap_comm")
+        if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
+            raise ConfigError(f"parallel.deepspeed_config {par.deepspeed_config!r} does not exist")
+
+    @classmethod
     def params_dtype(cls, cfg: RunConfig) -> torch.dtype:
         return torch.float32  # DeepSpeed keeps fp32 master weights and casts for bf16 itself
 

@@ -31,7 +31,8 @@ from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training import step as step_lib
-from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.models.config import ConfigError
+from megatron_unihetero.training.config import OPTIMIZER_FORMATS, RunConfig
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import (
@@ -81,6 +82,13 @@ def _param_state_loads_skip_adam_steps(optimizers):
 
 class MegatronEngine(Engine):
     name = "megatron"
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        fmt = cfg.checkpoint.optimizer_format
+        if fmt not in OPTIMIZER_FORMATS:
+            raise ConfigError(f"checkpoint.optimizer_format must be one of "
+                              f"{' | '.join(OPTIMIZER_FORMATS)}; got {fmt!r}")
 
     @classmethod
     def params_dtype(cls, cfg: RunConfig) -> torch.dtype:
