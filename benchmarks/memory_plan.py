@@ -77,7 +77,7 @@ def measure_job(width: int, images_per_row: int, out_path: str) -> None:
     gc.collect()
     baseline = _rss()
     with _PeakSampler() as sampler:
-        model = parallel.build_model(cfg.model, memory=parallel.activation_memory(cfg))
+        model = parallel.build_model(cfg.model, memory=cfg.activation_memory())
         engine = MegatronEngine(model, cfg)
         for step in steps:
             engine.train_step(step, {"text": 1.0, "semantic": 1.0})

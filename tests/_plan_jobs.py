@@ -49,7 +49,7 @@ def planner_job(paper_config):
                                   max_sequence_length=64, attention_impl="reference")
         cfg = RunConfig(model=model_cfg, data=DataConfig(seq_length=64, micro_batch_size=2),
                         train=TrainConfig(dtype="fp32", recompute=recompute))
-        model = parallel.build_model(model_cfg, memory=parallel.activation_memory(cfg))
+        model = parallel.build_model(model_cfg, memory=cfg.activation_memory())
         inputs = {k: batch[k] for k in ("tokens", "position_ids", "segment_ids", "labels", "images")}
         measured = _saved_activation_bytes(model.llm.decoder.layers[1], lambda: model(**inputs))
         planned, _ = plan.layer_activation_bytes(cfg, recompute)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,45 +38,21 @@ from megatron_unihetero.models.mlp import MLP
 from megatron_unihetero.models.norm import RMSNorm
 
 
-@dataclass(frozen=True)
-class ActivationMemory:
-    """How the decoder keeps its activations: megatron-core's activation recompute and
-    sequence parallelism (``train.recompute*``, ``parallel.sequence_parallel``; the run config
-    validates them (training/config.py), :func:`megatron_unihetero.parallel.activation_memory`
-    reads them).
-
-    ``recompute``: "none"; "selective" (megatron-core recomputes ``recompute_modules`` of every
-    layer in the backward: by default the core attention, RoPE included); "full" (whole layers:
-    ``recompute_method`` "uniform" checkpoints the input of every chunk of
-    ``recompute_num_layers`` layers, "block" only the first ``recompute_num_layers`` layers of
-    each stage). ``sequence_parallel``: at TP > 1, activations outside the tensor-parallel
-    regions (norms, residuals) are split along the sequence over the TP ranks; at TP = 1 it
-    changes nothing (megatron's training arguments turn it off there too).
-    """
-
-    recompute: str = "none"
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
-    recompute_modules: Tuple[str, ...] = ("core_attn",)
-    sequence_parallel: bool = False
-
-    def megatron_kwargs(self, tp_size: int) -> dict:
-        """The TransformerConfig fields these settings map to."""
-        kwargs = dict(sequence_parallel=self.sequence_parallel and tp_size > 1)
-        if self.recompute == "selective":
-            kwargs.update(recompute_granularity="selective", recompute_modules=list(self.recompute_modules))
-        elif self.recompute == "full":
-            kwargs.update(recompute_granularity="full", recompute_method=self.recompute_method,
-                          recompute_num_layers=self.recompute_num_layers)
-        return kwargs
-
-
 def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
                        params_dtype: torch.dtype = torch.float32,
                        vpp_size: int = None,
-                       memory: Optional[ActivationMemory] = None) -> TransformerConfig:
-    """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU);
-    ``memory``: activation recompute and sequence parallelism (none by default)."""
+                       memory: Optional[Mapping[str, object]] = None) -> TransformerConfig:
+    """The megatron-core TransformerConfig of a Llama model (no biases, RMSNorm, SwiGLU).
+
+    ``memory``: megatron-core's activation recompute and sequence-parallelism fields
+    (``recompute_granularity``, ``recompute_modules``, ``recompute_method``,
+    ``recompute_num_layers``, ``sequence_parallel``), as ``RunConfig.activation_memory`` maps
+    the run's ``train.recompute*`` and ``parallel.sequence_parallel`` onto them; none by default.
+    Sequence parallelism is off at TP = 1, where it changes nothing (megatron's training
+    arguments turn it off there too)."""
+    memory = dict(memory or {})
+    if tp_size == 1:
+        memory["sequence_parallel"] = False
     if llm.num_attention_heads % tp_size or llm.num_query_groups % tp_size:
         raise ConfigError(
             f"tensor parallel size {tp_size} must divide llm.num_attention_heads "
@@ -127,7 +102,7 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
         # counts (training/losses.py): megatron's schedule must not divide it by the number
         # of micro-batches, nor DDP average it over data-parallel ranks (it sums).
         calculate_per_token_loss=True,
-        **(memory or ActivationMemory()).megatron_kwargs(tp_size),
+        **memory,
     )
     return config
 

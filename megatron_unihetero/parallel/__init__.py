@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_unihetero import platform
-from megatron_unihetero.models.llm import ActivationMemory, transformer_config
+from megatron_unihetero.models.llm import transformer_config
 from megatron_unihetero.models.stage_plan import EMA, StagePlan
 from megatron_unihetero.models.unihetero import UniHeteroModel
 
@@ -98,19 +98,8 @@ def single_process(seed: int = 1234):
             dist.destroy_process_group()
 
 
-def activation_memory(run_config) -> ActivationMemory:
-    """A run config's activation recompute and sequence parallelism settings
-    (``train.recompute*``, ``parallel.sequence_parallel``), as the model builder takes them."""
-    train = run_config.train
-    return ActivationMemory(
-        recompute=train.recompute, recompute_method=train.recompute_method,
-        recompute_num_layers=train.recompute_num_layers,
-        recompute_modules=tuple(train.recompute_modules),
-        sequence_parallel=run_config.parallel.sequence_parallel)
-
-
 def build_model(model_config, params_dtype: torch.dtype = torch.float32, compile_layers: bool = False,
-                memory: Optional[ActivationMemory] = None):
+                memory: Optional[dict] = None):
     """This rank's pipeline stage of the UniHetero model, on this rank's device."""
     chunks = build_model_chunks(model_config, params_dtype, compile_layers, memory=memory)
     if len(chunks) != 1:
@@ -120,11 +109,11 @@ def build_model(model_config, params_dtype: torch.dtype = torch.float32, compile
 
 def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
                        compile_layers: bool = False,
-                       memory: Optional[ActivationMemory] = None) -> List:
+                       memory: Optional[dict] = None) -> List:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
     ``compile_layers``: torch.compile each chunk's decoder layers (``train.compile``,
-    :func:`apply_compile`). ``memory``: activation recompute and sequence parallelism
-    (:func:`activation_memory` of the run config; None: neither).
+    :func:`apply_compile`). ``memory``: activation recompute and sequence parallelism as
+    megatron-core's TransformerConfig fields (``RunConfig.activation_memory()``; None: neither).
 
     Chunk v of pipeline rank p holds layer block v * PP + p, so the first chunk of the first
     rank has the vision side and embeddings and the last chunk of the last rank has the heads.

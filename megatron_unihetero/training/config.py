@@ -15,8 +15,8 @@ from typing import List, Optional
 from megatron_unihetero import platform
 from megatron_unihetero.models.config import ConfigError, ModelConfig
 
-# The values of train.recompute* (models/llm.py ActivationMemory takes them; kept here so that
-# loading a config does not import megatron-core).
+# The values of train.recompute* (RunConfig.activation_memory maps them onto megatron-core's
+# TransformerConfig; kept here so that loading a config does not import megatron-core).
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
@@ -81,7 +81,7 @@ class TrainConfig:
     # torch.compile each decoder layer (parallel.apply_compile; TP=1, local spec, not ZeRO-3).
     # The first step pays the compilation (a C++ compiler is needed on CPU).
     compile: bool = False
-    # Activation recompute, megatron-core's (models/llm.py ActivationMemory): none | selective
+    # Activation recompute, megatron-core's (RunConfig.activation_memory): none | selective
     # (recompute_modules of every layer: core_attn by default, also mlp, layernorm) | full
     # (whole layers: recompute_method uniform, every chunk of recompute_num_layers layers; block,
     # the first recompute_num_layers layers of each pipeline stage). megatron engine only.
@@ -165,6 +165,19 @@ class RunConfig:
         and the engines read only resolved configs, and a checkpoint saves this one."""
         return dataclasses.replace(self, train=dataclasses.replace(
             self.train, dtype=resolve_dtype(self.train.dtype)))
+
+    def activation_memory(self) -> dict:
+        """``train.recompute*`` and ``parallel.sequence_parallel`` as the megatron-core
+        TransformerConfig fields they set (models/llm.py transformer_config takes them): the
+        one place the options meet megatron's names."""
+        train = self.train
+        fields = {"sequence_parallel": self.parallel.sequence_parallel}
+        if train.recompute == "selective":
+            fields.update(recompute_granularity="selective", recompute_modules=list(train.recompute_modules))
+        elif train.recompute == "full":
+            fields.update(recompute_granularity="full", recompute_method=train.recompute_method,
+                          recompute_num_layers=train.recompute_num_layers)
+        return fields
 
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""

@@ -69,7 +69,7 @@ class Trainer:
         # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
         self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=engine_class.params_dtype(cfg),
                                                  compile_layers=cfg.train.compile,
-                                                 memory=parallel.activation_memory(cfg))
+                                                 memory=cfg.activation_memory())
         self.model = self.chunks[0]
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()

@@ -326,7 +326,7 @@ def decoder_layout_once_job():
 
 # -- activation memory (recompute, sequence parallelism) and the DDP overlap ------------------
 
-MEMORY_VARIANTS = {  # name: ActivationMemory fields
+MEMORY_VARIANTS = {  # name: train.recompute* and parallel.sequence_parallel settings
     "plain": dict(),
     "selective": dict(recompute="selective"),  # megatron's default: core_attn
     # (layernorm recompute needs TransformerEngine in megatron-core 0.16: training/config.py)
@@ -368,9 +368,13 @@ def _memory_variant_step(ref, cfg, name):
     (summary, {global name: main_grad}, {what: forward calls}, layer-input shapes, model).""" 
     from megatron_unihetero import parallel
     from megatron_unihetero.testing.sharding import shard_state_dict, to_global_name
-    from megatron_unihetero.models.llm import ActivationMemory
+    from megatron_unihetero.training.config import ParallelConfig, RunConfig, TrainConfig
 
-    model = parallel.build_model(cfg, memory=ActivationMemory(**MEMORY_VARIANTS[name]))
+    train = dict(MEMORY_VARIANTS[name])
+    sequence_parallel = train.pop("sequence_parallel", False)
+    train["recompute_modules"] = list(train.get("recompute_modules", ("core_attn",)))
+    run = RunConfig(train=TrainConfig(**train), parallel=ParallelConfig(sequence_parallel=sequence_parallel))
+    model = parallel.build_model(cfg, memory=run.activation_memory())
     layout = rank_layout(model)
     model.load_state_dict(shard_state_dict(ref["state"], model.state_dict().keys(), layout), strict=False)
     parallel.sync_semantic_targets(model, ema=False)
