@@ -21,34 +21,24 @@ for a *baseline* that knows nothing but the targets' statistics:
 
 Exact at the step level under any micro-batch or data-parallel split: the model's last stage
 emits *sufficient statistics* (sums: count, SSE, sum of targets, sum of squared targets, ...)
-as extra entries of its output dict, keyed ``stats/<name>`` with the same ``(sums, count)``
-shape as an objective's ``(loss_sum, token_count)``. training/losses.py carries them (detached,
-never in the loss) into the step summary as summed tensors, the trainer reduces them over DP
-with the other summaries (a sum), and :func:`finish` turns the step's sums into the figures.
+by name in ``ModelLosses.stats`` (models/heads.py). training/losses.py carries them (detached,
+never in the loss) into the step's ``StepResult.stats`` as summed tensors, the trainer reduces
+them over DP with the losses (a sum, training/results.py), and :func:`figures` turns the
+step's sums into the figures.
 Nothing here takes part in the loss or its gradients: every function runs under no_grad on
 detached tensors.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-STATS_PREFIX = "stats/"
 _SEMANTIC_HEAD = 7  # n, sse, sum_sq_t, sum_sq_p, cos_sum, norm_t_sum, norm_p_sum
 _PIXEL_HEAD = 6  # n, loss_sum, C * n, T * n, v_flag * n, sum_sq_x0
 _EMBED = 6  # n_vis, sum |v|, sum |v|^2, n_text, sum |e|, sum |e|^2
-
-
-def is_stats(name: str) -> bool:
-    """Whether a model-output / summary key holds sufficient statistics, not an objective."""
-    return name.startswith(STATS_PREFIX)
-
-
-def stats_key(name: str) -> str:
-    return STATS_PREFIX + name
 
 
 # -- sufficient statistics (per micro-batch; sums, float64) -----------------------------------
@@ -206,20 +196,8 @@ def figures(name: str, stats, prefix: str = "") -> Dict[str, float]:
     """The figures (named ``<prefix><figure>``) of statistics ``name`` summed over a step."""
     compute = _FIGURES.get(name)
     if compute is None:
-        raise KeyError(f"unknown statistics {stats_key(name)!r}; known: {sorted(_FIGURES)}")
+        raise KeyError(f"unknown statistics {name!r}; known: {sorted(_FIGURES)}")
     return {prefix + k: v for k, v in compute(torch.as_tensor(stats)).items()}
-
-
-def finish(summary: Mapping[str, object], prefix: str = "") -> Dict[str, float]:
-    """A flat mapping with every ``stats/<name>`` entry (summed over the step) replaced by its
-    figures (:func:`figures`); every other entry is kept as it is."""
-    out: Dict[str, object] = {}
-    for key, value in summary.items():
-        if is_stats(key):
-            out.update(figures(key[len(STATS_PREFIX):], value, prefix))
-        else:
-            out[key] = value
-    return out
 
 
 def add_stats(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:

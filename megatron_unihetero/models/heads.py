@@ -7,7 +7,8 @@ parallelism do not change the loss.
 
 from __future__ import annotations
 
-from typing import Tuple
+import dataclasses
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,20 @@ from megatron_unihetero.kernels.regression import fused_regression_loss
 from megatron_unihetero.models.config import IGNORE_INDEX
 
 LossAndCount = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class ModelLosses:
+    """What the model's last pipeline stage returns for a batch with labels.
+
+    ``objectives``: each objective's (summed per-token loss, token count) for this micro-batch
+    (text, semantic, pixel; normalised by the step's global counts in training/losses.py);
+    ``stats``: the diagnostics' sufficient statistics by name (eval/diagnostics.py: semantic,
+    pixel, embedding), float64 sums computed without gradients, never part of the loss.
+    """
+
+    objectives: Dict[str, LossAndCount]
+    stats: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class SemanticHead(nn.Module):

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_unihetero.eval import diagnostics
 from megatron_unihetero.models import interleaver
 from megatron_unihetero.models.config import IGNORE_INDEX, ModelConfig
-from megatron_unihetero.models.heads import LossAndCount, SemanticHead, semantic_loss, text_loss
+from megatron_unihetero.models.heads import ModelLosses, SemanticHead, semantic_loss, text_loss
 from megatron_unihetero.models.llm import LlamaDecoder
 from megatron_unihetero.models.pixel import PixelHead, pixel_loss
 from megatron_unihetero.models.projector import Projector
@@ -163,7 +163,7 @@ class UniHeteroModel(MegatronModule):
                 image_features: Optional[torch.Tensor] = None,
                 image_latents: Optional[torch.Tensor] = None):
         """First/middle stages return hidden states [s, b, h]; the last stage returns
-        ``{objective: (loss_sum, token_count)}`` when labels are given, else hidden states.
+        :class:`ModelLosses` when labels are given, else hidden states.
         ``image_latents`` [n_img, T, C_lat]: precomputed pixel targets (pixel objective)."""
         num_images = _num_images(images, image_features)
         if self.plan.is_middle:
@@ -205,13 +205,11 @@ class UniHeteroModel(MegatronModule):
         return self.pixel_vae.encode(images)
 
     def losses(self, hidden, labels, layout, features, visual,
-               latents=None, embeddings=None) -> Dict[str, LossAndCount]:
-        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h].
-
-        Also the diagnostics' sufficient statistics (eval/diagnostics.py), keyed
-        ``stats/<name>`` as ``(sums, rows)``: computed under no_grad from detached tensors, never
-        part of the loss. ``embeddings`` [b, s, h]: the LLM's input embeddings, when this stage
-        made them.
+               latents=None, embeddings=None) -> ModelLosses:
+        """Each objective's (loss sum, token count) from the last stage's hidden [s, b, h],
+        and the diagnostics' sufficient statistics (eval/diagnostics.py): computed without
+        gradients, never part of the loss (:class:`ModelLosses`). ``embeddings`` [b, s, h]: the
+        LLM's input embeddings, when this stage made them.
         """
         s, b, h = hidden.shape
         rows = hidden.reshape(s * b, h)  # [s, b] order: free for megatron's contiguous output
@@ -220,16 +218,16 @@ class UniHeteroModel(MegatronModule):
         text_labels = labels.masked_fill(layout.segment_ids < 0, IGNORE_INDEX).t().reshape(-1)
         out = {"text": text_loss(self.llm.output_layer, rows, text_labels,
                                  self.cfg.image_token_id, impl=self.cfg.llm.loss_impl)}
+        stats: Dict[str, torch.Tensor] = {}
         if self.semantic_head is not None:
             sem_hidden = _rows_at(rows, layout.semantic_mask, b)
             if features is not None:
                 targets = interleaver.semantic_targets(self.semantic_targets(features, visual), layout)
             else:
                 targets = sem_hidden.new_zeros(0, self.semantic_head.proj.out_features)
-            out["semantic"], stats = semantic_loss(self.semantic_head, sem_hidden, targets,
-                                                   self.cfg.semantic.loss,
-                                                   impl=self.cfg.semantic.loss_impl)
-            out[diagnostics.stats_key("semantic")] = (stats, out["semantic"][1])
+            out["semantic"], stats["semantic"] = semantic_loss(
+                self.semantic_head, sem_hidden, targets, self.cfg.semantic.loss,
+                impl=self.cfg.semantic.loss_impl)
         if self.pixel_head is not None:
             cond = self.pixel_head.condition(hidden.transpose(0, 1), layout.semantic_mask,
                                              layout.segment_ids)
@@ -239,17 +237,15 @@ class UniHeteroModel(MegatronModule):
                 pixel_targets = cond.new_zeros(0, self.pixel_head.token_dim)
             out["pixel"] = pixel_loss(self.pixel_head, cond, pixel_targets)
             schedule = self.pixel_head.noise_scheduler.alphas_cumprod
-            stats = (diagnostics.pixel_stats(out["pixel"][0], pixel_targets, schedule,
-                                             self.cfg.pixel.prediction)
-                     if pixel_targets.shape[0] else
-                     diagnostics.empty_pixel_stats(self.pixel_head.token_dim, schedule.numel(),
-                                                   rows.device))
-            out[diagnostics.stats_key("pixel")] = (stats, out["pixel"][1])
+            stats["pixel"] = (diagnostics.pixel_stats(out["pixel"][0], pixel_targets, schedule,
+                                                      self.cfg.pixel.prediction)
+                              if pixel_targets.shape[0] else
+                              diagnostics.empty_pixel_stats(self.pixel_head.token_dim,
+                                                            schedule.numel(), rows.device))
         if embeddings is not None:
             valid = layout.segment_ids >= 0
-            out[diagnostics.stats_key("embedding")] = (
-                diagnostics.embedding_stats(embeddings, layout.visual_mask, valid), valid.sum())
-        return out
+            stats["embedding"] = diagnostics.embedding_stats(embeddings, layout.visual_mask, valid)
+        return ModelLosses(objectives=out, stats=stats)
 
 
 def _rows_at(rows: torch.Tensor, mask_bs: torch.Tensor, batch: int) -> torch.Tensor:

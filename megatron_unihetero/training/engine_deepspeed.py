@@ -2,7 +2,7 @@
 
 Same interface as :class:`~megatron_unihetero.training.engine_megatron.MegatronEngine`.
 DeepSpeed owns backward, the DP gradient reduction (an average), clipping and the optimizer
-step; the model forward is ours (``{objective: (loss_sum, count)}``). Each micro-batch's loss
+step; the model forward is ours (``ModelLosses``: each objective's loss sum and count). Each micro-batch's loss
 is the megatron engine's (:func:`~megatron_unihetero.training.losses.assemble_loss`: normalised
 by the step's global token counts, so the step loss is the sum over micro-batches and DP
 ranks); backward runs with ``scale_wrt_gas=False`` (no 1/gradient_accumulation) and the loss

@@ -20,7 +20,7 @@ so its engine multiplies the backward by the DP size.
 Weights: text defaults to 1, the others to 0. An objective other than text whose weight is 0
 is left out of the total and the report (its head may still be built, e.g. during a ramp).
 
-Diagnostics: model outputs keyed ``stats/<name>`` (eval/diagnostics.py) are sufficient
+Diagnostics: the model's ``ModelLosses.stats`` (eval/diagnostics.py) are sufficient
 statistics, not objectives. They never enter the total; the report carries them detached and
 :func:`summarize` sums them over the micro-batches (tensors), so that after the DP sum the
 step-level figures (R², baselines) are exact for any split.
@@ -28,6 +28,7 @@ step-level figures (R², baselines) are exact for any split.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Iterable, List, Mapping, Tuple
 
 import torch
@@ -35,7 +36,7 @@ import torch.distributed as dist
 
 from megatron_unihetero import platform
 from megatron_unihetero.eval import diagnostics
-from megatron_unihetero.models.heads import text_label_mask
+from megatron_unihetero.models.heads import ModelLosses, text_label_mask
 from megatron_unihetero.models.interleaver import semantic_positions
 from megatron_unihetero.training.results import StepResult
 
@@ -75,51 +76,55 @@ def global_counts(batches: Iterable[Mapping[str, torch.Tensor]], image_token_id:
     return totals
 
 
-def assemble_loss(outputs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], counts: Mapping[str, int],
-                  weights: Mapping[str, float]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+@dataclasses.dataclass
+class LossReport:
+    """One micro-batch's detached figures: each objective's share of the step mean
+    (``loss_sum / global count``) and the diagnostics' statistics."""
+
+    shares: Dict[str, torch.Tensor]
+    stats: Dict[str, torch.Tensor]
+
+
+def assemble_loss(outputs: ModelLosses, counts: Mapping[str, int],
+                  weights: Mapping[str, float]) -> Tuple[torch.Tensor, LossReport]:
     """One micro-batch's share of the step loss.
 
-    ``outputs``: the model's ``{objective: (loss_sum, token_count)}`` for this micro-batch;
-    ``counts``: the step's global token counts (:func:`global_counts`). Returns the total
+    ``outputs``: the model's :class:`ModelLosses` for this micro-batch; ``counts``: the step's
+    global token counts (:func:`global_counts`). Returns the total
     ``sum_k w_k * loss_sum_k / max(count_k, 1)`` (the count is 0 when no micro-batch of the step
     has the objective's tokens; its loss sum is then 0 too) and the report: each objective's
     detached ``loss_sum_k / count_k``, whose sum over the step's micro-batches and DP ranks is the
-    objective's mean loss.
+    objective's mean loss, and the statistics, detached.
     """
-    device = next(iter(outputs.values()))[0].device
+    device = next(iter(outputs.objectives.values()))[0].device
     total = torch.zeros((), device=device)
-    report: Dict[str, torch.Tensor] = {}
-    for name, (loss_sum, _) in outputs.items():
-        if diagnostics.is_stats(name):
-            report[name] = loss_sum.detach()
-            continue
+    shares: Dict[str, torch.Tensor] = {}
+    for name, (loss_sum, _) in outputs.objectives.items():
         weight = objective_weight(weights, name)
         if name != "text" and weight == 0.0:
             continue
         share = loss_sum / max(counts.get(name, 0), 1)
         total = total + weight * share
-        report[name] = share.detach()
-    return total, report
+        shares[name] = share.detach()
+    return total, LossReport(shares, {k: v.detach() for k, v in outputs.stats.items()})
 
 
-def summarize(reports: List[Mapping[str, torch.Tensor]], counts: Mapping[str, int],
+def summarize(reports: List[LossReport], counts: Mapping[str, int],
               weights: Mapping[str, float]) -> StepResult:
     """The step's result on this rank from its micro-batches' reports.
 
     ``losses``: each objective's shares summed over the micro-batches, and ``loss`` their
     weighted total; ``counts``: the global counts. The shares are this rank's part of the
     DP-global means: the trainer sums them over DP (training/results.py). Diagnostic
-    statistics (``stats/<name>`` in the reports) become ``stats[name]``, summed float64
-    tensors reduced over DP the same way; the figures (R², ...) come from them after that.
+    statistics become ``stats[name]``, summed float64 tensors reduced over DP the same way; the
+    figures (R², ...) come from them after that.
     """
     shares: Dict[str, float] = {}
     stats: Dict[str, torch.Tensor] = {}
     for report in reports:
-        for name, value in report.items():
-            if diagnostics.is_stats(name):
-                key = name[len(diagnostics.STATS_PREFIX):]
-                stats[key] = diagnostics.add_stats(stats.get(key), value)
-            else:
-                shares[name] = shares.get(name, 0.0) + float(value)
+        for name, value in report.shares.items():
+            shares[name] = shares.get(name, 0.0) + float(value)
+        for name, value in report.stats.items():
+            stats[name] = diagnostics.add_stats(stats.get(name), value)
     shares["loss"] = sum(objective_weight(weights, k) * v for k, v in shares.items())
     return StepResult(losses=shares, counts={k: int(v) for k, v in counts.items()}, stats=stats)

@@ -68,7 +68,7 @@ def forward_backward(
         # megatron only adds the num_tokens up, for finalize_model_grads' division of the
         # gradients by their sum, which this codebase does not use (the loss is normalised
         # per objective already); this micro-batch's text tokens are what it would count.
-        num_tokens = outputs["text"][1].detach().to(torch.int)
+        num_tokens = outputs.objectives["text"][1].detach().to(torch.int)
         return total, num_tokens, report
 
     def forward_step(data_iterator, stage_model):

@@ -62,9 +62,9 @@ def routing_job():
         model = parallel.build_model(tiny_config(pixel_weight=1.0, routing=routing))
         _unzero(model.pixel_head)
         out = model(**make_batch())
-        assert set(out) == {"text", "semantic", "pixel", "stats/semantic", "stats/pixel",
-                            "stats/embedding"}, out.keys()
-        loss_sum, count = out["pixel"]
+        assert set(out.objectives) == {"text", "semantic", "pixel"}, out.objectives.keys()
+        assert set(out.stats) == {"semantic", "pixel", "embedding"}, out.stats.keys()
+        loss_sum, count = out.objectives["pixel"]
         assert int(count) == 2 * TOKENS_PER_IMAGE, count  # every image token has a predecessor
         assert torch.isfinite(loss_sum) and float(loss_sum) > 0
         loss_sum.backward()
@@ -82,7 +82,7 @@ def routing_job():
     batch = make_batch()
     torch.manual_seed(21)
     with torch.no_grad():
-        loss_sum, count = model(**batch)["pixel"]
+        loss_sum, count = model(**batch).objectives["pixel"]
     torch.manual_seed(21)  # the same noise draws in the step's forward
     summary = forward_backward(model, [batch], weights={"text": 1.0, "semantic": 1.0, "pixel": 0.5},
                                image_token_id=IMAGE_TOKEN, forward_only=True)
@@ -95,8 +95,9 @@ def routing_job():
     model = parallel.build_model(tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=0.0))
     assert model.semantic_head is None
     out = model(**make_batch())
-    assert set(out) == {"text", "pixel", "stats/pixel", "stats/embedding"}, out.keys()
-    assert int(out["pixel"][1]) == 2 * TOKENS_PER_IMAGE
+    assert set(out.objectives) == {"text", "pixel"}, out.objectives.keys()
+    assert set(out.stats) == {"pixel", "embedding"}, out.stats.keys()
+    assert int(out.objectives["pixel"][1]) == 2 * TOKENS_PER_IMAGE
     parallel.destroy()
 
 
@@ -201,7 +202,7 @@ def runners_job():
         with torch.no_grad():
             out = model(tokens, torch.arange(tokens.shape[1])[None], labels=labels,
                         images=sample.images)
-        torch.testing.assert_close(float(alone[0]), -float(out["text"][0]), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(float(alone[0]), -float(out.objectives["text"][0]), rtol=1e-5, atol=1e-4)
 
     scores = batched.tolist()
     best, worst = max(range(2), key=lambda i: scores[i]), min(range(2), key=lambda i: scores[i])
@@ -290,19 +291,17 @@ def diagnostics_job():
     """The diagnostics' statistics through the model and the step: detached, outside the loss
     and its gradients, and exact for any micro-batch split."""
     from megatron_unihetero import parallel
-    from megatron_unihetero.eval import diagnostics
     from megatron_unihetero.training.step import forward_backward
 
     parallel.initialize(1, 1, seed=23)
     model = parallel.build_model(tiny_config())
     batch = make_batch(seed=3)
     out = model(**batch)
-    stats = {k: v for k, v in out.items() if diagnostics.is_stats(k)}
-    assert set(stats) == {"stats/semantic", "stats/embedding"}, out.keys()
-    assert not any(v[0].requires_grad for v in stats.values())
+    assert set(out.stats) == {"semantic", "embedding"}, out.stats.keys()
+    assert not any(v.requires_grad for v in out.stats.values())
     # The gradients of the step are those of the objectives alone.
     weights = {"text": 1.0, "semantic": 1.0}
-    text, sem = out["text"], out["semantic"]
+    text, sem = out.objectives["text"], out.objectives["semantic"]
     (text[0] / text[1] + sem[0] / sem[1]).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

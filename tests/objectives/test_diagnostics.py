@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_unihetero.eval import diagnostics as diag
+from megatron_unihetero.models.heads import ModelLosses
 from megatron_unihetero.training.losses import assemble_loss, summarize
 
 
@@ -115,25 +116,25 @@ def test_statistics_ride_through_the_loss_without_changing_it():
     p = torch.randn(6, 3, requires_grad=True)
     t = torch.randn(6, 3)
     sem_sum = (p - t).pow(2).sum()
-    outputs = {"text": (torch.tensor(4.0, requires_grad=True), torch.tensor(2)),
-               "semantic": (sem_sum, torch.tensor(6)),
-               "stats/semantic": (diag.regression_stats(p, t), torch.tensor(6))}
+    outputs = ModelLosses({"text": (torch.tensor(4.0, requires_grad=True), torch.tensor(2)),
+                           "semantic": (sem_sum, torch.tensor(6))},
+                          stats={"semantic": diag.regression_stats(p, t)})
     counts = {"text": 4, "semantic": 12, "pixel": 0}
     weights = {"text": 1.0, "semantic": 0.5}
     total, report = assemble_loss(outputs, counts, weights)
     assert float(total) == pytest.approx(4 / 4 + 0.5 * float(sem_sum) / 12)
-    assert not report["stats/semantic"].requires_grad
+    assert not report.stats["semantic"].requires_grad
     total.backward()
     torch.testing.assert_close(p.grad, 0.5 * 2 * (p - t).detach() / 12)
     # Two micro-batches: the statistics add up; "loss" is the objectives' total only.
-    second = dict(outputs, **{"stats/semantic": (diag.regression_stats(p[:2], t[:2]), torch.tensor(2))})
+    second = ModelLosses(outputs.objectives, stats={"semantic": diag.regression_stats(p[:2], t[:2])})
     summary = summarize([report, assemble_loss(second, counts, weights)[1]], counts, weights)
     assert summary.losses["loss"] == pytest.approx(2 * float(total))
     torch.testing.assert_close(summary.stats["semantic"],
                                diag.regression_stats(torch.cat([p, p[:2]]), torch.cat([t, t[:2]])))
     done = summary.figures()
     assert "stats/semantic" not in done and -10 < done["semantic_r2"] < 1 and done["loss"] == summary.losses["loss"]
-    assert set(diag.finish({"stats/embedding": torch.tensor([2.0, 6.0, 20.0, 3.0, 3.0, 3.0])})) == {
+    assert set(diag.figures("embedding", torch.tensor([2.0, 6.0, 20.0, 3.0, 3.0, 3.0]))) == {
         "embed_norm_visual", "embed_norm_text"}
     with pytest.raises(KeyError, match="unknown statistics"):
-        diag.finish({"stats/nonsense": torch.zeros(3)})
+        diag.figures("nonsense", torch.zeros(3))

@@ -1,5 +1,6 @@
 """Jobs for the non-finite guard tests (module-level so spawned workers can import them)."""
 
+import dataclasses
 import os
 
 import torch
@@ -20,7 +21,8 @@ def nan_loss_at_call(call_index: int):
         index = calls["n"]
         calls["n"] += 1
         if index == call_index and dist.get_rank() == 0:
-            outputs = {k: (v[0] * float("nan"), v[1]) for k, v in outputs.items()}
+            outputs = dataclasses.replace(outputs, objectives={
+                k: (v[0] * float("nan"), v[1]) for k, v in outputs.objectives.items()})
         return original(outputs, counts, weights)
 
     losses.assemble_loss = assemble_loss
