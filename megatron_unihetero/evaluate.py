@@ -33,6 +33,7 @@ from megatron_unihetero.platform import console
 with console.held_warnings() as _import_warnings:
     from megatron_unihetero import parallel
     from megatron_unihetero.checkpointing import dist as dist_ckpt
+    from megatron_unihetero.checkpointing.errors import CheckpointError
     from megatron_unihetero.config_io import load_config
     from megatron_unihetero.data.tokenizer import build_tokenizer
     from megatron_unihetero.eval import runners
@@ -119,7 +120,7 @@ def _evaluate(parser: argparse.ArgumentParser, args) -> int:
     iteration_dir = resolve_iteration_dir(args.load)
     try:
         ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)
-    except ckpt.CheckpointError as exc:  # names the damaged file: a usage error, not a traceback
+    except CheckpointError as exc:  # names the damaged file: a usage error, not a traceback
         parser.error(str(exc))
     run_config, model = build_from_checkpoint(iteration_dir)
     tokenizer_path = args.tokenizer or run_config.data.tokenizer

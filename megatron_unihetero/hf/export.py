@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 
 from megatron_unihetero import config_io
 from megatron_unihetero.checkpointing import dist as dist_ckpt
+from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf import processor as processor_lib
 from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, staged_output
@@ -54,7 +55,7 @@ def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
         raise ConversionError(f"checkpoint iteration folder {path!r} does not exist")
     try:
         ckpt.verify_checkpoint(path, "sizes", require_manifest=False)
-    except ckpt.CheckpointError as exc:  # names the file; the converter reports ConversionErrors
+    except CheckpointError as exc:  # names the file; the converter reports ConversionErrors
         raise ConversionError(str(exc)) from None
     return path
 
@@ -74,7 +75,7 @@ def read_full_state(iter_dir: str, model: ModelConfig) -> Dict[str, torch.Tensor
     """The checkpoint's model as one TP=1/PP=1 state dict, whatever layout saved it."""
     try:
         return dist_ckpt.load_full_model_state(iter_dir, model)
-    except dist_ckpt.CheckpointError as exc:
+    except CheckpointError as exc:
         raise ConversionError(str(exc)) from None
 
 
