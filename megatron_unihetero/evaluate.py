@@ -122,7 +122,10 @@ def _evaluate(parser: argparse.ArgumentParser, args) -> int:
         ckpt.verify_checkpoint(iteration_dir, "sizes", require_manifest=False)
     except CheckpointError as exc:  # names the damaged file: a usage error, not a traceback
         parser.error(str(exc))
-    run_config, model = build_from_checkpoint(iteration_dir)
+    try:
+        run_config, model = build_from_checkpoint(iteration_dir)
+    except CheckpointError as exc:  # a file that does not load (or is refused): named, no traceback
+        parser.error(str(exc))
     tokenizer_path = args.tokenizer or run_config.data.tokenizer
     if not tokenizer_path:
         parser.error("no tokenizer: pass --tokenizer (the run config has no data.tokenizer)")

@@ -17,7 +17,8 @@ What goes in: ``model`` (one chunk) or ``model0``, ``model1``, ... (virtual pipe
 the keys inside are global, so a checkpoint saved with virtual stages loads without them),
 and for the megatron engine ``optimizer`` (megatron-core's optimizer sharded state, saved in
 its fully reshardable model-space form). Loading is ``torch.load(weights_only=True)`` for the
-common part and tensor reads for the rest: no pickle of untrusted data.
+common part and tensor reads for the rest; the one plain pickle, torch's ``.metadata`` index,
+is scanned before torch reads it (checkpointing/pickles.py): nothing in a checkpoint runs code.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_unihetero import parallel
+from megatron_unihetero.checkpointing import pickles
 from megatron_unihetero.checkpointing.errors import CheckpointError
 
 DIST_DIR = "dist"
@@ -165,7 +167,11 @@ def save_weights(chunks: List, iter_dir: str) -> None:
 
 
 def _require(folder: str) -> None:
-    if not os.path.isfile(os.path.join(folder, ".metadata")):
-        raise CheckpointError(f"{os.path.join(folder, '.metadata')} is missing: {folder} is not a "
-                              f"torch_dist checkpoint (a save that did not finish, or another "
-                              f"format)")
+    """``folder`` is a torch_dist checkpoint whose index torch may unpickle: ``.metadata`` is
+    present and holds nothing but DCP's metadata classes (checkpointing/pickles.py), checked
+    before megatron-core's reader runs ``pickle.load`` on it."""
+    metadata = os.path.join(folder, ".metadata")
+    if not os.path.isfile(metadata):
+        raise CheckpointError(f"{metadata} is missing: {folder} is not a torch_dist checkpoint (a "
+                              f"save that did not finish, or another format)")
+    pickles.check_pickle_file(metadata, pickles.DCP_METADATA)

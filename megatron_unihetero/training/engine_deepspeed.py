@@ -53,6 +53,7 @@ from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.parallel.deepspeed_mpu import launcher_environment, megatron_mpu
 from megatron_unihetero.training import losses
+from megatron_unihetero.checkpointing import pickles
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training.config import RunConfig, resolve_dtype
 from megatron_unihetero.training.engine import Engine
@@ -353,6 +354,9 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(
                 f"{ckpt_dir} is missing: the checkpoint was saved by another engine. Start from its "
                 f"weights instead with --checkpoint.load={iter_dir} --checkpoint.resume=false")
+        # DeepSpeed unpickles its files with torch.load(weights_only=False), and so does its
+        # universal-checkpoint converter: scanned first (checkpointing/pickles.py).
+        pickles.check_torch_files(ckpt_dir)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         saved_tp = len(glob.glob(os.path.join(ckpt_dir, "mp_rank_*_model_states.pt")))
         if saved_tp and saved_tp != tp_size:
@@ -365,6 +369,7 @@ class DeepSpeedEngine(Engine):
             # ZeRO partitions are per DP rank: go through DeepSpeed's universal checkpoint
             # (per-parameter fp32 weights and optimizer states), converted once and kept beside.
             universal_root = self._universal_checkpoint(iter_dir, ckpt_dir, saved)
+            pickles.check_torch_files(universal_root)
             # ZeRO-3's universal load copies the first param group's hyperparameters into every
             # group, which would put weight decay on norms and biases: keep ours.
             hyper = [{k: v for k, v in g.items() if k not in ("params", "step")}
