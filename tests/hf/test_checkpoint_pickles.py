@@ -2,7 +2,6 @@
 (``engine/*.pt``) unpickle for us are scanned first (checkpointing/pickles.py). A planted
 ``__reduce__`` is refused by name in export, evaluation and every load; no marker appears."""
 
-import importlib.util
 import os
 import pickle
 import shutil
@@ -13,11 +12,10 @@ import torch
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.checkpointing import pickles
 from megatron_unihetero.checkpointing.errors import CheckpointError
+from megatron_unihetero.testing.tools import load_tool
 from megatron_unihetero.training import checkpoint as ckpt
 
 from tests.hf.test_hf_errors import folders  # noqa: F401  (the imported checkpoint fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Payload:
@@ -28,13 +26,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_scan_reads_globals_without_running_them(tmp_path):
@@ -71,7 +62,7 @@ def test_a_planted_metadata_pickle_is_refused_by_export_evaluate_and_load(folder
 
     # export (tools/convert_checkpoint_to_hf.py): an error line, no traceback, nothing written
     out = str(tmp_path / "hf")
-    assert _tool("convert_checkpoint_to_hf").main(["--load", planted, "--save", out]) == 2
+    assert load_tool("convert_checkpoint_to_hf").main(["--load", planted, "--save", out]) == 2
     assert expected in capsys.readouterr().err and not os.path.exists(out)
     # evaluate: a usage error naming the file
     from megatron_unihetero import evaluate

@@ -7,7 +7,6 @@ that tokenizer -> 2 training steps at TP=2 on 2 gloo ranks from the checkpoint's
 export -> transformers' processor and LlavaForConditionalGeneration give our logits.
 """
 
-import importlib.util
 import io
 import os
 
@@ -16,15 +15,7 @@ import torch
 import yaml
 
 from megatron_unihetero.testing import run_distributed_test
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from megatron_unihetero.testing.tools import load_tool
 
 
 def pretrain_job(args):
@@ -58,7 +49,7 @@ def test_import_grows_the_vocabulary_with_the_folders_own_tokenizer(folders, cap
     from megatron_unihetero.models.config import ModelConfig
 
     init = str(folders["root"] / "init")
-    assert _tool("convert_hf_to_checkpoint").main(
+    assert load_tool("convert_hf_to_checkpoint").main(
         ["--llm", folders["llama"], "--vision", folders["dinov2"], "--save", init, "--image-size", "16"]) == 0
     printed = capsys.readouterr().out
     tok = build_tokenizer(folders["spm"])
@@ -98,7 +89,7 @@ def test_train_at_tp2_and_export_reproduce_our_logits(folders):
     if not os.path.isdir(init):
         pytest.skip("needs test_import_grows_the_vocabulary_with_the_folders_own_tokenizer")
     prefix = str(root / "shards" / "train")
-    assert _tool("preprocess_data").main(
+    assert load_tool("preprocess_data").main(
         ["--input", folders["parquet"], "--output-prefix", prefix, "--tokenizer-model",
          os.path.join(folders["llama"], "tokenizer.model"), "--image-size", "16", "--workers", "1",
          "--no-progress"]) == 0
@@ -118,7 +109,7 @@ def test_train_at_tp2_and_export_reproduce_our_logits(folders):
     assert iter_dir.endswith("iter_0000002")
 
     hf_dir = str(root / "hf")
-    assert _tool("convert_checkpoint_to_hf").main(["--load", f"{run_dir}/ckpt", "--save", hf_dir]) == 0
+    assert load_tool("convert_checkpoint_to_hf").main(["--load", f"{run_dir}/ckpt", "--save", hf_dir]) == 0
     with open(os.path.join(hf_dir, "config.json")) as handle:
         config = yaml.safe_load(handle)
     assert config["text_config"]["vocab_size"] == 1024 and config["vision_config"]["image_size"] == 16
