@@ -22,8 +22,11 @@ STACK_GLOBAL whose operands are not plain strings is refused (conservative, neve
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import pickletools
+import sys
 import zipfile
 from typing import Callable, Iterator, Tuple
 
@@ -73,10 +76,26 @@ DCP_METADATA: Tuple[Callable[[str, str], bool], ...] = (
     },
 )
 
-# torch.save'd tensors in containers, as DeepSpeed writes its model and optimizer states (the
-# loss scaler and ZeRO-stage enum are DeepSpeed's own plain classes, set from their __dict__).
+def _deepspeed_data_class(module: str, name: str) -> bool:
+    """A plain data class of DeepSpeed's (a dataclass without ``__post_init__``, an Enum, a
+    NamedTuple: building one only assigns fields), from a module the running DeepSpeed already
+    imported (none is imported for the file's sake)."""
+    if not module.startswith("deepspeed.") or module not in sys.modules:
+        return False
+    value = getattr(sys.modules[module], name, None)
+    if not isinstance(value, type) or value.__module__ != module:
+        return False
+    if dataclasses.is_dataclass(value):
+        return getattr(value, "__post_init__", None) is None
+    return issubclass(value, enum.Enum) or (issubclass(value, tuple) and "_fields" in vars(value))
+
+
+# torch.save'd tensors in containers, as DeepSpeed writes its model and optimizer states (its
+# loss scalers are plain classes, restored from their __dict__; its fragment addresses and
+# ZeRO-stage enum are data classes).
 TORCH_STATE: Tuple[Callable[[str, str], bool], ...] = (
     _is_torch_dtype_or_size,
+    _deepspeed_data_class,
     lambda module, name: (module, name) in {
         ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
         ("torch._utils", "_rebuild_parameter_with_state"),
@@ -85,7 +104,6 @@ TORCH_STATE: Tuple[Callable[[str, str], bool], ...] = (
         ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
     },
 )
 

@@ -7,8 +7,7 @@ parallelism do not change the loss.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +22,21 @@ from megatron_unihetero.models.config import IGNORE_INDEX
 LossAndCount = Tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclasses.dataclass
-class ModelLosses:
+class ModelLosses(NamedTuple):
     """What the model's last pipeline stage returns for a batch with labels.
 
     ``objectives``: each objective's (summed per-token loss, token count) for this micro-batch
     (text, semantic, pixel; normalised by the step's global counts in training/losses.py);
     ``stats``: the diagnostics' sufficient statistics by name (eval/diagnostics.py: semantic,
     pixel, embedding), float64 sums computed without gradients, never part of the loss.
+
+    A NamedTuple of dicts, not a dataclass: engines walk a module's outputs to hook its tensors
+    (DeepSpeed ZeRO-3 re-gathers the parameters for the backward from hooks on the output
+    tensors, and its walk knows tuples, lists and dicts only).
     """
 
     objectives: Dict[str, LossAndCount]
-    stats: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    stats: Dict[str, torch.Tensor]
 
 
 class SemanticHead(nn.Module):

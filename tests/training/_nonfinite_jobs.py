@@ -1,6 +1,5 @@
 """Jobs for the non-finite guard tests (module-level so spawned workers can import them)."""
 
-import dataclasses
 import os
 
 import torch
@@ -21,7 +20,7 @@ def nan_loss_at_call(call_index: int):
         index = calls["n"]
         calls["n"] += 1
         if index == call_index and dist.get_rank() == 0:
-            outputs = dataclasses.replace(outputs, objectives={
+            outputs = outputs._replace(objectives={
                 k: (v[0] * float("nan"), v[1]) for k, v in outputs.objectives.items()})
         return original(outputs, counts, weights)
 

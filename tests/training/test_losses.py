@@ -9,7 +9,7 @@ from megatron_unihetero.training.losses import assemble_loss, summarize
 
 def _outputs(**sums):
     return ModelLosses({name: (torch.tensor(value, requires_grad=True), torch.tensor(count))
-                        for name, (value, count) in sums.items()})
+                        for name, (value, count) in sums.items()}, stats={})
 
 
 def test_weighted_total_over_the_global_counts():
