@@ -1,13 +1,20 @@
 """Run a function on N ranks with torch.distributed, for tests (gloo on CPU, nccl on GPU).
 
-Workers are *spawned*, never forked: gloo in forked children of a long pytest process can
-deadlock. The function and its arguments must therefore be picklable
-(a module-level function). A failure on any rank is re-raised in the parent with that rank's
-traceback.
+Workers are never forked from the calling process: gloo in forked children of a long pytest
+process (threads, initialised communicators) can deadlock. They are started from a
+*forkserver*: a separate, clean process that has only imported the heavy modules
+(``PRELOAD``: torch, megatron-core, this package's pretraining stack) and forks one child per
+rank. So the import, several seconds a worker, is paid once per calling process, not once per
+worker; each child still begins from a process that never ran a collective or a thread pool.
+The function and its arguments must be picklable (a module-level function). The caller's
+environment variables and working directory at the time of the call are applied in each worker
+(a forkserver child would otherwise have the server's). A failure on any rank is re-raised in
+the parent with that rank's traceback.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -19,6 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Imported once, in the forkserver, before it forks any worker.
+# (pretrain imports lazily what the engines and encoders use: the default encoder's HF modeling
+# module and deepspeed are named here so that their import, too, is paid once.)
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_unihetero.pretrain",
+           "transformers.models.dinov2.modeling_dinov2", "deepspeed"]
+
+_preload_set = False
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -26,7 +41,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeout_s):
+def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeout_s, environ):
+    # The caller's environment (the forkserver's is the one it had when it started).
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -51,6 +69,14 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeou
             dist.destroy_process_group()
 
 
+def _ensure_preload() -> None:
+    """Name the modules the forkserver imports; only takes effect before it first starts."""
+    global _preload_set
+    if not _preload_set:
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        _preload_set = True
+
+
 def run_distributed_test(
     fn: Callable[..., Any],
     world_size: int,
@@ -59,15 +85,18 @@ def run_distributed_test(
     timeout_s: int = 300,
     **kwargs: Any,
 ) -> None:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; raise if any rank fails."""
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks (forkserver children); raise if any
+    rank fails."""
+    _ensure_preload()
     with tempfile.TemporaryDirectory() as error_dir:
         try:
             mp.start_processes(
                 _worker,
-                args=(world_size, free_port(), backend, fn, args, kwargs, error_dir, timeout_s),
+                args=(world_size, free_port(), backend, fn, args, kwargs, error_dir, timeout_s,
+                      dict(os.environ)),
                 nprocs=world_size,
                 join=True,
-                start_method="spawn",
+                start_method="forkserver",
             )
         except Exception as exc:
             reports = []
