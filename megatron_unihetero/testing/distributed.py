@@ -7,9 +7,10 @@ process (threads, initialised communicators) can deadlock. They are started from
 rank. So the import, several seconds a worker, is paid once per calling process, not once per
 worker; each child still begins from a process that never ran a collective or a thread pool.
 The function and its arguments must be picklable (a module-level function). The caller's
-environment variables and working directory at the time of the call are applied in each worker
-(a forkserver child would otherwise have the server's). A failure on any rank is re-raised in
-the parent with that rank's traceback.
+environment variables, working directory and (on Linux) stdout/stderr at the time of the call
+are applied in each worker (a forkserver child would otherwise have the server's: under pytest,
+the output capture of whichever test started it). A failure on any rank is re-raised in the
+parent with that rank's traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -41,7 +43,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeout_s, environ):
+def _attach_output(caller_pid: int) -> None:
+    """Point this process's stdout and stderr where the caller's point now (a pytest capture
+    file, a terminal, a pipe), as a spawned child's would."""
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        try:
+            target = os.open(f"/proc/{caller_pid}/fd/{fd}", os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            continue  # no /proc, or not reopenable (a socket): keep the server's
+        stream.flush()
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeout_s, environ,
+            caller_pid):
+    _attach_output(caller_pid)
     # The caller's environment (the forkserver's is the one it had when it started).
     os.environ.clear()
     os.environ.update(environ)
@@ -93,7 +110,7 @@ def run_distributed_test(
             mp.start_processes(
                 _worker,
                 args=(world_size, free_port(), backend, fn, args, kwargs, error_dir, timeout_s,
-                      dict(os.environ)),
+                      dict(os.environ), os.getpid()),
                 nprocs=world_size,
                 join=True,
                 start_method="forkserver",

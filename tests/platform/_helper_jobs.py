@@ -23,3 +23,7 @@ def failing_job() -> None:
     if dist.get_rank() == 1:
         raise ValueError("rank one fails on purpose")
     dist.barrier()
+
+
+def printing_job(marker: str) -> None:
+    print(f"{marker} from rank {dist.get_rank()}", flush=True)

@@ -25,3 +25,11 @@ def test_a_failing_rank_is_reported_with_its_traceback():
     assert "--- rank1.txt ---" in report
     assert "Traceback" in report and "ValueError: rank one fails on purpose" in report
     assert "failing_job" in report
+
+
+def test_workers_print_to_the_callers_output(capfd):
+    """Under pytest that is the calling test's capture (shown when it fails), not the capture
+    of the test that happened to start the forkserver."""
+    run_distributed_test(jobs.printing_job, 2, "helper-output-check")
+    out, _ = capfd.readouterr()
+    assert "helper-output-check from rank 0" in out and "helper-output-check from rank 1" in out
