@@ -22,7 +22,7 @@ import sys
 import tempfile
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,6 +77,10 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, error_dir, timeou
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
         fn(*args, **kwargs)
+        if dist.is_initialized():
+            # No rank leaves (closing its gloo pairs) while another still sets up its own: a
+            # job without a collective of its own would otherwise race the others' connect.
+            dist.barrier()
     except BaseException:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as handle:
             handle.write(traceback.format_exc())
@@ -121,3 +125,50 @@ def run_distributed_test(
                 with open(os.path.join(error_dir, name)) as handle:
                     reports.append(f"--- {name} ---\n{handle.read()}")
             raise RuntimeError("distributed test failed:\n" + "\n".join(reports)) from exc
+
+
+class ProcessResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _fresh(fn, args, environ, out_path, err_path) -> None:
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        fn(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def run_in_fresh_process(fn: Callable[..., Any], *args: Any, env: Optional[Dict[str, str]] = None,
+                         timeout_s: int = 120) -> ProcessResult:
+    """Run ``fn(*args)`` in one new process that has joined no process group and has exactly
+    the environment ``env`` (default: the caller's); return its exit code (1 when ``fn``
+    raised: the traceback is in stderr) and what it printed. For tests about how a process
+    starts (what it reads from its environment): a worker of the same preloaded forkserver as
+    run_distributed_test, so the import of torch and megatron-core is not paid again."""
+    _ensure_preload()
+    ctx = multiprocessing.get_context("forkserver")
+    with tempfile.TemporaryDirectory() as folder:
+        out_path, err_path = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        proc = ctx.Process(target=_fresh, args=(fn, args, dict(os.environ if env is None else env),
+                                                out_path, err_path))
+        proc.start()
+        proc.join(timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not end in {timeout_s} s")
+        with open(out_path) as out, open(err_path) as err:
+            return ProcessResult(proc.exitcode, out.read(), err.read())

@@ -27,3 +27,15 @@ def failing_job() -> None:
 
 def printing_job(marker: str) -> None:
     print(f"{marker} from rank {dist.get_rank()}", flush=True)
+
+
+def join_twice() -> None:
+    """For tests/platform/test_init_distributed.py. Joins twice: the second join (after a
+    teardown, as in-process tests and tools do) sees the RANK the first one wrote into the
+    environment."""
+    from megatron_unihetero import parallel
+
+    for _ in range(2):
+        parallel.init_distributed(0.5)
+        print("world", dist.get_world_size(), dist.get_rank(), flush=True)
+        dist.destroy_process_group()

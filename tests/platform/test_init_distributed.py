@@ -1,25 +1,27 @@
-"""How a process joins its process group (parallel.init_distributed), in fresh interpreters: a
-process without a launcher is a world of one whatever rendezvous variables its shell left."""
+"""How a process joins its process group (parallel.init_distributed), in new processes that
+have joined none: a process without a launcher is a world of one whatever rendezvous variables
+its shell left.
+
+The processes are forkserver workers (megatron_unihetero.testing.run_in_fresh_process): new
+processes with exactly the environment given, which have imported torch and the package but
+never run a collective; until now each was a new interpreter started with ``python -c``, which
+paid the import again and proved nothing more (init_distributed reads the environment when it
+is called)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-# Joins twice: the second join (after a teardown, as in-process tests and tools do) sees the
-# RANK the first one wrote into the environment.
-JOIN = ("import torch.distributed as dist; from megatron_unihetero import parallel\n"
-        "for _ in range(2):\n"
-        "    parallel.init_distributed(0.5); print('world', dist.get_world_size(), dist.get_rank())\n"
-        "    dist.destroy_process_group()")
+from megatron_unihetero.testing import run_in_fresh_process
+
+from tests.platform import _helper_jobs as jobs
+
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _join(**env):
     base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    return subprocess.run([sys.executable, "-c", JOIN], env={**base, **env}, capture_output=True,
-                          text=True, timeout=120)
+    return run_in_fresh_process(jobs.join_twice, env={**base, **env}, timeout_s=120)
 
 
 @pytest.mark.parametrize("env", [{}, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}],
