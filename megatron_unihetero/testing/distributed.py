@@ -134,34 +134,47 @@ class ProcessResult(NamedTuple):
 
 
 def _fresh(fn, args, environ, out_path, err_path) -> None:
-    with open(out_path, "w") as out, open(err_path, "w") as err:
+    with open(out_path, "a") as out, open(err_path, "a") as err:
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
     os.environ.clear()
     os.environ.update(environ)
+    code = 0
     try:
         fn(*args)
+    except SystemExit as exc:  # as the interpreter would: an int is the exit code
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if code:
+        os._exit(code)
 
 
 def run_in_fresh_process(fn: Callable[..., Any], *args: Any, env: Optional[Dict[str, str]] = None,
-                         timeout_s: int = 120) -> ProcessResult:
+                         timeout_s: int = 120, stderr_to_stdout: bool = False) -> ProcessResult:
     """Run ``fn(*args)`` in one new process that has joined no process group and has exactly
-    the environment ``env`` (default: the caller's); return its exit code (1 when ``fn``
-    raised: the traceback is in stderr) and what it printed. For tests about how a process
-    starts (what it reads from its environment): a worker of the same preloaded forkserver as
-    run_distributed_test, so the import of torch and megatron-core is not paid again."""
+    the environment ``env`` (default: the caller's); return its exit code (a SystemExit's code,
+    as an interpreter's; 1 when ``fn`` raised: the traceback is in stderr) and what it printed
+    (with ``stderr_to_stdout``, both streams in stdout, in order; stderr is then ""). For tests
+    of how a process starts (what it reads from its environment) or ends (its exit code, what
+    it prints): a worker of the same preloaded forkserver as run_distributed_test, so the
+    import of torch and megatron-core is not paid again. Interpreter-level behaviour (signals
+    from outside, atexit handlers, ``python -m`` itself) still needs a subprocess."""
     _ensure_preload()
     ctx = multiprocessing.get_context("forkserver")
     with tempfile.TemporaryDirectory() as folder:
-        out_path, err_path = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        out_path = os.path.join(folder, "stdout")
+        err_path = out_path if stderr_to_stdout else os.path.join(folder, "stderr")
+        open(err_path, "w").close()
         proc = ctx.Process(target=_fresh, args=(fn, args, dict(os.environ if env is None else env),
                                                 out_path, err_path))
         proc.start()
@@ -171,4 +184,4 @@ def run_in_fresh_process(fn: Callable[..., Any], *args: Any, env: Optional[Dict[
             proc.join()
             raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not end in {timeout_s} s")
         with open(out_path) as out, open(err_path) as err:
-            return ProcessResult(proc.exitcode, out.read(), err.read())
+            return ProcessResult(proc.exitcode, out.read(), "" if stderr_to_stdout else err.read())
