@@ -59,8 +59,8 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
     (non-interleaved) PP=2 schedule through the trainer is test_compiled_layers_train_with_the_
     losses_of_eager_layers[megatron-pp2] below (its eager run, checkpoint at step 3 included);
     its losses and gradients against one rank are tests/models/test_parallel_parity.py's
-    test_parallel_layout_matches_single_rank[pp2], and a PP=2 model checkpoint loading at
-    another layout is tests/models/test_checkpoint_reshard.py."""
+    test_parallel_layout_matches_single_rank[pp2], and a TP=2 model checkpoint loading at
+    PP=2 is tests/models/test_checkpoint_reshard.py."""
     run_dir = str(tmp_path / "run")
     extra = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
              "parallel.virtual_pipeline": 2, "model.llm.num_layers": 4,
