@@ -141,22 +141,11 @@ def _fresh(fn, args, environ, out_path, err_path) -> None:
         os.dup2(err.fileno(), 2)
     os.environ.clear()
     os.environ.update(environ)
-    code = 0
-    try:
-        fn(*args)
-    except SystemExit as exc:  # as the interpreter would: an int is the exit code
-        if isinstance(exc.code, int) or exc.code is None:
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        os._exit(code)
+    # A SystemExit or an exception ends the process as an interpreter would (multiprocessing's
+    # bootstrap: the SystemExit's code, or 1 and the traceback on stderr), after the exit
+    # handlers: a Manager that fn started (megatron-core's checkpoint writer starts one) is
+    # shut down, not left behind.
+    fn(*args)
 
 
 def run_in_fresh_process(fn: Callable[..., Any], *args: Any, env: Optional[Dict[str, str]] = None,
