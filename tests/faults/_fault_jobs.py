@@ -11,6 +11,11 @@ FAULT is ``none`` or ``KIND@STEP``, acting on the checkpoint save of that step:
 - ``stall@S``: before step S, rank 1 sleeps longer than ``parallel.timeout_minutes`` (a hung
   rank: the others' next collective times out).
 The faults are injected by wrapping the functions they hit, in this process only.
+
+The heavy imports (torch, megatron-core, the package) are inside the functions, not at the top:
+this module is the ``__main__`` of its process, and megatron-core's checkpoint writer starts a
+``spawn`` multiprocessing Manager at the first save, whose process imports ``__main__`` again
+(top-level imports here cost that helper process seconds at every first save).
 """
 
 from __future__ import annotations
@@ -22,11 +27,6 @@ import signal
 import sys
 import time
 
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-from megatron_unihetero import pretrain
-from megatron_unihetero.training import checkpoint as ckpt
-from megatron_unihetero.training.trainer import Trainer
 
 
 def _is_step(path: str, step: int) -> bool:
@@ -36,6 +36,8 @@ def _is_step(path: str, step: int) -> bool:
 def _wrap_tensor_writes(step: int, fault):
     """Run ``fault(path)`` before each item torch_dist writes into the checkpoint of ``step``
     (in the forked writer process)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     original = filesystem_async._write_item
 
     @functools.wraps(original)  # megatron inspects its signature
@@ -59,6 +61,8 @@ def kill_mid_write(step: int) -> None:
 
 
 def kill_before_commit(step: int) -> None:
+    from megatron_unihetero.training import checkpoint as ckpt
+
     original = ckpt.write_manifest
 
     def write_manifest(iter_dir):
@@ -77,6 +81,8 @@ def enospc(step: int) -> None:
 
 
 def stall(step: int) -> None:
+    from megatron_unihetero.training.trainer import Trainer
+
     original = Trainer.next_batches
 
     def next_batches(self):
@@ -92,6 +98,8 @@ FAULTS = {"kill_mid_write": kill_mid_write, "kill_before_commit": kill_before_co
 
 
 def main(argv) -> None:
+    from megatron_unihetero import pretrain
+
     fault, overrides = argv[0], argv[1:]
     if fault != "none":
         kind, step = fault.split("@")

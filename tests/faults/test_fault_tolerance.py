@@ -1,7 +1,8 @@
 """Faults a long run meets, injected on CPU: kills (also mid-save), a full disk, a hung rank.
 
-Each run is the tiny pretraining run (megatron_unihetero.testing.runs) in its own process, with
-a checkpoint every 2 steps; the reference is the same command run without a fault.
+Each faulty run is the tiny pretraining run (megatron_unihetero.testing.runs) in its own process,
+with a checkpoint every 2 steps; the reference is the same run without a fault (a worker of
+megatron_unihetero.testing's forkserver: it needs no process of its own).
 """
 
 import json
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from megatron_unihetero.testing import run_distributed_test
 from megatron_unihetero.testing.distributed import free_port
 from megatron_unihetero.training import checkpoint as ckpt
 
@@ -55,56 +57,95 @@ def data_prefix(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_prefix, tmp_path_factory):
+    """The reference: the same run without a fault. Nothing about it needs a process of its
+    own, so it runs as a worker of the preloaded forkserver (megatron_unihetero.testing)."""
     run_dir = str(tmp_path_factory.mktemp("straight"))
-    done = _run("none", jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
-    assert done.returncode == 0, done.stdout
+    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
     return jobs.train_losses(run_dir)
 
 
 def _kill_at_a_random_step(args, run_dir: str, step: int) -> None:
-    """SIGKILL from outside once ``step`` is logged (whatever the run is doing then)."""
+    """SIGKILL from outside once ``step`` (or a later one) is logged by this process (whatever
+    the run is doing then)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    seen = _logged(run_dir)  # records of earlier processes in the same folder
     proc = subprocess.Popen(_command("none", args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + 300
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(metrics):
             with open(metrics) as handle:
-                if any(json.loads(line).get("step", 0) >= step for line in handle if line.strip()):
-                    break
+                lines = [line for line in handle if line.strip()][len(seen):]
+            if any(json.loads(line).get("step", 0) >= step for line in lines):
+                break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
 
 
+def _logged(run_dir: str) -> list:
+    """Every training record in the folder's metrics.jsonl, each process's, in order."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        return []
+    with open(metrics) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def test_kill_9_at_three_points_resumes_with_the_losses_of_an_uninterrupted_run(
         data_prefix, uninterrupted, tmp_path):
     """A random step (from outside), mid-write of the tensor files, and after every file but
-    before the commit; each time the same command then resumes and ends with the losses of
-    the run that was never interrupted."""
+    before the commit: one run folder, killed at each point in turn; each time the same
+    command resumes it (the next kill lands in that resumed process), and every step any of
+    these processes logged has the loss of the run that was never interrupted; the last
+    resume ends at step 6 with a verified checkpoint.
+
+    Carries the assertions of the former version, which ran each kill point in a folder of
+    its own and resumed each to the end (6 processes, now 4): the mid-save kills leave the
+    previous checkpoint as latest and the killed one without a manifest; each resume's losses
+    equal the uninterrupted run's (here checked on every record logged, each process's);
+    latest ends at iter_0000006 and verifies. The mid-save kills hit the first save the
+    resumed process makes (step 4, or 2 / 6 when the outside kill left no checkpoint / step 4)."""
     seed = random.randrange(10**6)
     step = random.Random(seed).choice([1, 3, 5])
-    for point in (f"outside@{step}", "kill_mid_write@4", "kill_before_commit@4"):
-        run_dir = str(tmp_path / point.replace("@", "_"))
-        # The kill from outside hits a run that saves asynchronously (its writer is a forked
-        # process: the kill may land while it writes); the two mid-save kills, synchronous ones.
-        mode = {"checkpoint.async_save": "true" if point.startswith("outside") else "false"}
-        args = jobs.overrides(data_prefix, run_dir, **SAVE_EVERY, **mode)
-        if point.startswith("outside"):
-            _kill_at_a_random_step(args, run_dir, step)
-        else:
-            killed = _run(point, args)
-            assert killed.returncode == -signal.SIGKILL, (point, killed.stdout[-3000:])
-            # Killed mid-save: the checkpoint of step 4 is not committed, step 2 is latest.
-            assert _latest(run_dir) == "iter_0000002", point
-            assert not os.path.exists(os.path.join(run_dir, "ckpt", "iter_0000004", ckpt.MANIFEST))
-        resumed = _run("none", args)  # the same command again
-        assert resumed.returncode == 0, (point, resumed.stdout[-3000:])
-        losses = jobs.train_losses(run_dir)
-        assert sorted(losses) == [1, 2, 3, 4, 5, 6], point
-        for s in losses:
-            assert losses[s] == pytest.approx(uninterrupted[s], rel=1e-6), (point, s, f"seed {seed}")
-        assert _latest(run_dir) == "iter_0000006"
-        assert ckpt.manifest_problems(os.path.join(run_dir, "ckpt", "iter_0000006")) == []
+    run_dir = str(tmp_path / "run")
+
+    def args(async_save: bool) -> list:
+        return jobs.overrides(data_prefix, run_dir, **SAVE_EVERY,
+                              **{"checkpoint.async_save": str(async_save).lower()})
+
+    def check_losses(point: str, first: int) -> None:
+        records = [r for r in _logged(run_dir) if r.get("kind") == "train"][first:]
+        assert records, (point, "the resumed process logged no step")
+        for record in records:
+            assert record["loss"] == pytest.approx(uninterrupted[record["step"]], rel=1e-6), (
+                point, record["step"], f"seed {seed}")
+
+    # The kill from outside hits a run that saves asynchronously (its writer is a forked
+    # process: the kill may land while it writes); the two mid-save kills, synchronous ones.
+    _kill_at_a_random_step(args(True), run_dir, step)
+    check_losses(f"outside@{step}", 0)
+    kept = _latest(run_dir)  # none, or iter_0000002 / iter_0000004 as far as the kill let it come
+    save_step = 2 if kept == "none" else ckpt.iteration_step(kept) + 2
+    for kind in ("kill_mid_write", "kill_before_commit"):
+        point = f"{kind}@{save_step}"
+        first = len([r for r in _logged(run_dir) if r.get("kind") == "train"])
+        killed = _run(point, args(False))  # the same command again (a fault waits at its save)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stdout[-3000:])
+        check_losses(point, first)
+        # Killed mid-save: the checkpoint of save_step is not committed; latest is unchanged.
+        assert _latest(run_dir) == kept, point
+        assert not os.path.exists(os.path.join(run_dir, "ckpt", f"iter_{save_step:07d}", ckpt.MANIFEST))
+    first = len([r for r in _logged(run_dir) if r.get("kind") == "train"])
+    resumed = _run("none", args(False))  # the same command again, without a fault
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    check_losses("resumed", first)
+    losses = jobs.train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for s in losses:
+        assert losses[s] == pytest.approx(uninterrupted[s], rel=1e-6), (s, f"seed {seed}")
+    assert _latest(run_dir) == "iter_0000006"
+    assert ckpt.manifest_problems(os.path.join(run_dir, "ckpt", "iter_0000006")) == []
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

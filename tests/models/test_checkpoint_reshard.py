@@ -7,7 +7,8 @@ from megatron_unihetero.testing import run_distributed_test
 from tests.models import _parity_jobs as jobs
 
 
-# PP=2 -> one process, with the optimizer state too, is tests/training/test_trainer.py's
+# TP=2 x PP=2 (2 virtual stages) -> one process, with the optimizer state too, is
+# tests/training/test_trainer.py's
 # test_megatron_engine_trains_with_model_parallelism.
 @pytest.mark.parametrize("saved,loaded", [((2, 1), (1, 2))], ids=["tp2-to-pp2"])
 def test_checkpoint_reshards_on_load(reference, tmp_path, saved, loaded):

@@ -3,12 +3,10 @@ newest checkpoint makes the run fall back to the newest one that verifies."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from megatron_unihetero.testing import run_distributed_test
+from megatron_unihetero.testing import run_distributed_test, run_in_fresh_process
 from megatron_unihetero.training import checkpoint as ckpt
 
 from tests.training import _integrity_jobs as integrity_jobs
@@ -155,15 +153,19 @@ def data_prefix(tmp_path_factory):
 
 
 def _pretrain(args):
-    return subprocess.run([sys.executable, "-m", "megatron_unihetero.pretrain", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    """pretrain.main in a new process (a forkserver worker): its exit code and its output,
+    stdout and stderr together."""
+    return run_in_fresh_process(jobs.pretrain_job, args, timeout_s=600, stderr_to_stdout=True)
 
 
 def test_a_truncated_model_file_resumes_from_the_previous_checkpoint(data_prefix, tmp_path):
+    """The first run only writes the checkpoints (a failure raises); the two resumes are
+    processes of their own, for their exit codes and what they print (forkserver workers, as
+    the first run: until now each was a ``python -m megatron_unihetero.pretrain`` process,
+    whose exit code is main's SystemExit all the same)."""
     run_dir = str(tmp_path / "run")
     args = jobs.overrides(data_prefix, run_dir, **{"train.steps": 4, "checkpoint.save_interval": 2})
-    first = _pretrain(args)
-    assert first.returncode == 0, first.stdout
+    run_distributed_test(jobs.pretrain_job, 1, args)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     assert ckpt.iteration_names(ckpt_dir) == ["iter_0000004", "iter_0000002"]
     for name in ckpt.iteration_names(ckpt_dir):

@@ -3,14 +3,12 @@ row stop the run (exit code 3, nothing saved), and a non-finite model is never s
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_unihetero.checkpointing.dist import read_all_tensors
-from megatron_unihetero.testing import run_distributed_test
+from megatron_unihetero.testing import run_distributed_test, run_in_fresh_process
 from megatron_unihetero.testing.runs import train_records
 
 from tests.training import _nonfinite_jobs as nf
@@ -33,8 +31,9 @@ def test_a_diverging_run_stops_without_saving_a_non_finite_model(data_prefix, tm
     args = jobs.overrides(data_prefix, run_dir, **{
         "train.lr": 1e4, "train.clip_grad": 0, "train.steps": 12, "train.max_bad_steps": 2,
         "checkpoint.save_interval": 1, "checkpoint.keep_last": 1})
-    proc = subprocess.run([sys.executable, "-m", "megatron_unihetero.pretrain", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    # pretrain.main in a new process (a forkserver worker; until now `python -m
+    # megatron_unihetero.pretrain`): the exit code is main's SystemExit either way.
+    proc = run_in_fresh_process(jobs.pretrain_job, args, timeout_s=600, stderr_to_stdout=True)
     assert proc.returncode == 3, proc.stdout
     match = re.search(r"stopping: 2 consecutive steps with a non-finite loss or gradient norm "
                       r"\(last good step (\d+)\); the last checkpoint is (\S+)", proc.stdout)

@@ -39,18 +39,33 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path, 
     assert open(os.path.join(stopped, "ckpt", "latest")).read().strip() == "iter_0000006"
 
 
-@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)],
-                         ids=["tp2", "pp2", "pp2-interleaved"])
-def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp, pp, vpp):
-    """Trains at TP=2 / PP=2 / PP=2 with virtual stages; then its step-3 checkpoint, model and
-    optimizer state, resumes on one process (TP = PP = 1) with the losses the parallel run had."""
+def _resume_copy(run_dir: str, into: str, iteration: str = "iter_0000003") -> None:
+    """Copy ``run_dir``'s checkpoint ``iteration`` (model and optimizer state, as that run saved
+    it mid-way) into a fresh ``into``/ckpt and name it ``latest``: the same command pointed at
+    ``into`` then resumes from it."""
+    ckpt_dir = os.path.join(into, "ckpt")
+    shutil.copytree(os.path.join(run_dir, "ckpt", iteration), os.path.join(ckpt_dir, iteration))
+    ckpt.mark_latest(ckpt_dir, os.path.join(ckpt_dir, iteration))
+
+
+def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
+    """Trains at TP=2 x PP=2 with 2 virtual stages per pipeline rank (4 ranks, 4 layers: one a
+    virtual stage, 2 micro-batches per step); then its step-3 checkpoint, model and optimizer
+    state, resumes on one process (TP = PP = 1) with the losses the parallel run had.
+
+    Carries the assertions of the former parametrizations tp2, pp2 and pp2-interleaved (each
+    a 2-rank run resumed on one process): the TP=2 and the PP=2 + VPP=2 splits of the model
+    and of the distributed optimizer's state are both undone in this one resume. The plain
+    (non-interleaved) PP=2 schedule through the trainer is test_compiled_layers_train_with_the_
+    losses_of_eager_layers[megatron-pp2] below (its eager run, checkpoint at step 3 included);
+    its losses and gradients against one rank are tests/models/test_parallel_parity.py's
+    test_parallel_layout_matches_single_rank[pp2], and a TP=2 model checkpoint loading at
+    PP=2 is tests/models/test_checkpoint_reshard.py."""
     run_dir = str(tmp_path / "run")
-    extra = {"parallel.tensor_parallel": tp, "parallel.pipeline_parallel": pp}
-    if vpp:  # 4 layers: 2 ranks x 2 virtual stages of one layer, 2 micro-batches per step
-        extra.update({"parallel.virtual_pipeline": vpp, "model.llm.num_layers": 4,
-                      "train.grad_accumulation": 2})
-    args = jobs.overrides(data_prefix, run_dir, **extra)
-    run_distributed_test(jobs.pretrain_job, 2, args)
+    extra = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
+             "parallel.virtual_pipeline": 2, "model.llm.num_layers": 4,
+             "train.grad_accumulation": 2}
+    run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra), timeout_s=600)
     losses = jobs.train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
@@ -58,8 +73,7 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp
     assert os.path.isfile(os.path.join(ckpt_dir, "iter_0000006", "dist", ".metadata"))
 
     single_dir = str(tmp_path / "single")
-    shutil.copytree(os.path.join(ckpt_dir, "iter_0000003"), os.path.join(single_dir, "ckpt", "iter_0000003"))
-    ckpt.mark_latest(os.path.join(single_dir, "ckpt"), os.path.join(single_dir, "ckpt", "iter_0000003"))
+    _resume_copy(run_dir, single_dir)
     single = {k: v for k, v in extra.items() if k != "parallel.virtual_pipeline"}
     single.update({"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 1})
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, single_dir, **single))
@@ -68,40 +82,46 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path, tp
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
     full = ckpt.load_model_weights(os.path.join(ckpt_dir, "iter_0000006"))
-    layers = extra.get("model.llm.num_layers", 2)
-    assert {f"llm.decoder.layers.{i}.mlp.linear_fc1.weight" for i in range(layers)} <= set(full)
+    assert {f"llm.decoder.layers.{i}.mlp.linear_fc1.weight" for i in range(4)} <= set(full)
 
 
 def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path):
-    """DP=2 with the distributed optimizer stops at step 3; DP=1 resumes with 2 micro-batches
-    per step (the same global batch) and continues the losses of the uninterrupted DP=2 run:
-    both DP ranks' optimizer shards are in the checkpoint and reshard to one."""
+    """DP=2 with the distributed optimizer saves at step 3; DP=1 resumes from that checkpoint
+    with 2 micro-batches per step (the same global batch) and continues the losses of the
+    uninterrupted DP=2 run: both DP ranks' optimizer shards are in the checkpoint and reshard
+    to one. (The step-3 checkpoint is the uninterrupted run's own, copied; a run stopped by
+    train.steps and resumed by the same command is test_resume_gives_the_losses_of_an_
+    uninterrupted_run above.)"""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
     run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, straight))
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, resized, **{"train.steps": 3}))
+    _resume_copy(straight, resized)
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}))
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
 
 
 # ZeRO-2's partitioning sits between 1 and 3 (optimizer state + gradients); its DP change goes
 # through the same universal conversion, and tests/training/test_deepspeed_engine.py resumes it.
-@pytest.mark.parametrize("stage,tp", [(1, 1), (3, 1), (1, 2)], ids=["zero1", "zero3", "zero1-tp2"])
+@pytest.mark.parametrize("stage,tp", [(3, 1), (1, 2)], ids=["zero3", "zero1-tp2"])
 def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, stage, tp):
-    """ZeRO partitions of DP=2 are converted to DeepSpeed's universal checkpoint on the fly and
-    loaded at DP=1 (with TP=2 too: each TP rank's slices): the losses continue those of the
-    uninterrupted DP=2 run."""
+    """ZeRO partitions of DP=2 (the uninterrupted run's step-3 checkpoint) are converted to
+    DeepSpeed's universal checkpoint on the fly and loaded at DP=1 (with TP=2 too: each TP
+    rank's slices): the losses continue those of the uninterrupted DP=2 run.
+
+    The former zero1 case (ZeRO-1 at TP=1) is the zero1-tp2 case with one TP slice: the same
+    stage-1 universal conversion and DP=2 -> 1 load, here with TP's slicing on top; ZeRO-1/2/3
+    saving and resuming at the same DP size, against the megatron engine's losses, is
+    tests/training/test_deepspeed_engine.py's test_deepspeed_zero_matches_megatron_engine."""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
     over = {"parallel.engine": "deepspeed", "parallel.zero_stage": stage, "parallel.tensor_parallel": tp}
     run_distributed_test(jobs.pretrain_job, 2 * tp, jobs.overrides(data_prefix, straight, **over), timeout_s=600)
-    run_distributed_test(jobs.pretrain_job, 2 * tp,
-                         jobs.overrides(data_prefix, resized, **dict(over, **{"train.steps": 3})), timeout_s=600)
+    _resume_copy(straight, resized)
     run_distributed_test(jobs.pretrain_job, tp, jobs.overrides(
         data_prefix, resized, **dict(over, **{"train.grad_accumulation": 2})), timeout_s=600)
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
     assert os.path.isfile(os.path.join(resized, "ckpt", "iter_0000003", "engine_universal", "complete"))
@@ -109,12 +129,17 @@ def test_deepspeed_run_resumes_at_another_data_parallel_size(data_prefix, tmp_pa
 
 @pytest.mark.requires_compiler
 @pytest.mark.parametrize("world,engine", [
-    (1, {}), (1, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}),
-    (2, {"parallel.pipeline_parallel": 2})], ids=["megatron", "deepspeed-zero2", "megatron-pp2"])
+    (1, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}),
+    (2, {"parallel.pipeline_parallel": 2})], ids=["deepspeed-zero2", "megatron-pp2"])
 def test_compiled_layers_train_with_the_losses_of_eager_layers(data_prefix, tmp_path, world, engine):
     """train.compile: the same losses as eager layers, over batches of varying documents and
     through the validation pass (no grad) and the checkpoint at step 3; with PP=2 the compiled
-    layers send their output across the stage boundary."""
+    layers send their output across the stage boundary.
+
+    The former megatron case (one rank, megatron engine) is megatron-pp2's path without the
+    stage boundary (the same engine and apply_compile, each stage one rank); compiled layers
+    against eager ones on one rank, outputs, gradients and evaluation, over the three attention
+    layouts, is tests/models/test_heads_kernels.py's test_compiled_decoder_layers_equal_eager_layers."""
     eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
     over = dict(engine, **{"logging.eval_interval": 3})
     run_distributed_test(jobs.pretrain_job, world, jobs.overrides(data_prefix, eager, **over), timeout_s=600)
