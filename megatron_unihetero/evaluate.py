@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Dict, Optional
 
-from megatron_unihetero.platform import console
+from megatron_unihetero import console
 
 # The libraries' import-time warnings are held for the log (main), not printed.
 with console.held_warnings() as _import_warnings:

@@ -18,27 +18,13 @@ doing).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from megatron_unihetero.platform import console
+from megatron_unihetero import console
 
-# The libraries' import-time warnings (megatron-core: TransformerEngine / apex absent, ...) are
-# held until the run knows its log file (main), not printed.
-with console.held_warnings() as _import_warnings:
-    import torch.distributed as dist
-
-    from megatron_unihetero import parallel
-    from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
-    from megatron_unihetero.models.config import ConfigError
-    from megatron_unihetero.checkpointing.errors import CheckpointError
-    from megatron_unihetero.training.config import RunConfig
-    from megatron_unihetero.training.trainer import (
-        CollectiveFailure,
-        NonFiniteTrainingError,
-        Trainer,
-        write_summary,
-    )
+# Only what the command line needs is imported at the top. megatron-core's checkpoint writer
+# starts a spawned helper process at a run's first save, which imports the main module again
+# (as __mp_main__ under ``python -m``): a module top that imported torch and megatron-core
+# would cost every rank seconds there. The run itself is training/launch.py, imported in main.
 
 
 def parse_args(argv=None):
@@ -54,54 +40,14 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Run it. Library warnings (this process's imports' too) and this package's ``logging``
     records go to ``LOGGING_DIR/run.log`` (``run.rank{R}.log`` on global rank R > 0), not to
-    the console; ``logging.verbose=true`` prints them as well (platform/console.py)."""
+    the console; ``logging.verbose=true`` prints them as well (megatron_unihetero/console.py)."""
     args, overrides = parse_args(argv)
-    held = list(_import_warnings)
-    _import_warnings.clear()  # written into the first run's log of this process only
-    with console.RunLog(held) as log:
-        return _run(args, overrides, log)
-
-
-def _run(args, overrides, log: console.RunLog) -> dict:
-    try:
-        cfg = load_config(RunConfig, args.config, overrides)
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigLoadError, ConfigError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
-    log.open(os.path.join(cfg.logging.dir, console.log_file_name(console.launcher_rank())),
-             verbose=cfg.logging.verbose)
-
-    parallel.init_distributed(cfg.parallel.timeout_minutes)
-    parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
-                        vpp=cfg.parallel.virtual_pipeline, timeout_minutes=cfg.parallel.timeout_minutes)
-    if dist.get_rank() == 0:
-        os.makedirs(cfg.logging.dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-    try:
-        trainer = Trainer(cfg)
-        trainer.install_signal_handler()
-        result = trainer.train()
-    except CollectiveFailure as exc:
-        # A peer is hung or gone: the process groups cannot be torn down collectively.
-        print(f"[megatron_unihetero] rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(5) from exc
-    except (NonFiniteTrainingError, CheckpointError) as exc:
-        # Every rank took the same decision (the skip flags are all-reduced; rank 0's choice of
-        # checkpoint is broadcast), so every rank gets here: the process groups can be torn
-        # down cleanly before the exit.
-        if dist.get_rank() == 0:
-            print(f"[megatron_unihetero] {exc}", file=sys.stderr, flush=True)
-        parallel.destroy()
-        dist.destroy_process_group()
-        raise SystemExit(3 if isinstance(exc, NonFiniteTrainingError) else 4) from exc
-    if trainer.is_logger:
-        write_summary(os.path.join(cfg.logging.dir, "train_summary.json"), result)
-        print(f"[megatron_unihetero] done: checkpoint {result.get('checkpoint')}, "
-              f"logs {cfg.logging.dir} (metrics.jsonl, tensorboard/)", flush=True)
-    parallel.destroy()
-    dist.destroy_process_group()
-    return result
+    # The libraries' import-time warnings (megatron-core: TransformerEngine / apex absent, ...)
+    # are held until the run knows its log file; a second run in this process imports nothing.
+    with console.held_warnings() as held:
+        from megatron_unihetero.training import launch
+    with console.RunLog(list(held)) as log:
+        return launch.run(args.config, overrides, log)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     verbose = _VERBOSE.parse_known_args(argv)[0].verbose  # parse_args declares it for --help
     # The libraries' warnings (megatron-core's, at its import for the shard writer) go to
     # PREFIX.log beside PREFIX.rejects.jsonl, not the console; --verbose prints them too.
-    from megatron_unihetero.platform import console  # imports torch: not in the spawned workers
+    from megatron_unihetero import console
 
     with console.RunLog() as log:
         log.open(cfg.job_prefix + ".log", verbose=verbose)

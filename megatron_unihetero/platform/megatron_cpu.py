@@ -324,7 +324,7 @@ def install() -> bool:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _type_as_seen_by_megatron
     _installed = True
-    # Once per process, in the run's log (platform/console.py), not on the console.
+    # Once per process, in the run's log (megatron_unihetero/console.py), not on the console.
     logger.info("no CUDA: megatron-core %s runs on the CPU layer (platform/megatron_cpu.py): "
                 "megatron.core modules see a CPU torch.cuda; Tensor.cuda and Module.cuda are the "
                 "identity; Tensor.type() names CPU tensors as CUDA ones for megatron.core callers",

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 # (pretrain imports lazily what the engines and encoders use: the default encoder's HF modeling
 # module and deepspeed are named here so that their import, too, is paid once.)
 PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_unihetero.pretrain",
+           "megatron_unihetero.training.launch",
            "transformers.models.dinov2.modeling_dinov2", "deepspeed"]
 
 _preload_set = False

@@ -136,7 +136,7 @@ class LoggingConfig:
     progress_bar: bool = True
     # The libraries' warnings (megatron-core's "TransformerEngine / apex not installed", torch's
     # deprecations, ...) and this package's log lines go to LOGGING_DIR/run.log (run.rank{R}.log
-    # on rank R > 0); true: printed on the console as well (platform/console.py).
+    # on rank R > 0); true: printed on the console as well (megatron_unihetero/console.py).
     verbose: bool = False
     # Peak dense TFLOP/s of one accelerator, for MFU (training/flops.py). None: 989 (H100 SXM
     # bf16) on GPU; no MFU on CPU.

@@ -1,4 +1,4 @@
-"""Where warnings go (platform/console.py): the run's log file, the console only when verbose,
+"""Where warnings go (megatron_unihetero/console.py): the run's log file, the console only when verbose,
 and nothing of ``warnings`` / ``logging`` changed after the block."""
 
 import logging
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import warnings
 
-from megatron_unihetero.platform import console
+from megatron_unihetero import console
 
 PACKAGE = logging.getLogger(console.PACKAGE_LOGGER)
 
@@ -38,7 +38,7 @@ def test_in_process_the_block_leaves_warnings_and_logging_as_they_were(tmp_path)
 # as a run sees it). Prints whether warnings / logging were left as they were.
 RUN_LOG = """
 import logging, sys, warnings
-from megatron_unihetero.platform import console
+from megatron_unihetero import console
 package = logging.getLogger(console.PACKAGE_LOGGER)
 def state():
     return (warnings.showwarning, list(warnings.filters), list(package.handlers), package.level,
@@ -101,7 +101,7 @@ def test_log_file_names_per_rank():
 
 def test_error_filters_still_apply(tmp_path):
     """``-W error`` (or PYTHONWARNINGS) still turns a warning into an exception inside."""
-    code = ("import warnings; from megatron_unihetero.platform import console\n"
+    code = ("import warnings; from megatron_unihetero import console\n"
             "with console.RunLog() as log:\n"
             f"    log.open({str(tmp_path / 'run.log')!r})\n"
             "    warnings.warn('boom', UserWarning)\n")
@@ -114,7 +114,7 @@ def test_the_cpu_layer_info_line_goes_to_the_log_file_once(tmp_path):
     """Installing the CPU layer (no CUDA) is said once, in the file, and not on the console."""
     path = str(tmp_path / "run.log")
     code = ("import torch; from megatron_unihetero import platform\n"
-            "from megatron_unihetero.platform import console\n"
+            "from megatron_unihetero import console\n"
             "assert not torch.cuda.is_available()\n"
             "with console.RunLog() as log:\n"
             f"    log.open({path!r})\n"
