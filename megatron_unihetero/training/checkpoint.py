@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 from megatron_unihetero import platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.checkpointing.errors import CheckpointError
+from megatron_unihetero.checkpointing.run_lock import RunLock
 from megatron_unihetero.config_io import load_config, save_config
 from megatron_unihetero.training.config import RunConfig
 
@@ -279,11 +280,12 @@ def agree_on_folder(iter_dir: str, mode: str = "full") -> bool:
     return on_rank0(lambda: int(verify_checkpoint(iter_dir, mode, require_manifest=False))) == 1
 
 
-def on_rank0(decide: Callable[[], int]) -> int:
+def on_rank0(decide: Callable[[], int],
+             refused: str = "global rank 0 rejected the checkpoint to load; its log names the file") -> int:
     """Run ``decide`` on global rank 0 and broadcast its integer answer to every rank.
 
     Whatever rank 0 raises is raised there after the broadcast, and the other ranks raise a
-    :class:`CheckpointError` pointing at rank 0's log: no rank is left waiting in a collective.
+    :class:`CheckpointError` saying ``refused``: no rank is left waiting in a collective.
     """
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     code, error = _FAILED, None
@@ -299,7 +301,7 @@ def on_rank0(decide: Callable[[], int]) -> int:
     if error is not None:
         raise error
     if code == _FAILED:
-        raise CheckpointError("global rank 0 rejected the checkpoint to load; its log names the file")
+        raise CheckpointError(refused)
     return code
 
 
@@ -346,12 +348,21 @@ class CheckpointManager:
         self.cfg = cfg
         self.ck = cfg.checkpoint
         self.log = log
+        # One run per checkpoint directory (checkpointing/run_lock.py), held by global rank 0;
+        # a node that stopped refreshing it for twice the collective timeout is taken as dead.
+        self.lock = RunLock(self.ck.dir, stale_after_s=2 * cfg.parallel.timeout_minutes * 60, log=log)
+        on_rank0(self._acquire_lock,
+                 refused=f"global rank 0 found {self.ck.dir} in use by another run; its log names it")
         self.queue = AsyncCallsQueue() if self.ck.async_save else None
         self.in_flight: Optional[str] = None
         self.last_committed: Optional[str] = None
         # Decided once, on global rank 0 (verifying reads the checkpoint), the same on all ranks.
         self.resume_dir = (agree_on_resume(self.ck.dir, self.ck.verify, self.ck.fallback, repoint=True)
                            if self.ck.resume else None)
+
+    def _acquire_lock(self) -> int:
+        self.lock.acquire()
+        return 0
 
     # -- load --------------------------------------------------------------------------------
     def load_initial_weights(self, chunks) -> bool:
@@ -429,7 +440,9 @@ class CheckpointManager:
             self.queue.schedule_async_request(request)
 
     def poll(self) -> Optional[str]:
-        """Finalise a finished asynchronous write (collective); the folder committed, if any."""
+        """Finalise a finished asynchronous write (collective); the folder committed, if any.
+        Called every step: it also tells other runs this one is alive (the run lock)."""
+        self.lock.refresh()
         return self._finalize(blocking=False)
 
     def wait(self) -> Optional[str]:
@@ -442,6 +455,10 @@ class CheckpointManager:
         if self.queue is not None:
             self.queue.close()
         return committed
+
+    def release(self) -> None:
+        """Give the checkpoint directory back (the run lock) when the run ends, however."""
+        self.lock.release()
 
     def _finalize(self, blocking: bool) -> Optional[str]:
         if self.queue is None or self.in_flight is None:

@@ -139,6 +139,8 @@ class Trainer:
                 f"a collective failed while {self.phase} (parallel.timeout_minutes="
                 f"{self.cfg.parallel.timeout_minutes}; another rank is hung or gone): "
                 f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.checkpoints.release()  # the checkpoint directory is free for the next run
 
     def _train(self) -> dict:
         cfg = self.cfg
