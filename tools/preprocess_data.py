@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_unihetero.data.preprocess.images import IMAGE_FORMATS  # noqa: E402
+from megatron_unihetero.data.preprocess.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_FORMATS  # noqa: E402
 from megatron_unihetero.data.preprocess.pipeline import (IMAGE_STORES, SPLIT_BY, PreprocessConfig,  # noqa: E402
                                                          format_summary, run_preprocess)
 from megatron_unihetero.data.preprocess.readers import FORMATS  # noqa: E402
@@ -66,7 +66,14 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--interleaved-column", default=None,
                    help="column with a list of {'text': ...}/{'image': ...} segments (implies --template interleaved)")
     p.add_argument("--image-root", "--image-path-root", dest="image_root", default=None,
-                   help="folder that relative image paths are resolved against")
+                   help="folder that image paths in the data are resolved against and must stay "
+                        "inside ('..', absolute paths and links out of it are rejects)")
+    p.add_argument("--allow-paths-outside-root", action="store_true",
+                   help="trusted data only: read image paths outside --image-root (or, without "
+                        "one, relative to the working directory)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="an image file (or inline image) larger than this is a reject "
+                        f"(default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB)")
     p.add_argument("--max-text-tokens", type=int, default=None, help="reject rows with more text tokens")
     p.add_argument("--shard-size-mb", type=float, default=1024.0)
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
@@ -90,7 +97,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         template=template, text_column=a.text_column, image_column=a.image_column,
         question_column=a.question_column, answer_column=a.answer_column,
         interleaved_column=a.interleaved_column or "segments", conversation_column=a.conversation_column,
-        image_path_root=a.image_root, image_size=a.image_size, max_text_tokens=a.max_text_tokens,
+        image_path_root=a.image_root, allow_paths_outside_root=a.allow_paths_outside_root,
+        max_image_bytes=a.max_image_bytes, image_size=a.image_size, max_text_tokens=a.max_text_tokens,
         image_format=a.image_format, jpeg_quality=a.jpeg_quality,
     )
     return PreprocessConfig(

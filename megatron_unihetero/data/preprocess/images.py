@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -95,44 +97,106 @@ def encode_image(data: bytes, size: int, image_format: str = "auto", jpeg_qualit
     return buf.getvalue()
 
 
-def read_image_value(value: Any, root: Optional[str]) -> bytes:
-    """An image column value -> the encoded file bytes. Accepts bytes, a path (relative to
-    ``root``), or a HF datasets Image struct ``{"bytes": ..., "path": ...}``."""
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # far above any real photo; /dev/zero or a 20 GB file is not
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """Where an image path written in a data file may be read from (--image-root and its flags).
+
+    ``root``: the folder paths are resolved against, and stay inside (``..``, absolute paths
+    and symbolic links that lead out of it are rejects) unless ``allow_outside_root`` (trusted
+    data; without a root, paths are then resolved against the working directory). Only regular
+    files are read (a device, FIFO, socket or folder is a reject, and never blocks), at most
+    ``max_bytes`` of them (inline image bytes too).
+    """
+
+    root: Optional[str] = None
+    allow_outside_root: bool = False
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    def resolve(self, value: str) -> str:
+        if self.root is None:
+            if not self.allow_outside_root:
+                raise ImageError("path_outside_root", f"{value}: an image path, but no --image-root: "
+                                 f"paths from a data file are read only inside a folder you name "
+                                 f"(--image-root DIR; --allow-paths-outside-root for trusted data)")
+            return value
+        path = value if os.path.isabs(value) else os.path.join(self.root, value)
+        if not self.allow_outside_root:
+            real_root, real = os.path.realpath(self.root), os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise ImageError("path_outside_root", f"{path}: resolves to {real}, outside "
+                                 f"--image-root {self.root} (a '..', an absolute path or a link "
+                                 f"out of it; --allow-paths-outside-root reads it, for trusted data)")
+        return path
+
+    def read(self, path: str) -> bytes:
+        """The bytes of regular file ``path``, bounded. Opened non-blocking and checked on the
+        open descriptor: a FIFO or device put in its place after a check cannot hang or flood
+        the read."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise ImageError("missing_image_file", f"cannot read image file {path}: {e.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError("not_a_regular_file", f"{path} is not a regular file (a device, "
+                                 f"FIFO, socket or folder): not read")
+            if info.st_size > self.max_bytes:
+                raise ImageError("image_too_large", f"{path}: {info.st_size} bytes, more than "
+                                 f"--max-image-bytes={self.max_bytes}")
+            handle, fd = os.fdopen(fd, "rb"), None
+        finally:
+            if fd is not None:
+                os.close(fd)
+        with handle:
+            data = handle.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise ImageError("image_too_large", f"{path}: more than --max-image-bytes={self.max_bytes} "
+                             f"(it grew while being read)")
+        return data
+
+
+def read_image_value(value: Any, paths: PathPolicy) -> bytes:
+    """An image column value -> the encoded file bytes. Accepts bytes, a path (read as
+    ``paths`` allows), or a HF datasets Image struct ``{"bytes": ..., "path": ...}``."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) == 0:
             raise ImageError("bad_image", "empty image bytes")
+        if len(value) > paths.max_bytes:
+            raise ImageError("image_too_large", f"inline image of {len(value)} bytes, more than "
+                             f"--max-image-bytes={paths.max_bytes}")
         return bytes(value)
     if isinstance(value, str):
         if not value:
             raise ImageError("missing_image_file", "empty image path")
-        path = value if os.path.isabs(value) or root is None else os.path.join(root, value)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise ImageError("missing_image_file", f"cannot read image file {path}: {e.strerror}") from None
+        return paths.read(paths.resolve(value))
     raise ImageError("wrong_type", f"image value is {type(value).__name__}, expected bytes or a path")
 
 
-def _where(value: Any, root: Optional[str]) -> str:
-    """The reject detail's prefix: the resolved path of an image given by path."""
+def _where(value: Any, paths: PathPolicy) -> str:
+    """The reject detail's prefix: the path of an image given by path."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
+        root = paths.root
         return (value if os.path.isabs(value) or root is None else os.path.join(root, value)) + ": "
     return ""
 
 
-def load_image_value(value: Any, size: int, root: Optional[str]) -> np.ndarray:
+def load_image_value(value: Any, size: int, paths: PathPolicy) -> np.ndarray:
     """An image column value (see :func:`read_image_value`) -> pixels ``[size, size, 3]``."""
-    return decode_image(read_image_value(value, root), size, _where(value, root))
+    return decode_image(read_image_value(value, paths), size, _where(value, paths))
 
 
-def prepare_image(value: Any, size: int, root: Optional[str], store: str = "pixels",
+def prepare_image(value: Any, size: int, paths: PathPolicy, store: str = "pixels",
                   image_format: str = "auto", jpeg_quality: int = 90):
     """An image column value -> what the shard stores: pixels, or encoded bytes (``store``)."""
     if store == "encoded":
-        return encode_image(read_image_value(value, root), size, image_format, jpeg_quality, _where(value, root))
-    return load_image_value(value, size, root)
+        return encode_image(read_image_value(value, paths), size, image_format, jpeg_quality,
+                            _where(value, paths))
+    return load_image_value(value, size, paths)

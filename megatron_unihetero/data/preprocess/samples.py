@@ -27,7 +27,13 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from megatron_unihetero.data import conversation
-from megatron_unihetero.data.preprocess.images import IMAGE_FORMATS, ImageError, prepare_image
+from megatron_unihetero.data.preprocess.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    IMAGE_FORMATS,
+    ImageError,
+    PathPolicy,
+    prepare_image,
+)
 
 TEMPLATES = ("caption", "qa", "both", "interleaved", "conversation")
 IMAGES_AS = ("pixels", "encoded")
@@ -56,6 +62,10 @@ class SampleConfig:
     interleaved_column: str = "segments"
     conversation_column: str = "conversations"
     image_path_root: Optional[str] = None
+    # Image paths from the data stay inside image_path_root unless this is set (trusted data);
+    # files over max_image_bytes are rejects (images.PathPolicy).
+    allow_paths_outside_root: bool = False
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     image_size: int = 64
     max_text_tokens: Optional[int] = None
     # What a Sample's images are: "pixels" (uint8 arrays) or "encoded" (image file bytes at
@@ -74,6 +84,12 @@ class SampleConfig:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+
+    @property
+    def path_policy(self) -> PathPolicy:
+        return PathPolicy(self.image_path_root, self.allow_paths_outside_root, self.max_image_bytes)
 
     @property
     def has_loss_mask(self) -> bool:
@@ -279,7 +295,7 @@ def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optio
         key = id(seg[1])
         if cache is None or key not in cache:
             try:
-                image = prepare_image(seg[1], cfg.image_size, cfg.image_path_root, cfg.images_as,
+                image = prepare_image(seg[1], cfg.image_size, cfg.path_policy, cfg.images_as,
                                       cfg.image_format, cfg.jpeg_quality)
             except ImageError as e:
                 raise RowReject(e.reason, str(e)) from None
