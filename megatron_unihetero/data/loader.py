@@ -56,6 +56,7 @@ from megatron_unihetero.data.collate import Collator
 from megatron_unihetero.data.dataset import MultimodalDataset
 from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageNormalizer
 from megatron_unihetero.data.packing import SampleRef, WindowPacker
+from megatron_unihetero.models.config import ConfigError
 
 STATE_VERSION = 1
 _END = object()
@@ -141,6 +142,7 @@ class MultimodalLoader:
 
         self.stream = BlendedSampleStream(self.datasets, weights, seed=seed, tokens_per_image=tokens_per_image,
                                           num_samples=num_samples)
+        self._check_samples_fit()
         self.packer = WindowPacker(seq_length, seed, describe=lambda r: self.datasets[r.dataset].describe(r.index))
         self.collator = self._make_collator(image_mean, image_std, image_size)
         self._fingerprint = {
@@ -183,6 +185,22 @@ class MultimodalLoader:
                         image_store="pixels" if first.image_store in PIXEL_STORES else first.image_store,
                         image_shape=shape,
                         normalizer=ImageNormalizer(mean, std, image_size))
+
+    def _check_samples_fit(self) -> None:
+        """Every dataset the stream draws from has samples that fit a row. Over-long samples
+        are rejected one by one (and counted); a dataset with none that fits would contribute
+        nothing, and a stream of only such samples would draw windows forever: said now,
+        before step 1, naming the setting."""
+        for dataset, weight in zip(self.datasets, self.stream.weights):
+            if weight == 0 or len(dataset) == 0:
+                continue
+            shortest = int(dataset.expanded_lengths(self.tokens_per_image).min())
+            if shortest > self.seq_length:
+                raise ConfigError(
+                    f"data.seq_length={self.seq_length}: no sample of {dataset.name} ({dataset.split}, "
+                    f"{len(dataset)} samples) fits a row; the shortest is {shortest} tokens once its "
+                    f"images are expanded ({self.tokens_per_image} tokens per image). Raise "
+                    f"data.seq_length (and model.llm.max_sequence_length) or use smaller images")
 
     # --- the global row stream -------------------------------------------------------------
 

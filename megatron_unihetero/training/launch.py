@@ -47,6 +47,15 @@ def run(config_path, overrides, log: console.RunLog) -> dict:
         trainer = Trainer(cfg)
         trainer.install_signal_handler()
         result = trainer.train()
+    except ConfigError as exc:
+        # What the config asks of the data and the model, checked once they exist (the
+        # tokenizer against the vocabulary, seq_length against the samples): every rank
+        # decides the same from the same files.
+        if dist.get_rank() == 0:
+            print(f"config error: {exc}", file=sys.stderr, flush=True)
+        parallel.destroy()
+        dist.destroy_process_group()
+        raise SystemExit(2) from exc
     except CollectiveFailure as exc:
         # A peer is hung or gone: the process groups cannot be torn down collectively.
         print(f"[megatron_unihetero] rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)

@@ -78,14 +78,20 @@ class Trainer:
                           and parallel_state.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
         self.metrics = MetricsLogger(cfg.logging, enabled=self.is_logger, total_steps=cfg.train.steps)
-        # Decides the resume point (collective) and loads checkpoint.load's weights into the
-        # bare chunks, before the engine wraps them.
-        self.checkpoints = CheckpointManager(cfg, log=self.metrics.info)
-        self.checkpoints.load_initial_weights(self.chunks)
-        self.engine = engine_class(self.chunks, cfg)
+        # The data first: what the config asks of it is checked before the run takes the
+        # checkpoint directory (a ConfigError leaves nothing behind).
         self.train_loader = self._loader("train")
         check_tokenizer_matches(cfg, self.train_loader.datasets)
         self.valid_loader_factory = lambda: self._loader("valid")
+        # Takes the checkpoint directory, decides the resume point (collective) and loads
+        # checkpoint.load's weights into the bare chunks, before the engine wraps them.
+        self.checkpoints = CheckpointManager(cfg, log=self.metrics.info)
+        try:
+            self.checkpoints.load_initial_weights(self.chunks)
+            self.engine = engine_class(self.chunks, cfg)
+        except BaseException:
+            self.checkpoints.release()
+            raise
         self.step = 0
         self._stop_requested = False
         # Steps skipped for a non-finite loss or gradient norm (the engine did not apply them).

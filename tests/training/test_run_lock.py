@@ -95,3 +95,4 @@ def test_a_second_run_on_a_held_directory_exits_naming_the_holder(tmp_path, othe
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert f"in use by another run: host {socket.gethostname()} pid {other_process.pid}" in proc.stderr
     assert sorted(os.listdir(ckpt_dir)) == before
+
