@@ -5,7 +5,8 @@ single process. Restarting the same command resumes from the newest complete che
 The libraries' warnings go to LOGGING_DIR/run.log, not the console (``--logging.verbose=true``:
 both).
 
-Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error, 3 stopped after
+Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error (or data that
+cannot be used: a damaged shard, an unfinished preprocessing run), 3 stopped after
 ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
 at the stop; ``latest`` still names the last finite checkpoint), 4 no checkpoint to resume from
 verifies against its manifest (with ``checkpoint.fallback=false``: the newest one fails; the

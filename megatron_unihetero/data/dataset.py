@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_unihetero.data.shards import ShardError, ShardReader, list_shards
+from megatron_unihetero.data.shards import ShardError, ShardReader, check_preprocessing_finished, list_shards
 
 SPLITS = ("train", "valid")
 
@@ -75,6 +75,7 @@ class MultimodalDataset:
             if not isinstance(s, str):
                 self.readers.append(s)
                 continue
+            check_preprocessing_finished(s)
             paths = list_shards(s)
             if not paths:
                 raise FileNotFoundError(f"no shards found for {s!r} (expected {s}.json or {s}_00000.json)")

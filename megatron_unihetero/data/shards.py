@@ -109,6 +109,22 @@ def list_shards(prefix: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def check_preprocessing_finished(prefix: str) -> None:
+    """Raise :class:`ShardError` when ``prefix`` is the output of a preprocessing run that did
+    not finish: the run writes ``PREFIX.rejects.jsonl`` from its start and
+    ``PREFIX.summary.json`` at its end (removing an older one first), and its shards' files
+    under temporary names until each is whole. Its finished shards hold only part of the data:
+    training on them would silently drop the rest. (Shards written by other means, without a
+    rejects file, are not checked here.)"""
+    rejects, summary = prefix + ".rejects.jsonl", prefix + ".summary.json"
+    leftovers = sorted(glob.glob(glob.escape(prefix) + "_*.tmp.*") + glob.glob(glob.escape(prefix) + ".tmp.*"))
+    if (os.path.exists(rejects) and not os.path.exists(summary)) or leftovers:
+        found = f"temporary file {leftovers[0]}" if leftovers else f"{rejects} but no {summary}"
+        raise ShardError(f"{prefix}: its preprocessing did not finish ({found}); its shards hold "
+                         f"part of the data at most. Run the same tools/preprocess_data.py command "
+                         f"again (it replaces them), then train")
+
+
 def _indexed_dataset_module():
     from megatron.core.datasets import indexed_dataset
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_unihetero import parallel
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.config_io import ConfigLoadError, load_config, save_config
+from megatron_unihetero.data.shards import ShardError
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero import console
 from megatron_unihetero.training.config import RunConfig
@@ -47,12 +48,14 @@ def run(config_path, overrides, log: console.RunLog) -> dict:
         trainer = Trainer(cfg)
         trainer.install_signal_handler()
         result = trainer.train()
-    except ConfigError as exc:
+    except (ConfigError, ShardError) as exc:
         # What the config asks of the data and the model, checked once they exist (the
-        # tokenizer against the vocabulary, seq_length against the samples): every rank
+        # tokenizer against the vocabulary, seq_length against the samples), and data that
+        # cannot be used (a damaged shard, an unfinished preprocessing run): every rank
         # decides the same from the same files.
         if dist.get_rank() == 0:
-            print(f"config error: {exc}", file=sys.stderr, flush=True)
+            kind = "config" if isinstance(exc, ConfigError) else "data"
+            print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
         parallel.destroy()
         dist.destroy_process_group()
         raise SystemExit(2) from exc

@@ -228,6 +228,10 @@ def run_preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     tokenizer = build_tokenizer(cfg.tokenizer_model)  # fail fast here, not in every worker
     out = cfg.job_prefix
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # The summary marks a finished run (shards.check_preprocessing_finished): an older one
+    # must not vouch for this run's shards until it, too, has finished.
+    if os.path.exists(out + ".summary.json"):
+        os.remove(out + ".summary.json")
     _remove_old_shards(out)
     plan = job_plan(cfg)
     # The workers return what the shard stores: encoded bytes, or pixels (also for features).
