@@ -39,6 +39,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron_unihetero import parallel
 from megatron_unihetero.checkpointing import pickles
@@ -105,6 +106,13 @@ def load(sharded_state_dict: dict, folder: str) -> dict:
         # e.g. a tensor of another shape (a model built with another vocab_size or width)
         raise CheckpointError(f"checkpoint {folder} does not load into this model: "
                               f"{type(exc).__name__}: {exc}") from exc
+    except TorchCheckpointException as exc:
+        # What torch's loader raises when a rank's read failed (a BaseException, not an
+        # Exception); each rank's cause (megatron's "Global shape mismatch ... for key K",
+        # naming the key and both shapes) is in its failures, the rest is a traceback dump.
+        causes = sorted({f"{type(cause).__name__}: {cause}" for cause, _ in exc.failures.values()})
+        raise CheckpointError(f"checkpoint {folder} does not load into this model: "
+                              f"{'; '.join(causes)}") from None
     # megatron's words: "unexpected" = requested but not in the checkpoint.
     if unexpected:
         raise CheckpointError(f"checkpoint {folder} lacks {len(unexpected)} tensors this model "

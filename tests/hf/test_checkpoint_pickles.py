@@ -74,3 +74,19 @@ def test_a_planted_metadata_pickle_is_refused_by_export_evaluate_and_load(folder
     with pytest.raises(CheckpointError, match="refers to io.open"):
         dist_ckpt.content(dist_ckpt.dist_dir(iter_dir))
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_width_names_the_key_and_both_shapes(folders):  # noqa: F811
+    """torch's loader raises a BaseException with a traceback dump per rank; the error is the
+    one CheckpointError, naming the tensor and both shapes."""
+    import dataclasses
+
+    from megatron_unihetero.config_io import load_config
+    from megatron_unihetero.training.config import RunConfig
+
+    iter_dir = ckpt.latest_iteration_dir(folders["ckpt"])
+    model = load_config(RunConfig, os.path.join(iter_dir, "config.yaml")).model
+    wider = dataclasses.replace(model, llm=dataclasses.replace(model.llm, ffn_hidden_size=2 * model.llm.ffn_hidden_size))
+    with pytest.raises(CheckpointError, match=r"Global shape mismatch for loaded .* and expected .* "
+                                              r"for key llm\.decoder\.layers\.mlp\.linear_fc1\.weight"):
+        dist_ckpt.load_full_model_state(iter_dir, wider)
