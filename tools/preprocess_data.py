@@ -26,7 +26,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_unihetero.data.preprocess.images import DEFAULT_MAX_IMAGE_BYTES, IMAGE_FORMATS  # noqa: E402
+from megatron_unihetero.data.preprocess.images import (  # noqa: E402
+    DEFAULT_MAX_IMAGE_BYTES,
+    IMAGE_FORMATS,
+    ImageLimits,
+)
 from megatron_unihetero.data.preprocess.pipeline import (IMAGE_STORES, SPLIT_BY, PreprocessConfig,  # noqa: E402
                                                          format_summary, run_preprocess)
 from megatron_unihetero.data.preprocess.readers import FORMATS  # noqa: E402
@@ -71,6 +75,14 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--allow-paths-outside-root", action="store_true",
                    help="trusted data only: read image paths outside --image-root (or, without "
                         "one, relative to the working directory)")
+    p.add_argument("--min-image-size", type=int, default=ImageLimits.min_size,
+                   help="a source image with a side under this many pixels is a reject")
+    p.add_argument("--max-aspect-ratio", type=float, default=ImageLimits.max_aspect_ratio,
+                   help="a source image whose longer side is more than this times its shorter one "
+                        "is a reject")
+    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
+                   help="a source image of more pixels is a reject, read from its header before "
+                        "it is decoded (keeps a worker's decode near 1 GB)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                    help="an image file (or inline image) larger than this is a reject "
                         f"(default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB)")
@@ -98,7 +110,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         question_column=a.question_column, answer_column=a.answer_column,
         interleaved_column=a.interleaved_column or "segments", conversation_column=a.conversation_column,
         image_path_root=a.image_root, allow_paths_outside_root=a.allow_paths_outside_root,
-        max_image_bytes=a.max_image_bytes, image_size=a.image_size, max_text_tokens=a.max_text_tokens,
+        max_image_bytes=a.max_image_bytes, min_image_size=a.min_image_size,
+        max_aspect_ratio=a.max_aspect_ratio, max_image_pixels=a.max_image_pixels, image_size=a.image_size, max_text_tokens=a.max_text_tokens,
         image_format=a.image_format, jpeg_quality=a.jpeg_quality,
     )
     return PreprocessConfig(

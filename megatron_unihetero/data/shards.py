@@ -506,10 +506,14 @@ def decode_encoded_image(data: bytes) -> np.ndarray:
     """uint8 ``[H, W, 3]`` RGB of an encoded JPEG/PNG/WebP image; ValueError if it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    from megatron_unihetero.data.image_decode import to_rgb
+
     try:
         with Image.open(io.BytesIO(data), formats=ENCODED_FORMATS) as img:
             img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            # preprocessing's decode (EXIF orientation, bit depth, alpha): a source kept as it
+            # was decodes here as preprocessing saw it
+            return np.array(to_rgb(img), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(str(e)) from None
 

@@ -19,6 +19,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from megatron_unihetero.data.image_decode import orientation, to_rgb
+
 # --image-format choices -> the PIL format written when an image must be re-encoded.
 # "auto" keeps a lossy source lossy and a lossless one lossless: JPEG sources are written as
 # JPEG (at --jpeg-quality), every other source as PNG.
@@ -35,12 +37,12 @@ class ImageError(Exception):
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """uint8 ``[size, size, 3]``: the shorter side scaled to ``size`` (bicubic), centre cropped.
+    """uint8 ``[size, size, 3]`` of an RGB image (data/image_decode.to_rgb): the shorter side
+    scaled to ``size`` (bicubic), centre cropped.
 
     Scaling the shorter side keeps the aspect ratio (no distortion) at the cost of cropping the
     long side's margins, the usual choice for CLIP/SigLIP-style encoders.
     """
-    img = img.convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -51,39 +53,76 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
 
 
-def _decode(data: bytes, size: int, where: str):
-    """(source PIL format, source (w, h), pixels ``[size, size, 3]``) or raise ImageError."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a source image must be to be used, checked from its header before it is decoded
+    (img2dataset's min_image_size / max_aspect_ratio idea, and a pixel budget of our own).
+
+    ``min_size``: the shorter side, in pixels (1 x 1 trackers, 4 x 4 icons are rejects);
+    ``max_aspect_ratio``: longer / shorter side (a 10000 x 10 banner is a reject: the centre crop
+    would keep a sliver); ``max_pixels``: width x height, sized so that one preprocessing
+    worker's decode stays near 1 GB (a 12000 x 12000 PNG of 136 KB decodes to 1.1 GB; 48 MP phone
+    photos pass).
+    """
+
+    min_size: int = 10
+    max_aspect_ratio: float = 10.0
+    max_pixels: int = 64_000_000
+
+    def check(self, width: int, height: int, where: str) -> None:
+        if min(width, height) < self.min_size:
+            raise ImageError("image_too_small", f"{where}{width} x {height} pixels, a side under "
+                             f"--min-image-size={self.min_size}")
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
+            raise ImageError("bad_aspect_ratio", f"{where}{width} x {height} pixels, aspect ratio "
+                             f"{max(width, height) / min(width, height):.1f} over "
+                             f"--max-aspect-ratio={self.max_aspect_ratio:g}")
+        if width * height > self.max_pixels:
+            raise ImageError("image_too_large", f"{where}{width} x {height} = {width * height} pixels, "
+                             f"more than --max-image-pixels={self.max_pixels} (not decoded)")
+
+
+def _decode(data: bytes, size: int, where: str, limits: ImageLimits):
+    """(source PIL format, True when the source decodes to itself at ``size`` x ``size``: RGB,
+    upright, that size; pixels ``[size, size, 3]``) or raise ImageError. The limits are checked
+    from the header, before the decode; the decode is data/image_decode.to_rgb's (EXIF
+    orientation, high bit depth, alpha), the loader's too."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # the header's: nothing decoded yet
+            limits.check(width, height, where)
             img.load()  # force the full decode now: truncated files fail here, not later
-            return img.format, img.size, resize_center_crop(img, size)
+            as_is = img.mode == "RGB" and orientation(img) == 1 and img.size == (size, size)
+            return img.format, as_is, resize_center_crop(to_rgb(img), size)
     except Image.DecompressionBombError as e:
-        raise ImageError("bad_image", f"{where}image too large: {e}") from None
+        raise ImageError("image_too_large", f"{where}image too large: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt data
         raise ImageError("bad_image", f"{where}cannot decode image ({len(data)} bytes): {e}") from None
 
 
-def decode_image(data: bytes, size: int, where: str = "") -> np.ndarray:
+def decode_image(data: bytes, size: int, where: str = "",
+                 limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Decode encoded image bytes to a uint8 ``[size, size, 3]`` array or raise ImageError."""
-    return _decode(data, size, where)[2]
+    return _decode(data, size, where, limits)[2]
 
 
 def encode_image(data: bytes, size: int, image_format: str = "auto", jpeg_quality: int = 90,
-                 where: str = "") -> bytes:
+                 where: str = "", limits: ImageLimits = ImageLimits()) -> bytes:
     """The image file for the encoded store: ``size`` x ``size``, in the target format.
 
     The source is always fully decoded (an undecodable file is rejected here, not in the
-    training loader). It is kept byte for byte when it already is ``size`` x ``size`` in the
-    target format; otherwise its resized, centre-cropped RGB pixels are encoded.
+    training loader). It is kept byte for byte only when it decodes to exactly what would be
+    stored: ``size`` x ``size``, RGB, upright (no EXIF rotation), in the target format;
+    otherwise its resized, centre-cropped RGB pixels are encoded.
     """
-    source_format, source_size, pixels = _decode(data, size, where)
+    source_format, as_is, pixels = _decode(data, size, where, limits)
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if image_format == "auto":
         target = "JPEG" if source_format == "JPEG" else "PNG"
     else:
         target = _PIL_FORMAT[image_format]
-    if source_format == target and source_size == (size, size):
+    if source_format == target and as_is:
         return data
     buf = io.BytesIO()
     img = Image.fromarray(pixels)
@@ -188,15 +227,17 @@ def _where(value: Any, paths: PathPolicy) -> str:
     return ""
 
 
-def load_image_value(value: Any, size: int, paths: PathPolicy) -> np.ndarray:
+def load_image_value(value: Any, size: int, paths: PathPolicy,
+                     limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """An image column value (see :func:`read_image_value`) -> pixels ``[size, size, 3]``."""
-    return decode_image(read_image_value(value, paths), size, _where(value, paths))
+    return decode_image(read_image_value(value, paths), size, _where(value, paths), limits)
 
 
 def prepare_image(value: Any, size: int, paths: PathPolicy, store: str = "pixels",
-                  image_format: str = "auto", jpeg_quality: int = 90):
+                  image_format: str = "auto", jpeg_quality: int = 90,
+                  limits: ImageLimits = ImageLimits()):
     """An image column value -> what the shard stores: pixels, or encoded bytes (``store``)."""
     if store == "encoded":
         return encode_image(read_image_value(value, paths), size, image_format, jpeg_quality,
-                            _where(value, paths))
-    return load_image_value(value, size, paths)
+                            _where(value, paths), limits)
+    return load_image_value(value, size, paths, limits)

@@ -31,6 +31,7 @@ from megatron_unihetero.data.preprocess.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     IMAGE_FORMATS,
     ImageError,
+    ImageLimits,
     PathPolicy,
     prepare_image,
 )
@@ -66,6 +67,10 @@ class SampleConfig:
     # files over max_image_bytes are rejects (images.PathPolicy).
     allow_paths_outside_root: bool = False
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # Degenerate and oversized sources are rejects, from their header (images.ImageLimits).
+    min_image_size: int = ImageLimits.min_size
+    max_aspect_ratio: float = ImageLimits.max_aspect_ratio
+    max_image_pixels: int = ImageLimits.max_pixels
     image_size: int = 64
     max_text_tokens: Optional[int] = None
     # What a Sample's images are: "pixels" (uint8 arrays) or "encoded" (image file bytes at
@@ -86,10 +91,18 @@ class SampleConfig:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if self.min_image_size < 1 or self.max_aspect_ratio < 1 or self.max_image_pixels < 1:
+            raise ValueError(f"min_image_size, max_image_pixels must be >= 1 and max_aspect_ratio "
+                             f">= 1; got {self.min_image_size}, {self.max_image_pixels}, "
+                             f"{self.max_aspect_ratio}")
 
     @property
     def path_policy(self) -> PathPolicy:
         return PathPolicy(self.image_path_root, self.allow_paths_outside_root, self.max_image_bytes)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.min_image_size, self.max_aspect_ratio, self.max_image_pixels)
 
     @property
     def has_loss_mask(self) -> bool:
@@ -296,7 +309,7 @@ def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optio
         if cache is None or key not in cache:
             try:
                 image = prepare_image(seg[1], cfg.image_size, cfg.path_policy, cfg.images_as,
-                                      cfg.image_format, cfg.jpeg_quality)
+                                      cfg.image_format, cfg.jpeg_quality, cfg.image_limits)
             except ImageError as e:
                 raise RowReject(e.reason, str(e)) from None
             if cache is not None:
