@@ -2,7 +2,7 @@
 # GPU checks for the fused kernels, on one CUDA device (the timeouts below bound each part):
 #   1. parity tests of the compiled Triton kernels (and flash_attn / TransformerEngine / apex
 #      where installed) against the reference implementations: pytest -m requires_gpu tests/kernels
-#   2. timings and peak memory against the references: benchmarks/kernels.py --device cuda
+#   2. timings and peak memory against the references: benchmarks/kernel_speed.py --device cuda
 # Most of the time is Triton compiling each kernel specialisation once.
 # Exit status: non-zero if a test fails or the fused cross-entropy misses its targets
 # (<= 1.1x the reference's time, <= 25% of its peak memory).
@@ -26,5 +26,5 @@ timeout 200 python -m pytest -q -m requires_gpu tests/kernels -p no:cacheprovide
 echo "parity tests: $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout 120 python benchmarks/kernels.py --device cuda --repeats 5 --check
+timeout 120 python benchmarks/kernel_speed.py --device cuda --repeats 5 --check
 echo "benchmarks: $((SECONDS - start)) s"

@@ -1,8 +1,8 @@
 """Time and peak memory of the fused kernels against their reference implementations.
 
-    python benchmarks/kernels.py                      # CPU: the fused torch paths
-    python benchmarks/kernels.py --device cuda        # GPU: Triton / flash paths too
-    python benchmarks/kernels.py --check              # exit 1 unless fused CE meets its targets
+    python benchmarks/kernel_speed.py                      # CPU: the fused torch paths
+    python benchmarks/kernel_speed.py --device cuda        # GPU: Triton / flash paths too
+    python benchmarks/kernel_speed.py --check              # exit 1 unless fused CE meets its targets
 
 Targets: fused linear + cross-entropy at 8k tokens x 32k vocab uses at most 25% of the
 reference's (full-logits) peak memory and at most 1.1x its time (forward + backward).
