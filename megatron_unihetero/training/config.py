@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -179,8 +180,45 @@ class RunConfig:
                           recompute_num_layers=train.recompute_num_layers)
         return fields
 
+    def _validate_bounds(self) -> None:
+        """Every numeric option in its range, named by its key (a negative learning rate or a
+        zero micro-batch would otherwise fail deep inside a rank, or train silently wrong)."""
+        data, train, ck, log = self.data, self.train, self.checkpoint, self.logging
+        checks = [
+            ("data.micro_batch_size", data.micro_batch_size, data.micro_batch_size >= 1, ">= 1"),
+            ("data.seq_length", data.seq_length, data.seq_length >= 1, ">= 1"),
+            ("data.pack_window", data.pack_window, data.pack_window >= 1, ">= 1"),
+            ("data.valid_fraction", data.valid_fraction, 0.0 <= data.valid_fraction < 1.0, "in [0, 1)"),
+            ("data.num_workers", data.num_workers, data.num_workers >= -1, ">= 0, or -1 (auto)"),
+            ("train.steps", train.steps, train.steps >= 1, ">= 1"),
+            ("train.grad_accumulation", train.grad_accumulation, train.grad_accumulation >= 1, ">= 1"),
+            ("train.lr", train.lr, math.isfinite(train.lr) and train.lr > 0, "> 0"),
+            ("train.min_lr", train.min_lr, 0 <= train.min_lr <= train.lr, f"in [0, train.lr={train.lr}]"),
+            ("train.warmup_steps", train.warmup_steps, train.warmup_steps >= 0, ">= 0"),
+            ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
+            ("train.adam_beta1", train.adam_beta1, 0 <= train.adam_beta1 < 1, "in [0, 1)"),
+            ("train.adam_beta2", train.adam_beta2, 0 <= train.adam_beta2 < 1, "in [0, 1)"),
+            ("train.clip_grad", train.clip_grad, train.clip_grad >= 0, ">= 0 (0: no clipping)"),
+            ("checkpoint.save_interval", ck.save_interval, ck.save_interval >= 0, ">= 0 (0: at the end only)"),
+            ("checkpoint.keep_last", ck.keep_last, ck.keep_last >= 0, ">= 0 (0: keep all)"),
+            ("logging.log_interval", log.log_interval, log.log_interval >= 1, ">= 1"),
+            ("logging.eval_interval", log.eval_interval, log.eval_interval >= 0, ">= 0 (0: never)"),
+            ("logging.eval_batches", log.eval_batches, log.eval_batches >= 0, ">= 0"),
+            ("parallel.timeout_minutes", self.parallel.timeout_minutes, self.parallel.timeout_minutes > 0, "> 0"),
+            ("model.semantic.weight", self.model.semantic.weight, self.model.semantic.weight >= 0, ">= 0"),
+            ("model.semantic.warmup_steps", self.model.semantic.warmup_steps,
+             self.model.semantic.warmup_steps >= 0, ">= 0"),
+            ("model.pixel.weight", self.model.pixel.weight, self.model.pixel.weight >= 0, ">= 0"),
+        ]
+        for key, value, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {expected}; got {value}")
+        if data.weights is not None and (any(w < 0 for w in data.weights) or not sum(data.weights) > 0):
+            raise ConfigError(f"data.weights must be >= 0 with a positive sum; got {data.weights}")
+
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""
+        self._validate_bounds()
         par, llm = self.parallel, self.model.llm
         tp, pp = par.tensor_parallel, par.pipeline_parallel
         if tp < 1 or pp < 1:
