@@ -3,7 +3,7 @@
 Two files of a checkpoint are unpickled by code that takes no unpickler from us:
 ``dist/.metadata`` (torch.distributed.checkpoint's ``FileSystemReader.read_metadata`` is a plain
 ``pickle.load``; megatron-core creates the readers itself) and DeepSpeed's ``engine/*.pt``
-(``torch.load(weights_only=False)`` in its checkpoint engine and its universal-checkpoint
+(torch's full unpickler, weights_only off, in its checkpoint engine and its universal-checkpoint
 converter). A planted ``__reduce__`` in either would run when a run resumes, or when a tool
 exports or evaluates the checkpoint.
 

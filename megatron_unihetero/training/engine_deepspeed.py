@@ -354,7 +354,7 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(
                 f"{ckpt_dir} is missing: the checkpoint was saved by another engine. Start from its "
                 f"weights instead with --checkpoint.load={iter_dir} --checkpoint.resume=false")
-        # DeepSpeed unpickles its files with torch.load(weights_only=False), and so does its
+        # DeepSpeed unpickles its files with the full pickle (weights_only off), and so does its
         # universal-checkpoint converter: scanned first (checkpointing/pickles.py).
         pickles.check_torch_files(ckpt_dir)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
