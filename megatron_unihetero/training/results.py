@@ -110,14 +110,15 @@ def reduce_over_dp(result: StepResult, group) -> StepResult:
     """``result`` summed over the data-parallel ``group`` (:data:`REDUCTIONS`): then its losses
     are the step means and its statistics the step's sums. Every DP rank of a stage must call
     it (the last stage: the same loss and statistics keys on every DP rank)."""
+    # The fields REDUCTIONS does not declare GLOBAL (dicts: each entry reduced the same way),
+    # flattened so that each kind of reduction is one collective.
+    fields = [name for name, kind in REDUCTIONS.items() if kind != GLOBAL]
     flat: Dict[str, object] = {}
     reductions: Dict[str, str] = {}
-    for field in ("losses", "stats"):
+    for field in fields:
         for key, value in getattr(result, field).items():
             flat[f"{field}/{key}"] = value
             reductions[f"{field}/{key}"] = REDUCTIONS[field]
     reduced = reduce_figures(flat, reductions, group)
-    return dataclasses.replace(
-        result,
-        losses={k: reduced[f"losses/{k}"] for k in result.losses},
-        stats={k: reduced[f"stats/{k}"] for k in result.stats})
+    return dataclasses.replace(result, **{
+        field: {k: reduced[f"{field}/{k}"] for k in getattr(result, field)} for field in fields})
