@@ -4,7 +4,8 @@ Two runs started on one ``checkpoint.dir`` (a resubmitted job while the first st
 copy-pasted command) would both write ``iter_*`` folders and move ``latest``, and one run's
 checkpoints would be silently lost. The run's global rank 0 holds ``CKPT_DIR/run.lock`` for
 the run's lifetime: a JSON record of the holder (host, pid, the process's start time, the
-scheduler's job id, when it started), refreshed (its mtime) at every step.
+scheduler's job id, when it started), refreshed (its mtime) at most every
+:data:`REFRESH_EVERY_S` seconds, from the loop's per-step call.
 
 A second run refuses to start, naming the holder, unless the holder is gone:
 
@@ -32,6 +33,9 @@ import psutil
 from megatron_unihetero.checkpointing.errors import CheckpointError
 
 LOCK_NAME = "run.lock"
+# How often the holder touches the lock: far below any staleness window, and one metadata
+# write a minute on a shared filesystem rather than one a step.
+REFRESH_EVERY_S = 60.0
 JOB_VARIABLES = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
 
 
@@ -56,6 +60,7 @@ class RunLock:
         self.stale_after_s = stale_after_s
         self.log = log
         self.held = False
+        self._refreshed = 0.0  # time.monotonic() of the last refresh
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`CheckpointError` naming the live holder."""
@@ -83,11 +88,15 @@ class RunLock:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
         self.held = True
+        self._refreshed = time.monotonic()
 
     def refresh(self) -> None:
-        """Tell other runs the holder is alive (the lock's mtime); cheap enough for every step."""
-        if self.held:
+        """Tell other runs the holder is alive (the lock's mtime); call it every step, it writes
+        at most every :data:`REFRESH_EVERY_S` seconds."""
+        now = time.monotonic()
+        if self.held and now - self._refreshed >= REFRESH_EVERY_S:
             os.utime(self.path)
+            self._refreshed = now
 
     def release(self) -> None:
         if self.held:
