@@ -10,6 +10,7 @@ Two outputs, one per shard image store:
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -154,6 +155,11 @@ class PathPolicy:
     allow_outside_root: bool = False
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
+    @functools.cached_property
+    def real_root(self) -> str:
+        """The root with its links resolved, once (every path image is checked against it)."""
+        return os.path.realpath(self.root)
+
     def resolve(self, value: str) -> str:
         if self.root is None:
             if not self.allow_outside_root:
@@ -163,7 +169,7 @@ class PathPolicy:
             return value
         path = value if os.path.isabs(value) else os.path.join(self.root, value)
         if not self.allow_outside_root:
-            real_root, real = os.path.realpath(self.root), os.path.realpath(path)
+            real_root, real = self.real_root, os.path.realpath(path)
             if os.path.commonpath([real_root, real]) != real_root:
                 raise ImageError("path_outside_root", f"{path}: resolves to {real}, outside "
                                  f"--image-root {self.root} (a '..', an absolute path or a link "

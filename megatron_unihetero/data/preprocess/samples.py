@@ -20,6 +20,7 @@ Templates (``--template``):
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -96,11 +97,11 @@ class SampleConfig:
                              f">= 1; got {self.min_image_size}, {self.max_image_pixels}, "
                              f"{self.max_aspect_ratio}")
 
-    @property
+    @functools.cached_property
     def path_policy(self) -> PathPolicy:
         return PathPolicy(self.image_path_root, self.allow_paths_outside_root, self.max_image_bytes)
 
-    @property
+    @functools.cached_property
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.min_image_size, self.max_aspect_ratio, self.max_image_pixels)
 
