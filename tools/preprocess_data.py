@@ -111,7 +111,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         interleaved_column=a.interleaved_column or "segments", conversation_column=a.conversation_column,
         image_path_root=a.image_root, allow_paths_outside_root=a.allow_paths_outside_root,
         max_image_bytes=a.max_image_bytes, min_image_size=a.min_image_size,
-        max_aspect_ratio=a.max_aspect_ratio, max_image_pixels=a.max_image_pixels, image_size=a.image_size, max_text_tokens=a.max_text_tokens,
+        max_aspect_ratio=a.max_aspect_ratio, max_image_pixels=a.max_image_pixels,
+        image_size=a.image_size, max_text_tokens=a.max_text_tokens,
         image_format=a.image_format, jpeg_quality=a.jpeg_quality,
     )
     return PreprocessConfig(

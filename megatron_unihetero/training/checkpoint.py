@@ -8,8 +8,9 @@
     CKPT_DIR/iter_0000100/trainer.pt      step, LR scheduler, loader position, RNG states (rank 0)
     CKPT_DIR/iter_0000100/manifest.json   every other file of the folder: size and sha256
 
-A save (:class:`CheckpointManager`, the one owner of a run's checkpoints) has every rank write its part into the iteration folder, in
-place or in a forked writer process (``checkpoint.async_save``: training goes on meanwhile),
+A save (:class:`CheckpointManager`, the one owner of a run's checkpoints) has every rank write
+its part into the iteration folder, in place or in a forked writer process
+(``checkpoint.async_save``: training goes on meanwhile),
 then *commits* it once every rank's write finished: the files are hashed and fsynced (spread
 over the ranks), rank 0 writes the manifest, fsyncs it and the folders, and only then moves
 ``latest`` (write-then-rename) and prunes. A crash or a failed write (a full disk) before the

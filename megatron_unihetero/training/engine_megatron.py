@@ -32,7 +32,7 @@ from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training import step as step_lib
 from megatron_unihetero.models.config import ConfigError
-from megatron_unihetero.training.config import OPTIMIZER_FORMATS, RunConfig
+from megatron_unihetero.training.config import OPTIMIZER_FORMATS, RunConfig, resolve_dtype
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import (
@@ -93,7 +93,7 @@ class MegatronEngine(Engine):
     @classmethod
     def params_dtype(cls, cfg: RunConfig) -> torch.dtype:
         # bf16 parameters with fp32 master weights in megatron-core's optimizer.
-        return torch.bfloat16 if cfg.resolved().train.dtype == "bf16" else torch.float32
+        return torch.bfloat16 if resolve_dtype(cfg.train.dtype) == "bf16" else torch.float32
 
     def __init__(self, chunks, cfg: RunConfig):
         super().__init__(cfg)
