@@ -63,7 +63,16 @@ class RunLock:
         self._refreshed = 0.0  # time.monotonic() of the last refresh
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`CheckpointError` naming the live holder."""
+        """Take the lock, or raise :class:`CheckpointError` naming the live holder, or the
+        folder when it cannot be written (the run would fail at its first save otherwise)."""
+        try:
+            self._acquire()
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot take {self.path} ({type(exc).__name__}: {exc}): checkpoint.dir must be "
+                f"a folder this run can create and write") from None
+
+    def _acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = _this_process()
         holder = self._holder()

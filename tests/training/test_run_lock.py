@@ -96,3 +96,15 @@ def test_a_second_run_on_a_held_directory_exits_naming_the_holder(tmp_path, othe
     assert f"in use by another run: host {socket.gethostname()} pid {other_process.pid}" in proc.stderr
     assert sorted(os.listdir(ckpt_dir)) == before
 
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_named_at_the_start(tmp_path):
+    """A checkpoint.dir under a file, or a lock path that is a folder: a CheckpointError naming
+    it when the run starts, not an OSError traceback (nor a failure at the first save)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot take .*a_file/ckpt/run.lock .*NotADirectoryError"):
+        RunLock(str(blocker / "ckpt"), stale_after_s=60).acquire()
+    (tmp_path / "ckpt" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="cannot take .*IsADirectoryError"):
+        RunLock(str(tmp_path / "ckpt"), stale_after_s=60, log=lambda message: None).acquire()
