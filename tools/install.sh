@@ -4,6 +4,8 @@
 # deepspeed is built against the installed torch, so it comes after it, without isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Containers and CI machines install as root: pip's "running pip as root" advice is noise there.
+export PIP_ROOT_USER_ACTION=ignore
 PIP="python -m pip install -q --disable-pip-version-check"
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 python -c "import torch" 2>/dev/null || $PIP "torch==${TORCH_VERSION}"
