@@ -33,7 +33,7 @@ from megatron_unihetero.data.preprocess.images import (  # noqa: E402
 )
 from megatron_unihetero.data.preprocess.pipeline import (IMAGE_STORES, SPLIT_BY, PreprocessConfig,  # noqa: E402
                                                          format_summary, run_preprocess)
-from megatron_unihetero.data.preprocess.readers import FORMATS  # noqa: E402
+from megatron_unihetero.data.preprocess.readers import FORMATS, UTF8_ERRORS  # noqa: E402
 from megatron_unihetero.data.preprocess.samples import TEMPLATES, SampleConfig  # noqa: E402
 
 _VERBOSE = argparse.ArgumentParser(add_help=False)
@@ -95,6 +95,9 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--shard-index", type=int, default=0, help="... of which this is job I (0-based)")
     p.add_argument("--split-by", choices=SPLIT_BY, default="auto",
                    help="split the jobs by input files or by rows (auto: files when there are >= K files)")
+    p.add_argument("--invalid-utf8", choices=UTF8_ERRORS, default="reject",
+                   help="text that is not UTF-8: reject the line/sample naming it (default), or replace "
+                        "the bad bytes with U+FFFD")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true",
                    help="print the libraries' warnings on the console too (they go to PREFIX.log)")
@@ -121,7 +124,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         max_reject_fraction=a.max_reject_fraction,
         vision_model=a.vision_model if a.precompute_features else None, progress=not a.no_progress,
         image_store="features" if a.precompute_features else a.image_store,
-        num_shards=a.num_shards, shard_index=a.shard_index, split_by=a.split_by,
+        num_shards=a.num_shards, shard_index=a.shard_index, split_by=a.split_by, invalid_utf8=a.invalid_utf8,
     )
 
 
@@ -134,7 +137,11 @@ def main(argv=None) -> int:
 
     with console.RunLog() as log:
         log.open(cfg.job_prefix + ".log", verbose=verbose)
-        summary = run_preprocess(cfg)
+        try:
+            summary = run_preprocess(cfg)
+        except (ValueError, FileNotFoundError) as exc:  # an input that cannot be read at all
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(format_summary(summary, cfg.max_reject_fraction))
     return 0 if summary["ok"] else 1
 

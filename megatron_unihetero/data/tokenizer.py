@@ -11,8 +11,17 @@
   * a folder written by :meth:`Tokenizer.save` (``tokenizer_meta.json`` says which kind).
 
 Every tokenizer exposes the same interface: ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``,
-``image_token_id``, ``image_start_id``, ``image_end_id``, ``encode`` (specials recognised, no
+``image_token_id``, ``image_start_id``, ``image_end_id``, ``encode_plain`` and ``encode`` (no
 BOS/EOS added), ``decode``, ``save(folder)`` and ``metadata()`` (stored in every shard's json).
+
+Two encodings, because text comes from two places:
+  * ``encode_plain(text)``: text from a data set (captions, questions, answers, conversation
+    turns). Special strings written in it (``<image>``, ``<pad>``, ``<s>``, ...) are plain
+    text: a caption that mentions ``<image>`` must not become a second image placeholder, and
+    ``<pad>`` must not become the pad id and be trained as a target. Preprocessing encodes with
+    this only; the placeholders of the sample's real images are added by id (samples.py).
+  * ``encode(text)``: text we rendered ourselves (a chat template's output): the special
+    strings are the special tokens, as the exported HF tokenizer reads them.
 """
 
 from __future__ import annotations
@@ -49,7 +58,12 @@ class Tokenizer:
     image_start_id: int
     image_end_id: int
 
+    def encode_plain(self, text: str) -> List[int]:
+        """Data set text: special strings in it are plain text (module docstring)."""
+        raise NotImplementedError
+
     def encode(self, text: str) -> List[int]:
+        """Text we rendered: special strings in it are the special tokens."""
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -93,6 +107,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.special_ids[tok] = pid
         self.id_to_special = {v: k for k, v in self.special_ids.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+        self.sp_plain = _without_user_defined(self.sp, [t for t in SPECIAL_TOKENS if t not in self.appended])
         self.vocab_size = base + len(self.appended)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -102,6 +117,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.image_token_id = self.special_ids[IMAGE_TOKEN]
         self.image_start_id = self.special_ids[IMAGE_START_TOKEN]
         self.image_end_id = self.special_ids[IMAGE_END_TOKEN]
+
+    def encode_plain(self, text: str) -> List[int]:
+        # Appended specials are unknown to the model: it spells them out. Trained-in ones are
+        # user-defined symbols, which SentencePiece matches anywhere in its input; sp_plain is
+        # the same model with them marked unused, so it spells them out too.
+        return self.sp_plain.encode(text)
 
     def encode(self, text: str) -> List[int]:
         # Split on the specials ourselves: SentencePiece would cut an appended "<image>" into
@@ -163,6 +184,11 @@ class HFTokenizer(Tokenizer):
         self.image_token_id, self.image_start_id, self.image_end_id = (int(i) for i in ids)
         self.vocab_size = len(self.tok)
 
+    def encode_plain(self, text: str) -> List[int]:
+        # split_special_tokens: every special token's string (added ones and the model's own
+        # <s>, </s>, ...) is tokenized as the plain text it is.
+        return list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+
     def encode(self, text: str) -> List[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
 
@@ -172,6 +198,23 @@ class HFTokenizer(Tokenizer):
     def save(self, folder: str) -> None:
         self.tok.save_pretrained(folder)
         self._write_meta(folder)
+
+
+def _without_user_defined(sp: "spm.SentencePieceProcessor", pieces: Sequence[str]) -> "spm.SentencePieceProcessor":
+    """``sp`` with ``pieces`` (user-defined symbols) marked UNUSED: SentencePiece never produces an
+    unused piece, so the model spells those strings out of ordinary pieces (or bytes) instead.
+    The ids of every other piece are unchanged."""
+    if not pieces:
+        return sp
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for piece in proto.pieces:
+        if piece.piece in pieces and piece.type == kinds.USER_DEFINED:
+            piece.type = kinds.UNUSED
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def build_tokenizer(path: str) -> Tokenizer:

@@ -14,6 +14,7 @@ rows): parquet skips whole row groups outside it, jsonl skips the parsing of oth
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
@@ -39,6 +40,10 @@ class RowError:
 Record = Union[Dict[str, Any], RowError]
 RowRange = Optional[Tuple[int, int]]
 FORMATS = ("parquet", "jsonl", "webdataset", "llava")
+# What invalid UTF-8 in a text input is: a reject naming the line (jsonl), the member
+# (webdataset) or an error naming the element (a JSON array cannot be resynced); "replace"
+# (--invalid-utf8 replace, an explicit opt-in) puts U+FFFD in place of the bad bytes.
+UTF8_ERRORS = ("reject", "replace")
 
 
 def detect_format(path: str) -> str:
@@ -55,7 +60,7 @@ def detect_format(path: str) -> str:
                      f"{'|'.join(FORMATS)}")
 
 
-def count_rows(path: str, fmt: str, exact: bool = False) -> Optional[int]:
+def count_rows(path: str, fmt: str, exact: bool = False, invalid_utf8: str = "reject") -> Optional[int]:
     """Row count when it is cheap to know (parquet footer), else None (progress without total).
 
     ``exact=True`` counts every format (one streaming pass; what ``--num-shards`` splitting by
@@ -68,22 +73,28 @@ def count_rows(path: str, fmt: str, exact: bool = False) -> Optional[int]:
     if fmt == "jsonl" or (fmt == "llava" and not _is_json_array(path)):
         return _count_lines(path)
     if fmt == "llava":
-        return sum(1 for _ in iter_json_array(path))
+        return sum(1 for _ in iter_json_array(path, invalid_utf8=invalid_utf8))
     if fmt == "webdataset":
         return sum(1 for _ in _wds_groups(path, read=False))
     raise ValueError(f"unknown input format {fmt!r} ({', '.join(FORMATS)})")
 
 
-def _open_text(path: str):
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="replace")
+def _open_binary(path: str):
+    return (gzip.open if path.lower().endswith(".gz") else open)(path, "rb")
+
+
+def _decode(data: bytes, invalid_utf8: str, where: str) -> Union[str, RowError]:
+    try:
+        return data.decode("utf-8", errors="strict" if invalid_utf8 == "reject" else "replace")
+    except UnicodeDecodeError as e:
+        return RowError("bad_utf8", f"{where}: invalid UTF-8 at byte {e.start} ({e.reason}); "
+                                    f"--invalid-utf8 replace would keep it with U+FFFD")
 
 
 def _count_lines(path: str) -> int:
     """The rows iter_jsonl yields: newline count, plus an unterminated last line."""
-    opener = gzip.open if path.lower().endswith(".gz") else open
     n, last = 0, b"\n"
-    with opener(path, "rb") as f:
+    with _open_binary(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             n += block.count(b"\n")
             last = block[-1:]
@@ -116,12 +127,18 @@ def iter_parquet(path: str, columns: Optional[Sequence[str]] = None, batch_size:
                 row += 1
 
 
-def iter_jsonl(path: str, row_range: RowRange = None) -> Iterator[Tuple[int, Record]]:
-    with _open_text(path) as f:
-        for row, line in enumerate(f):
+def iter_jsonl(path: str, row_range: RowRange = None, invalid_utf8: str = "reject") -> Iterator[Tuple[int, Record]]:
+    # Bytes, decoded line by line: a bad byte rejects its line only (a text stream would stop
+    # the file there, or replace without a word).
+    with _open_binary(path) as f:
+        for row, raw in enumerate(f):
             if not _in_range(row, row_range):
                 if row_range is not None and row >= row_range[1]:
                     return
+                continue
+            line = _decode(raw.removeprefix(codecs.BOM_UTF8) if row == 0 else raw, invalid_utf8, f"line {row + 1}")
+            if isinstance(line, RowError):
+                yield row, line
                 continue
             line = line.strip()
             if not line:
@@ -142,26 +159,34 @@ def _wds_key(name: str) -> Tuple[str, str]:
     return os.path.join(dirname, key), ext.lower()
 
 
-def _wds_record(files: Dict[str, bytes], text_column: str, image_column: str) -> Record:
+def _wds_record(key: str, files: Dict[str, bytes], text_column: str, image_column: str,
+                invalid_utf8: str = "reject") -> Record:
     rec: Dict[str, Any] = {}
     if "json" in files:
+        text = _decode(files["json"], invalid_utf8, f"member {key}.json")
+        if isinstance(text, RowError):
+            return text
         try:
-            meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return RowError("bad_json", f".json member: {e}")
+            meta = json.loads(text)
+        except json.JSONDecodeError as e:
+            return RowError("bad_json", f"member {key}.json: {e}")
         if isinstance(meta, dict):
             rec.update(meta)
     for ext in ("txt", "text", "caption"):
         if ext in files and text_column not in rec:
-            rec[text_column] = files[ext].decode("utf-8", errors="replace")
+            text = _decode(files[ext], invalid_utf8, f"member {key}.{ext}")
+            if isinstance(text, RowError):
+                return text
+            rec[text_column] = text
     for ext in IMAGE_EXTENSIONS:
         if ext in files and image_column not in rec:
             rec[image_column] = files[ext]
     return rec
 
 
-def _wds_groups(path: str, read: bool = True) -> Iterator[Dict[str, bytes]]:
-    """The member groups of a tar, one per sample (consecutive members sharing a key).
+def _wds_groups(path: str, read: bool = True) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """The member groups of a tar, one per sample (consecutive members sharing a key), as
+    (key, {extension: bytes}).
 
     ``read=False`` yields the extensions only (empty bytes), for counting.
     """
@@ -172,37 +197,54 @@ def _wds_groups(path: str, read: bool = True) -> Iterator[Dict[str, bytes]]:
                 continue
             k, ext = _wds_key(member.name)
             if key is not None and k != key:
-                yield files
+                yield key, files
                 files = {}
             key = k
             f = tar.extractfile(member) if read else None
             files[ext] = f.read() if f is not None else b""
     if key is not None:
-        yield files
+        yield key, files
 
 
-def iter_webdataset(path: str, text_column: str, image_column: str, row_range: RowRange = None) -> Iterator[Tuple[int, Record]]:
+def iter_webdataset(path: str, text_column: str, image_column: str, row_range: RowRange = None,
+                    invalid_utf8: str = "reject") -> Iterator[Tuple[int, Record]]:
     """Samples are consecutive tar members sharing a key (``000123.jpg`` + ``000123.txt``)."""
-    for row, files in enumerate(_wds_groups(path)):
+    for row, (key, files) in enumerate(_wds_groups(path)):
         if row_range is not None and row >= row_range[1]:
             return
         if _in_range(row, row_range):
-            yield row, _wds_record(files, text_column, image_column)
+            yield row, _wds_record(key, files, text_column, image_column, invalid_utf8)
 
 
 _NON_SPACE = re.compile(r"\S")
 
 
-class _TextBuffer:
-    """A window over a text file for incremental parsing: ``buf[pos:]`` is unparsed."""
+class _BadUtf8(ValueError):
+    """Invalid UTF-8 inside a JSON array file (the caller names the file and element)."""
 
-    def __init__(self, f, read_size: int) -> None:
+
+class _TextBuffer:
+    """A window over a binary file's UTF-8 text for incremental parsing: ``buf[pos:]`` is
+    unparsed. The bytes are decoded here (not by a text stream) so that a bad byte is named
+    by its offset in the file."""
+
+    def __init__(self, f, read_size: int, invalid_utf8: str = "reject") -> None:
         self.f, self.read_size = f, read_size
         self.buf, self.pos, self.offset, self.eof = "", 0, 0, False
+        # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first value
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("strict" if invalid_utf8 == "reject" else "replace")
+        self.bytes_read = 0
 
     def fill(self) -> bool:
         """Append the next block (dropping the parsed part); False at the end of the file."""
-        chunk = self.f.read(self.read_size)
+        raw = self.f.read(self.read_size)
+        try:
+            chunk = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:  # e.start counts from the bytes the decoder held back
+            at = self.bytes_read - len(e.object) + len(raw) + e.start
+            raise _BadUtf8(f"invalid UTF-8 at byte {at} ({e.reason}); --invalid-utf8 replace would keep it "
+                           f"with U+FFFD") from None
+        self.bytes_read += len(raw)
         if not chunk:
             self.eof = True
             return False
@@ -222,7 +264,8 @@ class _TextBuffer:
                 return ""
 
 
-def iter_json_array(path: str, read_size: int = 1 << 20, max_element_chars: int = 64 << 20) -> Iterator[Any]:
+def iter_json_array(path: str, read_size: int = 1 << 20, max_element_chars: int = 64 << 20,
+                    invalid_utf8: str = "reject") -> Iterator[Any]:
     """The elements of a (possibly huge) top-level JSON array, one at a time.
 
     ``json.JSONDecoder.raw_decode`` parses one element from a buffer that holds at most one
@@ -231,9 +274,16 @@ def iter_json_array(path: str, read_size: int = 1 << 20, max_element_chars: int 
     an array (there is no line to resync on), so it raises ValueError naming the element and
     the character offset.
     """
+    try:
+        yield from _json_array_elements(path, read_size, max_element_chars, invalid_utf8)
+    except _BadUtf8 as e:  # decoded a block ahead of the parser: named by byte, not element
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _json_array_elements(path: str, read_size: int, max_element_chars: int, invalid_utf8: str) -> Iterator[Any]:
     decoder = json.JSONDecoder()
-    with _open_text(path) as f:
-        b = _TextBuffer(f, read_size)
+    with _open_binary(path) as f:
+        b = _TextBuffer(f, read_size, invalid_utf8)
         if b.peek() != "[":
             raise ValueError(f"{path}: expected a JSON array ('[' first), got {b.buf[b.pos:b.pos + 20]!r}")
         b.pos += 1
@@ -271,17 +321,17 @@ def iter_json_array(path: str, read_size: int = 1 << 20, max_element_chars: int 
 
 
 def _is_json_array(path: str) -> bool:
-    with _open_text(path) as f:
-        return _TextBuffer(f, 4096).peek() == "["
+    with _open_binary(path) as f:  # the first non-space byte; UTF-8 is checked when it is read
+        return f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
 
 
-def iter_llava(path: str, row_range: RowRange = None) -> Iterator[Tuple[int, Record]]:
+def iter_llava(path: str, row_range: RowRange = None, invalid_utf8: str = "reject") -> Iterator[Tuple[int, Record]]:
     """LLaVA conversation records: a JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json,
     LLaVA-Instruct's llava_v1_5_mix665k.json) or JSON lines, told apart by the first character."""
     if not _is_json_array(path):
-        yield from iter_jsonl(path, row_range)
+        yield from iter_jsonl(path, row_range, invalid_utf8)
         return
-    for row, rec in enumerate(iter_json_array(path)):
+    for row, rec in enumerate(iter_json_array(path, invalid_utf8=invalid_utf8)):
         if row_range is not None and row >= row_range[1]:
             return
         if _in_range(row, row_range):
@@ -290,18 +340,21 @@ def iter_llava(path: str, row_range: RowRange = None) -> Iterator[Tuple[int, Rec
 
 def iter_records(path: str, fmt: str, *, text_column: str = "caption", image_column: str = "image",
                  columns: Optional[Sequence[str]] = None, batch_size: int = 256,
-                 row_range: RowRange = None) -> Iterator[Tuple[int, Record]]:
-    """Rows of one input file. ``columns`` restricts the parquet columns read (None = all)."""
+                 row_range: RowRange = None, invalid_utf8: str = "reject") -> Iterator[Tuple[int, Record]]:
+    """Rows of one input file. ``columns`` restricts the parquet columns read (None = all);
+    ``invalid_utf8``: see UTF8_ERRORS (parquet strings are UTF-8 checked by Arrow)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"input file {path} does not exist")
+    if invalid_utf8 not in UTF8_ERRORS:
+        raise ValueError(f"invalid_utf8 must be one of {UTF8_ERRORS}, got {invalid_utf8!r}")
     if fmt == "parquet":
         return iter_parquet(path, columns, batch_size, row_range)
     if fmt == "jsonl":
-        return iter_jsonl(path, row_range)
+        return iter_jsonl(path, row_range, invalid_utf8)
     if fmt == "webdataset":
-        return iter_webdataset(path, text_column, image_column, row_range)
+        return iter_webdataset(path, text_column, image_column, row_range, invalid_utf8)
     if fmt == "llava":
-        return iter_llava(path, row_range)
+        return iter_llava(path, row_range, invalid_utf8)
     raise ValueError(f"unknown input format {fmt!r} ({', '.join(FORMATS)})")
 
 

@@ -1,7 +1,9 @@
 """Turn one input row into training samples: token ids, images and (optionally) a loss mask.
 
 A row becomes a *document*, a list of segments: ``("image", value)``, ``("text", str,
-is_target)`` or ``("eos", is_target)``. Each image becomes ``<image_start> <image> <image_end>``;
+is_target)`` or ``("eos", is_target)``. Each image becomes ``<image_start> <image> <image_end>``
+(by id: the text is encoded with ``Tokenizer.encode_plain``, so ``<image>`` or ``<pad>`` written
+in a caption stays plain text, and a sample's placeholders are exactly its images);
 the text between two special tokens is encoded as one string (as the exported HF tokenizer
 encodes a rendered chat), and the target/prompt boundaries inside it must fall on token
 boundaries (else the row is rejected, reason ``token_boundary``). The sample is
@@ -198,22 +200,16 @@ def llava_messages(rec: Dict[str, Any], cfg: SampleConfig) -> List[Dict[str, Any
     turns = rec.get(col)
     if not isinstance(turns, list) or not turns:
         raise RowReject("missing_column", f"column {col!r} is missing or not a non-empty list of turns")
+    roles = [_llava_role(turn, f"{col}[{j}]") for j, turn in enumerate(turns)]
     images = _llava_images(rec, cfg.image_column)
-    placeholders = sum(t.get("value", "").count(LLAVA_IMAGE) for t in turns
-                       if isinstance(t, dict) and isinstance(t.get("value"), str))
+    placeholders = sum(t["value"].count(LLAVA_IMAGE) for t in turns)
     if placeholders == 0 and images:
-        turns = [dict(turns[0], value=LLAVA_IMAGE * len(images) + "\n" + str(turns[0].get("value", "")))] + turns[1:]
+        turns = [dict(turns[0], value=LLAVA_IMAGE * len(images) + "\n" + turns[0]["value"])] + turns[1:]
     elif placeholders != len(images):
         raise RowReject("image_placeholders", f"{placeholders} {LLAVA_IMAGE} in {col!r} but {len(images)} "
                                               f"images in {cfg.image_column!r}")
     messages, k = [], 0
-    for j, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RowReject("wrong_type", f"{col}[{j}] must be {{'from': ..., 'value': str}}, got {turn!r:.80}")
-        role = LLAVA_ROLES.get(turn.get("from"))
-        if role is None:
-            raise RowReject("bad_conversation", f"{col}[{j}]: speaker {turn.get('from')!r} is not one of "
-                                                f"{sorted(LLAVA_ROLES)}")
+    for role, turn in zip(roles, turns):
         content = []
         for n, piece in enumerate(turn["value"].split(LLAVA_IMAGE)):
             if n > 0:
@@ -226,6 +222,17 @@ def llava_messages(rec: Dict[str, Any], cfg: SampleConfig) -> List[Dict[str, Any
         if m["role"] == "assistant" and not any(it["type"] == "text" for it in m["content"]):
             raise RowReject("empty_text", f"{col}[{j}]: the assistant turn is empty")
     return messages
+
+
+def _llava_role(turn: Any, where: str) -> str:
+    """The conversation.py role of one LLaVA turn; a turn of any other shape is a named reject."""
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        raise RowReject("wrong_type", f"{where} must be {{'from': str, 'value': str}}, got {turn!r:.80}")
+    speaker = turn.get("from")
+    role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
+    if role is None:
+        raise RowReject("bad_conversation", f"{where}: speaker {speaker!r:.40} is not one of {sorted(LLAVA_ROLES)}")
+    return role
 
 
 def _llava_caption(rec: Dict[str, Any], cfg: SampleConfig) -> List[tuple]:
@@ -324,6 +331,10 @@ def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optio
     if not (doc and doc[-1][0] == "eos"):
         ids.append(tokenizer.eos_id)
         mask.append(1)
+    placeholders = ids.count(tokenizer.image_token_id)
+    if placeholders != len(images):  # training would stop at this sample: reject it here
+        raise RowReject("image_placeholders", f"the sample has {placeholders} image placeholders "
+                                              f"for {len(images)} images")
     return Sample(
         tokens=np.asarray(ids, dtype=np.int32),
         images=images,
@@ -345,14 +356,14 @@ def _encode_text(segments: List[tuple], tokenizer) -> tuple:
         else:
             runs.append([seg[1], seg[2]])
     whole = "".join(r[0] for r in runs)
-    ids = tokenizer.encode(whole)
+    ids = tokenizer.encode_plain(whole)
     if len(runs) == 1:
         return ids, [1 if runs[0][1] else 0] * len(ids)
     mask: List[int] = []
     text = ""
     for text_run, target in runs:
         text += text_run
-        upto = tokenizer.encode(text) if len(text) < len(whole) else ids
+        upto = tokenizer.encode_plain(text) if len(text) < len(whole) else ids
         if upto != ids[:len(upto)] or len(upto) < len(mask):
             raise RowReject("token_boundary", f"the tokenizer merges tokens across the prompt/answer boundary "
                                               f"after {text[-40:]!r}: the loss mask would be wrong")
