@@ -13,12 +13,14 @@ verifies against its manifest (with ``checkpoint.fallback=false``: the newest on
 message names the file), or a checkpoint could not be written (a full disk: the message names
 the folder; ``latest`` still names the previous checkpoint), 5 a collective failed or timed out
 after ``parallel.timeout_minutes`` (a hung or dead rank; the message names what the run was
-doing).
+doing). A shard file that changes under the run is a data error (exit 2) naming it; a
+process killed by a signal prints the Python stack it was in (faulthandler).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 
 from megatron_unihetero import console
 
@@ -43,6 +45,9 @@ def main(argv=None) -> dict:
     records go to ``LOGGING_DIR/run.log`` (``run.rank{R}.log`` on global rank R > 0), not to
     the console; ``logging.verbose=true`` prints them as well (megatron_unihetero/console.py)."""
     args, overrides = parse_args(argv)
+    # A process killed by a signal (SIGBUS from a shard file truncated under its memory map,
+    # SIGSEGV in a kernel) prints the Python stack it was in: the file and sample it read.
+    faulthandler.enable(all_threads=True)
     # The libraries' import-time warnings (megatron-core: TransformerEngine / apex absent, ...)
     # are held until the run knows its log file; a second run in this process imports nothing.
     with console.held_warnings() as held:

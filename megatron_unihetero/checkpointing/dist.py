@@ -175,11 +175,17 @@ def save_weights(chunks: List, iter_dir: str) -> None:
 
 
 def _require(folder: str) -> None:
-    """``folder`` is a torch_dist checkpoint whose index torch may unpickle: ``.metadata`` is
+    """``folder`` is a torch_dist checkpoint whose pickles torch may load: ``.metadata`` is
     present and holds nothing but DCP's metadata classes (checkpointing/pickles.py), checked
-    before megatron-core's reader runs ``pickle.load`` on it."""
+    before megatron-core's reader runs ``pickle.load`` on it; ``common.pt`` (megatron-core's
+    non-sharded state, which it reads with torch's default load: weights-only since torch 2.6,
+    raising a bare UnpicklingError on anything else) holds only what a torch.save of tensors and
+    containers holds."""
     metadata = os.path.join(folder, ".metadata")
     if not os.path.isfile(metadata):
         raise CheckpointError(f"{metadata} is missing: {folder} is not a torch_dist checkpoint (a "
                               f"save that did not finish, or another format)")
     pickles.check_pickle_file(metadata, pickles.DCP_METADATA)
+    common = os.path.join(folder, "common.pt")
+    if os.path.lexists(common):
+        pickles.check_torch_file(common)

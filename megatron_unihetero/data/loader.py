@@ -56,6 +56,7 @@ from megatron_unihetero.data.collate import Collator
 from megatron_unihetero.data.dataset import MultimodalDataset
 from megatron_unihetero.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageNormalizer
 from megatron_unihetero.data.packing import SampleRef, WindowPacker
+from megatron_unihetero.data.shards import ShardError
 from megatron_unihetero.models.config import ConfigError
 
 STATE_VERSION = 1
@@ -253,7 +254,19 @@ class MultimodalLoader:
                     _BatchBuilder(self.datasets, self.collator), sampler=_Plans(self), batch_size=None,
                     collate_fn=_identity, num_workers=self.num_workers, prefetch_factor=max(1, self.prefetch),
                     pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context))
-            batch, self._consumed = next(self._workers_iter)  # StopIteration at the end
+            try:
+                batch, self._consumed = next(self._workers_iter)  # StopIteration at the end
+            except RuntimeError as exc:
+                # torch: "DataLoader worker (pid(s) N) exited unexpectedly", caused by "... is
+                # killed by signal: Bus error" (and torch blames shared memory, which it
+                # rarely is here: the worker reads memory-mapped shards)
+                cause = exc.__cause__
+                if not (isinstance(cause, RuntimeError) and "Bus error" in str(cause)):
+                    raise
+                raise ShardError(f"a data loader worker was killed by SIGBUS: a memory-mapped shard file "
+                                 f"probably shrank under it; this run reads {[d.name for d in self.datasets]} "
+                                 f"(a shard must not change under a run). If no file changed, raise the "
+                                 f"shared-memory limit (/dev/shm), as torch suggests") from exc
             return batch
         if self.prefetch <= 0:
             batch = self._produce()

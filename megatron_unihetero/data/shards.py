@@ -55,7 +55,7 @@ import os
 import re
 import shutil
 import struct
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -84,7 +84,14 @@ _IMAGE_TOKEN_KEYS = ("image_start_id", "image_token_id", "image_end_id")
 
 
 class ShardError(ValueError):
-    """A shard's files are missing, damaged or disagree with each other (raised when opened)."""
+    """A shard's files are missing, damaged or disagree with each other (raised when opened),
+    or changed under the job reading them."""
+
+
+def _identity(path: str) -> Tuple[int, int, int]:
+    """(size, inode, mtime) of ``path``: what says that a file is still the one mapped."""
+    st = os.stat(path)
+    return st.st_size, st.st_ino, st.st_mtime_ns
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -376,10 +383,29 @@ class ShardReader:
         tok = self.metadata.get("tokenizer") or {}
         self._image_token_ids = np.asarray([tok[k] for k in _IMAGE_TOKEN_KEYS if k in tok], dtype=np.int32)
 
+        # What each mapped file was when opened: a file truncated under a memory map kills the
+        # reader with SIGBUS at the first read past its new end, and one rewritten in place
+        # gives other samples than the run planned; both are named before each read instead.
+        mapped = [TEXT] + ([LOSSMASK] if self.metadata.get("has_loss_mask") else [])
+        mapped += [self._store] if len(image_lengths) > 0 else []
+        self._identity = {kind: _identity(f"{prefix}.{kind}.bin") for kind in mapped}
         self._text = idx.IndexedDataset(f"{prefix}.{TEXT}")
         self._mask = idx.IndexedDataset(f"{prefix}.{LOSSMASK}") if self.metadata.get("has_loss_mask") else None
         # A text-only shard has an empty image .bin, which cannot be memory-mapped: skip it.
         self._images = idx.IndexedDataset(f"{prefix}.{self._store}") if len(image_lengths) > 0 else None
+
+    def _unchanged(self, kind: str) -> None:
+        """Raise ShardError when ``kind``'s .bin is not the file this reader mapped (one stat)."""
+        path = f"{self.prefix}.{kind}.bin"
+        was = self._identity[kind]
+        try:
+            now = _identity(path)
+        except OSError as exc:
+            raise ShardError(f"{path} was removed under the running job ({exc.strerror})") from None
+        if now != was:
+            change = "replaced by another file" if now[1] != was[1] else f"rewritten ({was[0]} -> {now[0]} bytes)"
+            raise ShardError(f"{path} was {change} while this job reads it: a shard must not change "
+                             f"under a run (write new data to a new prefix, then point the run at it)")
 
     def _check_images(self, image_lengths: np.ndarray) -> None:
         """Every stored image has the geometry of the metadata; the tokenizer can mark images."""
@@ -440,6 +466,7 @@ class ShardReader:
         return self._text.sequence_lengths
 
     def tokens(self, i: int) -> np.ndarray:
+        self._unchanged(TEXT)
         return np.array(self._text[i])
 
     def num_images(self, i: int) -> int:
@@ -450,12 +477,16 @@ class ShardReader:
         if self._store != ENCODED:
             raise ValueError(f"{self.prefix}: image_store is {self.metadata['image_store']!r}, not 'encoded'")
         lo, hi = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+        if hi > lo:
+            self._unchanged(self._store)
         return [self._images[j].tobytes() for j in range(lo, hi)]
 
     def images(self, i: int) -> np.ndarray:
         """Sample i's images: uint8 ``[n, H, W, 3]`` (pixels; encoded, decoded here) or float16
         ``[n, tokens, dim]`` (features)."""
         lo, hi = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+        if hi > lo:
+            self._unchanged(self._store)
         if self._store == ENCODED:
             s = self.metadata["image_size"]
             out = [self._decode(self._images[j].tobytes(), lo, j) for j in range(lo, hi)]
@@ -483,6 +514,7 @@ class ShardReader:
     def loss_mask(self, i: int) -> np.ndarray:
         """int8 mask, 1 = the token is a training target. See the module docstring for the default."""
         if self._mask is not None:
+            self._unchanged(LOSSMASK)
             return np.array(self._mask[i])
         tokens = self.tokens(i)
         return (~np.isin(tokens, self._image_token_ids)).astype(np.int8)

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron_unihetero import platform
 from megatron_unihetero.checkpointing import dist as dist_ckpt
+from megatron_unihetero.checkpointing import pickles
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.checkpointing.run_lock import RunLock
 from megatron_unihetero.config_io import load_config, save_config
@@ -548,8 +550,25 @@ def save_trainer_state(iter_dir: str, state: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+TRAINER_STATE_KEYS = ("step", "loader", "rng")
+
+
 def load_trainer_state(iter_dir: str) -> dict:
-    return torch.load(os.path.join(iter_dir, "trainer.pt"), weights_only=True)
+    """trainer.pt, weights-only (tensors, containers, numbers: nothing in it can run code); a
+    file torch refuses or that lacks the loop's keys is the CheckpointError naming it."""
+    path = os.path.join(iter_dir, "trainer.pt")
+    pickles.check_torch_file(path)  # the same scan, and words, as every pickle of a checkpoint
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(exc).__name__}: "
+                              f"{reason[0] if reason else ''}): a file written by someone else, or "
+                              f"damaged; refusing it") from None
+    missing = [key for key in TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: it is not a trainer state this project wrote")
+    return state
 
 
 def barrier() -> None:

@@ -194,3 +194,39 @@ def test_all_damaged_shards_reported_at_once(tmp_path):
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == 2
     assert lines[0].startswith(prefixes[0] + ".images.bin") and lines[1].startswith(prefixes[2] + ".image_offsets.npy")
+
+
+def test_a_shard_changed_under_a_running_job_is_named_before_it_is_read(shard, tmp_path):
+    """A .bin truncated under a memory map would kill the reader with SIGBUS at the first read
+    past its end; a rewritten or replaced one would give other samples than the run planned."""
+    reader = ShardReader(shard)
+    first = reader.tokens(0)
+    size = _truncate(shard + ".text.bin", 4)
+    with _raises(shard + ".text.bin", f"rewritten ({size} -> {size - 4} bytes)", "must not change under a run"):
+        reader.tokens(0)
+    (fresh,) = write_synthetic_dataset(str(tmp_path / "other"), num_samples=12, seed=3, qa=True, image_size=8)
+    reader = ShardReader(fresh)
+    assert np.array_equal(reader.tokens(0), first)
+    os.replace(fresh + ".lossmask.bin", tmp_path / "moved")
+    with pytest.raises(ShardError, match="was removed under the running job"):
+        reader.loss_mask(0)
+    busy = next(i for i in range(len(reader)) if reader.num_images(i))
+    data = open(fresh + ".images.bin", "rb").read()
+    os.remove(fresh + ".images.bin")
+    with open(fresh + ".images.bin", "wb") as f:  # the same bytes, another file
+        f.write(data)
+    with _raises(fresh + ".images.bin", "was replaced by another file"):
+        reader.images(busy)
+
+
+def test_a_loader_worker_killed_by_sigbus_names_the_data(tmp_path):
+    import signal
+
+    write_synthetic_dataset(str(tmp_path / "ds"), num_samples=30, seed=1)
+    loader = build_loader(str(tmp_path / "ds"), num_workers=1, **dict(LOADER, prefetch=1))
+    next(loader)
+    for worker in loader._workers_iter._workers:  # what a read past a truncated map does
+        os.kill(worker.pid, signal.SIGBUS)
+    with pytest.raises(ShardError, match=r"killed by SIGBUS: a memory-mapped shard file probably shrank.*ds_00000"):
+        for _ in range(50):
+            next(loader)

@@ -56,12 +56,17 @@ def data_prefix(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_prefix, tmp_path_factory):
+def straight_run(data_prefix, tmp_path_factory):
     """The reference: the same run without a fault. Nothing about it needs a process of its
     own, so it runs as a worker of the preloaded forkserver (megatron_unihetero.testing)."""
     run_dir = str(tmp_path_factory.mktemp("straight"))
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
-    return jobs.train_losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight_run):
+    return jobs.train_losses(straight_run)
 
 
 def _kill_at_a_random_step(args, run_dir: str, step: int) -> None:
@@ -173,3 +178,82 @@ def test_a_hung_rank_ends_the_run_with_the_operation_named(data_prefix, tmp_path
     assert "rank 0: a collective failed while running train step 3" in done.stdout, done.stdout[-4000:]
     assert "timeout_minutes=0.05" in done.stdout
     assert time.time() - start < 200  # it ended; it did not wait for the stalled rank's sleep
+
+
+class _Payload:
+    """Unpickling it creates ``path``: the marker of code that ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _pickled_files(iter_dir: str) -> list:
+    """The files of a checkpoint that torch or megatron-core unpickle: torch.save archives
+    (their data.pkl) and plain pickles (DCP's .metadata)."""
+    import zipfile
+
+    found = []
+    for root, _, names in os.walk(iter_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                plain_pickle = handle.read(1) == b"\x80"
+            if (plain_pickle or zipfile.is_zipfile(path)) and not name.endswith(".distcp"):
+                found.append(os.path.relpath(path, iter_dir))
+    return sorted(found)
+
+
+def test_a_payload_planted_in_any_pickled_file_is_refused_by_resume_export_and_evaluate(
+        data_prefix, straight_run, tmp_path, capsys):
+    """Resume (the same pretrain command, its own process), export and evaluation of a
+    checkpoint whose pickled files were replaced by a __reduce__ payload (and the manifest
+    rewritten, as whoever planted it would): each ends with the CheckpointError naming the
+    file; no marker appears. (.distcp files hold raw tensor bytes, read weights-only by DCP.)"""
+    import pickle
+    import shutil
+
+    import torch
+
+    from megatron_unihetero import evaluate
+    from megatron_unihetero.testing.distributed import run_in_fresh_process
+    from megatron_unihetero.testing.tools import load_tool
+
+    from megatron_unihetero.data.preprocess.fixtures import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(str(tmp_path))  # the run trained on token ids alone
+    source = os.path.join(straight_run, "ckpt", "iter_0000006")
+    pickled = _pickled_files(source)
+    assert pickled == ["dist/.metadata", "dist/common.pt", "trainer.pt"]
+    marker = tmp_path / "marker"
+    for rel in pickled:
+        run_dir = str(tmp_path / rel.replace("/", "_"))
+        iter_dir = os.path.join(run_dir, "ckpt", "iter_0000006")
+        shutil.copytree(source, iter_dir)
+        ckpt.mark_latest(os.path.join(run_dir, "ckpt"), iter_dir)
+        target = os.path.join(iter_dir, rel)
+        if rel.endswith(".pt"):
+            torch.save({"step": 6, "x": _Payload(marker)}, target)
+        else:
+            with open(target, "wb") as handle:
+                pickle.dump(_Payload(marker), handle)
+        ckpt.write_manifest(iter_dir)
+        expected = f"{target} "
+
+        resumed = run_in_fresh_process(jobs.pretrain_job, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY),
+                                       stderr_to_stdout=True)
+        assert resumed.returncode == 4, (rel, resumed.stdout[-3000:])
+        assert expected in resumed.stdout and "refers to io.open" in resumed.stdout, (rel, resumed.stdout[-3000:])
+        assert "Traceback" not in resumed.stdout, rel
+        if rel.startswith("dist/"):  # what export and evaluation read (trainer.pt they do not)
+            out = str(tmp_path / "hf")
+            assert load_tool("convert_checkpoint_to_hf").main(["--load", run_dir + "/ckpt", "--save", out,
+                                                               "--tokenizer", tokenizer]) == 2
+            err = capsys.readouterr().err
+            assert expected in err and "refers to io.open" in err and not os.path.exists(out), rel
+            with pytest.raises(SystemExit) as exit_info:
+                evaluate.main(["--load", iter_dir, "--data", str(tmp_path / "unused.tsv"), "--tokenizer", tokenizer])
+            assert exit_info.value.code == 2 and expected in capsys.readouterr().err, rel
+        assert not marker.exists(), rel
