@@ -252,6 +252,21 @@ def test_every_calling_path_gives_the_training_ids(exports, tokenizer_path):
         "<s>" + conversation.IMAGE_PLACEHOLDER * 2 + "Question: same? Answer:"
 
 
+def test_exported_files_are_readable_by_everyone(exports):
+    import stat
+
+    folders, _, _ = exports
+    root = folders[(1, 1)]
+    modes = {}
+    for folder, dirs, files in os.walk(root):
+        for name in [""] * (folder == root) + dirs + files:
+            path = os.path.join(folder, name)
+            modes[os.path.relpath(path, root)] = stat.S_IMODE(os.stat(path).st_mode)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "unihetero_heads.safetensors"} <= set(modes)
+    bad = {p: oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(os.path.join(root, p)) else 0o644)}
+    assert not bad, bad
+
+
 def test_generate_runs(exports):
     folders, ref, cfg = exports
     model = _load_llava(folders[(2, 1)])
