@@ -7,8 +7,11 @@ conversation with :func:`render`; the exported HF processor's ``chat_template`` 
 
 A conversation is a list of messages ``{"role": "user" | "assistant", "content": str | items}``,
 items being ``{"type": "text", "text": str}`` or ``{"type": "image"}`` (HF's format; the Python
-side also carries the image itself in ``item["image"]``). It must alternate user, assistant,
-user, ... ; images appear in user turns only. A document reads::
+side also carries the image itself in ``item["image"]``). A string content is read the way the
+LLaVA reader reads a turn (data/preprocess/samples.py ``llava_messages``): each ``<image>`` is an
+image item where it stands, the text around it stripped, empty text dropped (:func:`string_items`),
+so ``"<image>\nWhat is this?"`` is the image, then the text ``What is this?``. It must alternate
+user, assistant, user, ... ; images appear in user turns only. A document reads::
 
     <s> [images before the turn's first text] Question: <the rest of the user turn>
         Answer: <assistant text></s> Question: ... Answer: ...</s>
@@ -16,6 +19,11 @@ user, ... ; images appear in user turns only. A document reads::
 with each image as ``<image_start><image><image_end>``. The loss is on the assistant text and
 its ``</s>`` only. A one-turn conversation with its image first is exactly the ``qa``
 template's layout: ``[image] Question: q Answer: a``.
+
+The template writes BOS (``bos_token``) and the exported tokenizer adds no special tokens of its
+own (hf/processor.py), so a rendered chat has one BOS however it is tokenized: by
+``apply_chat_template(tokenize=True)`` (the processor's or the tokenizer's), or rendered with
+``tokenize=False`` and then given to the processor or the tokenizer.
 
 The Python side returns *segments* (``("image", value)``, ``("text", str, is_target)``,
 ``("eos", is_target)``); samples.py encodes them. Text segments next to each other form one
@@ -42,10 +50,22 @@ class ConversationError(ValueError):
     """A conversation that does not fit the template (the detail names the message)."""
 
 
+def string_items(text: str) -> List[Dict[str, Any]]:
+    """A string content as items: an image item for each ``<image>``, where it stands, and the
+    stripped non-empty text between them (LLaVA's rule; ``chat_template`` does the same)."""
+    items: List[Dict[str, Any]] = []
+    for n, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if n > 0:
+            items.append({"type": "image"})
+        if piece.strip():
+            items.append({"type": "text", "text": piece.strip()})
+    return items
+
+
 def _items(message: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     content = message.get("content")
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return string_items(content)
     if not isinstance(content, list):
         raise ConversationError(f"message {k}: content must be a string or a list of items, "
                                 f"got {type(content).__name__}")
@@ -110,11 +130,18 @@ def chat_template() -> str:
     sits in ``{% generation %}`` so ``return_assistant_tokens_mask=True`` marks the tokens
     training computes the loss on."""
     q = _jinja_string(USER_PREFIX)
+    image = _jinja_string(IMAGE_TOKEN)
     return (
         "{{- bos_token -}}"
         "{%- for message in messages -%}"
-        "{%- if message['content'] is string -%}"
-        "{%- set items = [{'type': 'text', 'text': message['content']}] -%}"
+        "{%- if message['content'] is string -%}"  # string_items
+        "{%- set ns = namespace(items=[]) -%}"
+        "{%- for piece in message['content'].split(" + image + ") -%}"
+        "{%- if not loop.first -%}{%- set ns.items = ns.items + [{'type': 'image'}] -%}{%- endif -%}"
+        "{%- if piece.strip() -%}"
+        "{%- set ns.items = ns.items + [{'type': 'text', 'text': piece.strip()}] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set items = ns.items -%}"
         "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}"
         "{%- if message['role'] == 'user' -%}"
         "{%- set ns = namespace(started=false) -%}"
@@ -127,6 +154,8 @@ def chat_template() -> str:
         "{%- endfor -%}"
         "{%- if not ns.started -%}{{- " + q + " -}}{%- endif -%}"
         "{%- elif message['role'] == 'assistant' -%}"
+        "{%- for item in items -%}{%- if item['type'] == 'image' -%}"
+        "{{- raise_exception('images are only supported in user turns') -}}{%- endif -%}{%- endfor -%}"
         "{{- " + _jinja_string(ASSISTANT_PREFIX) + " -}}"
         "{%- generation -%}{{- " + _jinja_string(ANSWER_SEPARATOR) + " -}}"
         "{%- for item in items -%}{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}"

@@ -24,7 +24,9 @@ def staged_output(target: str) -> Iterator[str]:
     """Yield a temporary sibling folder; rename it to ``target`` only if the body succeeds.
 
     A failed or interrupted conversion therefore never leaves a half-written ``target`` that
-    a later ``from_pretrained`` or resume would mistake for a complete one.
+    a later ``from_pretrained`` or resume would mistake for a complete one. The published folder
+    is readable by everyone (:func:`publish_modes`), whatever the umask, ``mkdtemp``'s 0700 or
+    the 0600 of files written through temporary files made.
     """
     target = os.path.abspath(target)
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
@@ -35,12 +37,26 @@ def staged_output(target: str) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield staging
+        publish_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if os.path.isdir(target):
         os.rmdir(target)  # empty (checked above)
     os.replace(staging, target)
+
+
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def publish_modes(root: str) -> None:
+    """Set ``root`` and every folder under it to 0755 and every file to 0644 (links untouched)."""
+    os.chmod(root, DIR_MODE)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, DIR_MODE if name in dirs else FILE_MODE)
 
 
 def cast_floats(state: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

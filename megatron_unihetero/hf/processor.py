@@ -11,6 +11,15 @@ and LLaVA conversations with (``<s>[image] Question: q Answer: a</s>``): ``apply
 gives the token ids training saw, and ``add_generation_prompt`` ends the prompt with
 `` Answer:``, where training's answers begin.
 
+BOS: the template writes it and the tokenizer adds no special tokens (``tokenizer(text)`` is
+``add_special_tokens=False``'s ids), so every way of calling the export gives ONE BOS:
+``apply_chat_template(tokenize=True)`` of the processor or the tokenizer (transformers 5 tokenizes
+a rendered chat without special tokens there), and the usual two-step recipe (lmms-eval's
+``llava_hf``, VLMEvalKit) that renders with ``tokenize=False`` and then calls
+``processor(text=..., images=...)`` or ``tokenizer(text)``. A prompt written by hand, without
+the template, starts with ``<s>`` itself. :func:`check_calling_paths` proves the paths agree
+on the saved folder before the export is published.
+
 A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
 SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the
 dummy prefix, like our per-segment encoding) with our special tokens registered at the same
@@ -83,25 +92,31 @@ def hf_tokenizer(path: str):
         fast = _sentencepiece_to_fast(ours)
     else:
         fast = ours.tok  # already holds the specials our tokenizer added
-    _start_with_bos(fast, ours)
+    _no_automatic_specials(fast, ours)
     fast.image_token = ours_lib.IMAGE_TOKEN  # LlavaProcessor reads it from the tokenizer
     check_token_ids(ours, fast)
     return ours, fast
 
 
-def _start_with_bos(fast, ours) -> None:
-    """Training puts BOS at the start of every document: make ``fast(text)`` do the same."""
-    if fast("x")["input_ids"][:1] == [ours.bos_id]:
-        return
-    backend = getattr(fast, "backend_tokenizer", None)
-    if backend is None:
-        raise ConversionError(f"tokenizer {ours.path!r} does not add BOS and is not a fast "
-                              f"tokenizer whose post-processor could be set")
-    bos = fast.convert_ids_to_tokens(ours.bos_id)
-    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                special_tokens=[(bos, ours.bos_id)])
-    if fast("x")["input_ids"][:1] != [ours.bos_id]:
-        raise ConversionError(f"tokenizer {ours.path!r}: could not make it start with BOS")
+def _no_automatic_specials(fast, ours) -> None:
+    """The chat template writes BOS: make ``fast(text)`` add no BOS/EOS of its own, so a rendered
+    chat tokenized with the default ``add_special_tokens=True`` keeps its one BOS."""
+    for flag in ("add_bos_token", "add_eos_token"):  # transformers' own switches, where it has them
+        if getattr(fast, flag, False):
+            setattr(fast, flag, False)
+    if _adds_specials(fast):
+        backend = getattr(fast, "backend_tokenizer", None)
+        if backend is None:
+            raise ConversionError(f"tokenizer {ours.path!r} adds special tokens and is not a fast "
+                                  f"tokenizer whose post-processor could be set")
+        backend.post_processor = TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    if _adds_specials(fast):
+        raise ConversionError(f"tokenizer {ours.path!r}: could not stop it adding special tokens")
+
+
+def _adds_specials(fast) -> bool:
+    text = "x"
+    return fast(text)["input_ids"] != fast(text, add_special_tokens=False)["input_ids"]
 
 
 def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
@@ -169,3 +184,54 @@ def check_image_tokens(processor, model: ModelConfig) -> None:
         raise ConversionError(f"the exported processor places {got} tokens of id "
                               f"{processor.image_token_id} per image; the model expects "
                               f"{expected} of model.image_token_id={model.image_token_id}")
+
+
+def sample_conversation(image) -> List[dict]:
+    """A two-turn chat whose first turn holds ``image`` (its ``image`` key is what
+    ``processor.apply_chat_template(tokenize=True)`` loads), ending in a user turn."""
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image},
+                                     {"type": "text", "text": "what is left of the blue square?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+        {"role": "user", "content": [{"type": "text", "text": "and below it?"}]},
+    ]
+
+
+def calling_paths(processor, messages, images, add_generation_prompt: bool = True) -> dict:
+    """The ids of ``messages`` by each common way of calling the export: {path name: list of
+    ids}. The processor's paths expand each image to its tokens, the tokenizer's do not."""
+    prompt = {"add_generation_prompt": add_generation_prompt}
+    text = processor.apply_chat_template(messages, tokenize=False, **prompt)
+    text_items = [m if isinstance(m["content"], str) else  # the tokenizer loads no images
+                  {**m, "content": [{k: v for k, v in it.items() if k != "image"} for it in m["content"]]}
+                  for m in messages]
+    one_call = processor.apply_chat_template(messages, tokenize=True, return_dict=True, **prompt)
+    tokenizer_call = processor.tokenizer.apply_chat_template(text_items, tokenize=True, return_dict=True,
+                                                             **prompt)
+    return {
+        "processor(rendered text)": list(processor(text=text, images=images)["input_ids"][0]),
+        "processor.apply_chat_template(tokenize=True)": list(one_call["input_ids"][0]),
+        "tokenizer(rendered text)": list(processor.tokenizer(text)["input_ids"]),
+        "tokenizer.apply_chat_template(tokenize=True)": list(tokenizer_call["input_ids"]),
+    }
+
+
+def check_calling_paths(folder: str, model: ModelConfig, bos_id: int) -> None:
+    """Raise unless the processor saved in ``folder`` gives the same ids, starting with one BOS,
+    whichever common way it is called (:func:`calling_paths`; the tokenizer's paths have one
+    ``<image>`` per image). tests/data/test_llava_input.py checks the ids are the shard's."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    size = load_hf_vision_config(model.vision).image_size
+    image = Image.new("RGB", (size, size))
+    processor = AutoProcessor.from_pretrained(folder)
+    paths = calling_paths(processor, sample_conversation(image), [image])
+    expanded = paths["processor(rendered text)"]
+    unexpanded = [i for n, i in enumerate(expanded)
+                  if i != model.image_token_id or expanded[n - 1] != model.image_token_id]
+    want = {name: unexpanded if name.startswith("tokenizer") else expanded for name in paths}
+    bad = [name for name, ids in paths.items() if ids != want[name]]
+    if bad or expanded[:1] != [bos_id] or expanded[1:2] == [bos_id]:
+        raise ConversionError(f"the exported processor's calling paths disagree ({', '.join(bad) or 'BOS'}): "
+                              + "; ".join(f"{name}: {ids[:8]}..." for name, ids in paths.items()))

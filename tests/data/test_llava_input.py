@@ -199,6 +199,8 @@ def _tiny_processor(env, folder):
 
 
 def test_exported_chat_template_gives_the_preprocessed_ids(env):
+    from megatron_unihetero.hf.processor import calling_paths
+
     rel, tok = env["rel"], env["tok"]
     record = {"id": "x", "image": rel[0], "conversations": [
         {"from": "human", "value": "<image>\nis there a red square?"}, {"from": "gpt", "value": "yes, at the top"},
@@ -234,6 +236,16 @@ def test_exported_chat_template_gives_the_preprocessed_ids(env):
     assert list(prompt["input_ids"][0]) == expand_sample(
         ShardSample(np.asarray(tokens[:first_target]), images, None, "chat", 0), tok.image_token_id, tokens_per_image)[0].tolist()
     assert conversation.render_text(messages, "<s>", "</s>") == processor.apply_chat_template(messages, tokenize=False)
+    # Every other way of calling it gives the same ids: the rendered chat given to the processor
+    # or the tokenizer (lmms-eval's and VLMEvalKit's recipe) has one BOS, not two.
+    paths = calling_paths(processor, messages, [image], add_generation_prompt=False)
+    for name, ids in paths.items():
+        assert ids == (tokens if name.startswith("tokenizer") else expanded.tolist()), name
+    # ... and so does the record's own LLaVA text as string contents.
+    llava = [{"role": conversation.ROLES[j % 2], "content": t["value"]} for j, t in enumerate(record["conversations"])]
+    text = processor.apply_chat_template(llava, tokenize=False)
+    assert list(processor(text=text, images=image)["input_ids"][0]) == expanded.tolist()
+    assert processor.tokenizer(text)["input_ids"] == tokens
 
 
 def test_cli_defaults():

@@ -182,7 +182,9 @@ def test_processor_prepares_inputs_like_training(exports, tokenizer_path):
     # image processor's agree to the pixel (at non-integral sizes they may round 1 px apart).
     image = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     text = "<image_start><image><image_end> where is the red circle?"
-    inputs = processor(text=text, images=image, return_tensors="pt")
+    # A prompt written by hand starts with BOS itself (the chat template writes it; the tokenizer
+    # adds none, so a rendered chat keeps exactly one).
+    inputs = processor(text="<s>" + text, images=image, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     expected = [tok.bos_id]
     for piece in tok.encode(text):
@@ -193,6 +195,76 @@ def test_processor_prepares_inputs_like_training(exports, tokenizer_path):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " hi"}]}]
     rendered = processor.apply_chat_template(messages, tokenize=False)
     assert rendered == "<s><image_start><image><image_end>Question:  hi"  # data/conversation.py
+
+
+def _png(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_calling_path_gives_the_training_ids(exports, tokenizer_path):
+    """One BOS and exactly the ids preprocessing writes into a shard (samples.encode_document),
+    whichever way the export is called: the rendered chat given to the processor or the
+    tokenizer, or apply_chat_template(tokenize=True) of either; a LLaVA-style string content
+    with <image> renders like the content list (image first, text stripped)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from megatron_unihetero.data import conversation
+    from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.hf.processor import calling_paths
+
+    folders, _, cfg = exports
+    processor = AutoProcessor.from_pretrained(folders[(1, 1)])
+    tok = build_tokenizer(tokenizer_path)
+    image = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+
+    def chat(img):
+        return [{"role": "user", "content": [{"type": "image", "image": img},
+                                             {"type": "text", "text": "where is the red circle?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "at the top left"}]},
+                {"role": "user", "content": [{"type": "text", "text": "and the square?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "none"}]}]
+
+    shard = encode_document(conversation.render(chat(_png(image))), tok, SampleConfig(image_size=32)).tokens.tolist()
+    expanded = []
+    for i in shard:
+        expanded += [i] * (16 if i == tok.image_token_id else 1)  # the loader's expansion
+    paths = calling_paths(processor, chat(image), [image], add_generation_prompt=False)
+    assert len(paths) == 4 and shard[:2] == [tok.bos_id, tok.image_start_id]
+    for name, ids in paths.items():
+        assert ids == (shard if name.startswith("tokenizer") else expanded), name
+
+    llava = [{"role": "user", "content": "<image>\n where is the red circle? "},
+             {"role": "assistant", "content": "at the top left"},
+             {"role": "user", "content": "and the square?"}, {"role": "assistant", "content": "none"}]
+    rendered = processor.apply_chat_template(llava, tokenize=False)
+    assert rendered == processor.apply_chat_template(chat(image), tokenize=False)
+    assert rendered == conversation.render_text(llava, "<s>", "</s>")
+    assert processor(text=rendered, images=image)["input_ids"][0] == expanded
+    assert processor.tokenizer.apply_chat_template(llava, tokenize=True, return_dict=True)["input_ids"] == shard
+    two = [{"role": "user", "content": "<image> <image>\nsame?"}]  # lmms-eval's several images
+    assert processor.apply_chat_template(two, tokenize=False, add_generation_prompt=True) == \
+        "<s>" + conversation.IMAGE_PLACEHOLDER * 2 + "Question: same? Answer:"
+
+
+def test_exported_files_are_readable_by_everyone(exports):
+    import stat
+
+    folders, _, _ = exports
+    root = folders[(1, 1)]
+    modes = {}
+    for folder, dirs, files in os.walk(root):
+        for name in [""] * (folder == root) + dirs + files:
+            path = os.path.join(folder, name)
+            modes[os.path.relpath(path, root)] = stat.S_IMODE(os.stat(path).st_mode)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "unihetero_heads.safetensors"} <= set(modes)
+    bad = {p: oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(os.path.join(root, p)) else 0o644)}
+    assert not bad, bad
 
 
 def test_generate_runs(exports):

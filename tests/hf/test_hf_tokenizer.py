@@ -1,4 +1,5 @@
-"""The exported HF tokenizer gives our ids (sample text, specials, BOS), after a save/reload."""
+"""The exported HF tokenizer gives our ids (sample text, specials), after a save/reload, and adds
+no BOS of its own: the chat template writes it (hf/processor.py)."""
 
 import pytest
 
@@ -15,7 +16,8 @@ def _reloaded_matches(path, tmp_path):
     fast.save_pretrained(str(tmp_path / "saved"))
     again = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     check_token_ids(ours, again, SAMPLE_TEXTS + (TEXT,))
-    assert again(TEXT)["input_ids"] == [ours.bos_id] + ours.encode(TEXT)
+    assert again(TEXT)["input_ids"] == ours.encode(TEXT)
+    assert again(again.bos_token + TEXT)["input_ids"] == [ours.bos_id] + ours.encode(TEXT)
     return ours, again
 
 
@@ -37,18 +39,25 @@ def test_sentencepiece_with_appended_specials(tmp_path):
 
 
 def test_hf_tokenizer_folder(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + TEXT.split())}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Llama's tokenizer.json adds BOS in its post-processor: the export's must not.
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                        special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(TEXT)["input_ids"][0] == 1
     ours, fast = hf_tokenizer(str(tmp_path / "hf"))
     text = f"{TEXT} {T.IMAGE_START_TOKEN}{T.IMAGE_TOKEN}{T.IMAGE_END_TOKEN} red"
     check_token_ids(ours, fast, (TEXT, text))
-    assert fast(TEXT)["input_ids"][0] == ours.bos_id
+    fast.save_pretrained(tmp_path / "saved")
+    for tokenizer in (fast, AutoTokenizer.from_pretrained(str(tmp_path / "saved"))):
+        assert tokenizer(TEXT)["input_ids"] == ours.encode(TEXT)
+        assert tokenizer("<s>" + TEXT)["input_ids"] == [ours.bos_id] + ours.encode(TEXT)
 
 
 def test_bad_tokenizer_path_is_named(tmp_path):
