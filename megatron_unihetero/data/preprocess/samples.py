@@ -210,13 +210,11 @@ def llava_messages(rec: Dict[str, Any], cfg: SampleConfig) -> List[Dict[str, Any
                                               f"images in {cfg.image_column!r}")
     messages, k = [], 0
     for role, turn in zip(roles, turns):
-        content = []
-        for n, piece in enumerate(turn["value"].split(LLAVA_IMAGE)):
-            if n > 0:
-                content.append({"type": "image", "image": images[k]})
+        content = conversation.string_items(turn["value"])  # the export's rule for a string content
+        for item in content:
+            if item["type"] == "image":
+                item["image"] = images[k]
                 k += 1
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": content})
     for j, m in enumerate(messages):
         if m["role"] == "assistant" and not any(it["type"] == "text" for it in m["content"]):
