@@ -17,6 +17,13 @@ SentencePiece tokenizer.model trained on the shapes-world demo data without our 
   6. parity     transformers' processor + LlavaForConditionalGeneration on one sample vs our
                 model (megatron_unihetero.hf.rehearsal.logits_parity): max |logit diff| < 1e-4
 
+``--save-formats``: after 1-2, only the training run (3 steps and its final save) once per
+optimizer save form (dp_reshardable; fully_reshardable gathering onto DP rank 0 alone,
+checkpoint.optimizer_save_low_memory=true, the default; fully_reshardable all-gathering onto
+every rank), each a fresh process tree, printing each one's peak resident memory: the
+measurement behind the default. ``--tp 1`` runs the 2 ranks as DP=2 (the gather then crosses
+ranks; TP=2 is DP=1).
+
 Prints each command's wall time and peak resident memory (the largest process of the command:
 os.wait4's ru_maxrss), each training step's time from metrics.jsonl, the total and the logit
 difference; exits 1 when the parity fails. About 10-15 minutes and ~12 GB on 2 cores; writes
@@ -81,19 +88,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--tp", type=int, default=2, choices=[1, 2], help="tensor parallel size of the 2 ranks")
+    p.add_argument("--save-formats", action="store_true",
+                   help="only train + save once per optimizer save form, and compare their peak memory")
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="rehearsal_7b_")
     os.makedirs(work, exist_ok=True)
     total = time.perf_counter()
     try:
-        return _rehearse(work)
+        return _rehearse(work, args.tp, args.save_formats)
     finally:
         print(f"\ntotal: {time.perf_counter() - total:.1f} s")
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _rehearse(work: str) -> int:
+SAVE_FORMATS = {  # name -> the options that select it
+    "dp_reshardable": ["--checkpoint.optimizer_format=dp_reshardable"],
+    "fully_reshardable, gather on rank 0": ["--checkpoint.optimizer_format=fully_reshardable",
+                                            "--checkpoint.optimizer_save_low_memory=true"],
+    "fully_reshardable, all-gather": ["--checkpoint.optimizer_format=fully_reshardable",
+                                      "--checkpoint.optimizer_save_low_memory=false"],
+}
+
+
+def _rehearse(work: str, tp: int = 2, save_formats: bool = False) -> int:
     import torch
 
     py = sys.executable
@@ -116,18 +135,26 @@ def _rehearse(work: str) -> int:
              "--model.llm.num_layers=2", "--model.llm.transformer_impl=local",
              *(f"--{k}={v}" for k, v in settings.items()),
              f"--data.train=[{shards}]", f"--data.seq_length={SEQ_LENGTH}", "--data.num_workers=0",
-             "--data.pack_window=64", "--parallel.tensor_parallel=2", "--parallel.timeout_minutes=20",
+             "--data.pack_window=64", f"--parallel.tensor_parallel={tp}", "--parallel.timeout_minutes=20",
              "--train.dtype=fp32", "--train.recompute=selective", "--train.warmup_steps=1",
              "--train.grad_accumulation=1",
-             f"--checkpoint.dir={run_dir}/checkpoints", f"--checkpoint.load={init}",
-             # dp_reshardable: each rank writes its optimizer buffers as they are (the resume keeps
-             # the layout); the default fully reshardable form first copies them into model-space
-             # tensors, which at this width took a rank past 10 GB at the save.
-             "--checkpoint.optimizer_format=dp_reshardable",
-             "--checkpoint.save_interval=0", "--checkpoint.keep_last=1", f"--logging.dir={run_dir}",
+             f"--checkpoint.load={init}",
+             "--checkpoint.save_interval=0", "--checkpoint.keep_last=1",
              "--logging.log_interval=1", "--logging.eval_interval=0", "--logging.tensorboard=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run("train (steps 1-3, TP=2)", train + ["--train.steps=3"], env)
+    if save_formats:
+        for k, (name, options) in enumerate(SAVE_FORMATS.items()):
+            folder = os.path.join(work, f"run_format{k}")
+            run(f"train+save: {name}", train + options + [f"--checkpoint.dir={folder}/checkpoints",
+                                                          f"--logging.dir={folder}", "--train.steps=3"], env)
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"\n-- peak RSS of the largest rank, 3 steps + one save, 2 ranks at TP={tp} (DP={2 // tp}):")
+        for name, seconds, gib in TIMINGS[2:]:
+            print(f"   {name:48s} {seconds:7.1f} s   peak RSS {gib:6.2f} GiB")
+        return 0
+    # the project's default optimizer save (fully_reshardable, gathered onto DP rank 0)
+    train += [f"--checkpoint.dir={run_dir}/checkpoints", f"--logging.dir={run_dir}"]
+    run(f"train (steps 1-3, TP={tp})", train + ["--train.steps=3"], env)
     run("resume (steps 4-5)", train + ["--train.steps=5"], env)
     hf_dir = os.path.join(work, "hf_export")
     run("export", [py, "tools/convert_checkpoint_to_hf.py", "--load", f"{run_dir}/checkpoints", "--save", hf_dir])

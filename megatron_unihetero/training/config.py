@@ -123,6 +123,12 @@ class CheckpointConfig:
     # gathers each buffer over DP, bucket by bucket) | dp_reshardable (each rank's own
     # buffers, no exchange: the fastest save, but only the DP size may change).
     optimizer_format: str = "fully_reshardable"
+    # fully_reshardable's exchange at a save: true gathers each optimizer buffer onto DP rank 0
+    # alone, over gloo, and only rank 0 writes the optimizer (megatron-core's
+    # distrib_optim_fully_reshardable_mem_efficient); false all-gathers every buffer onto every
+    # DP rank (NCCL on GPU) so that all of them write a part: a faster save, but each rank then
+    # holds the whole optimizer state at once. Either loads the same way, at any layout.
+    optimizer_save_low_memory: bool = True
 
 
 @dataclass

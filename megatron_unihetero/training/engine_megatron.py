@@ -217,6 +217,7 @@ class MegatronEngine(Engine):
     def _sharded_state_dict(self, optimizer_format: str, is_loading: bool = False) -> dict:
         """Model chunks and optimizer as megatron-core sharded state (checkpointing/dist.py)."""
         metadata = {"distrib_optim_sharding_type": optimizer_format,
+                    "distrib_optim_fully_reshardable_mem_efficient": self.cfg.checkpoint.optimizer_save_low_memory,
                     # one naming of the optimizer's parts whatever the number of sub-optimizers
                     "chained_optim_avoid_prefix": True}
         state = dist_ckpt.model_sharded_state_dict(self.chunks)

@@ -85,15 +85,17 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
     assert {f"llm.decoder.layers.{i}.mlp.linear_fc1.weight" for i in range(4)} <= set(full)
 
 
-def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path):
+@pytest.mark.parametrize("low_memory", [True, False], ids=["gather-on-rank0", "all-gather"])
+def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, low_memory):
     """DP=2 with the distributed optimizer saves at step 3; DP=1 resumes from that checkpoint
     with 2 micro-batches per step (the same global batch) and continues the losses of the
     uninterrupted DP=2 run: both DP ranks' optimizer shards are in the checkpoint and reshard
-    to one. (The step-3 checkpoint is the uninterrupted run's own, copied; a run stopped by
-    train.steps and resumed by the same command is test_resume_gives_the_losses_of_an_
-    uninterrupted_run above.)"""
+    to one, whichever exchange the save used (checkpoint.optimizer_save_low_memory). (The
+    step-3 checkpoint is the uninterrupted run's own, copied; a run stopped by train.steps and
+    resumed by the same command is test_resume_gives_the_losses_of_an_uninterrupted_run above.)"""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, straight))
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(
+        data_prefix, straight, **{"checkpoint.optimizer_save_low_memory": str(low_memory).lower()}))
     _resume_copy(straight, resized)
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}))
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
