@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on held-out data: understanding, probes, semantic retrieval.
 
     python -m megatron_unihetero.evaluate --load CKPT --data DIR [--tokenizer PATH] \\
-        [--max-samples N] [--output metrics.json]
+        [--max-samples N] [--output metrics.json] \\
+        [--generate [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]]
 
 ``--load`` is a checkpoint folder: either the run's checkpoint dir (``CKPT/latest`` names the
 iteration folder) or an iteration folder itself. The iteration folder holds the run's
@@ -17,6 +18,13 @@ Metrics (megatron_unihetero/eval): answer accuracy over each question's candidat
 perplexity, linear-probe test accuracy of the mean visual hidden state for each first-object
 attribute, and top-1 / top-5 retrieval of the true next visual embedding with the R² and cosine
 of the predictions against the mean predictor's (semantic head only; eval/diagnostics.py).
+
+``--generate`` adds figures of generated text under ``"generation"`` (generation/text.py:
+greedy by default, ``--temperature`` > 0 samples; megatron-core's KV cache): exact match, VQA
+accuracy and ANLS of the answers to the questions, BLEU-1..4 and CIDEr-D of captions generated
+from the caption prompt (demo parquet), and for a VLMEvalKit TSV the accuracy of the option the
+generated answer names (its letter or its text) with the share that named none
+(eval/generation_metrics.py); also tokens/s and a few examples. The other figures do not change.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ with console.held_warnings() as _import_warnings:
     from megatron_unihetero.config_io import load_config
     from megatron_unihetero.data.tokenizer import build_tokenizer
     from megatron_unihetero.eval import runners
-    from megatron_unihetero.eval.data import build_eval_sets, held_out_path, read_rows
+    from megatron_unihetero.eval.data import build_eval_sets, build_generation_sets, held_out_path, read_rows
+    from megatron_unihetero.generation.text import SamplingParams
     from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
     from megatron_unihetero.training import checkpoint as ckpt
     from megatron_unihetero.training.config import RunConfig
@@ -104,7 +113,21 @@ def main(argv: Optional[list] = None) -> int:
                                       "they are not kept)")
     parser.add_argument("--verbose", action="store_true",
                         help="print the libraries' warnings on the console too")
+    gen = parser.add_argument_group("generation (--generate)")
+    gen.add_argument("--generate", action="store_true",
+                     help="also generate answers and captions and score them (exact match, VQA "
+                          "accuracy, ANLS, BLEU, CIDEr; multiple-choice accuracy on a TSV)")
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 (default): off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 (default): off")
+    gen.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     args = parser.parse_args(argv)
+    try:
+        args.sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     held = list(_import_warnings)
     _import_warnings.clear()
     with console.RunLog(held) as log:
@@ -145,6 +168,11 @@ def _evaluate(parser: argparse.ArgumentParser, args) -> int:
                            image_mean=mean, image_std=std)
     results = {"checkpoint": os.path.abspath(iteration_dir), "data": os.path.abspath(data_path),
                **evaluate_model(model, sets)}
+    if args.generate:
+        prompts = build_generation_sets(rows, tokenizer, tokens_per_image=model.tokens_per_image,
+                                        image_size=load_hf_vision_config(run_config.model.vision).image_size,
+                                        image_mean=mean, image_std=std)
+        results["generation"] = runners.generative_figures(model, prompts, tokenizer, args.sampling)
     text = json.dumps(results, indent=1)
     print(text)
     if args.output:

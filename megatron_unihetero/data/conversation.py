@@ -116,6 +116,17 @@ def render(messages: Sequence[Dict[str, Any]]) -> List[Segment]:
     return segments
 
 
+def generation_prompt(messages: Sequence[Dict[str, Any]]) -> List[Segment]:
+    """The segments of a prompt for generation: ``messages`` end with a user turn and the
+    document stops at the assistant's `` Answer:`` (what :func:`chat_template` writes with
+    ``add_generation_prompt``; the answer, its separator space included, is what the model
+    generates, then ``</s>``)."""
+    if not messages or (messages[-1].get("role") if isinstance(messages[-1], dict) else None) != "user":
+        raise ConversationError("a generation prompt ends with a user turn")
+    segments = render(list(messages) + [{"role": "assistant", "content": ""}])
+    return segments[:-2]  # drop the (empty) answer and its </s>: ... " Answer:" ends it
+
+
 def render_text(messages: Sequence[Dict[str, Any]], bos_token: str, eos_token: str) -> str:
     """The string :func:`chat_template` renders for ``messages`` (for tests and debugging)."""
     parts = [bos_token]
@@ -170,6 +181,11 @@ def chat_template() -> str:
 def _jinja_string(text: str) -> str:
     """A Jinja string literal for ``text``."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def question_messages(image: Any, question: str) -> List[Dict[str, Any]]:
+    """The user turn of :func:`qa_messages`: a question row's generation prompt."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
 def qa_messages(image: Any, question: str, answer: str) -> List[Dict[str, Any]]:

@@ -27,10 +27,11 @@ from PIL import Image
 import numpy as np
 import pyarrow.parquet as pq
 
+from megatron_unihetero.data import conversation
 from megatron_unihetero.data.collate import expand_sample
 from megatron_unihetero.data.image_transforms import ImageNormalizer
 from megatron_unihetero.data.preprocess.samples import SampleConfig, documents, encode_document
-from megatron_unihetero.eval.runners import QuestionSample, TextSample
+from megatron_unihetero.eval.runners import GenerationSample, QuestionSample, TextSample
 
 PROBE_ATTRIBUTES = ("shape", "colour", "position", "size")
 
@@ -108,7 +109,7 @@ def read_vlmeval_tsv(path: str, max_samples: Optional[int] = None) -> List[dict]
                                  "could not be told apart by likelihood")
             rows.append({"id": index, "image": image, "question": question,
                          "answer": dict(options)[answer], "candidates": texts,
-                         "answer_letter": answer})
+                         "answer_letter": answer, "candidate_letters": [c for c, _ in options]})
     return rows
 
 
@@ -177,3 +178,65 @@ def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image
         for name in sets.attributes:
             sets.attributes[name].append(row[name])
     return sets
+
+
+# VLMEvalKit's (and LLaVA's) multiple-choice instruction: the options listed under the question.
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def choice_question(question: str, letters, options) -> str:
+    """A multiple-choice question for generation: the question, one ``A. option`` line per
+    option, then :data:`CHOICE_INSTRUCTION`."""
+    lines = [question] + [f"{letter}. {text}" for letter, text in zip(letters, options)]
+    return "\n".join(lines + [CHOICE_INSTRUCTION])
+
+
+def _prompt_sample(segments, tokenizer, cfg: SampleConfig, tokens_per_image: int,
+                   normalize: ImageNormalizer) -> TextSample:
+    """A generation prompt tokenized like training (BOS, images by id, the text between two
+    special tokens as one string) without the EOS a document ends with, placeholders expanded."""
+    sample = encode_document(segments, tokenizer, cfg)
+    sample.tokens = sample.tokens[:-1]  # encode_document closes the document with EOS
+    sample.loss_mask = None
+    tokens, _ = expand_sample(sample, tokenizer.image_token_id, tokens_per_image)
+    images = normalize(np.stack(sample.images)) if sample.images else None
+    return TextSample(images=images, tokens=tokens.tolist())
+
+
+def build_generation_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image_size: int,
+                          image_mean=None, image_std=None) -> List[GenerationSample]:
+    """Prompts and references for generative evaluation, per row:
+
+    - a question (demo parquet, or a row with ``question`` / ``answer``): ``qa``, the prompt
+      ``[image] Question: q Answer:`` (data/conversation.py ``generation_prompt``); references
+      the row's ``answers`` list when it has one (VQAv2-style), else ``[answer]``;
+    - a multiple-choice TSV row: ``choice``, the question with its lettered options and
+      :data:`CHOICE_INSTRUCTION`; scored by the option the answer names;
+    - a caption (demo parquet): ``caption``, the caption template's prompt (``[image]``,
+      what training's caption samples start with); references ``[caption]``.
+    """
+    norm = {k: v for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
+    normalize = ImageNormalizer(image_size=image_size, **norm)
+    cfg = SampleConfig(template="qa", image_size=image_size)
+    out: List[GenerationSample] = []
+    for row in rows:
+        ident = str(row.get("id", len(out)))
+        if "answer_letter" in row:
+            letters = list(row.get("candidate_letters") or OPTION_LETTERS[:len(row["candidates"])])
+            question = choice_question(row["question"], letters, row["candidates"])
+            prompt = conversation.generation_prompt(conversation.question_messages(row["image"], question))
+            out.append(GenerationSample(
+                "choice", ident, _prompt_sample(prompt, tokenizer, cfg, tokens_per_image, normalize),
+                references=[row["answer_letter"], row["answer"]], letters=letters,
+                options=list(row["candidates"]), answer_index=letters.index(row["answer_letter"])))
+            continue
+        if row.get("question") and row.get("answer"):
+            prompt = conversation.generation_prompt(conversation.question_messages(row["image"], row["question"]))
+            references = list(row.get("answers") or [row["answer"]])
+            out.append(GenerationSample(
+                "qa", ident, _prompt_sample(prompt, tokenizer, cfg, tokens_per_image, normalize), references))
+        if row.get("caption"):
+            out.append(GenerationSample(
+                "caption", ident, _prompt_sample([("image", row["image"])], tokenizer, cfg,
+                                                 tokens_per_image, normalize), [row["caption"]]))
+    return out

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_unihetero.eval import diagnostics, metrics, probes, retrieval
+from megatron_unihetero.eval import diagnostics, generation_metrics, metrics, probes, retrieval
 
 
 @dataclass
@@ -33,6 +33,21 @@ class QuestionSample:
 
     candidates: List[TextSample]
     answer: int
+
+
+@dataclass
+class GenerationSample:
+    """A prompt to generate from and what to score the text against (eval/data.py
+    ``build_generation_sets``): ``kind`` is "qa" (short answer), "caption" or "choice"
+    (multiple choice: the option letters and texts, the right option's index)."""
+
+    kind: str
+    id: str
+    prompt: TextSample
+    references: List[str]
+    letters: List[str] = field(default_factory=list)
+    options: List[str] = field(default_factory=list)
+    answer_index: Optional[int] = None
 
 
 def _check(model) -> None:
@@ -169,3 +184,57 @@ def semantic_retrieval(model, samples: Sequence[TextSample]) -> Dict[str, float]
     if stats is not None:
         result.update({k[len("semantic_"):]: v for k, v in diagnostics.regression_figures(stats).items()})
     return result
+
+
+def generative_figures(model, samples: Sequence[GenerationSample], tokenizer, params,
+                       *, num_examples: int = 3) -> Dict[str, object]:
+    """Generate an answer for every sample (generation/text.py, KV-cached) and score it:
+    short answers by exact match, VQA accuracy and ANLS; captions by BLEU-1..4 and CIDEr-D;
+    multiple choice by the option the answer names (eval/generation_metrics.py). Padding rows
+    of the vocabulary (past the tokenizer) and the image specials are never generated; a
+    prompt as long as ``model.llm.max_sequence_length`` is skipped and counted."""
+    from megatron_unihetero.generation import text as text_gen
+
+    _check(model)
+    vocab = model.cfg.llm.vocab_size
+    suppress = list(range(tokenizer.vocab_size, vocab)) + [
+        tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
+    by_kind: Dict[str, List] = {}
+    tokens = seconds = 0.0
+    limit = model.cfg.llm.max_sequence_length
+    too_long = [s for s in samples if len(s.prompt.tokens) >= limit]
+    for sample in samples:
+        if len(sample.prompt.tokens) >= limit:
+            continue
+        result = text_gen.generate(model, sample.prompt.tokens, sample.prompt.images,
+                                   eos_id=tokenizer.eos_id, params=params, suppress_ids=suppress)
+        ids = result.tokens[:-1] if result.stopped_at_eos else result.tokens
+        answer = tokenizer.decode(ids).strip()
+        by_kind.setdefault(sample.kind, []).append((sample, answer))
+        tokens += len(result.tokens)
+        seconds += result.seconds
+    figures: Dict[str, object] = {
+        "settings": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                     "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed},
+        "generated_tokens": int(tokens), "tokens_per_s": tokens / seconds if seconds else float("nan"),
+        # Prompts the model cannot take (model.llm.max_sequence_length): not scored, counted.
+        "skipped_long_prompts": len(too_long)}
+    if "qa" in by_kind:
+        pairs = by_kind["qa"]
+        figures["qa"] = {**generation_metrics.answer_scores([a for _, a in pairs],
+                                                            [s.references for s, _ in pairs]),
+                         "num_questions": len(pairs)}
+    if "caption" in by_kind:
+        pairs = by_kind["caption"]
+        figures["caption"] = {**generation_metrics.caption_scores([a for _, a in pairs],
+                                                                  [s.references for s, _ in pairs]),
+                              "num_captions": len(pairs)}
+    if "choice" in by_kind:
+        pairs = by_kind["choice"]
+        picked = [generation_metrics.parse_choice(a, s.letters, s.options) for s, a in pairs]
+        figures["choice"] = {
+            "accuracy": generation_metrics.mean([float(p == s.answer_index) for (s, _), p in zip(pairs, picked)]),
+            "unparsed": sum(p is None for p in picked) / len(pairs), "num_questions": len(pairs)}
+    figures["examples"] = [{"id": s.id, "kind": s.kind, "generated": a, "references": s.references[:3]}
+                           for kind in sorted(by_kind) for s, a in by_kind[kind][:num_examples]]
+    return figures

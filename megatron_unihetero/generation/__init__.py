@@ -1,1 +1,2 @@
-"""Generation from a trained model: images by semantic autoregression + pixel diffusion."""
+"""Generation from a trained model: text (text.py: greedy / sampled, KV-cached) and images by
+semantic autoregression + pixel diffusion (sample.py)."""

@@ -220,6 +220,21 @@ def attention_layout(segment_ids: Optional[torch.Tensor], *, dtype: torch.dtype,
     return AttentionLayout(impl, segment_ids, plan)
 
 
+def cached_layout(query_length: int, key_length: int, *, dtype: torch.dtype,
+                  device: torch.device) -> AttentionLayout:
+    """The layout of generation's steps past the prompt (a KV cache, models/llm.py): the
+    ``query_length`` new tokens are the last of ``key_length`` keys and each sees every key up
+    to its own position (causal aligned at the bottom right; one new token sees them all).
+    SDPA under that mask ("reference"): one document per row, no padding."""
+    if not 0 < query_length <= key_length:
+        raise ValueError(f"{query_length} new tokens for {key_length} keys")
+    offset = key_length - query_length
+    allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril_(offset)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    additive = torch.where(allowed, zero, zero - float("inf"))[None, None]
+    return AttentionLayout(REFERENCE, None, DenseMask(additive, None))
+
+
 def _sdpa(q, k, v, softmax_scale, **kwargs):
     """SDPA on [b, s, h, d] tensors (it wants [b, h, s, d]; enable_gqa broadcasts kv heads
     without materialising copies)."""

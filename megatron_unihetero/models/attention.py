@@ -55,6 +55,11 @@ class AttentionInputs(PackedSeqParams):
     layout: Optional[AttentionLayout] = None  # the batch's documents, as the kernel needs them
     cos: Optional[torch.Tensor] = None  # [s, b, 1, head_dim]: RoPE at each token's position id
     sin: Optional[torch.Tensor] = None
+    # Generation with megatron-core's KV cache (LlamaDecoder.forward, inference_context): the
+    # keys are the cached ones plus this step's, [s_k, b, groups, d], longer than the queries;
+    # their RoPE at their own positions. None: the keys are the queries' positions.
+    key_cos: Optional[torch.Tensor] = None
+    key_sin: Optional[torch.Tensor] = None
 
 
 class CoreAttention(MegatronModule):
@@ -94,7 +99,10 @@ class CoreAttention(MegatronModule):
         # Rotated in megatron's contiguous [s, b, heads, d] layout (elementwise ops on the
         # transposed view are slower on CPU), then viewed as [b, s, heads, d].
         query = apply_rope(query, inputs.cos, inputs.sin)
-        key = apply_rope(key, inputs.cos, inputs.sin)
+        if inputs.key_cos is not None:  # keys from the KV cache: unrotated, rotated here
+            key = apply_rope(key, inputs.key_cos, inputs.key_sin)
+        else:
+            key = apply_rope(key, inputs.cos, inputs.sin)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
         out = attend(q, k, v, inputs.layout, self.softmax_scale)
         s, b = query.shape[0], query.shape[1]

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_unihetero import platform
-from megatron_unihetero.kernels.attention import attention_layout
+from megatron_unihetero.kernels.attention import attention_layout, cached_layout
 from megatron_unihetero.models import linear
 from megatron_unihetero.models.attention import AttentionInputs, CoreAttention
 from megatron_unihetero.models.config import ConfigError, LLMConfig
@@ -219,8 +219,15 @@ class LlamaDecoder(MegatronModule):
         """Token embeddings in megatron's [s, b, h] layout."""
         return self.embedding(tokens, position_ids=None)
 
-    def forward(self, decoder_input, position_ids, segment_ids) -> torch.Tensor:
+    def forward(self, decoder_input, position_ids, segment_ids, inference_context=None) -> torch.Tensor:
         """Hidden states [s, b, h] (after the final norm on the last stage).
+
+        ``inference_context``: megatron-core's ``StaticInferenceContext`` when generating with
+        a KV cache (generation/text.py): megatron's SelfAttention appends this call's keys and
+        values to the context's cache and hands the whole cache to our CoreAttention, which
+        rotates the keys at their positions and attends under :meth:`_cached_inputs`' layout.
+        The caller advances ``sequence_len_offset`` after each call, as megatron's own
+        inference wrappers do.
 
         Sequence parallelism is applied here and nowhere else in the model: the first stage
         splits its input (the embeddings with the visual tokens in) along the sequence over
@@ -240,13 +247,47 @@ class LlamaDecoder(MegatronModule):
         hidden_in = decoder_input if self.pre_process else self.decoder.input_tensor
         # The batch's attention layout and RoPE tables, once for all layers of this stage,
         # handed down in megatron's packed_seq_params slot (models/attention.py says why).
-        layout = attention_layout(segment_ids, dtype=hidden_in.dtype, device=hidden_in.device,
-                                  impl=self.llm.attention_impl)
         cos, sin = self.rotary(position_ids)
+        if inference_context is None:
+            inputs = AttentionInputs(layout=attention_layout(segment_ids, dtype=hidden_in.dtype,
+                                                             device=hidden_in.device,
+                                                             impl=self.llm.attention_impl),
+                                     cos=cos, sin=sin)
+        else:
+            inputs = self._cached_inputs(inference_context, position_ids, segment_ids, hidden_in, cos, sin)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
-                              packed_seq_params=AttentionInputs(layout=layout, cos=cos, sin=sin),
-                              rotary_pos_emb=None)
+                              packed_seq_params=inputs, rotary_pos_emb=None,
+                              inference_context=inference_context)
         if self.post_process and sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)
         return hidden
+
+    def _cached_inputs(self, context, position_ids, segment_ids, hidden_in, cos, sin) -> AttentionInputs:
+        """The attention inputs of one call under a KV cache: ``position_ids`` [b, s] must
+        continue the cache (offset, offset + 1, ...: one document per row, no packing). The
+        prompt (offset 0) is attended as usual; later calls attend the cached keys plus their
+        own (kernels.attention.cached_layout), the keys rotated at positions 0 .. offset + s - 1
+        (the cache holds them unrotated: megatron-core writes it before core attention, where
+        this model applies RoPE; its own static path rotates the whole cache each step too)."""
+        if not context.is_static_batching():
+            raise ValueError("generation with a KV cache takes megatron-core's StaticInferenceContext")
+        if self.config.sequence_parallel or self.config.tensor_model_parallel_size != 1 \
+                or not (self.pre_process and self.post_process):
+            raise ValueError("generation with a KV cache runs on one rank (TP=1, PP=1)")
+        if segment_ids is not None:
+            raise ValueError("generation with a KV cache takes one document per row (segment_ids=None)")
+        offset = context.sequence_len_offset
+        b, s = position_ids.shape
+        expected = torch.arange(offset, offset + s, device=position_ids.device)
+        if not torch.equal(position_ids, expected.expand(b, s)):
+            raise ValueError(f"generation with a KV cache: position_ids must continue the cache "
+                             f"({offset} .. {offset + s - 1}), got {position_ids[0].tolist()}")
+        if offset == 0:
+            layout = attention_layout(None, dtype=hidden_in.dtype, device=hidden_in.device,
+                                      impl=self.llm.attention_impl)
+            return AttentionInputs(layout=layout, cos=cos, sin=sin)
+        keys = torch.arange(offset + s, device=position_ids.device).expand(b, offset + s)
+        key_cos, key_sin = self.rotary(keys)
+        layout = cached_layout(s, offset + s, dtype=hidden_in.dtype, device=hidden_in.device)
+        return AttentionInputs(layout=layout, cos=cos, sin=sin, key_cos=key_cos, key_sin=key_sin)

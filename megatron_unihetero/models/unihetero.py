@@ -161,10 +161,13 @@ class UniHeteroModel(MegatronModule):
                 segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None,
                 image_features: Optional[torch.Tensor] = None,
-                image_latents: Optional[torch.Tensor] = None):
+                image_latents: Optional[torch.Tensor] = None, inference_context=None):
         """First/middle stages return hidden states [s, b, h]; the last stage returns
         :class:`ModelLosses` when labels are given, else hidden states.
-        ``image_latents`` [n_img, T, C_lat]: precomputed pixel targets (pixel objective)."""
+        ``image_latents`` [n_img, T, C_lat]: precomputed pixel targets (pixel objective).
+        ``inference_context``: megatron-core's KV cache for text generation
+        (generation/text.py; one rank, no labels): ``tokens`` are this step's only, their
+        images given with the prompt."""
         num_images = _num_images(images, image_features)
         if self.plan.is_middle:
             return self.llm(None, position_ids, segment_ids)
@@ -182,7 +185,7 @@ class UniHeteroModel(MegatronModule):
                     embeddings.transpose(0, 1), visual, layout).transpose(0, 1)
             decoder_input = embeddings
 
-        hidden = self.llm(decoder_input, position_ids, segment_ids)
+        hidden = self.llm(decoder_input, position_ids, segment_ids, inference_context=inference_context)
         if not self.post_process or labels is None:
             return hidden
         latents = None

@@ -90,10 +90,43 @@ def save_all_job(root, cfg, tokenizer):
                 logits, _ = model.llm.output_layer(hidden)
                 semantic = model.semantic_head(hidden)
             torch.save({"state": model.state_dict(), "logits": logits.transpose(0, 1),
-                        "semantic": semantic.transpose(0, 1), "tokens": tokens, "images": images},
+                        "semantic": semantic.transpose(0, 1), "tokens": tokens, "images": images,
+                        "generation": our_generation(model, tokenizer)},
                        ref_path)
         write_checkpoint(model, cfg, os.path.join(root, f"ckpt_tp{tp}_pp{pp}"), tokenizer, tp, pp)
         parallel.destroy()
+
+
+GEN_QUESTION = "where is the red circle?"
+GEN_TOKENS = 12
+
+
+def generation_image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(3).random((32, 32, 3)) * 255).astype(np.uint8))
+
+
+def our_generation(model, tokenizer_path):
+    """Greedy generation on our model (generation/text.py, KV-cached) from the one template's
+    prompt (eval/data.py builds it as the evaluation does): the prompt ids, the normalised
+    image and the new ids, for the export's transformers generate to reproduce."""
+    import io
+
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.eval.data import build_generation_sets
+    from megatron_unihetero.generation.text import SamplingParams, generate
+
+    tok = build_tokenizer(tokenizer_path)
+    buffer = io.BytesIO()
+    generation_image().save(buffer, format="PNG")
+    row = {"image": buffer.getvalue(), "question": GEN_QUESTION, "answer": "unused"}
+    (sample,) = build_generation_sets([row], tok, tokens_per_image=model.tokens_per_image, image_size=32)
+    specials = [tok.image_token_id, tok.image_start_id, tok.image_end_id]
+    out = generate(model, sample.prompt.tokens, sample.prompt.images, eos_id=tok.eos_id,
+                   params=SamplingParams(max_new_tokens=GEN_TOKENS), suppress_ids=specials)
+    return {"prompt": torch.tensor(sample.prompt.tokens), "images": sample.prompt.images,
+            "new": torch.tensor(out.tokens), "suppress": torch.tensor(specials)}
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +308,29 @@ def test_generate_runs(exports):
     assert out.shape == (1, SEQ + 4)
     # Greedy decoding's first new token is the argmax of our model's last logits.
     assert int(out[0, SEQ]) == int(ref["logits"][0, -1].argmax())
+
+
+def test_generate_equals_our_greedy_generation(exports):
+    """The export's transformers generate (greedy, its own KV cache) gives our model's greedy
+    generation (generation/text.py, megatron-core's KV cache) token for token, from the prompt
+    the processor's chat template writes with add_generation_prompt: the same ids as ours."""
+    from transformers import AutoProcessor
+
+    folders, ref, _ = exports
+    ours = ref["generation"]
+    processor = AutoProcessor.from_pretrained(folders[(1, 1)])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": GEN_QUESTION}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("Question: " + GEN_QUESTION + " Answer:")
+    inputs = processor(text=text, images=generation_image(), return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ours["prompt"].tolist()
+    assert (inputs["pixel_values"] - ours["images"]).abs().max() < 1e-5
+    model = _load_llava(folders[(1, 1)])
+    out = model.generate(**inputs, max_new_tokens=GEN_TOKENS, do_sample=False,
+                         suppress_tokens=ours["suppress"].tolist())
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(ours["new"]) >= 4, ours["new"]
+    assert new == ours["new"].tolist()
 
 
 def test_bf16_export(exports, tmp_path):

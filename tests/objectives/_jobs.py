@@ -246,6 +246,58 @@ def runners_job():
     parallel.destroy()
 
 
+def generation_job():
+    """Generation with megatron-core's KV cache equals full recompute at every step, token for
+    token: greedy and sampled (top-k / top-p, one seed), with an image and text only; the
+    cache's step logits equal the full forward's; misuse is refused by name."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.generation.text import SamplingParams, generate
+
+    parallel.initialize(1, 1, seed=29)
+    model = parallel.build_model(tiny_config()).eval()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 32, 32, generator=gen)
+    with_image = [1, 5, 6] + [IMAGE_TOKEN] * TOKENS_PER_IMAGE + [7, 8, 9]
+    text_only = [1, 40, 41, 42]
+    runs = [(with_image, image, SamplingParams(max_new_tokens=16)),
+            (text_only, None, SamplingParams(max_new_tokens=16)),
+            (with_image, image, SamplingParams(max_new_tokens=16, temperature=1.0, top_k=20, top_p=0.9, seed=4)),
+            (text_only, None, SamplingParams(max_new_tokens=16, temperature=0.7, seed=5))]
+    for prompt, images, params in runs:
+        cached = generate(model, prompt, images, eos_id=2, params=params)
+        full = generate(model, prompt, images, eos_id=2, params=params, use_cache=False)
+        assert cached.tokens == full.tokens, (params, cached.tokens, full.tokens)
+        assert len(set(cached.tokens)) > 1 and IMAGE_TOKEN not in cached.tokens, cached.tokens
+    # The hidden states of prefill + one-token steps equal one forward over the whole sequence.
+    tokens = torch.tensor([with_image + [10, 11, 12]])
+    n = len(with_image)
+    with torch.no_grad():
+        whole = model(tokens, torch.arange(tokens.shape[1])[None], images=image)
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=tokens.shape[1])
+        parts = [model(tokens[:, :n], torch.arange(n)[None], images=image, inference_context=context)]
+        context.increment_sequence_len_offset(n)
+        for i in range(3):
+            parts.append(model(tokens[:, n + i:n + i + 1], torch.tensor([[n + i]]), inference_context=context))
+            context.increment_sequence_len_offset(1)
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+        # Position ids that do not continue the cache are refused.
+        try:
+            model(tokens[:, :1], torch.tensor([[0]]), inference_context=context)
+        except ValueError as exc:
+            assert "continue the cache" in str(exc), exc
+        else:
+            raise AssertionError("a step at the wrong position was accepted")
+    try:
+        generate(model, [1] * 64, None, eos_id=2)
+    except ValueError as exc:
+        assert "max_sequence_length" in str(exc), exc
+    else:
+        raise AssertionError("a prompt longer than the model was accepted")
+    parallel.destroy()
+
+
 def evaluate_cli_job(workdir, tokenizer_path):
     """Save a checkpoint the way training does, then run the evaluate CLI on demo data."""
     import json
@@ -262,6 +314,7 @@ def evaluate_cli_job(workdir, tokenizer_path):
     model_cfg = tiny_config()
     model_cfg.llm.vocab_size = tokenizer.vocab_size
     model_cfg.image_token_id = tokenizer.image_token_id
+    model_cfg.llm.max_sequence_length = 128  # a TSV question with its options listed (--generate)
     run_cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer_path))
     data_dir = os.path.join(workdir, "data")
     write_demo_data(data_dir, 24, seed=5, image_size=32, valid_fraction=0.5)
@@ -285,6 +338,49 @@ def evaluate_cli_job(workdir, tokenizer_path):
     assert results["caption_perplexity"] > 1.0 and results["caption_num_tokens"] > 0
     assert set(results["probes"]) == {"shape", "colour", "position", "size"}
     assert results["semantic_retrieval"]["num_predictions"] == 12 * TOKENS_PER_IMAGE
+
+    # --generate adds the generative figures and leaves the others as they were.
+    generated = os.path.join(workdir, "metrics_generate.json")
+    assert evaluate.main(["--load", os.path.join(workdir, "ckpt"), "--data", data_dir,
+                          "--max-samples", "4", "--output", generated, "--generate",
+                          "--max-new-tokens", "6"]) == 0
+    with open(generated) as handle:
+        gen_results = json.load(handle)
+    figures = gen_results.pop("generation")
+    plain_output = os.path.join(workdir, "metrics_plain.json")
+    assert evaluate.main(["--load", os.path.join(workdir, "ckpt"), "--data", data_dir,
+                          "--max-samples", "4", "--output", plain_output]) == 0
+    with open(plain_output) as handle:
+        plain = json.load(handle)
+    assert gen_results == plain
+    assert set(figures["qa"]) == {"exact_match", "vqa_accuracy", "anls", "num_questions"}
+    assert figures["qa"]["num_questions"] == 4 and 0.0 <= figures["qa"]["anls"] <= 1.0
+    assert {"bleu_1", "bleu_4", "cider"} <= set(figures["caption"]) and figures["caption"]["num_captions"] == 4
+    assert 0 < figures["generated_tokens"] <= 8 * 6 and figures["tokens_per_s"] > 0
+    assert figures["settings"]["temperature"] == 0.0 and len(figures["examples"]) == 6
+
+    # A VLMEvalKit TSV: the option the generated answer names, sampled.
+    import base64
+    import csv
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="PNG")
+    tsv = os.path.join(workdir, "mc.tsv")
+    with open(tsv, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["index", "image", "question", "A", "B", "answer"])
+        writer.writerow(["1", base64.b64encode(buffer.getvalue()).decode(), "colour?", "red", "blue", "A"])
+        writer.writerow(["2", "1", "dark?", "yes", "no", "B"])
+    choice = os.path.join(workdir, "metrics_tsv.json")
+    assert evaluate.main(["--load", os.path.join(workdir, "ckpt"), "--data", tsv, "--output", choice,
+                          "--generate", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    with open(choice) as handle:
+        figures = json.load(handle)["generation"]
+    assert figures["choice"]["num_questions"] == 2 and 0.0 <= figures["choice"]["accuracy"] <= 1.0
+    assert figures["skipped_long_prompts"] == 0 and "qa" not in figures and "caption" not in figures
 
 
 def diagnostics_job():
@@ -344,7 +440,7 @@ def all_model_jobs(result_path, workdir, tokenizer_path):
 
     jobs = {"routing": routing_job, "ema": ema_job,
             "sampling": lambda: sampling_job(os.path.join(workdir, "sample.png")),
-            "runners": runners_job, "diagnostics": diagnostics_job,
+            "runners": runners_job, "diagnostics": diagnostics_job, "generation": generation_job,
             "evaluate_cli": lambda: evaluate_cli_job(workdir, tokenizer_path)}
     results = {}
     for name, job in jobs.items():

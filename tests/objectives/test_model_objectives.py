@@ -1,6 +1,7 @@
 """Objectives, sampling and evaluation on a real (tiny) model: pixel-gradient routing, the EMA
-target update, image sampling, the evaluation runners, the evaluate CLI and the generation
-diagnostics (eval/diagnostics.py) through the model and the training step.
+target update, image sampling, the evaluation runners, the evaluate CLI (with --generate), the
+generation diagnostics (eval/diagnostics.py) through the model and the training step, and text
+generation with the KV cache against full recompute.
 
 All run in ONE spawned gloo worker (see _jobs.all_model_jobs); each test reports its own job.
 """
@@ -58,3 +59,7 @@ def test_evaluate_cli(job_results):
 
 def test_diagnostics_through_the_model_and_the_step(job_results):
     _assert_passed(job_results, "diagnostics")
+
+
+def test_text_generation_with_the_kv_cache_equals_full_recompute(job_results):
+    _assert_passed(job_results, "generation")
