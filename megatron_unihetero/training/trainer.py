@@ -207,10 +207,7 @@ class Trainer:
         """Open the loggers at the step the run goes on from; a resume (or a torchrun restart)
         is logged and recorded in metrics.jsonl."""
         self.metrics.start(first_step=self.step + 1)
-        restarts, most = stops.torchrun_restarts()
-        if restarts:
-            self.metrics.info(f"torchrun restart {restarts}" + (f" of at most {most}" if most is not None else "")
-                              + f": going on from {self.checkpoints.resume_dir or 'the start'}")
+        restarts, _ = stops.torchrun_restarts()  # launch.run has logged it
         if self.checkpoints.resume_dir is not None or restarts:
             self.metrics.log_event("resume", self.step, {
                 "checkpoint": self.checkpoints.resume_dir, "restart_count": restarts,
