@@ -374,16 +374,17 @@ class CheckpointManager:
             os.remove(os.path.join(self.ck.dir, REQUEUE))
         return 0
 
-    def mark_requeue(self, step: int, reason: str, **details) -> None:
-        """Record that the run stopped at ``step`` (committed) before its end, to be run again
-        (``CKPT_DIR/requeue.json``, written then renamed; global rank 0)."""
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        path = os.path.join(self.ck.dir, REQUEUE)
-        with open(path + ".tmp", "w") as handle:
-            json.dump(dict(step=step, checkpoint=self.latest_name(), reason=reason,
-                           job=os.environ.get("SLURM_JOB_ID"), **details), handle, indent=1)
-        os.replace(path + ".tmp", path)
+    def mark_requeue(self, step: int, reason: str) -> None:
+        """Record that the run stopped at ``step`` (committed) before its end, to be run again:
+        ``CKPT_DIR/requeue.json``, written by global rank 0; collective, so that no rank ends
+        (and no launcher tears the job down) before the file is there."""
+        if _rank_and_world()[0] == 0:
+            path = os.path.join(self.ck.dir, REQUEUE)
+            with open(path + ".tmp", "w") as handle:
+                json.dump({"step": step, "checkpoint": self.latest_name(), "reason": reason,
+                           "job": os.environ.get("SLURM_JOB_ID")}, handle, indent=1)
+            os.replace(path + ".tmp", path)
+        barrier()
 
     # -- load --------------------------------------------------------------------------------
     def load_initial_weights(self, chunks) -> bool:
