@@ -53,10 +53,14 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(cfg.dir, exist_ok=True)
+        if cfg.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
 
     def start(self, first_step: int = 1) -> None:
-        """Open TensorBoard, W&B and the progress bar for a process whose first logged step is
-        ``first_step`` (a resume from step S: S + 1); done at the first record otherwise."""
+        """Open TensorBoard and W&B for a process whose first logged step is ``first_step`` (a
+        resume from step S: S + 1); done at the first record otherwise."""
         if self.started or not self.enabled:
             return
         self.started = True
@@ -77,11 +81,6 @@ class MetricsLogger:
             else:
                 self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.dir,
                                         id=self._wandb_run_id(), resume="allow")
-        if cfg.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total_steps, initial=first_step - 1, desc="train",
-                            dynamic_ncols=True)
 
     def _wandb_run_id(self) -> str:
         """The W&B run of this logging folder: its id, made and kept on the first start."""
