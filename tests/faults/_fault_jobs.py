@@ -38,7 +38,7 @@ def _is_step(path: str, step: int) -> bool:
 
 
 def _wrap_tensor_writes(step: int, fault):
-    """Run ``fault(path)`` before each item torch_dist writes into the checkpoint of ``step``
+    """Run ``fault(stream)`` before each item torch_dist writes into the checkpoint of ``step``
     (in the forked writer process)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -48,16 +48,19 @@ def _wrap_tensor_writes(step: int, fault):
     def write_item(*args, **kwargs):
         stream = next(a for a in args if hasattr(a, "write"))
         if _is_step(getattr(stream, "name", ""), step):
-            fault(stream.name)
+            fault(stream)
         return original(*args, **kwargs)
 
     filesystem_async._write_item = write_item
 
 
 def kill_mid_write(step: int) -> None:
-    def fault(path):
-        # Something of the file is on disk, then the training process dies mid-save.
-        os.write(os.open(path, os.O_WRONLY | os.O_APPEND), b"\0" * 64)
+    def fault(stream):
+        # Something of the file is on disk, then the training process dies mid-save. Written
+        # through the writer's own stream: with multistorageclient installed, megatron-core
+        # writes through msc.open, whose file is a hidden .NAME.tmp until it is closed.
+        stream.write(b"\0" * 64)
+        stream.flush()
         os.kill(os.getppid(), signal.SIGKILL)
         os._exit(1)
 
@@ -78,8 +81,8 @@ def kill_before_commit(step: int) -> None:
 
 
 def enospc(step: int) -> None:
-    def fault(path):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    def fault(stream):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), stream.name)
 
     _wrap_tensor_writes(step, fault)
 
