@@ -21,13 +21,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_unihetero import parallel, platform
-from megatron_unihetero.training import stopping as stops
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.data.loader import build_loader
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import engine as engines
 from megatron_unihetero.training import results
+from megatron_unihetero.training import stopping as stops
 from megatron_unihetero.training.checkpoint import CheckpointManager
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.flops import flop_terms, step_flops
