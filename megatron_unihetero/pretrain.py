@@ -5,7 +5,7 @@ single process. Restarting the same command resumes from the newest complete che
 The libraries' warnings go to LOGGING_DIR/run.log, not the console (``--logging.verbose=true``:
 both).
 
-Exit codes: 0 done (or stopped on SIGTERM after saving), 2 a config error (or data that
+Exit codes: 0 done, 2 a config error (or data that
 cannot be used: a damaged shard, an unfinished preprocessing run), 3 stopped after
 ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm (nothing saved
 at the stop; ``latest`` still names the last finite checkpoint), 4 no checkpoint to resume from
@@ -13,8 +13,14 @@ verifies against its manifest (with ``checkpoint.fallback=false``: the newest on
 message names the file), or a checkpoint could not be written (a full disk: the message names
 the folder; ``latest`` still names the previous checkpoint), 5 a collective failed or timed out
 after ``parallel.timeout_minutes`` (a hung or dead rank; the message names what the run was
-doing). A shard file that changes under the run is a data error (exit 2) naming it; a
-process killed by a signal prints the Python stack it was in (faulthandler).
+doing), 75 stopped before ``train.steps`` on ``train.exit_signal`` (SIGUSR1 by default) or
+SIGTERM, or ahead of a deadline (``train.exit_after_minutes``, Slurm's ``SLURM_JOB_END_TIME``),
+after saving: run the same command again (a requeue) to go on; the checkpoint folder's
+``requeue.json`` says so too. Under torchrun that stop exits 0 instead (torchrun would take any
+other status for a failed worker and restart it): launchers read ``requeue.json``
+(training/stopping.py). A shard file that changes under the run is a
+data error (exit 2) naming it; a process killed by a signal prints the Python stack it was in
+(faulthandler).
 """
 
 from __future__ import annotations

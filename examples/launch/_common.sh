@@ -8,6 +8,13 @@
 #   RDZV_TIMEOUT_S=N          how long torchrun waits for all nodes to join (default 900)
 #   OMP_NUM_THREADS=N         CPU threads per rank (default: cores / GPUs per node, at least 1)
 #   PYTHON=python             the interpreter used for the topology check
+# and the torchrun ones:
+#   MAX_RESTARTS=N            torchrun --max-restarts (default 3): a rank that dies restarts
+#                             the job's ranks, which resume from the newest verified checkpoint
+#                             (each restart is logged and recorded in metrics.jsonl)
+#   SHUTDOWN_TIMEOUT_S=N      after torchrun forwarded a stop signal (train.exit_signal, SIGTERM)
+#                             to its ranks, how long they have to finish the step, save and exit
+#                             before it kills them (default 600; torchrun's own default is 30)
 
 UNIHETERO_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="${UNIHETERO_REPO}${PYTHONPATH:+:${PYTHONPATH}}"
@@ -40,14 +47,26 @@ try:
 except Exception as exc:
     print(f"config error: {exc}", file=sys.stderr)
     sys.exit(3)
+from megatron_unihetero.training.config import exit_signal_name
 par, tr, data = cfg.parallel, cfg.train, cfg.data
 tp, pp = par.tensor_parallel, par.pipeline_parallel
 print(tp, pp, par.engine, f"{par.timeout_minutes:g}", data.micro_batch_size, tr.grad_accumulation,
       data.seq_length)
+# What the stop signal needs: the signal, whether this torchrun forwards such signals to its
+# ranks and waits for them (torch >= 2.8 / 2.9), and the checkpoint folder (requeue.json).
+import torch.distributed.run as torchrun
+flags = torchrun.get_args_parser()._option_string_actions
+print(exit_signal_name(tr.exit_signal), int("--signals-to-handle" in flags),
+      int("--shutdown-timeout" in flags))
+print(cfg.checkpoint.dir)
 ' "$WORLD_SIZE_TOTAL" "$CONFIG" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"); then
     die 2 "could not read '$CONFIG' (see the config error above)"
   fi
-  read -r TP PP ENGINE TIMEOUT_MIN MBS GA SEQ <<<"$out"
+  {
+    read -r TP PP ENGINE TIMEOUT_MIN MBS GA SEQ
+    read -r EXIT_SIGNAL HAS_SIGNALS_TO_HANDLE HAS_SHUTDOWN_TIMEOUT
+    IFS= read -r CKPT_DIR
+  } <<<"$out"
   local mp=$((TP * PP))
   echo "[launch] config:     $CONFIG"
   echo "[launch] topology:   ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s)/node = world size ${WORLD_SIZE_TOTAL}"
@@ -82,6 +101,31 @@ set_dist_env() {
     OVERRIDES=("--parallel.timeout_minutes=${DIST_TIMEOUT_MINUTES}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
   fi
   echo "[launch] env:        TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING} CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS}"
+}
+
+# TORCHRUN_FAULT_ARGS: torchrun's restart and signal flags (after check_topology).
+# torchrun dies on a signal it does not handle (its ranks run in sessions of their own, so they
+# would never see it): it is told to handle train.exit_signal (and SIGUSR1, what slurm.sbatch
+# asks Slurm for) on top of its defaults, and forwards them to its ranks, which save and exit.
+set_torchrun_fault_args() {
+  MAX_RESTARTS=${MAX_RESTARTS:-3}
+  SHUTDOWN_TIMEOUT_S=${SHUTDOWN_TIMEOUT_S:-600}
+  [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die 2 "MAX_RESTARTS must be an integer >= 0, got '$MAX_RESTARTS'"
+  require_int SHUTDOWN_TIMEOUT_S "$SHUTDOWN_TIMEOUT_S"
+  local signals="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+  if [ "$EXIT_SIGNAL" != NONE ] && [[ ",$signals," != *",$EXIT_SIGNAL,"* ]]; then
+    signals="$signals,$EXIT_SIGNAL"
+  fi
+  TORCHRUN_FAULT_ARGS=("--max-restarts=${MAX_RESTARTS}")
+  if [ "$HAS_SIGNALS_TO_HANDLE" = 1 ]; then
+    TORCHRUN_FAULT_ARGS+=("--signals-to-handle=${signals}")
+  else
+    echo "[launch] warning:    this torchrun cannot forward ${EXIT_SIGNAL} to its ranks (torch < 2.8): only SIGTERM stops the run cleanly" >&2
+  fi
+  if [ "$HAS_SHUTDOWN_TIMEOUT" = 1 ]; then
+    TORCHRUN_FAULT_ARGS+=("--shutdown-timeout=${SHUTDOWN_TIMEOUT_S}")
+  fi
+  echo "[launch] faults:     torchrun --max-restarts=${MAX_RESTARTS}; stop signal ${EXIT_SIGNAL} (train.exit_signal) and SIGTERM: finish the step, save, exit (${SHUTDOWN_TIMEOUT_S} s before torchrun kills the ranks)"
 }
 
 # run_or_print CMD...: run it, or with DRY_RUN=1 print it (shell-quoted) and return.

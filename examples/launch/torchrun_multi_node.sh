@@ -6,7 +6,8 @@
 # Environment: NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR (node 0's address, reachable from
 # all nodes) are required; MASTER_PORT (default 29500), GPUS_PER_NODE (default 8), and the
 # common ones in _common.sh: DRY_RUN=1, DIST_TIMEOUT_MINUTES, RDZV_TIMEOUT_S (how long node 0
-# waits for the others), OMP_NUM_THREADS, PYTHON.
+# waits for the others), OMP_NUM_THREADS, PYTHON, MAX_RESTARTS,
+# SHUTDOWN_TIMEOUT_S.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -24,10 +25,11 @@ require_int NNODES "$NNODES"
 
 set_dist_env
 check_topology
+set_torchrun_fault_args
 echo "[launch] this node:  NODE_RANK=${NODE_RANK}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
 
 run_or_print torchrun \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  --rdzv_conf="timeout=${RDZV_TIMEOUT_S}" \
+  --rdzv_conf="timeout=${RDZV_TIMEOUT_S}" "${TORCHRUN_FAULT_ARGS[@]}" \
   -m megatron_unihetero.pretrain --config "$CONFIG" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"

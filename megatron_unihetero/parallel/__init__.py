@@ -48,7 +48,29 @@ def init_distributed(timeout_minutes: float = 30) -> None:
         return
     if platform.has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(platform.distributed_backend(), timeout=timeout)
+    store = _torchrun_restart_store(timeout)
+    if store is None:
+        dist.init_process_group(platform.distributed_backend(), timeout=timeout)
+    else:
+        dist.init_process_group(platform.distributed_backend(), store=store, timeout=timeout,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _torchrun_restart_store(timeout: timedelta) -> Optional[dist.Store]:
+    """The store of a torchrun restart (``--max-restarts``): torchrun's own store under a prefix
+    of this try; None for a first try and for other launchers.
+
+    torchrun (2.13, static and c10d rendezvous alike) keeps one TCPStore for every try of the
+    worker group and hands it to the workers without a per-try prefix, so a restarted group
+    would read the dead group's keys (gloo connects to addresses of processes that are gone:
+    "connectFullMesh failed ... Connection refused"). The prefix torch once added itself
+    (``/worker/attempt_N``) is added here."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/megatron_unihetero/restart_{restart}", store)
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = None,

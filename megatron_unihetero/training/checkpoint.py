@@ -7,6 +7,8 @@
     CKPT_DIR/iter_0000100/engine/         DeepSpeed's own checkpoint (deepspeed engine only)
     CKPT_DIR/iter_0000100/trainer.pt      step, LR scheduler, loader position, RNG states (rank 0)
     CKPT_DIR/iter_0000100/manifest.json   every other file of the folder: size and sha256
+    CKPT_DIR/requeue.json                 present while the run has stopped early to be run
+                                          again (a signal, a deadline: training/stopping.py)
 
 A save (:class:`CheckpointManager`, the one owner of a run's checkpoints) has every rank write
 its part into the iteration folder, in place or in a forked writer process
@@ -49,6 +51,10 @@ from megatron_unihetero.config_io import load_config, save_config
 from megatron_unihetero.training.config import RunConfig
 
 LATEST = "latest"
+# Written (global rank 0) when a run stopped before train.steps to be run again, removed when a
+# run takes the folder: the launch scripts requeue the job when they find it
+# (examples/launch/slurm.sbatch), whatever exit status the launcher passed on.
+REQUEUE = "requeue.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # sha256: hardware-accelerated through OpenSSL on current CPUs, and checkable by hand with
@@ -365,7 +371,22 @@ class CheckpointManager:
 
     def _acquire_lock(self) -> int:
         self.lock.acquire()
+        # An earlier run's request to be run again is answered by this run.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.ck.dir, REQUEUE))
         return 0
+
+    def mark_requeue(self, step: int, reason: str) -> None:
+        """Record that the run stopped at ``step`` (committed) before its end, to be run again:
+        ``CKPT_DIR/requeue.json``, written by global rank 0; collective, so that no rank ends
+        (and no launcher tears the job down) before the file is there."""
+        if _rank_and_world()[0] == 0:
+            path = os.path.join(self.ck.dir, REQUEUE)
+            with open(path + ".tmp", "w") as handle:
+                json.dump({"step": step, "checkpoint": self.latest_name(), "reason": reason,
+                           "job": os.environ.get("SLURM_JOB_ID")}, handle, indent=1)
+            os.replace(path + ".tmp", path)
+        barrier()
 
     # -- load --------------------------------------------------------------------------------
     def load_initial_weights(self, chunks) -> bool:

@@ -21,6 +21,9 @@ from megatron_unihetero.models.config import ConfigError, ModelConfig
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+# The values of train.exit_signal: signals a process can catch that no launcher sends for
+# another reason (SIGINT is a terminal's ^C, SIGKILL / SIGSTOP cannot be caught).
+EXIT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGTERM", "NONE")
 
 
 @dataclass
@@ -93,6 +96,17 @@ class TrainConfig:
     # Stop the run after this many consecutive steps skipped for a non-finite loss or gradient
     # norm (each such step is skipped, not applied); 0: never stop.
     max_bad_steps: int = 10
+    # Stopping before train.steps for a requeue (training/stopping.py): after the current step
+    # the run saves and exits with pretrain's requeue status (75; 0 under torchrun, see there).
+    # A deadline: this many minutes after the process started (None: none) and, when the
+    # environment has it, the job's end time from Slurm (SLURM_JOB_END_TIME); the run stops
+    # once the next step, a save (the longest this process measured) and exit_margin_minutes
+    # would not fit before the earlier of the two.
+    exit_after_minutes: Optional[float] = None
+    exit_margin_minutes: float = 5.0
+    # The signal that asks for that stop (SIGTERM always does too); examples/launch/slurm.sbatch
+    # has Slurm send it ahead of the time limit. none: SIGTERM only.
+    exit_signal: str = "SIGUSR1"
     # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
     # model.freeze_llm.
 
@@ -150,6 +164,12 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
 
 
+def exit_signal_name(value: str) -> str:
+    """``train.exit_signal`` spelled as :data:`EXIT_SIGNALS` spell it (``usr1`` -> ``SIGUSR1``)."""
+    name = str(value).strip().upper()
+    return name if name == "NONE" or name.startswith("SIG") else "SIG" + name
+
+
 def resolve_dtype(dtype: str) -> str:
     """``train.dtype`` decided for this machine: ``auto`` is bf16 where CUDA is, else fp32.
     The one place ``auto`` is read (:meth:`RunConfig.resolved`, the memory planner)."""
@@ -205,6 +225,12 @@ class RunConfig:
             ("train.adam_beta1", train.adam_beta1, 0 <= train.adam_beta1 < 1, "in [0, 1)"),
             ("train.adam_beta2", train.adam_beta2, 0 <= train.adam_beta2 < 1, "in [0, 1)"),
             ("train.clip_grad", train.clip_grad, train.clip_grad >= 0, ">= 0 (0: no clipping)"),
+            ("train.exit_after_minutes", train.exit_after_minutes,
+             train.exit_after_minutes is None or (math.isfinite(train.exit_after_minutes)
+                                                  and train.exit_after_minutes > 0),
+             "> 0, or null (no deadline)"),
+            ("train.exit_margin_minutes", train.exit_margin_minutes,
+             math.isfinite(train.exit_margin_minutes) and train.exit_margin_minutes >= 0, ">= 0"),
             ("checkpoint.save_interval", ck.save_interval, ck.save_interval >= 0, ">= 0 (0: at the end only)"),
             ("checkpoint.keep_last", ck.keep_last, ck.keep_last >= 0, ">= 0 (0: keep all)"),
             ("logging.log_interval", log.log_interval, log.log_interval >= 1, ">= 1"),
@@ -219,6 +245,9 @@ class RunConfig:
         for key, value, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {expected}; got {value}")
+        if exit_signal_name(train.exit_signal) not in EXIT_SIGNALS:
+            raise ConfigError(f"train.exit_signal must be one of {' | '.join(EXIT_SIGNALS)}; got "
+                              f"{train.exit_signal!r}")
         if data.weights is not None and (any(w < 0 for w in data.weights) or not sum(data.weights) > 0):
             raise ConfigError(f"data.weights must be >= 0 with a positive sum; got {data.weights}")
 

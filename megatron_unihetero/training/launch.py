@@ -18,6 +18,7 @@ from megatron_unihetero.data.shards import ShardError
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero import console
 from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.stopping import StopPolicy, requeue_exit_status, torchrun_restarts
 from megatron_unihetero.training.trainer import (
     CollectiveFailure,
     NonFiniteTrainingError,
@@ -37,6 +38,14 @@ def run(config_path, overrides, log: console.RunLog) -> dict:
         raise SystemExit(2)
     log.open(os.path.join(cfg.logging.dir, console.log_file_name(console.launcher_rank())),
              verbose=cfg.logging.verbose)
+    # The deadline counts from here, and the stop signals are caught from here on: one that
+    # arrives while the model is built stops the run after its first step.
+    stopping = StopPolicy(cfg.train)
+    stopping.install()
+    restarts, most = torchrun_restarts()
+    if restarts and console.launcher_rank() == 0:
+        print(f"[megatron_unihetero] torchrun restart {restarts} of at most {most}: resuming from "
+              f"the newest checkpoint that verifies", flush=True)
 
     parallel.init_distributed(cfg.parallel.timeout_minutes)
     parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed,
@@ -45,8 +54,7 @@ def run(config_path, overrides, log: console.RunLog) -> dict:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
     try:
-        trainer = Trainer(cfg)
-        trainer.install_signal_handler()
+        trainer = Trainer(cfg, stopping)
         result = trainer.train()
     except (ConfigError, ShardError) as exc:
         # What the config asks of the data and the model, checked once they exist (the
@@ -74,8 +82,15 @@ def run(config_path, overrides, log: console.RunLog) -> dict:
         raise SystemExit(3 if isinstance(exc, NonFiniteTrainingError) else 4) from exc
     if trainer.is_logger:
         write_summary(os.path.join(cfg.logging.dir, "train_summary.json"), result)
-        print(f"[megatron_unihetero] done: checkpoint {result.get('checkpoint')}, "
-              f"logs {cfg.logging.dir} (metrics.jsonl, tensorboard/)", flush=True)
+        if trainer.stopped:
+            print(f"[megatron_unihetero] stopped at step {trainer.step} of {cfg.train.steps} "
+                  f"({trainer.stopped}): checkpoint {result.get('checkpoint')}; run the same "
+                  f"command again to go on", flush=True)
+        else:
+            print(f"[megatron_unihetero] done: checkpoint {result.get('checkpoint')}, "
+                  f"logs {cfg.logging.dir} (metrics.jsonl, tensorboard/)", flush=True)
     parallel.destroy()
     dist.destroy_process_group()
+    if trainer.stopped and requeue_exit_status():
+        raise SystemExit(requeue_exit_status())
     return result

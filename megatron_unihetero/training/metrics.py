@@ -3,6 +3,13 @@
 The periodic line says where the run is and when it ends: ``step 120/300 | eta 2:41 | loss ...``,
 the ETA from a smoothed wall time per step (evaluations and saves included). With a progress
 bar on the terminal every line is written through tqdm, above the bar, never into it.
+
+A resumed run logs on in the same places: metrics.jsonl is appended to (with a ``resume``
+record: step, checkpoint, torchrun's restart count); TensorBoard writes into the same folder
+with ``purge_step`` at the first step this process logs, so the steps an interrupted process
+logged past its last checkpoint are hidden and each step shows once; W&B resumes the same run,
+its id kept in ``LOGGING_DIR/wandb_run_id`` (``resume="allow"``; ``WANDB_MODE=offline`` needs
+no network).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Dict, Optional
 
 from megatron_unihetero.training.config import LoggingConfig
@@ -41,26 +49,52 @@ class MetricsLogger:
         self._samples = 0
         self._last: Optional[tuple] = None
         self.history_path = os.path.join(cfg.dir, "metrics.jsonl")
+        self.started = False
         if not enabled:
             return
         os.makedirs(cfg.dir, exist_ok=True)
+        if cfg.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+
+    def start(self, first_step: int = 1) -> None:
+        """Open TensorBoard and W&B for a process whose first logged step is ``first_step`` (a
+        resume from step S: S + 1); done at the first record otherwise."""
+        if self.started or not self.enabled:
+            return
+        self.started = True
+        cfg = self.cfg
         # Each logger is imported only when switched on: wandb is optional, and tensorboard's
         # import is slow enough to notice in a short run without it.
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(cfg.dir, "tensorboard"))
+            # purge_step: TensorBoard hides what earlier event files hold from this step on
+            # (an interrupted process's steps past the checkpoint resumed from).
+            self.tb = SummaryWriter(os.path.join(cfg.dir, "tensorboard"), purge_step=first_step)
         if cfg.wandb:
             try:
                 import wandb
             except ImportError:
                 self.info("logging.wandb=true but wandb is not installed; W&B logging is off")
             else:
-                self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.dir)
-        if cfg.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.dir,
+                                        id=self._wandb_run_id(), resume="allow")
 
-            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+    def _wandb_run_id(self) -> str:
+        """The W&B run of this logging folder: its id, made and kept on the first start."""
+        path = os.path.join(self.cfg.dir, "wandb_run_id")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                run_id = handle.read().strip()
+            if run_id:
+                return run_id
+        run_id = uuid.uuid4().hex[:16]
+        with open(path + ".tmp", "w") as handle:
+            handle.write(run_id + "\n")
+        os.replace(path + ".tmp", path)
+        return run_id
 
     def info(self, message: str) -> None:
         if not self.enabled:
@@ -95,7 +129,15 @@ class MetricsLogger:
             return None
         return max(self.total_steps - step, 0) * self.step_time
 
+    def log_event(self, kind: str, step: int, record: Dict[str, object]) -> None:
+        """A record of ``kind`` in metrics.jsonl only (a resume: step, checkpoint, restarts)."""
+        if not self.enabled:
+            return
+        with open(self.history_path, "a") as handle:
+            handle.write(json.dumps({"step": step, "kind": kind, **record}) + "\n")
+
     def _write(self, step: int, record: Dict[str, float], prefix: str) -> None:
+        self.start(step)
         with open(self.history_path, "a") as handle:
             handle.write(json.dumps({"step": step, "kind": prefix, **record}) + "\n")
         for key, value in record.items():

@@ -1,15 +1,17 @@
-"""The Trainer: the loop, logging, evaluation, the checkpoint cadence and signals.
+"""The Trainer: the loop, logging, evaluation, the checkpoint cadence and the early stop.
 
 It owns *when* things happen; the engine (training/engine.py, the contract) owns *how* a step
 runs, and the checkpoint manager (training/checkpoint.py) how a checkpoint is written and read.
 The trainer never asks which engine it drives. Restarting the same command resumes from
 ``checkpoint.dir/latest``: model, optimizer, LR schedule, loader position, RNG states and step.
+After every step the ranks agree whether to stop before ``train.steps`` (training/stopping.py:
+the exit signal, SIGTERM, a deadline); a stopped run saves, and pretrain exits for a requeue.
 """
 
 from __future__ import annotations
 
 import json
-import signal
+import os
 import time
 from typing import List, Optional
 
@@ -25,6 +27,7 @@ from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import engine as engines
 from megatron_unihetero.training import results
+from megatron_unihetero.training import stopping as stops
 from megatron_unihetero.training.checkpoint import CheckpointManager
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.flops import flop_terms, step_flops
@@ -63,8 +66,10 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stopping: Optional[stops.StopPolicy] = None):
         self.cfg = cfg = cfg.resolved()
+        # When to stop before train.steps (launch.run builds it first, when the process starts).
+        self.stopping = stopping or stops.StopPolicy(cfg.train)
         engine_class = engines.engine_class(cfg)
         # This rank's model chunks: one per virtual pipeline stage (one without interleaving).
         self.chunks = parallel.build_model_chunks(cfg.model, params_dtype=engine_class.params_dtype(cfg),
@@ -93,7 +98,7 @@ class Trainer:
             self.checkpoints.release()
             raise
         self.step = 0
-        self._stop_requested = False
+        self.stopped: Optional[str] = None  # why the run stopped before train.steps
         # Steps skipped for a non-finite loss or gradient norm (the engine did not apply them).
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
@@ -118,14 +123,16 @@ class Trainer:
         )
 
     def install_signal_handler(self) -> None:
-        """SIGTERM (a scheduler's preemption) -> save a checkpoint at the end of this step."""
-        def handler(signum, frame):
-            self._stop_requested = True
-        signal.signal(signal.SIGTERM, handler)
+        """The exit signal and SIGTERM stop the run after the step it is in (StopPolicy)."""
+        self.stopping.install()
 
     def save(self) -> Optional[str]:
-        """Save this step's checkpoint (:meth:`CheckpointManager.save`); collective."""
-        return self.checkpoints.save(self.step, self.engine, self.train_loader)
+        """Save this step's checkpoint (:meth:`CheckpointManager.save`); collective. Its time
+        is kept for the margin before a deadline."""
+        start = time.perf_counter()
+        saved = self.checkpoints.save(self.step, self.engine, self.train_loader)
+        self.stopping.note_save(time.perf_counter() - start)
+        return saved
 
     # -- the loop ------------------------------------------------------------------------------
     def next_batches(self) -> List[dict]:
@@ -152,6 +159,7 @@ class Trainer:
         cfg = self.cfg
         self.phase = "resuming"
         self.step = self.checkpoints.load(self.engine, self.train_loader)
+        self._log_start()
         for chunk in self.chunks:
             chunk.train()
         final: dict = {}
@@ -173,20 +181,38 @@ class Trainer:
             if cfg.logging.eval_interval and self.step % cfg.logging.eval_interval == 0:
                 self.phase = f"evaluating at step {self.step}"
                 final.update(self.evaluate())
-            stop = self._stop_agreed()
+            self.phase = f"agreeing whether to stop after step {self.step}"
+            stop = self.stopping.agree(step_s=time.perf_counter() - start)
             if (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
                     or self.step == cfg.train.steps or stop:
                 self.phase = f"saving the checkpoint of step {self.step}"
                 self.save()
             if stop:
-                self.metrics.info(f"stopping at step {self.step} on SIGTERM")
+                if self.step < cfg.train.steps:
+                    self.stopped = stop
+                    self.metrics.info(f"stopping at step {self.step} of {cfg.train.steps}: {stop}")
                 break
         self.phase = "finishing the last checkpoint"
         self.checkpoints.close()  # the last save is committed before the run ends
+        if self.stopped:
+            self.checkpoints.mark_requeue(self.step, self.stopped)
         self.engine.close()
         self.metrics.close()
         final["checkpoint"] = self.checkpoints.last_committed
+        if self.stopped:
+            final.update(stopped=self.stopped, step=self.step)
         return final
+
+    def _log_start(self) -> None:
+        """Open the loggers at the step the run goes on from; a resume (or a torchrun restart)
+        is logged and recorded in metrics.jsonl."""
+        self.metrics.start(first_step=self.step + 1)
+        restarts, _ = stops.torchrun_restarts()  # launch.run has logged it
+        if self.checkpoints.resume_dir is not None or restarts:
+            self.metrics.log_event("resume", self.step, {
+                "checkpoint": self.checkpoints.resume_dir, "restart_count": restarts,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)})
 
     def _count_skipped(self, result: StepResult) -> None:
         """Every rank counts (the engine's decision is the same on all): the stop is collective."""
@@ -210,11 +236,6 @@ class Trainer:
                 f"stopping: {self.bad_steps_in_a_row} consecutive steps with a non-finite loss or "
                 f"gradient norm (last good step {self.last_good_step}); the last checkpoint is "
                 f"{self.checkpoints.latest_name()}")
-
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1 if self._stop_requested else 0], device=platform.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def _log_step(self, result: StepResult, batches, elapsed) -> dict:
         result = results.reduce_over_dp(result, self.dp_group)

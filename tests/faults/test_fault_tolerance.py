@@ -1,8 +1,10 @@
-"""Faults a long run meets, injected on CPU: kills (also mid-save), a full disk, a hung rank.
+"""Faults a long run meets, injected on CPU: kills (also mid-save), a full disk, a hung rank, the
+exit signal and a deadline (a requeue), a rank killed under torchrun (a restart in the job).
 
-Each faulty run is the tiny pretraining run (megatron_unihetero.testing.runs) in its own process,
-with a checkpoint every 2 steps; the reference is the same run without a fault (a worker of
-megatron_unihetero.testing's forkserver: it needs no process of its own).
+Each faulty run is the tiny pretraining run (megatron_unihetero.testing.runs) with a checkpoint
+every 2 steps, in its own process where the test needs one (kills, torchrun) and in workers of
+megatron_unihetero.testing's forkserver otherwise; the reference is the same run without a
+fault (one rank, and two), in the forkserver.
 """
 
 import json
@@ -19,27 +21,29 @@ import pytest
 from megatron_unihetero.testing import run_distributed_test
 from megatron_unihetero.testing.distributed import free_port
 from megatron_unihetero.training import checkpoint as ckpt
+from megatron_unihetero.training.stopping import EXIT_REQUEUE
 
+from tests.faults import _fault_jobs as faults
 from tests.training import _train_jobs as jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAVE_EVERY = {"checkpoint.save_interval": 2}
 
 
-def _command(fault: str, args, ranks: int = 1) -> list:
+def _command(fault: str, args, ranks: int = 1, torchrun=()) -> list:
     job = ["-m", "tests.faults._fault_jobs", fault, *args]
     if ranks == 1:
         return [sys.executable, *job]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-            "--master-port", str(free_port()), *job]
+            "--master-port", str(free_port()), *torchrun, *job]
 
 
-def _run(fault: str, args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(fault: str, args, ranks: int = 1, timeout: int = 300, torchrun=()) -> subprocess.CompletedProcess:
     """Run to the end; the output goes through a file, not a pipe: a process killed mid-save
     can leave a helper of megatron's writer behind holding its stdout, and waiting for a pipe
     to close would wait for that helper."""
     with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.run(_command(fault, args, ranks), cwd=ROOT, stdout=log,
+        proc = subprocess.run(_command(fault, args, ranks, torchrun), cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
         log.seek(0)
         proc.stdout = log.read()
@@ -67,6 +71,14 @@ def straight_run(data_prefix, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(straight_run):
     return jobs.train_losses(straight_run)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2ranks(data_prefix, tmp_path_factory):
+    """The reference of the 2-rank faults (DP=2), in the forkserver too."""
+    run_dir = str(tmp_path_factory.mktemp("straight2"))
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
+    return jobs.train_losses(run_dir)
 
 
 def _kill_at_a_random_step(args, run_dir: str, step: int) -> None:
@@ -257,3 +269,79 @@ def test_a_payload_planted_in_any_pickled_file_is_refused_by_resume_export_and_e
                 evaluate.main(["--load", iter_dir, "--data", str(tmp_path / "unused.tsv"), "--tokenizer", tokenizer])
             assert exit_info.value.code == 2 and expected in capsys.readouterr().err, rel
         assert not marker.exists(), rel
+
+
+def _requeue_record(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "ckpt", ckpt.REQUEUE)) as handle:
+        return json.load(handle)
+
+
+def test_the_exit_signal_on_one_rank_and_a_deadline_stop_save_and_requeue(
+        data_prefix, uninterrupted_2ranks, tmp_path, monkeypatch):
+    """Two ranks, one run folder, the same command three times: (1) rank 1 alone gets SIGUSR1
+    during step 3: both ranks stop after step 3 (one all-reduced flag), save it and exit with
+    the requeue status 75, requeue.json naming the step and the signal; (2) the job's end time
+    from Slurm (SLURM_JOB_END_TIME) has passed: the run stops after its first step, 4, the same
+    way; (3) the run ends at step 6. Every step is logged once, with the loss of the run that
+    was never stopped, and each resume is a record in metrics.jsonl."""
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **SAVE_EVERY)
+    run_distributed_test(faults.requeue_job, 2, "usr1@3", args, EXIT_REQUEUE)
+    assert _requeue_record(run_dir)["step"] == 3 and _requeue_record(run_dir)["reason"] == "SIGUSR1"
+    assert _latest(run_dir) == "iter_0000003"
+    assert ckpt.manifest_problems(os.path.join(run_dir, "ckpt", "iter_0000003")) == []
+
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time())))
+    run_distributed_test(faults.requeue_job, 2, "none", args, EXIT_REQUEUE)
+    record = _requeue_record(run_dir)
+    assert record["step"] == 4 and "SLURM_JOB_END_TIME" in record["reason"], record
+    assert record["checkpoint"].endswith("iter_0000004")
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+
+    run_distributed_test(jobs.pretrain_job, 2, args)
+    assert not os.path.exists(os.path.join(run_dir, "ckpt", ckpt.REQUEUE))
+    assert _latest(run_dir) == "iter_0000006"
+    logged = _logged(run_dir)
+    train = [r for r in logged if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for r in train:
+        assert r["loss"] == pytest.approx(uninterrupted_2ranks[r["step"]], rel=1e-6), r["step"]
+    resumes = [(r["step"], os.path.basename(r["checkpoint"]), r["restart_count"])
+               for r in logged if r["kind"] == "resume"]
+    assert resumes == [(3, "iter_0000003", 0), (4, "iter_0000004", 0)]
+
+
+def test_a_rank_killed_under_torchrun_restarts_the_job_from_the_newest_checkpoint(
+        data_prefix, uninterrupted_2ranks, tmp_path):
+    """torchrun --max-restarts=1, 2 ranks (static rendezvous; the launch scripts' c10d one keeps
+    its store across tries the same way): rank 1 is SIGKILLed as step 4 begins (the last
+    checkpoint is step 2's); torchrun restarts both ranks, which resume from step 2 and end at
+    step 6 with the losses of the run that was never killed. The restart is a record in
+    metrics.jsonl (restart_count 1), and TensorBoard, written by both tries into one folder,
+    shows each step once: the second try's, purging the first try's step 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = str(tmp_path / "run")
+    args = jobs.overrides(data_prefix, run_dir, **SAVE_EVERY, **{"logging.tensorboard": "true"})
+    # (torchrun keeps its store across tries: parallel.init_distributed gives each try a prefix
+    # of its own, or the second try's gloo would connect to the first try's dead ranks.)
+    done = _run("sigkill@4", args, ranks=2, torchrun=["--max-restarts=1"])
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "torchrun restart 1 of at most 1" in done.stdout, done.stdout[-4000:]
+    logged = _logged(run_dir)
+    train = [r["step"] for r in logged if r["kind"] == "train"]
+    assert train == [1, 2, 3, 3, 4, 5, 6], train  # step 3 by both tries
+    resumes = [r for r in logged if r["kind"] == "resume"]
+    assert [(r["step"], os.path.basename(r["checkpoint"]), r["restart_count"]) for r in resumes] \
+        == [(2, "iter_0000002", 1)]
+    losses = jobs.train_losses(run_dir)
+    for step in range(1, 7):
+        assert losses[step] == pytest.approx(uninterrupted_2ranks[step], rel=1e-6), step
+    assert _latest(run_dir) == "iter_0000006"
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]
+    for e in scalars:
+        assert e.value == pytest.approx(uninterrupted_2ranks[e.step], rel=1e-5), e.step

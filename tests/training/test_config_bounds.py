@@ -21,6 +21,10 @@ from megatron_unihetero.training.config import RunConfig
     ("--checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0"),
     ("--logging.log_interval=0", "logging.log_interval must be >= 1"),
     ("--parallel.timeout_minutes=0", "parallel.timeout_minutes must be > 0"),
+    ("--train.exit_after_minutes=0", r"train.exit_after_minutes must be > 0, or null \(no deadline\); got 0"),
+    ("--train.exit_after_minutes=inf", "train.exit_after_minutes must be > 0"),
+    ("--train.exit_margin_minutes=-1", "train.exit_margin_minutes must be >= 0; got -1"),
+    ("--train.exit_signal=SIGKILL", "train.exit_signal must be one of SIGUSR1 | SIGUSR2 | .*; got 'SIGKILL'"),
     ("--model.semantic.weight=-1", "semantic.weight must be >= 0"),  # the model config's own check
 ])
 def test_numeric_options_are_bounded_by_name(override, message):

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "NNODES", "GPUS_PER_NODE",
-                                     "DIST_TIMEOUT", "RDZV_", "HOSTFILE", "DRY_RUN"))}
+                                     "DIST_TIMEOUT", "RDZV_", "HOSTFILE", "DRY_RUN", "MAX_RESTARTS",
+                                     "SHUTDOWN_TIMEOUT"))}
     full_env.update(DRY_RUN="1", PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
@@ -66,6 +67,7 @@ def test_single_node_dry_run():
     cmd = _command(proc)
     assert cmd[0] == "torchrun"
     assert "--nproc_per_node=2" in cmd and "--nnodes=1" in cmd
+    assert "--max-restarts=3" in cmd  # a rank that dies restarts the ranks from the checkpoint
     i = cmd.index("-m")
     assert cmd[i + 1:] == ["megatron_unihetero.pretrain", "--config", TINY, "--train.steps=5"]
 
@@ -129,17 +131,90 @@ def test_deepspeed_dry_run(tmp_path):
                     "--parallel.engine=deepspeed", "--train.steps=3"]
 
 
+SLURM_ENV = dict(SLURM_JOB_ID="123", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a,gpu-b",
+                 SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="8", MASTER_ADDR="gpu-a")
+
+
 def test_slurm_dry_run():
-    proc = _run("slurm.sbatch", TINY, SLURM_JOB_ID="123", SLURM_NNODES="2",
-                SLURM_JOB_NODELIST="gpu-a,gpu-b", SLURM_SUBMIT_DIR=str(REPO),
-                SLURM_GPUS_ON_NODE="8", MASTER_ADDR="gpu-a")
+    proc = _run("slurm.sbatch", TINY, "--checkpoint.dir=/shared/run/ckpt", **SLURM_ENV)
     assert proc.returncode == 0, proc.stderr
     assert "world size 16" in proc.stdout
     cmd = _command(proc)
     assert cmd[0] == "srun" and "torchrun" in cmd
     for flag in ("--nnodes=2", "--nproc_per_node=8", "--rdzv_id=123", "--rdzv_backend=c10d",
-                 "--rdzv_endpoint=gpu-a:29500"):
+                 "--rdzv_endpoint=gpu-a:29500", "--max-restarts=3", "--shutdown-timeout=600"):
         assert flag in cmd, (flag, cmd)
+    # torchrun forwards the stop signal to its ranks (it would die of a signal it does not handle)
+    handled = next(a for a in cmd if a.startswith("--signals-to-handle=")).split("=")[1].split(",")
+    assert {"SIGUSR1", "SIGTERM"} <= set(handled)
+    # Slurm is asked for USR1 ahead of the limit, the shell forwards it, and requeues the job
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@600" in text and "#SBATCH --requeue" in text
+    assert "(#SBATCH --signal=B:USR1@600); trap USR1 -> kill -s USR1 <srun pid>" in proc.stdout
+    assert "if /shared/run/ckpt/requeue.json exists" in proc.stdout
+    assert "scontrol requeue 123" in proc.stdout
+
+
+def _fake_slurm(bin_dir: Path, log: Path) -> None:
+    """srun and scontrol stand-ins: srun logs the signal it gets and then acts as a stopped run
+    (writes CKPT_DIR/requeue.json, torchrun's status 1) or, with FAKE_SRUN_EXIT, ends with it."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"""#!/usr/bin/env bash
+ckpt=""
+for a in "$@"; do case "$a" in --checkpoint.dir=*) ckpt="${{a#--checkpoint.dir=}}";; esac; done
+stop() {{ echo "srun got $1" >>{log}; echo '{{"step": 3}}' >"$ckpt/requeue.json"; exit 1; }}
+trap 'stop USR1' USR1
+trap 'stop USR2' USR2
+trap 'stop TERM' TERM
+echo started >>{log}
+[ -z "${{FAKE_SRUN_EXIT:-}}" ] || exit "$FAKE_SRUN_EXIT"
+for i in $(seq 600); do sleep 0.1; done
+""")
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "scontrol $*" >>{log}\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("outcome", ["signal", "failure"])
+def test_slurm_forwards_the_signal_and_requeues_a_stopped_run(tmp_path, outcome):
+    """slurm.sbatch for real, srun and scontrol faked: Slurm's USR1 reaches srun as the run's
+    train.exit_signal (SIGUSR2 here), and the stopped run is requeued; a run that fails is not.
+    (MAX_RESTARTS reaches torchrun.)"""
+    import signal
+    import time
+
+    log = tmp_path / "log"
+    log.touch()
+    _fake_slurm(tmp_path / "bin", log)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "requeue.json").write_text("{}")  # an earlier allocation's: removed before srun
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "DRY_RUN"))}
+    env.update(SLURM_ENV, PATH=f"{tmp_path / 'bin'}:{env['PATH']}", PYTHON=sys.executable,
+               MAX_RESTARTS="1")
+    if outcome == "failure":
+        env["FAKE_SRUN_EXIT"] = "3"
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), TINY, f"--checkpoint.dir={ckpt}",
+                             "--train.exit_signal=SIGUSR2"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if outcome == "signal":
+        deadline = time.time() + 60
+        while "started" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    calls = log.read_text().splitlines()
+    if outcome == "signal":
+        assert proc.returncode == 0, output
+        assert calls == ["started", "srun got USR2", "scontrol requeue 123"], (calls, output)
+        assert "got SIGUSR1: sending SIGUSR2 to the ranks" in output
+        assert "requeueing job 123" in output
+        assert "--max-restarts=1" in output and "SIGUSR1,SIGUSR2" in output  # the srun line
+    else:
+        assert proc.returncode == 3, output
+        assert calls == ["started"], (calls, output)  # no requeue.json left: no requeue
 
 
 # ---- the paper-scale config --------------------------------------------------------------

@@ -11,6 +11,7 @@ from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.testing import run_distributed_test
 from megatron_unihetero.training import checkpoint as ckpt
 from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.stopping import EXIT_REQUEUE
 
 from tests.training import _train_jobs as jobs
 
@@ -212,7 +213,10 @@ def test_world_size_must_be_a_multiple_of_tp_times_pp(data_prefix):
         cfg.validate(world_size=3)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_prefix, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_for_a_requeue(data_prefix, tmp_path):
+    """SIGTERM (a preemption) mid-run: the run saves the step it is in and exits with the
+    requeue status (75), recording why in CKPT_DIR/requeue.json. (The exit signal on one rank
+    of two, a deadline and the resume's losses: tests/faults.)"""
     import json
     import signal
     import subprocess
@@ -231,8 +235,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_prefix, tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, output
-    assert "stopping at step" in output
+    assert proc.returncode == EXIT_REQUEUE == 75, output
+    assert "stopping at step" in output and "SIGTERM" in output
     latest = open(os.path.join(run_dir, "ckpt", "latest")).read().strip()
     steps = [json.loads(line)["step"] for line in open(metrics)]
     assert latest == f"iter_{max(steps):07d}"
+    with open(os.path.join(run_dir, "ckpt", ckpt.REQUEUE)) as handle:
+        record = json.load(handle)
+    assert record["step"] == max(steps) and record["reason"] == "SIGTERM"
