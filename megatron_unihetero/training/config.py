@@ -162,6 +162,15 @@ class LoggingConfig:
     # Peak dense TFLOP/s of one accelerator, for MFU (training/flops.py). None: 989 (H100 SXM
     # bf16) on GPU; no MFU on CPU.
     peak_tflops: Optional[float] = None
+    # Each step's time by phase in metrics.jsonl (time_data_s, time_forward_backward_s,
+    # time_optimizer_s, time_checkpoint_s; training/monitor.py). On a GPU each phase boundary
+    # synchronises the device; false: no phase timers.
+    time_breakdown: bool = True
+    # [first, last]: torch.profiler over those steps (1-based, inclusive) on profile_ranks,
+    # traces under LOGGING_DIR/profile/ (TensorBoard's profiler plugin, Perfetto) with the
+    # window's memory (CUDA memory history on GPU, peak RSS on CPU). None: no profiling.
+    profile_steps: Optional[List[int]] = None
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
 
 
 def exit_signal_name(value: str) -> str:
@@ -250,6 +259,12 @@ class RunConfig:
                               f"{train.exit_signal!r}")
         if data.weights is not None and (any(w < 0 for w in data.weights) or not sum(data.weights) > 0):
             raise ConfigError(f"data.weights must be >= 0 with a positive sum; got {data.weights}")
+        window = log.profile_steps
+        if window is not None and not (len(window) == 2 and all(isinstance(s, int) for s in window)
+                                       and 1 <= window[0] <= window[1]):
+            raise ConfigError(f"logging.profile_steps must be [first, last] with 1 <= first <= last; got {window}")
+        if not all(isinstance(r, int) and r >= 0 for r in log.profile_ranks):
+            raise ConfigError(f"logging.profile_ranks must be global ranks (ints >= 0); got {log.profile_ranks}")
 
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""

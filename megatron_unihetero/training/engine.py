@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 from megatron_unihetero.training.config import RunConfig
 from megatron_unihetero.training.optim import advance_lr
+from megatron_unihetero.training.monitor import PhaseTimer
 from megatron_unihetero.training.results import StepResult
 
 # parallel.engine -> the module and class implementing it, imported on demand: importing
@@ -64,6 +65,8 @@ class Engine(abc.ABC):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg.resolved()  # a no-op for the trainer's (already resolved) config
         self.lr_scheduler = None  # set by the implementation once its optimizer exists
+        # The implementations time their step's phases with it (training/monitor.py).
+        self.timer = PhaseTimer(self.cfg.logging.time_breakdown)
 
     @classmethod
     @abc.abstractmethod
@@ -83,11 +86,14 @@ class Engine(abc.ABC):
         lr = advance_lr(self.lr_scheduler, step, self.cfg.train)
         result = self.train_step(batches, objective_weights(self.cfg, step))
         result.lr = lr
+        result.times.update(self.timer.pop())
         return result
 
     def eval_batch(self, batches: List[dict], step: int) -> StepResult:
         """Forward only, with the objective weights of step ``step``."""
-        return self.eval_step(batches, objective_weights(self.cfg, step))
+        result = self.eval_step(batches, objective_weights(self.cfg, step))
+        self.timer.pop()  # an evaluation's phases are not the next training step's
+        return result
 
     @abc.abstractmethod
     def train_step(self, batches: List[dict], weights: Mapping[str, float]) -> StepResult:

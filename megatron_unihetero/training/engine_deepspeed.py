@@ -226,29 +226,36 @@ class DeepSpeedEngine(Engine):
         loss_finite = True
         self._own_skip = False
         for index, batch in enumerate(batches):
-            total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
+            with self.timer.phase("forward_backward"):
+                total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
+                if backward:
+                    # DeepSpeed averages gradients over DP; the normalised losses must be
+                    # summed (losses.py): times dp_size.
+                    self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
             reports.append(report)
             if backward:
                 if not self._library_skips_non_finite():  # a device sync: only where it is used
                     loss_finite = loss_finite and bool(torch.isfinite(total))
-                # DeepSpeed averages gradients over DP; the normalised losses must be summed
-                # (losses.py): times dp_size.
-                self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
                 if index == len(batches) - 1 and not self._library_skips_non_finite():
                     self._own_skip = self._drop_non_finite_grads(loss_finite)
-                if self._own_skip:
-                    # DeepSpeed's fp32 clipping indexes the first parameter with a gradient
-                    # and fails when there is none: nothing to clip in a skipped step. Its
-                    # config is the only switch (as for load_universal_checkpoint in load()).
-                    clip = self.engine._config.gradient_clipping
-                    self.engine._config.gradient_clipping = 0.0
-                    try:
-                        self.engine.step()
-                    finally:
-                        self.engine._config.gradient_clipping = clip
-                else:
-                    self.engine.step()  # steps the optimizer at the accumulation boundary only
+                with self.timer.phase("optimizer"):
+                    self._step(self._own_skip)
         return losses.summarize(reports, counts, weights)
+
+    def _step(self, skipped: bool) -> None:
+        """DeepSpeed's ``step()``: the optimizer steps at the accumulation boundary only."""
+        if not skipped:
+            self.engine.step()
+            return
+        # DeepSpeed's fp32 clipping indexes the first parameter with a gradient and fails when
+        # there is none: nothing to clip in a skipped step. Its config is the only switch (as
+        # for load_universal_checkpoint in load()).
+        clip = self.engine._config.gradient_clipping
+        self.engine._config.gradient_clipping = 0.0
+        try:
+            self.engine.step()
+        finally:
+            self.engine._config.gradient_clipping = clip
 
     @torch.no_grad()
     def _drop_non_finite_grads(self, loss_finite: bool) -> bool:

@@ -139,11 +139,13 @@ class MegatronEngine(Engine):
         # No finalize_model_grads_func for the schedule: its per-token scaling divides every
         # gradient by one token count, while each objective here is normalised by its own
         # (up front, in the loss); the gradient finalisation is _finalize_grads below.
-        result = step_lib.forward_backward(
-            self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
-            dp_group=self.dp_group)
-        self._finalize_grads()
-        result.grad_norm, result.skipped = self._optimizer_step(result.losses.get("loss"))
+        with self.timer.phase("forward_backward"):  # the DP gradient reduction included
+            result = step_lib.forward_backward(
+                self._step_model(), batches, weights=weights, image_token_id=self.cfg.model.image_token_id,
+                dp_group=self.dp_group)
+            self._finalize_grads()
+        with self.timer.phase("optimizer"):
+            result.grad_norm, result.skipped = self._optimizer_step(result.losses.get("loss"))
         if not result.skipped:  # a skipped step left the projector as it was: the copy stays too
             parallel.sync_semantic_targets(self.chunks)
         return result

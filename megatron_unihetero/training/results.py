@@ -33,6 +33,7 @@ REDUCTIONS: Dict[str, str] = {
     "grad_norm": GLOBAL,  # megatron-core's and DeepSpeed's norms are global
     "skipped": GLOBAL,  # one all-reduced flag decided it on every rank
     "lr": GLOBAL,
+    "times": MAX,  # the slowest DP rank's time of each phase of the step
 }
 
 # The trainer's work figures per step, over data-parallel ranks.
@@ -47,7 +48,9 @@ class StepResult:
     ``loss``, their weighted total; ``counts``: each objective's global target tokens;
     ``stats``: the diagnostics' sufficient statistics by name (eval/diagnostics.py: ``semantic``,
     ``pixel``, ``embedding``; float64 sums); ``grad_norm`` / ``skipped``: the optimizer step's
-    (None / False for evaluation); ``lr``: the learning rate the step ran at.
+    (None / False for evaluation); ``lr``: the learning rate the step ran at; ``times``: the
+    wall time of the step's phases in seconds (training/monitor.py: ``data``,
+    ``forward_backward``, ``optimizer``, ``checkpoint``).
     """
 
     losses: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -56,6 +59,7 @@ class StepResult:
     grad_norm: Optional[float] = None
     skipped: bool = False
     lr: Optional[float] = None
+    times: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def figures(self, prefix: str = "") -> Dict[str, float]:
         """The flat record to log: the losses, the diagnostics' figures (R², baselines, ...;
@@ -69,6 +73,7 @@ class StepResult:
             out["skipped"] = 1.0 if self.skipped else 0.0
         if self.lr is not None:
             out["lr"] = self.lr
+        out.update({f"time_{name}_s": seconds for name, seconds in self.times.items()})
         return out
 
     def add(self, other: "StepResult") -> "StepResult":

@@ -26,6 +26,7 @@ from megatron_unihetero.data.loader import build_loader
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import engine as engines
+from megatron_unihetero.training import monitor
 from megatron_unihetero.training import results
 from megatron_unihetero.training import stopping as stops
 from megatron_unihetero.training.checkpoint import CheckpointManager
@@ -105,6 +106,11 @@ class Trainer:
         self.last_good_step = 0
         self._flop_terms = flop_terms(cfg.model, pipeline_parallel=cfg.parallel.pipeline_parallel)
         self.phase = "starting"  # what the loop is doing, for errors (a timed-out collective)
+        # The loop's own phases (data, checkpoint); the engine times forward_backward and
+        # optimizer. A save's time is reported with the step after it.
+        self.timer = monitor.PhaseTimer(cfg.logging.time_breakdown)
+        self.profile = monitor.ProfileWindow(cfg.logging.profile_steps, cfg.logging.profile_ranks,
+                                             cfg.logging.dir)
 
     # -- setup ---------------------------------------------------------------------------------
     def _loader(self, split: str):
@@ -130,7 +136,8 @@ class Trainer:
         """Save this step's checkpoint (:meth:`CheckpointManager.save`); collective. Its time
         is kept for the margin before a deadline."""
         start = time.perf_counter()
-        saved = self.checkpoints.save(self.step, self.engine, self.train_loader)
+        with self.timer.phase("checkpoint"):
+            saved = self.checkpoints.save(self.step, self.engine, self.train_loader)
         self.stopping.note_save(time.perf_counter() - start)
         return saved
 
@@ -166,12 +173,15 @@ class Trainer:
         if cfg.train.compile and self.step < cfg.train.steps:
             self.metrics.info("train.compile: the first step compiles the decoder layers")
         while self.step < cfg.train.steps:
+            self.profile.step_begins(self.step + 1)
             start = time.perf_counter()
             self.phase = f"loading the batches of step {self.step + 1}"
-            batches = self.next_batches()
+            with self.timer.phase("data"):
+                batches = self.next_batches()
             self.phase = (f"running train step {self.step + 1} (forward, backward, gradient "
                           f"reduction, optimizer step)")
             result = self.engine.train_batch(batches, self.step)
+            result.times.update(self.timer.pop())  # data, and the save after the step before
             elapsed = time.perf_counter() - start
             self.step += 1
             self.phase = f"logging step {self.step} (the loss reduction over data-parallel ranks)"
@@ -187,11 +197,15 @@ class Trainer:
                     or self.step == cfg.train.steps or stop:
                 self.phase = f"saving the checkpoint of step {self.step}"
                 self.save()
+            self.profile.step_ends(self.step)
             if stop:
                 if self.step < cfg.train.steps:
                     self.stopped = stop
                     self.metrics.info(f"stopping at step {self.step} of {cfg.train.steps}: {stop}")
                 break
+        self.profile.close()
+        if self.profile.written:
+            self.metrics.info(f"profile of steps {cfg.logging.profile_steps}: {', '.join(self.profile.written)}")
         self.phase = "finishing the last checkpoint"
         self.checkpoints.close()  # the last save is committed before the run ends
         if self.stopped:
@@ -246,7 +260,12 @@ class Trainer:
             "documents": sum(int(b.get("num_documents", 0)) for b in batches),
             "flops": sum(step_flops(self.cfg.model, b, **self._flop_terms) for b in batches),
         }, results.WORK, self.dp_group)
-        record = dict(result.figures(), **{f"count_{k}": float(v) for k, v in result.counts.items()},
+        if self.step % self.cfg.logging.log_interval == 0:  # every rank at the same steps
+            self.phase = f"comparing the ranks' step times at step {self.step}"
+            stragglers = monitor.slowest_rank(elapsed)
+        else:
+            stragglers = {}
+        record = dict(result.figures(), **stragglers, **{f"count_{k}": float(v) for k, v in result.counts.items()},
                       skipped_steps=self.skipped_steps,
                       bad_steps_in_a_row=self.bad_steps_in_a_row, step_time_s=elapsed,
                       tokens_per_s=work["tokens"] / elapsed, samples_per_s=work["documents"] / elapsed,

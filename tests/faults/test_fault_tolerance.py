@@ -73,11 +73,21 @@ def uninterrupted(straight_run):
     return jobs.train_losses(straight_run)
 
 
+PROFILED = {"logging.profile_steps": "[2,3]", "logging.profile_ranks": "[0,1]"}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_2ranks(data_prefix, tmp_path_factory):
-    """The reference of the 2-rank faults (DP=2), in the forkserver too."""
+def straight_2ranks(data_prefix, tmp_path_factory):
+    """The reference of the 2-rank faults (DP=2), in the forkserver too; steps 2-3 profiled on
+    both ranks (test_the_time_breakdown_... reads them; profiling leaves the losses alone)."""
     run_dir = str(tmp_path_factory.mktemp("straight2"))
-    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY))
+    run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(data_prefix, run_dir, **SAVE_EVERY, **PROFILED))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2ranks(straight_2ranks):
+    run_dir = straight_2ranks
     return jobs.train_losses(run_dir)
 
 
@@ -345,3 +355,29 @@ def test_a_rank_killed_under_torchrun_restarts_the_job_from_the_newest_checkpoin
     assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]
     for e in scalars:
         assert e.value == pytest.approx(uninterrupted_2ranks[e.step], rel=1e-5), e.step
+
+
+def test_the_time_breakdown_the_slowest_rank_and_a_profile_window_are_logged(straight_2ranks):
+    """metrics.jsonl: each step's phases (data, forward_backward, optimizer; the save after
+    step 2 in step 3's record), the slowest rank at every log interval; the profile window
+    (steps 2-3, both ranks) wrote torch.profiler traces (Chrome trace JSON: TensorBoard's
+    profiler plugin and Perfetto read it) and each rank's peak memory."""
+    records = jobs.train_records(straight_2ranks)
+    for step, record in records.items():
+        for phase in ("data", "forward_backward", "optimizer"):
+            assert record[f"time_{phase}_s"] > 0, (step, phase)
+            # each phase is the slowest DP rank's: within the slowest rank's step
+            assert record[f"time_{phase}_s"] <= record["slowest_rank_step_s"], (step, phase)
+        assert record["slowest_rank"] in (0.0, 1.0)
+        assert record["slowest_rank_step_s"] >= record["median_rank_step_s"] > 0
+    assert records[3]["time_checkpoint_s"] > 0 and "time_checkpoint_s" not in records[2]
+    folder = os.path.join(straight_2ranks, "profile")
+    for rank in (0, 1):
+        traces = [n for n in os.listdir(folder) if n.startswith(f"rank{rank}.") and n.endswith(".pt.trace.json")]
+        assert len(traces) == 1, os.listdir(folder)
+        with open(os.path.join(folder, traces[0])) as handle:
+            events = json.load(handle)["traceEvents"]
+        steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+        assert len(steps) == 2, steps
+        with open(os.path.join(folder, f"memory_rank{rank}.json")) as handle:
+            assert json.load(handle)["peak_rss_gib"] > 0.1

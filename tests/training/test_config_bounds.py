@@ -26,6 +26,9 @@ from megatron_unihetero.training.config import RunConfig
     ("--train.exit_margin_minutes=-1", "train.exit_margin_minutes must be >= 0; got -1"),
     ("--train.exit_signal=SIGKILL", "train.exit_signal must be one of SIGUSR1 | SIGUSR2 | .*; got 'SIGKILL'"),
     ("--model.semantic.weight=-1", "semantic.weight must be >= 0"),  # the model config's own check
+    ("--logging.profile_steps=[5,2]", r"logging.profile_steps must be \[first, last\] with 1 <= first <= last; got \[5, 2\]"),
+    ("--logging.profile_steps=[0,2]", r"logging.profile_steps must be \[first, last\]"),
+    ("--logging.profile_ranks=[-1]", "logging.profile_ranks must be global ranks"),
 ])
 def test_numeric_options_are_bounded_by_name(override, message):
     with pytest.raises((ConfigError, ConfigLoadError), match=message):
