@@ -17,6 +17,11 @@ SentencePiece tokenizer.model trained on the shapes-world demo data without our 
   6. parity     transformers' processor + LlavaForConditionalGeneration on one sample vs our
                 model (megatron_unihetero.hf.rehearsal.logits_parity): max |logit diff| < 1e-4
 
+``--dtype bf16``: after 1-2, the training run for 5 steps (and its final save) with bf16 weights and
+megatron-core's distributed optimizer (fp32 master weights) and the same 5 steps in fp32, each
+its own process tree: both runs' losses, their largest relative difference (must be under
+``--bf16-rtol``, default 2e-2) and each run's peak memory.
+
 ``--save-formats``: after 1-2, only the training run (3 steps and its final save) once per
 optimizer save form (dp_reshardable; fully_reshardable gathering onto DP rank 0 alone,
 checkpoint.optimizer_save_low_memory=true, the default; fully_reshardable all-gathering onto
@@ -91,12 +96,15 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=2, choices=[1, 2], help="tensor parallel size of the 2 ranks")
     p.add_argument("--save-formats", action="store_true",
                    help="only train + save once per optimizer save form, and compare their peak memory")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: 5 steps in bf16 against the same 5 in fp32 (losses and peak memory)")
+    p.add_argument("--bf16-rtol", type=float, default=2e-2)
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="rehearsal_7b_")
     os.makedirs(work, exist_ok=True)
     total = time.perf_counter()
     try:
-        return _rehearse(work, args.tp, args.save_formats)
+        return _rehearse(work, args.tp, args.save_formats, args.dtype, args.bf16_rtol)
     finally:
         print(f"\ntotal: {time.perf_counter() - total:.1f} s")
         if not args.keep and args.work is None:
@@ -112,7 +120,14 @@ SAVE_FORMATS = {  # name -> the options that select it
 }
 
 
-def _rehearse(work: str, tp: int = 2, save_formats: bool = False) -> int:
+def _losses(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "fp32",
+              bf16_rtol: float = 2e-2) -> int:
     import torch
 
     py = sys.executable
@@ -136,12 +151,32 @@ def _rehearse(work: str, tp: int = 2, save_formats: bool = False) -> int:
              *(f"--{k}={v}" for k, v in settings.items()),
              f"--data.train=[{shards}]", f"--data.seq_length={SEQ_LENGTH}", "--data.num_workers=0",
              "--data.pack_window=64", f"--parallel.tensor_parallel={tp}", "--parallel.timeout_minutes=20",
-             "--train.dtype=fp32", "--train.recompute=selective", "--train.warmup_steps=1",
+             "--train.recompute=selective", "--train.warmup_steps=1",
              "--train.grad_accumulation=1",
              f"--checkpoint.load={init}",
              "--checkpoint.save_interval=0", "--checkpoint.keep_last=1",
              "--logging.log_interval=1", "--logging.eval_interval=0", "--logging.tensorboard=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if dtype == "bf16":
+        runs = {}
+        for run_dtype in ("bf16", "fp32"):
+            folder = os.path.join(work, f"run_{run_dtype}")
+            run(f"train 5 steps, {run_dtype}", train + [f"--train.dtype={run_dtype}", "--train.steps=5",
+                                                        "--parallel.distributed_optimizer=true",
+                                                        f"--checkpoint.dir={folder}/checkpoints",
+                                                        f"--logging.dir={folder}"], env)
+            runs[run_dtype] = _losses(folder)
+            shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)
+        worst = max(abs(runs["bf16"][s] - runs["fp32"][s]) / abs(runs["fp32"][s]) for s in runs["fp32"])
+        print(f"\n-- 2 ranks at TP={tp}, distributed optimizer; loss per step:")
+        for step in sorted(runs["fp32"]):
+            print(f"   step {step}: bf16 {runs['bf16'][step]:.5f}   fp32 {runs['fp32'][step]:.5f}")
+        for name, seconds, gib in TIMINGS[2:]:
+            print(f"   {name:28s} {seconds:7.1f} s   peak RSS {gib:6.2f} GiB")
+        ok = worst < bf16_rtol
+        print(f"-- largest relative loss difference {worst:.2e} ({'OK' if ok else 'FAILED'}: < {bf16_rtol})")
+        return 0 if ok else 1
+    train.append("--train.dtype=fp32")
     if save_formats:
         for k, (name, options) in enumerate(SAVE_FORMATS.items()):
             folder = os.path.join(work, f"run_format{k}")
