@@ -39,6 +39,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.msc_utils import MultiStorageClientFeature
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron_unihetero import parallel
@@ -72,6 +73,7 @@ def save(sharded_state_dict: dict, folder: str, content: Optional[dict] = None) 
     are written as they are when the write runs (a forked writer sees them as they were at the
     fork); GPU tensors are copied to the host when the request is scheduled.
     """
+    _posix_files()
     if torch.distributed.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
@@ -174,6 +176,15 @@ def save_weights(chunks: List, iter_dir: str) -> None:
     save(model_sharded_state_dict(chunks), dist_dir(iter_dir), content={"engine": None}).execute_sync()
 
 
+def _posix_files() -> None:
+    """megatron-core reads and writes checkpoint files through multistorageclient whenever that
+    package is importable (megatron-energon installs it): object-store paths, and files written
+    as hidden ``.NAME.tmp`` until closed. A checkpoint here is a POSIX folder that the manager
+    lists, hashes and verifies with plain file calls, so megatron-core's plain ``open`` is used
+    whatever is installed (Megatron-LM's ``--disable-msc``)."""
+    MultiStorageClientFeature.disable()
+
+
 def _require(folder: str) -> None:
     """``folder`` is a torch_dist checkpoint whose pickles torch may load: ``.metadata`` is
     present and holds nothing but DCP's metadata classes (checkpointing/pickles.py), checked
@@ -181,6 +192,7 @@ def _require(folder: str) -> None:
     non-sharded state, which it reads with torch's default load: weights-only since torch 2.6,
     raising a bare UnpicklingError on anything else) holds only what a torch.save of tensors and
     containers holds."""
+    _posix_files()
     metadata = os.path.join(folder, ".metadata")
     if not os.path.isfile(metadata):
         raise CheckpointError(f"{metadata} is missing: {folder} is not a torch_dist checkpoint (a "
