@@ -157,6 +157,7 @@ def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "
              "--checkpoint.save_interval=0", "--checkpoint.keep_last=1",
              "--logging.log_interval=1", "--logging.eval_interval=0", "--logging.tensorboard=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    setup = len(TIMINGS)  # the folders, the import and the preprocessing
     if dtype == "bf16":
         runs = {}
         for run_dtype in ("bf16", "fp32"):
@@ -171,7 +172,7 @@ def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "
         print(f"\n-- 2 ranks at TP={tp}, distributed optimizer; loss per step:")
         for step in sorted(runs["fp32"]):
             print(f"   step {step}: bf16 {runs['bf16'][step]:.5f}   fp32 {runs['fp32'][step]:.5f}")
-        for name, seconds, gib in TIMINGS[2:]:
+        for name, seconds, gib in TIMINGS[setup:]:
             print(f"   {name:28s} {seconds:7.1f} s   peak RSS {gib:6.2f} GiB")
         ok = worst < bf16_rtol
         print(f"-- largest relative loss difference {worst:.2e} ({'OK' if ok else 'FAILED'}: < {bf16_rtol})")
@@ -180,14 +181,17 @@ def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "
     if save_formats:
         for k, (name, options) in enumerate(SAVE_FORMATS.items()):
             folder = os.path.join(work, f"run_format{k}")
-            run(f"train+save: {name}", train + options + [f"--checkpoint.dir={folder}/checkpoints",
-                                                          f"--logging.dir={folder}", "--train.steps=3"], env)
+            try:
+                run(f"train+save: {name}", train + options + [f"--checkpoint.dir={folder}/checkpoints",
+                                                              f"--logging.dir={folder}", "--train.steps=3"], env)
+            except SystemExit as failed:  # e.g. a rank killed for memory: the finding, not the end
+                print(f"== {name}: {failed}", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
         print(f"\n-- peak RSS of the largest rank, 3 steps + one save, 2 ranks at TP={tp} (DP={2 // tp}):")
-        for name, seconds, gib in TIMINGS[2:]:
+        for name, seconds, gib in TIMINGS[setup:]:
             print(f"   {name:48s} {seconds:7.1f} s   peak RSS {gib:6.2f} GiB")
         return 0
-    # the project's default optimizer save (fully_reshardable, gathered onto DP rank 0)
+    # the project's default optimizer save (dp_reshardable)
     train += [f"--checkpoint.dir={run_dir}/checkpoints", f"--logging.dir={run_dir}"]
     run(f"train (steps 1-3, TP={tp})", train + ["--train.steps=3"], env)
     run("resume (steps 4-5)", train + ["--train.steps=5"], env)

@@ -8,9 +8,10 @@ are all-gathered back. Without it they are all-reduced and every rank holds the 
 
 Checkpoints (checkpointing/dist.py): the model chunks and megatron-core's optimizer sharded
 state in one torch_dist checkpoint, every rank writing its own part. The optimizer's form is
-``checkpoint.optimizer_format``: ``fully_reshardable`` (the default: model-space tensors, so
-a run resumes at another TP, PP and DP size) or ``dp_reshardable`` (each rank's flat buffers
-as they are: no exchange at save, but only the DP size may change).
+``checkpoint.optimizer_format``: ``dp_reshardable`` (the default: each rank's flat buffers
+as they are, no exchange and no extra memory; only the DP size may change at a resume) or
+``fully_reshardable`` (model-space tensors, so a run resumes at another TP, PP and DP size; the
+save gathers the state, onto DP rank 0 alone with ``checkpoint.optimizer_save_low_memory``).
 """
 
 from __future__ import annotations

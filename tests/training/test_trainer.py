@@ -65,7 +65,7 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
     run_dir = str(tmp_path / "run")
     extra = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
              "parallel.virtual_pipeline": 2, "model.llm.num_layers": 4,
-             "train.grad_accumulation": 2}
+             "train.grad_accumulation": 2, "checkpoint.optimizer_format": "fully_reshardable"}
     run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra), timeout_s=600)
     losses = jobs.train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -96,7 +96,8 @@ def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tm
     resumed by the same command is test_resume_gives_the_losses_of_an_uninterrupted_run above.)"""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
     run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(
-        data_prefix, straight, **{"checkpoint.optimizer_save_low_memory": str(low_memory).lower()}))
+        data_prefix, straight, **{"checkpoint.optimizer_format": "fully_reshardable",
+                                  "checkpoint.optimizer_save_low_memory": str(low_memory).lower()}))
     _resume_copy(straight, resized)
     run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}))
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
