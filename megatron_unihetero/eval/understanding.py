@@ -21,7 +21,6 @@ The record (one per evaluation) has, per set ``NAME``: ``NAME/accuracy``,
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -150,19 +149,3 @@ def build(cfg, model, *, dp_rank: int, dp_size: int, dp_group, local_forward: bo
                              image_mean=mean, image_std=std, dp_rank=dp_rank, dp_size=dp_size,
                              dp_group=dp_group, local_forward=local_forward, log=log)
 
-
-def read_understanding(run_dir: str) -> List[dict]:
-    """The run's ``understanding`` records from its metrics.jsonl, in order (a resumed run's
-    later records replace those of the same step)."""
-    import json
-
-    by_step: Dict[int, dict] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            if record.get("kind") == "understanding":
-                by_step[int(record["step"])] = record
-    return [by_step[step] for step in sorted(by_step)]
