@@ -178,6 +178,9 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         final: dict = {}
+        if self.step == 0 and cfg.logging.eval_interval:
+            self.phase = "evaluating the held-out sets before step 1"
+            self.evaluate_understanding()  # the curve's first point: nothing seen yet
         if cfg.train.compile and self.step < cfg.train.steps:
             self.metrics.info("train.compile: the first step compiles the decoder layers")
         while self.step < cfg.train.steps:
