@@ -33,7 +33,7 @@ fi
 
 python -m megatron_unihetero.pretrain --config examples/configs/tiny_cpu.yaml \
   --data.train="[$DATA/train]" --data.tokenizer="$DATA/tokenizer.model" \
-  --logging.eval_sets="[{name: shapes, path: $DATA/valid.parquet, max_rows: 200, generate: true, max_new_tokens: 6}]" \
+  --logging.eval_sets="[{name: shapes, path: $DATA/valid.parquet, max_rows: 200, generate: true, generate_rows: 50, max_new_tokens: 6}]" \
   --train.steps="$STEPS" --checkpoint.dir="$RUN/checkpoints" --logging.dir="$RUN"
 
 # A failed evaluation fails the quickstart (set -e; no silent skip).

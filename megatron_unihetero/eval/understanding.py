@@ -76,7 +76,7 @@ class UnderstandingEval:
                 if no_generation:
                     log(f"{key}: generative figures skipped: {no_generation}")
                 else:
-                    prompts = [p for p in build_generation_sets(rows, tokenizer, **layout)
+                    prompts = [p for p in build_generation_sets(rows[:cfg.generate_rows], tokenizer, **layout)
                                if p.kind in ("qa", "choice")]
             if not sets.questions and not prompts:
                 raise ConfigError(f"{key}: {cfg.path} has no question with candidate answers"

@@ -163,6 +163,7 @@ class EvalSetConfig:
     max_rows: int = 200  # the first rows of the file
     image_root: Optional[str] = None  # llava: image paths are read under it (default: the file's folder)
     generate: bool = False  # also the exact match of greedy generated answers (TP = PP = 1)
+    generate_rows: Optional[int] = None  # generate for the first N rows only (None: max_rows)
     max_new_tokens: int = 16
 
 
@@ -302,8 +303,8 @@ class RunConfig:
                 raise ConfigError(f"{key}.path is empty")
             if eval_set.kind not in EVAL_SET_KINDS:
                 raise ConfigError(f"{key}.kind must be one of {' | '.join(EVAL_SET_KINDS)}; got {eval_set.kind!r}")
-            if eval_set.max_rows < 1 or eval_set.max_new_tokens < 1:
-                raise ConfigError(f"{key}.max_rows and .max_new_tokens must be >= 1")
+            if eval_set.max_rows < 1 or eval_set.max_new_tokens < 1 or (eval_set.generate_rows or 1) < 1:
+                raise ConfigError(f"{key}.max_rows, .generate_rows and .max_new_tokens must be >= 1")
         if log.eval_sets and not data.tokenizer:
             raise ConfigError("logging.eval_sets needs data.tokenizer (the held-out rows are tokenized in the run)")
 
