@@ -137,6 +137,9 @@ def answer_accuracy(chunks, questions: Sequence, *, dp_rank: int = 0, dp_size: i
     length = _pad_length(max(len(s.tokens) for q in questions for s in q.candidates))
     mine = list(range(dp_rank, len(questions), dp_size))
     per_rank = -(-len(questions) // dp_size)
+    if len(_chunk_list(chunks)) > 1:  # the interleaved schedule takes a multiple of PP micro-batches
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        per_rank = -(-per_rank // pp) * pp
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # same count on every rank
     batches = [question_batch(questions[i], width, length) for i in padded]
     scores = candidate_scores(chunks, batches)
