@@ -127,7 +127,7 @@ def summary_lines(run_dir: str, eval_metrics: Optional[Dict[str, object]] = None
                      f"(chance {_fmt(retrieval.get('chance'))}; evaluate.py)")
     if above and all(above):
         meaning = ("the model picks the right answer clearly more often than guessing (beyond two "
-                   "standard errors): it reads the images and questions")
+                   "standard errors of a guesser); answer priors may be part of it, the curve shows the trend")
     elif above and any(above):
         meaning = "clearly above chance on some sets only: more steps or data should lift the others"
     else:
