@@ -83,10 +83,11 @@ def evaluate_model(model, sets, *, min_probe_samples: int = 10) -> Dict[str, obj
     probes; its retrieval and R² run on the questions' image + prompt + right answer.
     """
     results: Dict[str, object] = {"num_samples": len(sets.questions)}
+    # The scoring the training run's own evaluation uses (eval/scoring.py): the same figures.
     accuracy = runners.answer_accuracy(model, sets.questions)
     results["answer_accuracy"] = accuracy["accuracy"]
-    results["chance_accuracy"] = (sum(1.0 / len(q.candidates) for q in sets.questions) / len(sets.questions)
-                                  if sets.questions else float("nan"))
+    results["chance_accuracy"] = accuracy["chance_accuracy"]
+    results["answer_logprob"] = accuracy["answer_logprob"]
     if sets.captions:
         results.update({f"caption_{k}": v for k, v in runners.caption_perplexity(model, sets.captions).items()})
     if sets.attributes and len(sets.captions) >= min_probe_samples:

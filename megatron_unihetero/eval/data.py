@@ -132,6 +132,67 @@ def _tsv_image(value: Optional[str], earlier: Dict[str, bytes], where: str) -> b
     return data
 
 
+def read_llava_qa(path: str, max_samples: Optional[int] = None,
+                  image_root: Optional[str] = None) -> List[dict]:
+    """Question-answer rows of LLaVA-style conversation data (a JSON array or JSON lines,
+    data/preprocess/readers.py ``iter_llava``): per record its first human turn (the
+    ``<image>`` marker taken out) as ``question``, the reply as ``answer``, the ``image`` read
+    from under ``image_root`` (default: the file's folder; a path outside it is refused).
+    Optional ``answers`` (references for VQA accuracy) and ``candidates`` (the record is then
+    a question scored by likelihood too) are kept."""
+    from megatron_unihetero.data.preprocess.readers import RowError, iter_llava
+
+    root = os.path.realpath(image_root or os.path.dirname(os.path.abspath(path)))
+    rows: List[dict] = []
+    for line, rec in iter_llava(path):
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+        where = f"{path}: record {line}"
+        if isinstance(rec, RowError):
+            raise ValueError(f"{where}: {rec}")
+        turns = rec.get("conversations") or []
+        human = next((t for t in turns if t.get("from") in ("human", "user")), None)
+        reply = next((t for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if human is None or reply is None:
+            raise ValueError(f"{where}: needs a human turn and its reply in 'conversations'")
+        row = {"id": str(rec.get("id", line)),
+               "question": str(human.get("value", "")).replace("<image>", "").strip(),
+               "answer": str(reply.get("value", "")).strip()}
+        if rec.get("image"):
+            image = os.path.realpath(os.path.join(root, str(rec["image"])))
+            if os.path.commonpath([root, image]) != root:
+                raise ValueError(f"{where}: image {rec['image']!r} is outside {root}")
+            with open(image, "rb") as handle:
+                row["image"] = handle.read()
+        for key in ("answers", "candidates"):
+            if rec.get(key):
+                row[key] = [str(v) for v in rec[key]]
+        rows.append(row)
+    return rows
+
+
+def eval_set_kind(path: str, kind: str = "auto") -> str:
+    """demo | tsv | llava: ``kind``, or told by the path (``auto``)."""
+    if kind != "auto":
+        return kind
+    if path.endswith(".tsv"):
+        return "tsv"
+    if path.endswith((".json", ".jsonl")):
+        return "llava"
+    return "demo"
+
+
+def read_eval_rows(path: str, kind: str = "auto", max_samples: Optional[int] = None,
+                   image_root: Optional[str] = None) -> List[dict]:
+    """The rows of a held-out set of any kind (``eval_set_kind``)."""
+    kind = eval_set_kind(path, kind)
+    if kind == "llava":
+        return read_llava_qa(path, max_samples, image_root)
+    if kind == "tsv":
+        return read_vlmeval_tsv(path, max_samples)
+    return read_rows(held_out_path(path), max_samples)
+
+
 def held_out_path(data: str) -> str:
     """``--data``: a demo data folder (its valid.parquet), a parquet file or a TSV."""
     return os.path.join(data, "valid.parquet") if os.path.isdir(data) else data
@@ -163,6 +224,8 @@ def build_eval_sets(rows: List[dict], tokenizer, *, tokens_per_image: int, image
     has_attributes = bool(rows) and all(name in rows[0] for name in PROBE_ATTRIBUTES)
     sets = EvalSets(attributes={name: [] for name in PROBE_ATTRIBUTES} if has_attributes else {})
     for row in rows:
+        if not row.get("candidates"):  # a free-form answer (LLaVA QA): generation scores it
+            continue
         candidates = list(row["candidates"])
         if row["answer"] not in candidates:
             raise ValueError(f"row {row.get('id')}: answer {row['answer']!r} is not among the "

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_unihetero.eval import diagnostics, generation_metrics, metrics, probes, retrieval
+from megatron_unihetero.eval import diagnostics, generation_metrics, metrics, probes, retrieval, scoring
 
 
 @dataclass
@@ -83,24 +83,18 @@ def hidden_states(model, tokens: torch.Tensor, images: Optional[torch.Tensor]) -
 
 @torch.no_grad()
 def sequence_logprobs(model, samples: Sequence[TextSample]) -> torch.Tensor:
-    """Sum of log-probs of each sample's masked tokens [len(samples)] (float64, on CPU)."""
+    """Sum of log-probs of each sample's masked tokens [len(samples)] (float64, on CPU), by
+    the one scoring path (eval/scoring.py)."""
     tokens, mask, images = _batch(samples)
-    hidden = hidden_states(model, tokens, images)
-    logits, _ = model.llm.output_layer(hidden)
-    return metrics.target_logprobs(logits.float().cpu(), tokens, mask)
+    hidden = hidden_states(model, tokens, images).transpose(0, 1)  # [S, B, H]
+    return scoring.masked_logprob_sums(model.llm.output_layer, hidden, tokens, mask).double().cpu()
 
 
 def answer_accuracy(model, questions: Sequence[QuestionSample]) -> Dict[str, object]:
-    """Pick, per question, the candidate with the highest summed log-prob; report accuracy."""
+    """Pick, per question, the candidate with the highest summed log-prob; report accuracy
+    (eval/scoring.py ``answer_accuracy``, the training run's own evaluation's too)."""
     _check(model)
-    model.eval()
-    predictions = []
-    for question in questions:
-        scores = sequence_logprobs(model, question.candidates).tolist()
-        predictions.append(metrics.pick_candidate(scores))
-    answers = [q.answer for q in questions]
-    return {"accuracy": metrics.accuracy(predictions, answers), "num_questions": len(questions),
-            "predictions": predictions}
+    return scoring.answer_accuracy([model], questions)
 
 
 def caption_perplexity(model, samples: Sequence[TextSample], batch_size: int = 8) -> Dict[str, float]:

@@ -359,6 +359,7 @@ class CheckpointManager:
         self.log = log
         # One run per checkpoint directory (checkpointing/run_lock.py), held by global rank 0;
         # a node that stopped refreshing it for twice the collective timeout is taken as dead.
+        self.progress: dict = {}  # the loop's counters, from trainer.pt on a resume (load)
         self.lock = RunLock(self.ck.dir, stale_after_s=2 * cfg.parallel.timeout_minutes * 60, log=log)
         on_rank0(self._acquire_lock,
                  refused=f"global rank 0 found {self.ck.dir} in use by another run; its log names it")
@@ -416,6 +417,7 @@ class CheckpointManager:
         engine.load(self.resume_dir)
         state = load_trainer_state(self.resume_dir)
         step = int(state["step"])
+        self.progress = dict(state.get("progress") or {})  # absent in older checkpoints
         engine.load_state_dict(state, step)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -423,8 +425,9 @@ class CheckpointManager:
         return step
 
     # -- save --------------------------------------------------------------------------------
-    def save(self, step: int, engine, loader) -> Optional[str]:
-        """Save step ``step``; collective. Returns the folder, committed as ``latest`` now or,
+    def save(self, step: int, engine, loader, progress: Optional[dict] = None) -> Optional[str]:
+        """Save step ``step``; collective. ``progress``: the loop's counters (samples seen),
+        kept in trainer.pt and given back by :meth:`load` as :attr:`progress`. Returns the folder, committed as ``latest`` now or,
         with ``checkpoint.async_save``, by a later :meth:`poll`; None (nothing written,
         ``latest`` and older checkpoints untouched) when the model is non-finite."""
         if not _all_ranks(engine.parameters_are_finite()):
@@ -448,7 +451,7 @@ class CheckpointManager:
             request = engine.save(iter_dir)
             if dist.get_rank() == 0:
                 save_trainer_state(iter_dir, dict(engine.state_dict(), step=step, rng=rng_state(),
-                                                  loader=loader.state_dict()))
+                                                  loader=loader.state_dict(), progress=dict(progress or {})))
         self._write(iter_dir, request)
         return iter_dir
 

@@ -148,6 +148,28 @@ class CheckpointConfig:
     optimizer_save_low_memory: bool = True
 
 
+EVAL_SET_KINDS = ("auto", "demo", "tsv", "llava")
+
+
+@dataclass
+class EvalSetConfig:
+    """A held-out set the run evaluates itself on every ``logging.eval_interval`` steps
+    (eval/understanding.py): answer accuracy by likelihood over each question's candidates,
+    and with ``generate`` the exact match of generated answers (TP = PP = 1 only)."""
+
+    name: str = ""
+    path: str = ""
+    # demo: a demo data folder (its valid.parquet) or a parquet in its layout; tsv: a VLMEvalKit
+    # multiple-choice TSV; llava: LLaVA-style conversation JSON / JSON lines, the first question
+    # and answer of each (optional "candidates": scored by likelihood too); auto: by the path.
+    kind: str = "auto"
+    max_rows: int = 200  # the first rows of the file
+    image_root: Optional[str] = None  # llava: image paths are read under it (default: the file's folder)
+    generate: bool = False  # also the exact match of greedy generated answers (TP = PP = 1)
+    generate_rows: Optional[int] = None  # generate for the first N rows only (None: max_rows)
+    max_new_tokens: int = 16
+
+
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
@@ -174,6 +196,10 @@ class LoggingConfig:
     # window's memory (CUDA memory history on GPU, peak RSS on CPU). None: no profiling.
     profile_steps: Optional[List[int]] = None
     profile_ranks: List[int] = field(default_factory=lambda: [0])
+    # Held-out sets evaluated inside the run at eval_interval (EvalSetConfig; needs
+    # data.tokenizer): a "understanding" record per evaluation in metrics.jsonl, against step
+    # and samples_seen (tools/plot_understanding.py draws it).
+    eval_sets: List[EvalSetConfig] = field(default_factory=list)
 
 
 def exit_signal_name(value: str) -> str:
@@ -268,6 +294,22 @@ class RunConfig:
             raise ConfigError(f"logging.profile_steps must be [first, last] with 1 <= first <= last; got {window}")
         if not all(isinstance(r, int) and r >= 0 for r in log.profile_ranks):
             raise ConfigError(f"logging.profile_ranks must be global ranks (ints >= 0); got {log.profile_ranks}")
+        names = set()
+        for i, eval_set in enumerate(log.eval_sets):
+            key = f"logging.eval_sets[{i}]"
+            if not eval_set.name or not eval_set.name.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError(f"{key}.name must be a name of letters, digits, - and _; got {eval_set.name!r}")
+            if eval_set.name in names:
+                raise ConfigError(f"{key}.name {eval_set.name!r} is used twice")
+            names.add(eval_set.name)
+            if not eval_set.path:
+                raise ConfigError(f"{key}.path is empty")
+            if eval_set.kind not in EVAL_SET_KINDS:
+                raise ConfigError(f"{key}.kind must be one of {' | '.join(EVAL_SET_KINDS)}; got {eval_set.kind!r}")
+            if eval_set.max_rows < 1 or eval_set.max_new_tokens < 1 or (eval_set.generate_rows or 1) < 1:
+                raise ConfigError(f"{key}.max_rows, .generate_rows and .max_new_tokens must be >= 1")
+        if log.eval_sets and not data.tokenizer:
+            raise ConfigError("logging.eval_sets needs data.tokenizer (the held-out rows are tokenized in the run)")
 
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""

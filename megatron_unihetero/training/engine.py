@@ -17,6 +17,7 @@ evaluation, the checkpoint cadence, signals) and calls only what this class decl
     state_dict() / load_state_dict(state, step)
                                    the small state that rides in trainer.pt (the LR schedule)
     parameters_are_finite()        this rank's parameters (the caller all-reduces)
+    Engine.forward_is_local(cfg)   whether a forward of the chunks is free of DP collectives
     close()                        give back what the engine holds for the run
 
 The implementations: training/engine_megatron.py (megatron-core DDP, distributed optimizer,
@@ -61,6 +62,12 @@ def objective_weights(cfg: RunConfig, step: int) -> Dict[str, float]:
 
 class Engine(abc.ABC):
     name: ClassVar[str]
+
+    @classmethod
+    def forward_is_local(cls, cfg: RunConfig) -> bool:
+        """Whether a forward of the model chunks needs no collective over the data-parallel
+        ranks (the run's own evaluation generates text on each rank only then)."""
+        return True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg.resolved()  # a no-op for the trainer's (already resolved) config

@@ -133,6 +133,11 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     @classmethod
+    def forward_is_local(cls, cfg: RunConfig) -> bool:
+        """ZeRO-3 gathers each layer's parameters from every DP rank in its forward."""
+        return cfg.parallel.zero_stage != 3
+
+    @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         """What DeepSpeed takes (ZeRO stage, the user's JSON) and the megatron-engine options it
         cannot."""

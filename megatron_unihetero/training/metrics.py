@@ -171,6 +171,16 @@ class MetricsLogger:
         self.info(f"validation at step {step}: " +
                   " | ".join(f"{k} {v:.4g}" for k, v in record.items()))
 
+    def log_understanding(self, step: int, record: Dict[str, float]) -> None:
+        """The run's own held-out evaluation (eval/understanding.py): an ``understanding``
+        record in metrics.jsonl, TensorBoard's and W&B's ``understanding/SET/FIGURE``."""
+        if not self.enabled:
+            return
+        self._write(step, record, "understanding")
+        self.info(f"understanding at step {step} ({record.get('samples_seen', 0):.0f} samples seen): " +
+                  " | ".join(f"{k} {v:.4g}" for k, v in record.items()
+                             if k != "samples_seen" and not k.endswith("/num_questions")))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron_unihetero import parallel, platform
 from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.data.loader import build_loader
+from megatron_unihetero.eval import understanding
 from megatron_unihetero.models.config import ConfigError
 from megatron_unihetero.models.vision import image_normalization, load_hf_vision_config
 from megatron_unihetero.training import engine as engines
@@ -89,6 +90,10 @@ class Trainer:
         self.train_loader = self._loader("train")
         check_tokenizer_matches(cfg, self.train_loader.datasets)
         self.valid_loader_factory = lambda: self._loader("valid")
+        # logging.eval_sets, read and tokenized now (eval/understanding.py): scored at eval_interval.
+        self.understanding = understanding.build(
+            cfg, self.model, dp_rank=self.dp_rank, dp_size=self.dp_size, dp_group=self.dp_group,
+            local_forward=engine_class.forward_is_local(cfg), log=self.metrics.info)
         # Takes the checkpoint directory, decides the resume point (collective) and loads
         # checkpoint.load's weights into the bare chunks, before the engine wraps them.
         self.checkpoints = CheckpointManager(cfg, log=self.metrics.info)
@@ -99,6 +104,7 @@ class Trainer:
             self.checkpoints.release()
             raise
         self.step = 0
+        self.samples_seen = 0  # documents trained on, all DP ranks (kept in trainer.pt)
         self.stopped: Optional[str] = None  # why the run stopped before train.steps
         # Steps skipped for a non-finite loss or gradient norm (the engine did not apply them).
         self.skipped_steps = 0
@@ -137,7 +143,8 @@ class Trainer:
         is kept for the margin before a deadline."""
         start = time.perf_counter()
         with self.timer.phase("checkpoint"):
-            saved = self.checkpoints.save(self.step, self.engine, self.train_loader)
+            saved = self.checkpoints.save(self.step, self.engine, self.train_loader,
+                                          progress={"samples_seen": self.samples_seen})
         self.stopping.note_save(time.perf_counter() - start)
         return saved
 
@@ -166,10 +173,14 @@ class Trainer:
         cfg = self.cfg
         self.phase = "resuming"
         self.step = self.checkpoints.load(self.engine, self.train_loader)
+        self.samples_seen = int(self.checkpoints.progress.get("samples_seen", 0))
         self._log_start()
         for chunk in self.chunks:
             chunk.train()
         final: dict = {}
+        if self.step == 0 and cfg.logging.eval_interval:
+            self.phase = "evaluating the held-out sets before step 1"
+            self.evaluate_understanding()  # the curve's first point: nothing seen yet
         if cfg.train.compile and self.step < cfg.train.steps:
             self.metrics.info("train.compile: the first step compiles the decoder layers")
         while self.step < cfg.train.steps:
@@ -260,6 +271,7 @@ class Trainer:
             "documents": sum(int(b.get("num_documents", 0)) for b in batches),
             "flops": sum(step_flops(self.cfg.model, b, **self._flop_terms) for b in batches),
         }, results.WORK, self.dp_group)
+        self.samples_seen += int(work["documents"])
         if self.step % self.cfg.logging.log_interval == 0:  # every rank at the same steps
             self.phase = f"comparing the ranks' step times at step {self.step}"
             stragglers = monitor.slowest_rank(elapsed)
@@ -267,7 +279,8 @@ class Trainer:
             stragglers = {}
         record = dict(result.figures(), **stragglers, **{f"count_{k}": float(v) for k, v in result.counts.items()},
                       skipped_steps=self.skipped_steps,
-                      bad_steps_in_a_row=self.bad_steps_in_a_row, step_time_s=elapsed,
+                      bad_steps_in_a_row=self.bad_steps_in_a_row, samples_seen=self.samples_seen,
+                      step_time_s=elapsed,
                       tokens_per_s=work["tokens"] / elapsed, samples_per_s=work["documents"] / elapsed,
                       tflops_per_s=work["flops"] / elapsed / 1e12 / dist.get_world_size(),
                       memory_gb=_memory_gb())
@@ -280,7 +293,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """``logging.eval_batches`` batches of the validation split: the mean losses and the
-        diagnostics' figures over all of them (statistics summed, so exact over the split)."""
+        diagnostics' figures over all of them (statistics summed, so exact over the split);
+        then the held-out sets of ``logging.eval_sets`` (:meth:`evaluate_understanding`)."""
         loader = self.valid_loader_factory()
         total = StepResult()
         n = 0
@@ -295,7 +309,19 @@ class Trainer:
         loader.close()
         result = total.scaled(1.0 / max(n, 1)).figures(prefix="valid_")
         self.metrics.log_eval(self.step, result)
-        return result
+        return dict(result, **self.evaluate_understanding())
+
+    def evaluate_understanding(self) -> dict:
+        """Answer accuracy (and generated answers' exact match) on ``logging.eval_sets``, logged
+        against the step and the samples seen; collective (eval/understanding.py)."""
+        if self.understanding is None:
+            return {}
+        record = self.understanding.evaluate(self.chunks)
+        if record is None:  # not the last pipeline stage
+            return {}
+        record = {"samples_seen": self.samples_seen, **record}
+        self.metrics.log_understanding(self.step, record)
+        return {f"understanding/{k}": v for k, v in record.items()}
 
 
 def check_tokenizer_matches(cfg: RunConfig, datasets) -> None:

@@ -29,6 +29,10 @@ from megatron_unihetero.training.config import RunConfig
     ("--logging.profile_steps=[5,2]", r"logging.profile_steps must be \[first, last\] with 1 <= first <= last; got \[5, 2\]"),
     ("--logging.profile_steps=[0,2]", r"logging.profile_steps must be \[first, last\]"),
     ("--logging.profile_ranks=[-1]", "logging.profile_ranks must be global ranks"),
+    ("--logging.eval_sets=[{name: a, path: x.tsv, kind: csv}]", r"logging.eval_sets\[0\].kind must be one of"),
+    ("--logging.eval_sets=[{name: a, path: x.tsv}, {name: a, path: y.tsv}]", "name 'a' is used twice"),
+    ("--logging.eval_sets=[{name: a, path: x.tsv, max_rows: 0}]", r"logging.eval_sets\[0\].max_rows"),
+    ("--data.tokenizer=null", "logging.eval_sets needs data.tokenizer"),
 ])
 def test_numeric_options_are_bounded_by_name(override, message):
     with pytest.raises((ConfigError, ConfigLoadError), match=message):

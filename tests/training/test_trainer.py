@@ -21,6 +21,12 @@ def data_prefix(tmp_path_factory):
     return jobs.make_data(str(tmp_path_factory.mktemp("data")))
 
 
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    """logging.eval_sets overrides: a demo held-out set scored inside the run at step 6."""
+    return jobs.make_eval_set(str(tmp_path_factory.mktemp("eval_set")))
+
+
 @pytest.mark.parametrize("dtype,distributed", [("bf16", True), ("bf16", False)],
                          ids=["bf16", "bf16-replicated-optimizer"])
 def test_resume_gives_the_losses_of_an_uninterrupted_run(data_prefix, tmp_path, dtype, distributed):
@@ -49,10 +55,11 @@ def _resume_copy(run_dir: str, into: str, iteration: str = "iter_0000003") -> No
     ckpt.mark_latest(ckpt_dir, os.path.join(ckpt_dir, iteration))
 
 
-def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
+def test_megatron_engine_trains_with_model_parallelism(data_prefix, eval_set, tmp_path):
     """Trains at TP=2 x PP=2 with 2 virtual stages per pipeline rank (4 ranks, 4 layers: one a
     virtual stage, 2 micro-batches per step); then its step-3 checkpoint, model and optimizer
-    state, resumes on one process (TP = PP = 1) with the losses the parallel run had.
+    state, resumes on one process (TP = PP = 1) with the losses the parallel run had; and the
+    answer accuracy it logged on a held-out set at step 6 (logging.eval_sets) is evaluate.py's.
 
     Carries the assertions of the former parametrizations tp2, pp2 and pp2-interleaved (each
     a 2-rank run resumed on one process): the TP=2 and the PP=2 + VPP=2 splits of the model
@@ -66,7 +73,11 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
     extra = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
              "parallel.virtual_pipeline": 2, "model.llm.num_layers": 4,
              "train.grad_accumulation": 2, "checkpoint.optimizer_format": "fully_reshardable"}
-    run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra), timeout_s=600)
+    # logging.eval_batches=0: the validation loss's one micro-batch per call is below what the
+    # interleaved schedule takes (PP); the held-out questions are padded to a multiple of PP.
+    run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra, **eval_set,
+                                                              **{"logging.eval_batches": 0}),
+                         timeout_s=600)
     losses = jobs.train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
@@ -77,33 +88,51 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, tmp_path):
     _resume_copy(run_dir, single_dir)
     single = {k: v for k, v in extra.items() if k != "parallel.virtual_pipeline"}
     single.update({"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 1})
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, single_dir, **single))
+    evaluated = str(tmp_path / "evaluated.json")
+    run_distributed_test(jobs.pretrain_then_evaluate_job, 1, jobs.overrides(data_prefix, single_dir, **single),
+                         jobs.evaluate_argv(run_dir, eval_set, evaluated))
     resumed = jobs.train_losses(single_dir)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
+    # The held-out set scored inside the TP=2 x PP=2 (VPP=2) run, each pipeline's stages
+    # passing the candidates' hidden states on: evaluate.py's figures on the same checkpoint.
+    jobs.assert_same_understanding(run_dir, evaluated)
     full = ckpt.load_model_weights(os.path.join(ckpt_dir, "iter_0000006"))
     assert {f"llm.decoder.layers.{i}.mlp.linear_fc1.weight" for i in range(4)} <= set(full)
 
 
 @pytest.mark.parametrize("low_memory", [True, False], ids=["gather-on-rank0", "all-gather"])
-def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, tmp_path, low_memory):
+def test_data_parallel_run_resumes_at_another_data_parallel_size(data_prefix, eval_set, tmp_path, low_memory):
     """DP=2 with the distributed optimizer saves at step 3; DP=1 resumes from that checkpoint
     with 2 micro-batches per step (the same global batch) and continues the losses of the
     uninterrupted DP=2 run: both DP ranks' optimizer shards are in the checkpoint and reshard
     to one, whichever exchange the save used (checkpoint.optimizer_save_low_memory). (The
     step-3 checkpoint is the uninterrupted run's own, copied; a run stopped by train.steps and
-    resumed by the same command is test_resume_gives_the_losses_of_an_uninterrupted_run above.)"""
+    resumed by the same command is test_resume_gives_the_losses_of_an_uninterrupted_run above.)
+
+    The DP=2 run also scores a held-out set inside the run (logging.eval_sets, questions dealt
+    over the two DP ranks): its step-6 answer accuracy is evaluate.py's on its step-6
+    checkpoint (run in the resumed run's process), and samples_seen resumes from trainer.pt."""
     straight, resized = str(tmp_path / "straight"), str(tmp_path / "resized")
     run_distributed_test(jobs.pretrain_job, 2, jobs.overrides(
         data_prefix, straight, **{"checkpoint.optimizer_format": "fully_reshardable",
-                                  "checkpoint.optimizer_save_low_memory": str(low_memory).lower()}))
+                                  "checkpoint.optimizer_save_low_memory": str(low_memory).lower()}, **eval_set))
     _resume_copy(straight, resized)
-    run_distributed_test(jobs.pretrain_job, 1, jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}))
+    evaluated = str(tmp_path / "evaluated.json")
+    run_distributed_test(jobs.pretrain_then_evaluate_job, 1,
+                         jobs.overrides(data_prefix, resized, **{"train.grad_accumulation": 2}),
+                         jobs.evaluate_argv(straight, eval_set, evaluated))
     full, resumed = jobs.train_losses(straight), jobs.train_losses(resized)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    jobs.assert_same_understanding(straight, evaluated)
+    records = jobs.understanding_records(straight)
+    assert sorted(records) == [0, 6] and records[0]["samples_seen"] == 0
+    samples = {s: r["samples_seen"] for s, r in jobs.train_records(straight).items()}
+    assert records[6]["samples_seen"] == samples[6] > samples[3] > 0
+    assert jobs.train_records(resized)[4]["samples_seen"] == samples[4]
 
 
 # ZeRO-2's partitioning sits between 1 and 3 (optimizer state + gradients); its DP change goes
