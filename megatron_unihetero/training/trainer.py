@@ -298,12 +298,16 @@ class Trainer:
         loader = self.valid_loader_factory()
         total = StepResult()
         n = 0
-        for _ in range(self.cfg.logging.eval_batches):
+        # megatron-core's interleaved schedule (virtual pipeline stages) runs a multiple of PP
+        # micro-batches per call: the batches go in groups of PP there, one at a time elsewhere
+        # (eval_batches rounded up to whole groups; a group the split cannot fill is not run).
+        group = self.cfg.parallel.pipeline_parallel if self.cfg.parallel.virtual_pipeline else 1
+        for _ in range(-(-self.cfg.logging.eval_batches // group)):
             try:
-                batch = next(loader)
+                batches = [next(loader) for _ in range(group)]
             except StopIteration:
                 break
-            total = total.add(results.reduce_over_dp(self.engine.eval_batch([batch], self.step),
+            total = total.add(results.reduce_over_dp(self.engine.eval_batch(batches, self.step),
                                                      self.dp_group))
             n += 1
         loader.close()

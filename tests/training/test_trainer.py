@@ -73,14 +73,14 @@ def test_megatron_engine_trains_with_model_parallelism(data_prefix, eval_set, tm
     extra = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
              "parallel.virtual_pipeline": 2, "model.llm.num_layers": 4,
              "train.grad_accumulation": 2, "checkpoint.optimizer_format": "fully_reshardable"}
-    # logging.eval_batches=0: the validation loss's one micro-batch per call is below what the
-    # interleaved schedule takes (PP); the held-out questions are padded to a multiple of PP.
-    run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra, **eval_set,
-                                                              **{"logging.eval_batches": 0}),
+    # The validation loss runs its batches in groups of PP (the interleaved schedule's
+    # multiple); the held-out questions are padded to a multiple of PP.
+    run_distributed_test(jobs.pretrain_job, 4, jobs.overrides(data_prefix, run_dir, **extra, **eval_set),
                          timeout_s=600)
     losses = jobs.train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
+    assert sorted(jobs.eval_losses(run_dir)) == [6]  # the validation loss ran under VPP
     ckpt_dir = os.path.join(run_dir, "ckpt")
     assert os.path.isfile(os.path.join(ckpt_dir, "iter_0000006", "dist", ".metadata"))
 
