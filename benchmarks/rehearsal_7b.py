@@ -19,8 +19,12 @@ SentencePiece tokenizer.model trained on the shapes-world demo data without our 
 
 ``--dtype bf16``: after 1-2, the training run for 5 steps (and its final save) with bf16 weights and
 megatron-core's distributed optimizer (fp32 master weights) and the same 5 steps in fp32, each
-its own process tree: both runs' losses, their largest relative difference (must be under
-``--bf16-rtol``, default 2e-2) and each run's peak memory.
+its own process tree: both runs' losses and gradient norms and each run's peak memory. The check
+is step 1 (the same weights and batch: bf16 forward and backward against fp32), its loss and
+gradient norm within ``--bf16-rtol`` (default 2e-2). Later steps are printed, not checked: from a
+random initialisation with gradient norms near 100, Adam's first updates (about lr times the
+sign of each gradient) turn bf16's rounding of the small gradients into different directions,
+and the two runs drift apart by a few percent of loss, measured 2026-12-07.
 
 ``--save-formats``: after 1-2, only the training run (3 steps and its final save) once per
 optimizer save form (dp_reshardable; fully_reshardable gathering onto DP rank 0 alone,
@@ -121,9 +125,10 @@ SAVE_FORMATS = {  # name -> the options that select it
 
 
 def _losses(run_dir: str) -> dict:
+    """{step: (loss, grad_norm)} from the run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         records = [json.loads(line) for line in handle]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records if r.get("kind") == "train"}
 
 
 def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "fp32",
@@ -168,14 +173,18 @@ def _rehearse(work: str, tp: int = 2, save_formats: bool = False, dtype: str = "
                                                         f"--logging.dir={folder}"], env)
             runs[run_dtype] = _losses(folder)
             shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)
-        worst = max(abs(runs["bf16"][s] - runs["fp32"][s]) / abs(runs["fp32"][s]) for s in runs["fp32"])
-        print(f"\n-- 2 ranks at TP={tp}, distributed optimizer; loss per step:")
+        print(f"\n-- 2 ranks at TP={tp}, distributed optimizer; loss (gradient norm) per step:")
         for step in sorted(runs["fp32"]):
-            print(f"   step {step}: bf16 {runs['bf16'][step]:.5f}   fp32 {runs['fp32'][step]:.5f}")
+            (b_loss, b_norm), (f_loss, f_norm) = runs["bf16"][step], runs["fp32"][step]
+            print(f"   step {step}: bf16 {b_loss:.5f} ({b_norm:.4g})   fp32 {f_loss:.5f} ({f_norm:.4g})   "
+                  f"loss differs by {abs(b_loss - f_loss) / abs(f_loss):.2%}")
         for name, seconds, gib in TIMINGS[setup:]:
             print(f"   {name:28s} {seconds:7.1f} s   peak RSS {gib:6.2f} GiB")
-        ok = worst < bf16_rtol
-        print(f"-- largest relative loss difference {worst:.2e} ({'OK' if ok else 'FAILED'}: < {bf16_rtol})")
+        (b_loss, b_norm), (f_loss, f_norm) = runs["bf16"][1], runs["fp32"][1]
+        first = max(abs(b_loss - f_loss) / abs(f_loss), abs(b_norm - f_norm) / abs(f_norm))
+        ok = first < bf16_rtol
+        print(f"-- step 1, bf16 against fp32: largest relative difference of loss and gradient norm "
+              f"{first:.2e} ({'OK' if ok else 'FAILED'}: < {bf16_rtol})")
         return 0 if ok else 1
     train.append("--train.dtype=fp32")
     if save_formats:
