@@ -276,22 +276,21 @@ def check_tiny(tiny_data: str, work: str, checks) -> list:
         print(f"resume (async saves): max relative loss difference, steps 4-6: {resume_diff:.2e}")
         if resume_diff > 1e-3:
             failures.append(f"resume differs by {resume_diff:.2e}")
+    def against_straight(name: str, what: str, tolerance: float, **overrides) -> None:
+        """The same tiny run with ``overrides``: its losses against the straight run's."""
+        run = pretrain(tiny_data, os.path.join(work, name), TINY, **overrides)
+        print(f"losses ({name}):", [round(run[s]["loss"], 5) for s in sorted(run)])
+        diff = max_relative_difference(run, straight, range(1, 7))
+        print(f"{what}, steps 1-6: {diff:.2e}")
+        if diff > tolerance:
+            failures.append(f"{what} differ by {diff:.2e}")
+
     if "replicated" in checks:
-        replicated = pretrain(tiny_data, os.path.join(work, "replicated"), TINY,
-                              **{"parallel.distributed_optimizer": False})
-        print("losses (replicated):", [round(replicated[s]["loss"], 5) for s in sorted(replicated)])
-        replicated_diff = max_relative_difference(replicated, straight, range(1, 7))
-        print(f"distributed vs replicated optimizer, steps 1-6: {replicated_diff:.2e}")
-        if replicated_diff > 1e-3:
-            failures.append(f"distributed vs replicated optimizer differ by {replicated_diff:.2e}")
+        against_straight("replicated", "distributed vs replicated optimizer", 1e-3,
+                         **{"parallel.distributed_optimizer": False})
     if "compiled" in checks:
-        compiled = pretrain(tiny_data, os.path.join(work, "compiled"), TINY, **{"train.compile": True})
-        print("losses (compiled):  ", [round(compiled[s]["loss"], 5) for s in sorted(compiled)])
-        compiled_diff = max_relative_difference(compiled, straight, range(1, 7))
-        print(f"train.compile vs eager, steps 1-6: {compiled_diff:.2e}")
         # Inductor keeps fused bf16 elementwise chains in fp32 (eager rounds after each op).
-        if compiled_diff > 1e-2:
-            failures.append(f"train.compile vs eager differ by {compiled_diff:.2e}")
+        against_straight("compiled", "train.compile vs eager", 1e-2, **{"train.compile": True})
     if "export" in checks:
         out = os.path.join(work, "export_hf")
         start = time.perf_counter()
