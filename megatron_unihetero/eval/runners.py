@@ -191,8 +191,7 @@ def generative_figures(model, samples: Sequence[GenerationSample], tokenizer, pa
 
     _check(model)
     vocab = model.cfg.llm.vocab_size
-    suppress = list(range(tokenizer.vocab_size, vocab)) + [
-        tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
+    suppress = text_gen.never_generated(tokenizer, vocab)
     by_kind: Dict[str, List] = {}
     tokens = seconds = 0.0
     limit = model.cfg.llm.max_sequence_length

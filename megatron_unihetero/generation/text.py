@@ -73,6 +73,15 @@ class Generation:
     per_step_seconds: List[float] = field(default_factory=list)
 
 
+def never_generated(tokenizer, vocab_size: int) -> List[int]:
+    """Ids no generated text may hold: the vocabulary's padding rows past the tokenizer (padded
+    for TP, never real text) and the image specials (an image placeholder without its image
+    cannot be run, and its markers only ever enclose one). Our generation and the export's
+    generation_config.json suppress the same list."""
+    padding = list(range(tokenizer.vocab_size, vocab_size))
+    return padding + [tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
+
+
 def check_model(model) -> None:
     """Generation runs the whole model on one rank: refuse other layouts by name."""
     if not (model.pre_process and model.post_process):

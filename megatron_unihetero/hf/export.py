@@ -137,8 +137,9 @@ def _vision_at_run_size(full: Dict[str, torch.Tensor], model: ModelConfig) -> Di
 
 
 def _generation_config(tok, vocab_size: int):
-    # Rows past the tokenizer are padding (the vocabulary is padded for TP): never real text,
-    # so generation must not emit them.
-    padding = list(range(tok.vocab_size, vocab_size))
+    # What our generation never emits, transformers' generate does not either: the padding rows
+    # past the tokenizer and the image specials (generation/text.never_generated).
+    from megatron_unihetero.generation.text import never_generated
+
     return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                            suppress_tokens=padding or None)
+                            suppress_tokens=never_generated(tok, vocab_size))
