@@ -135,38 +135,43 @@ def _tsv_image(value: Optional[str], earlier: Dict[str, bytes], where: str) -> b
 def read_llava_qa(path: str, max_samples: Optional[int] = None,
                   image_root: Optional[str] = None) -> List[dict]:
     """Question-answer rows of LLaVA-style conversation data (a JSON array or JSON lines,
-    data/preprocess/readers.py ``iter_llava``): per record its first human turn (the
-    ``<image>`` marker taken out) as ``question``, the reply as ``answer``, the ``image`` read
-    from under ``image_root`` (default: the file's folder; a path outside it is refused).
-    Optional ``answers`` (references for VQA accuracy) and ``candidates`` (the record is then
-    a question scored by likelihood too) are kept."""
+    data/preprocess/readers.py ``iter_llava``): per record its first user turn's text as
+    ``question``, the reply after it as ``answer``, its (first) image read as preprocessing reads
+    images (images.PathPolicy: inside ``image_root``, default the file's folder; regular files
+    only; at most 64 MiB). The turns are checked by preprocessing's LLaVA reader
+    (samples.llava_messages). Optional ``answers`` (references for VQA accuracy) and
+    ``candidates`` (the record is then a question scored by likelihood too) are kept. A record
+    that cannot be used is a ValueError naming the file, the record and what is wrong."""
+    from megatron_unihetero.data.preprocess.images import ImageError, PathPolicy, read_image_value
     from megatron_unihetero.data.preprocess.readers import RowError, iter_llava
+    from megatron_unihetero.data.preprocess.samples import RowReject, SampleConfig, llava_messages
 
-    root = os.path.realpath(image_root or os.path.dirname(os.path.abspath(path)))
+    policy = PathPolicy(image_root or os.path.dirname(os.path.abspath(path)))
     rows: List[dict] = []
     for line, rec in iter_llava(path):
         if max_samples is not None and len(rows) >= max_samples:
             break
         where = f"{path}: record {line}"
-        if isinstance(rec, RowError):
-            raise ValueError(f"{where}: {rec}")
-        turns = rec.get("conversations") or []
-        human = next((t for t in turns if t.get("from") in ("human", "user")), None)
-        reply = next((t for t in turns if t.get("from") in ("gpt", "assistant")), None)
-        if human is None or reply is None:
-            raise ValueError(f"{where}: needs a human turn and its reply in 'conversations'")
-        row = {"id": str(rec.get("id", line)),
-               "question": str(human.get("value", "")).replace("<image>", "").strip(),
-               "answer": str(reply.get("value", "")).strip()}
-        if rec.get("image"):
-            image = os.path.realpath(os.path.join(root, str(rec["image"])))
-            if os.path.commonpath([root, image]) != root:
-                raise ValueError(f"{where}: image {rec['image']!r} is outside {root}")
-            with open(image, "rb") as handle:
-                row["image"] = handle.read()
-        for key in ("answers", "candidates"):
-            if rec.get(key):
-                row[key] = [str(v) for v in rec[key]]
+        try:
+            if isinstance(rec, RowError):
+                raise RowReject(rec.reason, rec.detail)
+            messages = llava_messages(rec, SampleConfig(template="conversation"))
+            if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
+                raise RowReject("bad_conversation", "needs a human turn and its reply in 'conversations'")
+            question, reply = messages[0]["content"], messages[1]["content"]
+            row = {"id": str(rec.get("id", line)),
+                   "question": " ".join(it["text"] for it in question if it["type"] == "text"),
+                   "answer": " ".join(it["text"] for it in reply if it["type"] == "text")}
+            images = [it["image"] for it in question if it["type"] == "image"]
+            if images:
+                row["image"] = read_image_value(images[0], policy)
+            for key in ("answers", "candidates"):
+                if rec.get(key):
+                    if not isinstance(rec[key], list):
+                        raise RowReject("wrong_type", f"{key!r} must be a list of strings")
+                    row[key] = [str(v) for v in rec[key]]
+        except (RowReject, ImageError) as exc:
+            raise ValueError(f"{where}: {exc.reason}: {exc}") from None
         rows.append(row)
     return rows
 
