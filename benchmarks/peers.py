@@ -78,6 +78,12 @@ def record(section, name, ours, peer, unit, ratios, note=""):
           f"cost ratio {med:.3f} [{lo:.3f}-{hi:.3f}] over {len(ratios)} rounds {note}", flush=True)
 
 
+def record_rates(section, name, rates, unit, note=""):
+    """A row of rates (higher is better): the cost ratio of a round is the peer's rate over ours."""
+    ratios = [p / o for o, p in zip(rates["ours"], rates["peer"])]
+    record(section, name, statistics.median(rates["ours"]), statistics.median(rates["peer"]), unit, ratios, note)
+
+
 def alternate(ours, peer, rounds, warmup=1):
     """Seconds of each side per round, ours first in even rounds, the peer first in odd."""
     for _ in range(warmup):
@@ -453,10 +459,8 @@ def data_rows(args, root):
 
     del normalize
     alternate(timed("ours", ours), timed("peer", energon), 2 if args.quick else args.data_rounds, warmup=0)
-    ratios = [p / o for o, p in zip(rates["ours"], rates["peer"])]
-    record("data", f"loader, 224 px JPEG, 1 worker, {rows} images x {epochs} epochs",
-           statistics.median(rates["ours"]), statistics.median(rates["peer"]), "samples/CPU-s", ratios,
-           "(vs megatron-energon)")
+    record_rates("data", f"loader, 224 px JPEG, 1 worker, {rows} images x {epochs} epochs", rates,
+                 "samples/CPU-s", "(vs megatron-energon)")
 
 
 # -- preprocessing: text into .bin/.idx ------------------------------------------------------
@@ -568,10 +572,8 @@ def preprocess_rows(args, root):
         return run
 
     alternate(timed("ours", ours), timed("peer", peer), 2 if args.quick else args.data_rounds, warmup=0)
-    ratios = [p / o for o, p in zip(rates["ours"], rates["peer"])]
-    record("preprocess", f"text jsonl -> .bin/.idx, {rows} documents, 1 worker",
-           statistics.median(rates["ours"]), statistics.median(rates["peer"]), "docs/CPU-s", ratios,
-           "(vs Megatron-LM preprocess_data.py)")
+    record_rates("preprocess", f"text jsonl -> .bin/.idx, {rows} documents, 1 worker", rates, "docs/CPU-s",
+                 "(vs Megatron-LM preprocess_data.py)")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -427,8 +427,9 @@ class CheckpointManager:
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, engine, loader, progress: Optional[dict] = None) -> Optional[str]:
         """Save step ``step``; collective. ``progress``: the loop's counters (samples seen),
-        kept in trainer.pt and given back by :meth:`load` as :attr:`progress`. Returns the folder, committed as ``latest`` now or,
-        with ``checkpoint.async_save``, by a later :meth:`poll`; None (nothing written,
+        kept in trainer.pt and given back by :meth:`load` as :attr:`progress`. Returns the
+        folder, committed as ``latest`` now or, with ``checkpoint.async_save``, by a later
+        :meth:`poll`; None (nothing written,
         ``latest`` and older checkpoints untouched) when the model is non-finite."""
         if not _all_ranks(engine.parameters_are_finite()):
             # A NaN/Inf model must never become `latest` (a restart would resume from it) nor

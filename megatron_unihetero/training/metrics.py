@@ -131,15 +131,16 @@ class MetricsLogger:
 
     def log_event(self, kind: str, step: int, record: Dict[str, object]) -> None:
         """A record of ``kind`` in metrics.jsonl only (a resume: step, checkpoint, restarts)."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._append(step, kind, record)
+
+    def _append(self, step: int, kind: str, record: Dict[str, object]) -> None:
         with open(self.history_path, "a") as handle:
             handle.write(json.dumps({"step": step, "kind": kind, **record}) + "\n")
 
     def _write(self, step: int, record: Dict[str, float], prefix: str) -> None:
         self.start(step)
-        with open(self.history_path, "a") as handle:
-            handle.write(json.dumps({"step": step, "kind": prefix, **record}) + "\n")
+        self._append(step, prefix, record)
         for key, value in record.items():
             if isinstance(value, (int, float)):
                 if self.tb is not None:
