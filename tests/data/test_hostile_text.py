@@ -134,3 +134,12 @@ def test_malformed_llava_turns_are_named_rejects_and_duplicate_ids_are_counted(e
     assert "duplicate ids: 1" in pipeline.format_summary(summary, 1.0)
     assert not any(r["reason"] == "error" for r in rejects.values())
     assert np.isfinite(summary["seconds"]) and os.path.exists(summary["rejects_file"])
+
+
+def test_a_lone_surrogate_from_a_json_escape_is_a_named_reject(env):
+    """Valid JSON, not Unicode: "\\ud800" decodes to a lone surrogate, which no tokenizer takes
+    (SentencePiece raised an opaque pybind11 cast error)."""
+    rows = [b'{"image": "a.png", "caption": "lone \\ud800 surrogate"}\n', {"image": "a.png", "caption": "fine"}]
+    summary, rejects, _ = _run(env, "surrogate", rows)
+    assert summary["samples"] == 1 and summary["rejects_by_reason"] == {"bad_utf8": 1}
+    assert "'\\ud800' at character 5 (a lone UTF-16 surrogate" in rejects[0]["detail"]

@@ -354,6 +354,12 @@ def _encode_text(segments: List[tuple], tokenizer) -> tuple:
         else:
             runs.append([seg[1], seg[2]])
     whole = "".join(r[0] for r in runs)
+    try:  # JSON's "\ud800" escape decodes to a lone surrogate: text no tokenizer can take
+        whole.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowReject("bad_utf8", f"the text holds {e.object[e.start:e.end]!r} at character {e.start} "
+                                    f"(a lone UTF-16 surrogate, e.g. a JSON \\ud800 escape): not Unicode "
+                                    f"text") from None
     ids = tokenizer.encode_plain(whole)
     if len(runs) == 1:
         return ids, [1 if runs[0][1] else 0] * len(ids)
