@@ -17,8 +17,10 @@ class ConversionError(ValueError):
     """Wrong input for a conversion; the message names the folder, file or field."""
 
 
-# config.json model_type -> our vision.model_type (full CLIP/SigLIP folders are not vision-only).
-VISION_MODEL_TYPES = {hf: ours for ours, hf in HF_MODEL_TYPES.items()}
+# config.json model_type -> our vision.model_type (full CLIP/SigLIP folders are not vision-only;
+# SigLIP2's NaFlex releases ship as full Siglip2Model folders, whose vision half
+# Siglip2VisionModel loads by itself: accepted too).
+VISION_MODEL_TYPES = {**{hf: ours for ours, hf in HF_MODEL_TYPES.items()}, "siglip2": "siglip2"}
 # Fields of a vision config that describe the saving code, not the model.
 _VOLATILE_KEYS = ("transformers_version", "architectures", "model_type", "_name_or_path", "dtype",
                   "torch_dtype", "output_hidden_states", "return_dict", "id2label", "label2id")
@@ -47,7 +49,7 @@ def vision_type_of(config: Dict[str, Any], folder: str, role: str = "--vision") 
             f"{role} folder {folder!r} holds a {model_type!r} model "
             f"(architectures {config.get('architectures')}); expected a vision encoder: "
             f"{', '.join(sorted(VISION_MODEL_TYPES))} (Dinov2Model, Dinov2WithRegistersModel, "
-            f"SiglipVisionModel, CLIPVisionModel)")
+            f"SiglipVisionModel, Siglip2VisionModel / Siglip2Model, CLIPVisionModel)")
     return VISION_MODEL_TYPES[model_type]
 
 

@@ -42,7 +42,6 @@ from megatron_unihetero.hf.common import staged_output
 from megatron_unihetero.hf.configs import (
     LLM_MODEL_TYPES, ConversionError, llm_config_from_hf, model_config_from_llava, read_config_json,
     vision_type_of)
-from megatron_unihetero.data.tokenizer import HFTokenizer
 from megatron_unihetero.hf.processor import hf_tokenizer
 from megatron_unihetero.hf.weights import llava_module_state_to_full, llm_from_hf
 from megatron_unihetero.models.config import ModelConfig, PixelGenConfig, SemanticGenConfig, VisionConfig
@@ -279,23 +278,10 @@ def training_settings(save: str) -> Dict[str, object]:
     return out
 
 
-def _require_bos(ours, path: str) -> None:
-    """Every document here starts with BOS (data/preprocess/samples.py, the one chat template
-    data/conversation.py, the export's "one BOS" check in hf/processor.py); a tokenizer
-    without one (Qwen2's: bos_token null) would get EOS in its place, an id its model never
-    saw at a document start. Refused here, before anything is written."""
-    if isinstance(ours, HFTokenizer) and ours.tok.bos_token_id is None:
-        raise ConversionError(
-            f"tokenizer {path!r} has no BOS token (bos_token is null, as Qwen2's is); this "
-            f"codebase starts every document and chat with BOS, so it cannot train or export "
-            f"with it: give --tokenizer a tokenizer with a BOS token")
-
-
 def _tokenizer_vocab(tokenizer: Optional[str], image_token_id: Optional[int]) -> int:
     if tokenizer is None:
         return 0
     ours, _ = hf_tokenizer(tokenizer)
-    _require_bos(ours, tokenizer)
     if image_token_id is not None and ours.image_token_id != image_token_id:
         raise ConversionError(f"tokenizer {tokenizer!r} maps <image> to {ours.image_token_id} but "
                               f"the Llava config's image_token_index is {image_token_id}")
@@ -307,7 +293,6 @@ def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]
     <image> id; one of them must say it."""
     if tokenizer is not None:
         ours, _ = hf_tokenizer(tokenizer)
-        _require_bos(ours, tokenizer)
         if image_token_id is not None and image_token_id != ours.image_token_id:
             raise ConversionError(f"--image-token-id {image_token_id} but tokenizer {tokenizer!r} "
                                   f"maps <image> to {ours.image_token_id}")

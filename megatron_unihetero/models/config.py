@@ -123,7 +123,7 @@ class LLMConfig:
 class VisionConfig:
     """A HuggingFace vision encoder (Dinov2 by default), built from a config or a local folder."""
 
-    model_type: str = "dinov2"  # dinov2 | dinov2_with_registers | siglip | clip
+    model_type: str = "dinov2"  # dinov2 | dinov2_with_registers | siglip | siglip2 | clip
     path: Optional[str] = None  # local HF folder; None: build from `hf_config` (random init)
     hf_config: Dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -137,14 +137,14 @@ class VisionConfig:
     drop_cls_token: bool = True  # keep only patch tokens (LLaVA's "patch" feature selection)
     frozen: bool = True
     # Pixel normalisation the encoder was trained with; None: its family's default
-    # (DINOv2: ImageNet; SigLIP: 0.5/0.5; CLIP: OpenAI CLIP's), see vision.image_normalization.
+    # (DINOv2: ImageNet; SigLIP, SigLIP2: 0.5/0.5; CLIP: OpenAI CLIP's), see vision.image_normalization.
     image_mean: Optional[List[float]] = None
     image_std: Optional[List[float]] = None
 
     def __post_init__(self):
-        _check(self.model_type in ("dinov2", "dinov2_with_registers", "siglip", "clip"),
-               f"vision.model_type must be dinov2, dinov2_with_registers, siglip or clip; got "
-               f"{self.model_type!r}")
+        _check(self.model_type in ("dinov2", "dinov2_with_registers", "siglip", "siglip2", "clip"),
+               f"vision.model_type must be dinov2, dinov2_with_registers, siglip, siglip2 or clip; "
+               f"got {self.model_type!r}")
         _check(self.image_size is None or self.image_size > 0,
                f"vision.image_size must be a positive number of pixels; got {self.image_size}")
 
