@@ -219,7 +219,7 @@ def _tied_training_step(model, cfg, ref_grad_path):
     from megatron_unihetero.training.engine_megatron import MegatronEngine
 
     model.train()
-    run = RunConfig(model=cfg, parallel=ParallelConfig(distributed_optimizer=False),
+    run = RunConfig(model=cfg, parallel=ParallelConfig(distributed_optimizer=True),
                     train=TrainConfig(lr=1e-2, warmup_steps=0, clip_grad=0.0, dtype="fp32"))
     engine = MegatronEngine(model, run)
     engine.train_step(text_batches(), {"text": 1.0})
@@ -350,3 +350,30 @@ def test_tokenizer_without_bos_is_refused(sources, tmp_path):
     with pytest.raises(ConversionError, match="has no BOS token") as info:
         import_hf(sources["qwen2_tied"], out, vision=sources["dinov2"], tokenizer=folder)
     assert folder in str(info.value) and not os.path.exists(out)
+
+
+def test_tied_head_is_the_embedding_in_every_text_loss():
+    """Every text-loss implementation (kernels/cross_entropy.py's and megatron's) reads the tied
+    LM head as the embedding: the same loss, and the gradient reaches the embedding."""
+    import torch.nn.functional as F
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.models.config import LLMConfig, ModelConfig
+    from megatron_unihetero.models.heads import text_loss
+
+    cfg = ModelConfig(llm=LLMConfig(num_layers=2, vocab_size=256, tie_word_embeddings=True))
+    hidden = torch.randn(10, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4))
+    labels[2] = -100
+    labels[labels == cfg.image_token_id] = 5  # the placeholder never counts
+    with parallel.single_process():
+        model = parallel.build_model(cfg)
+        weight = model.llm.embedding.word_embeddings.weight
+        keep = labels != -100
+        expected_loss = F.cross_entropy(hidden[keep] @ weight.detach().t(), labels[keep], reduction="sum")
+        for impl in ("reference", "fused", "megatron"):
+            weight.grad = None
+            loss, count = text_loss(model.llm.output_layer, hidden, labels, cfg.image_token_id, impl=impl)
+            loss.backward()
+            assert int(count) == int(keep.sum()) and torch.allclose(loss, expected_loss, rtol=1e-5), impl
+            assert weight.grad is not None and weight.grad.abs().sum() > 0, impl
