@@ -377,3 +377,34 @@ def test_tied_head_is_the_embedding_in_every_text_loss():
             loss.backward()
             assert int(count) == int(keep.sum()) and torch.allclose(loss, expected_loss, rtol=1e-5), impl
             assert weight.grad is not None and weight.grad.abs().sum() > 0, impl
+
+
+def test_llama3_style_tokenizer_json_grows_the_vocabulary_and_exports(sources, tmp_path):
+    """A Llama-3-style tokenizer.json folder (BOS <|begin_of_text|> added by its post-processor,
+    no pad token, as many tokens as the model has rows): the specials are appended past the
+    model's rows (Llama-3: 128256 + 4, padded to 129024; here 400 + 4 -> 1024), and the export's
+    processor gives one BOS on every calling path (checked by the export itself)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+    folder = tmp_path / "llama3"
+    shutil.copytree(sources["llama32_tied"], folder)
+    words = ["<|begin_of_text|>", "<|end_of_text|>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>").save_pretrained(folder)
+    ckpt = import_hf(str(folder), str(tmp_path / "ckpt"), vision=sources["dinov2"])
+    cfg = model_config(ckpt)
+    assert (cfg.image_token_id, cfg.llm.vocab_size, cfg.llm.tie_word_embeddings) == (VOCAB, 1024, True)
+    out = export_checkpoint(ckpt, str(tmp_path / "hf"))
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "w5"}]}],
+                                           add_generation_prompt=True)
+    ids = processor.tokenizer(prompt)["input_ids"]
+    assert ids[0] == 0 and 0 not in ids[1:]
