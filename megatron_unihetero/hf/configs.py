@@ -1,4 +1,5 @@
-"""Config mapping: our ModelConfig <-> transformers' LlamaConfig / vision configs / LlavaConfig."""
+"""Config mapping: our ModelConfig <-> transformers' LlamaConfig / Qwen2Config, the vision
+configs and LlavaConfig."""
 
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def llm_config_from_hf(text: Dict[str, Any], folder: str, max_sequence_length: O
         init_method_std=float(text.get("initializer_range", 0.02)),
         family=family, rope_scaling=rope_scaling_from_hf(text, folder),
         # Absent from config.json: the config class's default (False for both).
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", _TEXT_CONFIGS[family]().tie_word_embeddings)),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings",
+                                          _TEXT_CONFIGS[family]().tie_word_embeddings)),
     )
 
 
@@ -127,7 +129,7 @@ def vision_hf_config_dict(hf_vision) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _VOLATILE_KEYS and not k.startswith("_")}
 
 
-def llama_config(llm: LLMConfig, **extra):
+def text_config(llm: LLMConfig, **extra):
     """The HF text config of our LLM: a LlamaConfig, or a Qwen2Config for ``family: qwen2``
     (Llava builds its language model from it through AutoModel), with the RoPE scaling and
     the tie flag."""
@@ -158,7 +160,7 @@ def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_i
     """The LlavaConfig of an exported model (the vision config from the encoder's own, at the
     size the model runs it: the export writes position embeddings of that size)."""
     hf_vision = load_hf_vision_config(model.vision)
-    text = llama_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+    text = text_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)
     # Where the encoder came from is not part of the exported model (and would break the
     # round trip's equality of config.json).

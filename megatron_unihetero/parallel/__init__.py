@@ -171,7 +171,8 @@ def sync_tied_embeddings(model) -> None:
     the embedding group. From then on the two stay equal: their gradients are all-reduced over
     that group before every optimizer step (training/engine_megatron.py). No-op otherwise."""
     chunks = _chunk_list(model)
-    if not chunks[0].cfg.llm.tie_word_embeddings or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if not chunks[0].cfg.llm.tie_word_embeddings or pp == 1:
         return
     first, last = chunks[0].plan.pre_process, chunks[-1].plan.post_process
     if not (first or last):

@@ -145,7 +145,8 @@ def test_import_matches_transformers_and_export_round_trips(sources, imported, t
             assert model.llm.output_layer.weight is model.llm.embedding.word_embeddings.weight
         if family == "qwen2":
             bias = model.llm.decoder.layers[0].self_attention.linear_qkv.bias
-            assert bias.abs().min() > 0 and model.llm.decoder.layers[0].self_attention.linear_proj.bias is None
+            assert bias.abs().min() > 0  # the biases, in megatron's fused per-group layout
+            assert model.llm.decoder.layers[0].self_attention.linear_proj.bias is None
         with torch.no_grad():
             ours = text_logits(model, sample_tokens())
     assert (ours[..., :VOCAB] - expected).abs().max() < 1e-4
