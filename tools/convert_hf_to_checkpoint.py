@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Start a megatron_unihetero checkpoint from HuggingFace weights (any TP/PP/DP loads it).
 
-    # a Llama LLM + a Dinov2 (with registers) / SigLIP / CLIP vision encoder (projector and
-    # heads freshly initialised); the tokenizer is the LLM folder's own unless given
+    # a Llama-2/3.x or Qwen2/2.5 LLM + a Dinov2 (with registers) / SigLIP / SigLIP2 / CLIP
+    # vision encoder (projector and heads freshly initialised); the tokenizer is the LLM
+    # folder's own unless given (one without a BOS token, as Qwen2's, is refused)
     python tools/convert_hf_to_checkpoint.py --llm hf/llama --vision hf/dinov2 --save ckpt \
         [--image-size 224] [--vocab-divisible-by 1024] [--tokenizer PATH | --image-token-id N]
     # an exported Llava folder (tools/convert_checkpoint_to_hf.py) back to a checkpoint
@@ -30,7 +31,7 @@ from megatron_unihetero.models.config import ConfigError, SemanticGenConfig  # n
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", required=True, help="LlamaForCausalLM folder, or an exported Llava folder")
+    p.add_argument("--llm", required=True, help="LlamaForCausalLM or Qwen2ForCausalLM folder, or an exported Llava folder")
     p.add_argument("--vision", default=None,
                    help="Dinov2 / Dinov2WithRegisters / SigLIP / CLIP vision model folder")
     p.add_argument("--save", required=True, help="new checkpoint folder (must not exist or be empty)")

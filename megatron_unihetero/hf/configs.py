@@ -1,4 +1,5 @@
-"""Config mapping: our ModelConfig <-> transformers' LlamaConfig / vision configs / LlavaConfig."""
+"""Config mapping: our ModelConfig <-> transformers' LlamaConfig / Qwen2Config, the vision
+configs and LlavaConfig."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from transformers import LlamaConfig, LlavaConfig
+from transformers import LlamaConfig, LlavaConfig, Qwen2Config
 
-from megatron_unihetero.models.config import LLMConfig, ModelConfig, VisionConfig
+from megatron_unihetero.models.config import LLAMA3_ROPE_KEYS, LLMConfig, ModelConfig, VisionConfig
 from megatron_unihetero.models.vision import (
     _HF_CLASSES, HF_MODEL_TYPES, load_hf_vision_config, tokens_per_image)
 
@@ -17,8 +18,10 @@ class ConversionError(ValueError):
     """Wrong input for a conversion; the message names the folder, file or field."""
 
 
-# config.json model_type -> our vision.model_type (full CLIP/SigLIP folders are not vision-only).
-VISION_MODEL_TYPES = {hf: ours for ours, hf in HF_MODEL_TYPES.items()}
+# config.json model_type -> our vision.model_type (full CLIP/SigLIP folders are not vision-only;
+# SigLIP2's NaFlex releases ship as full Siglip2Model folders, whose vision half
+# Siglip2VisionModel loads by itself: accepted too).
+VISION_MODEL_TYPES = {**{hf: ours for ours, hf in HF_MODEL_TYPES.items()}, "siglip2": "siglip2"}
 # Fields of a vision config that describe the saving code, not the model.
 _VOLATILE_KEYS = ("transformers_version", "architectures", "model_type", "_name_or_path", "dtype",
                   "torch_dtype", "output_hidden_states", "return_dict", "id2label", "label2id")
@@ -47,26 +50,59 @@ def vision_type_of(config: Dict[str, Any], folder: str, role: str = "--vision") 
             f"{role} folder {folder!r} holds a {model_type!r} model "
             f"(architectures {config.get('architectures')}); expected a vision encoder: "
             f"{', '.join(sorted(VISION_MODEL_TYPES))} (Dinov2Model, Dinov2WithRegistersModel, "
-            f"SiglipVisionModel, CLIPVisionModel)")
+            f"SiglipVisionModel, Siglip2VisionModel / Siglip2Model, CLIPVisionModel)")
     return VISION_MODEL_TYPES[model_type]
+
+
+# config.json model_type of the LLM folders the importer reads -> our llm.family.
+LLM_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+_TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def rope_scaling_from_hf(text: Dict[str, Any], folder: str) -> Optional[Dict[str, Any]]:
+    """Our ``llm.rope_scaling`` from a config's ``rope_parameters`` (transformers 5) or
+    ``rope_scaling`` (4.x): None for plain RoPE, Llama-3.1's "llama3" parameters; any other
+    type is refused by name."""
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type != "llama3":
+        raise ConversionError(f"{folder}: config.json rope scaling rope_type={rope_type!r} is not "
+                              f"supported (plain RoPE and Llama-3.1's 'llama3' are)")
+    missing = [k for k in LLAMA3_ROPE_KEYS if rope.get(k) is None]
+    if missing:
+        raise ConversionError(f"{folder}: config.json rope scaling 'llama3' lacks {missing}")
+    return {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}}
 
 
 def llm_config_from_hf(text: Dict[str, Any], folder: str, max_sequence_length: Optional[int] = None
                        ) -> LLMConfig:
-    """Our LLMConfig from a LlamaConfig dict; refuses what our Llama cannot represent."""
+    """Our LLMConfig from a LlamaConfig (Llama-2/3.x) or Qwen2Config (Qwen2/2.5) dict; refuses
+    what our decoder cannot represent, naming the field."""
     def need(key):
         if key not in text:
             raise ConversionError(f"{folder}: config.json has no {key!r}")
         return text[key]
 
+    model_type = text.get("model_type", "llama")
+    if model_type not in LLM_MODEL_TYPES:
+        raise ConversionError(f"{folder}: config.json model_type={model_type!r}; expected one of "
+                              f"{', '.join(LLM_MODEL_TYPES)}")
+    family = LLM_MODEL_TYPES[model_type]
     for flag in ("attention_bias", "mlp_bias"):
-        if text.get(flag):
+        if text.get(flag):  # Llama's: biases on o_proj / the MLP too, which Qwen2 does not have
             raise ConversionError(f"{folder}: config.json sets {flag}=true; our Llama has no biases")
+    if family == "qwen2":
+        # Qwen2's sliding window (layers from max_window_layers on): our attention is full.
+        sliding = [i for i, kind in enumerate(text.get("layer_types") or ()) if kind != "full_attention"]
+        if text.get("use_sliding_window") or sliding:
+            raise ConversionError(f"{folder}: config.json sets use_sliding_window=true (layers "
+                                  f"{sliding or 'from max_window_layers'} use sliding-window "
+                                  f"attention); only full attention is supported")
     if text.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{folder}: hidden_act={text['hidden_act']!r}; our Llama uses silu")
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ConversionError(f"{folder}: rope scaling {rope!r} is not supported (plain RoPE only)")
     theta = text.get("rope_theta", rope.get("rope_theta", 10000.0))
     hidden, heads = need("hidden_size"), need("num_attention_heads")
     head_dim = text.get("head_dim") or hidden // heads
@@ -80,6 +116,10 @@ def llm_config_from_hf(text: Dict[str, Any], folder: str, max_sequence_length: O
         max_sequence_length=max_sequence_length or text.get("max_position_embeddings", 2048),
         rotary_base=float(theta), norm_epsilon=float(text.get("rms_norm_eps", 1e-6)),
         init_method_std=float(text.get("initializer_range", 0.02)),
+        family=family, rope_scaling=rope_scaling_from_hf(text, folder),
+        # Absent from config.json: the config class's default (False for both).
+        tie_word_embeddings=bool(text.get("tie_word_embeddings",
+                                          _TEXT_CONFIGS[family]().tie_word_embeddings)),
     )
 
 
@@ -89,17 +129,24 @@ def vision_hf_config_dict(hf_vision) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _VOLATILE_KEYS and not k.startswith("_")}
 
 
-def llama_config(llm: LLMConfig, **extra):
-    return LlamaConfig(
+def text_config(llm: LLMConfig, **extra):
+    """The HF text config of our LLM: a LlamaConfig, or a Qwen2Config for ``family: qwen2``
+    (Llava builds its language model from it through AutoModel), with the RoPE scaling and
+    the tie flag."""
+    rope = {"rope_type": "default", "rope_theta": llm.rotary_base}
+    if llm.rope_scaling is not None:
+        rope = {**llm.rope_scaling, "rope_theta": llm.rotary_base}
+    common = dict(
         vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
         intermediate_size=llm.ffn_hidden_size, num_hidden_layers=llm.num_layers,
         num_attention_heads=llm.num_attention_heads, num_key_value_heads=llm.num_query_groups,
-        head_dim=llm.head_dim, hidden_act="silu", max_position_embeddings=llm.max_sequence_length,
-        rms_norm_eps=llm.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": llm.rotary_base},
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-        initializer_range=llm.init_method_std, **extra,
+        hidden_act="silu", max_position_embeddings=llm.max_sequence_length,
+        rms_norm_eps=llm.norm_epsilon, rope_parameters=rope,
+        tie_word_embeddings=llm.tie_word_embeddings, initializer_range=llm.init_method_std, **extra,
     )
+    if llm.family == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    return LlamaConfig(head_dim=llm.head_dim, attention_bias=False, mlp_bias=False, **common)
 
 
 def feature_select_strategy(vision: VisionConfig) -> str:
@@ -113,7 +160,7 @@ def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_i
     """The LlavaConfig of an exported model (the vision config from the encoder's own, at the
     size the model runs it: the export writes position embeddings of that size)."""
     hf_vision = load_hf_vision_config(model.vision)
-    text = llama_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+    text = text_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)
     # Where the encoder came from is not part of the exported model (and would break the
     # round trip's equality of config.json).
@@ -124,7 +171,7 @@ def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_i
         projector_hidden_act="gelu",  # our Projector uses exact (erf) GELU, as does HF "gelu"
         vision_feature_select_strategy=feature_select_strategy(model.vision),
         vision_feature_layer=model.vision.feature_layer,
-        multimodal_projector_bias=True, tie_word_embeddings=False,
+        multimodal_projector_bias=True, tie_word_embeddings=model.llm.tie_word_embeddings,
         image_seq_length=tokens_per_image(model.vision),
     )
     config.architectures = ["LlavaForConditionalGeneration"]

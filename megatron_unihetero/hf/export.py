@@ -37,6 +37,15 @@ from megatron_unihetero.models.vision import position_embeddings_at_run_size
 from megatron_unihetero.training import checkpoint as ckpt
 
 CONFIG_FILE = "config.yaml"
+# Vision towers a transformers Llava cannot run, and why (checked with transformers 5.25).
+NOT_EXPORTABLE_TOWERS = {
+    "siglip2": "transformers' LlavaForConditionalGeneration calls its vision tower with "
+               "pixel_values only, and Siglip2VisionModel (NaFlex) also needs "
+               "pixel_attention_mask and spatial_shapes, so the exported model could not run "
+               "an image. Use the checkpoint with this codebase (evaluate.py, generation/), or "
+               "train with a fixed-resolution SigLIP2 release (saved as model_type 'siglip', "
+               "which exports)",
+}
 
 
 def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
@@ -87,6 +96,10 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
     iter_dir = iteration_dir(load, iteration)
     run = read_run_config(iter_dir)
     model = config_io.from_dict(ModelConfig, run["model"], "model")
+    if model.vision.model_type in NOT_EXPORTABLE_TOWERS:
+        raise ConversionError(f"{os.path.join(iter_dir, CONFIG_FILE)}: vision.model_type="
+                              f"{model.vision.model_type!r}: "
+                              f"{NOT_EXPORTABLE_TOWERS[model.vision.model_type]}")
     tokenizer = tokenizer or (run.get("data") or {}).get("tokenizer")
     if not tokenizer:
         raise ConversionError(f"{os.path.join(iter_dir, CONFIG_FILE)}: data.tokenizer is empty; "

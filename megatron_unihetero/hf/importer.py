@@ -1,8 +1,10 @@
 """HuggingFace weights -> a megatron_unihetero checkpoint, which any TP / PP / DP layout loads.
 
 Two sources:
-* ``--llm`` a LlamaForCausalLM folder and ``--vision`` a Dinov2 (with registers too) / SigLIP /
-  CLIP vision folder: the projector and the semantic head are freshly initialised (seeded);
+* ``--llm`` a LlamaForCausalLM (Llama-2, Llama-3.x: GQA, "llama3" RoPE scaling, tied or
+  untied embeddings) or Qwen2ForCausalLM (Qwen2 / 2.5: q/k/v biases, full attention only)
+  folder and ``--vision`` a Dinov2 (with registers too) / SigLIP / SigLIP2 / CLIP vision
+  folder: the projector and the semantic head are freshly initialised (seeded);
 * ``--llm`` an exported LlavaForConditionalGeneration folder (export.py): everything, heads
   included when unihetero_heads.* is there, comes back (the round trip).
 
@@ -31,14 +33,15 @@ import torch
 import transformers
 import yaml
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
 from megatron_unihetero import config_io, parallel
 from megatron_unihetero.checkpointing import dist as dist_ckpt
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf.common import staged_output
 from megatron_unihetero.hf.configs import (
-    ConversionError, llm_config_from_hf, model_config_from_llava, read_config_json, vision_type_of)
+    LLM_MODEL_TYPES, ConversionError, llm_config_from_hf, model_config_from_llava, read_config_json,
+    vision_type_of)
 from megatron_unihetero.hf.processor import hf_tokenizer
 from megatron_unihetero.hf.weights import llava_module_state_to_full, llm_from_hf
 from megatron_unihetero.models.config import ModelConfig, PixelGenConfig, SemanticGenConfig, VisionConfig
@@ -52,6 +55,9 @@ from megatron_unihetero.training.config import DataConfig, RunConfig
 State = Dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
+
+# Our LLM family -> the transformers class its HF folder is loaded with.
+_CAUSAL_LM_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 
 # Megatron pads the vocabulary to make-vocab-size-divisible-by (128) x TP. A checkpoint here
 # has no TP, so the padding must suit every TP a run may use: 128 x 8 serves TP = 1, 2, 4, 8.
@@ -101,7 +107,7 @@ def from_llama_and_vision(llm_dir: str, vision_dir: str, *, image_token_id: int,
     vision = VisionConfig(model_type=vision_type_of(vision_json, vision_dir),
                           path=os.path.abspath(vision_dir), image_size=image_size)
     tokens_per_image(vision)  # a bad --image-size fails before the weights are read
-    hf_llm = _from_pretrained(LlamaForCausalLM, llm_dir, "--llm")
+    hf_llm = _from_pretrained(_CAUSAL_LM_CLASSES[llm.family], llm_dir, "--llm")
     llm.vocab_size = grow_vocabulary(hf_llm, tokenizer_vocab, vocab_divisible_by, seed, llm_dir)
     model = ModelConfig(llm=llm, vision=vision, semantic=semantic, image_token_id=image_token_id)
 
@@ -227,9 +233,9 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
         model, full = from_llava(llm, llm_json, tokenizer_vocab=tokenizer_vocab,
                                  vocab_divisible_by=vocab_divisible_by, seed=seed,
                                  image_size=image_size)
-    elif kind == "llama":
+    elif kind in LLM_MODEL_TYPES:
         if vision is None:
-            raise ConversionError("--vision is required with a Llama --llm folder")
+            raise ConversionError(f"--vision is required with a {kind} --llm folder")
         tokenizer = tokenizer or default_tokenizer(llm)
         if tokenizer is None and image_token_id is None:
             raise ConversionError(f"--llm folder {llm!r} has no tokenizer (tokenizer.model or "
@@ -244,7 +250,8 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
     else:
         raise ConversionError(f"--llm folder {llm!r} holds a {kind!r} model (architectures "
                               f"{llm_json.get('architectures')}); expected 'llama' "
-                              f"(LlamaForCausalLM) or 'llava' (an exported model)")
+                              f"(LlamaForCausalLM), 'qwen2' (Qwen2ForCausalLM) or 'llava' (an "
+                              f"exported model)")
     if not 0 <= model.image_token_id < model.llm.vocab_size:
         raise ConversionError(f"image token id {model.image_token_id} is outside the vocabulary "
                               f"(llm.vocab_size = {model.llm.vocab_size})")

@@ -88,6 +88,7 @@ def hf_tokenizer(path: str):
         ours = ours_lib.build_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"data.tokenizer {path!r} cannot be loaded: {exc}") from None
+    _require_bos(ours, path)
     if isinstance(ours, ours_lib.SentencePieceTokenizer):
         fast = _sentencepiece_to_fast(ours)
     else:
@@ -96,6 +97,19 @@ def hf_tokenizer(path: str):
     fast.image_token = ours_lib.IMAGE_TOKEN  # LlavaProcessor reads it from the tokenizer
     check_token_ids(ours, fast)
     return ours, fast
+
+
+def _require_bos(ours, path: str) -> None:
+    """Every document here starts with BOS (data/preprocess/samples.py, the one chat template
+    data/conversation.py, the "one BOS" check below); a tokenizer without one (Qwen2's:
+    bos_token null) would get EOS in its place (data/tokenizer.HFTokenizer), an id its model
+    never saw at a document start. Refused for the import and the export, before anything
+    is written."""
+    if isinstance(ours, ours_lib.HFTokenizer) and ours.tok.bos_token_id is None:
+        raise ConversionError(
+            f"tokenizer {path!r} has no BOS token (bos_token is null, as Qwen2's is); this "
+            f"codebase starts every document and chat with BOS, so it cannot train or export "
+            f"with it: give a tokenizer with a BOS token (--tokenizer)")
 
 
 def _no_automatic_specials(fast, ours) -> None:

@@ -14,8 +14,11 @@ saved in the 5.x layout). The 4.x names per part:
               (``attention.attention.query``, ...).
 
 Megatron's fused layouts are undone here: ``linear_qkv`` holds, per query group, that group's
-query heads then one key head then one value head (each ``head_dim`` rows); SwiGLU's
-``linear_fc1`` is ``[gate; up]``.
+query heads then one key head then one value head (each ``head_dim`` rows), and its bias
+(Qwen2) the same entries in the same order; SwiGLU's ``linear_fc1`` is ``[gate; up]``.
+
+Qwen2 has Llama's names plus ``self_attn.{q,k,v}_proj.bias``. A tied LM head
+(``llm.tie_word_embeddings``) has no ``lm_head.weight`` in HF; ours is the embedding.
 """
 
 from __future__ import annotations
@@ -57,26 +60,28 @@ _LOCAL_SPEC_RENAMES = {  # HF -> ours: we always write megatron's local-spec nam
 
 # -- the LLM --------------------------------------------------------------------------------
 def split_qkv(qkv: torch.Tensor, llm: LLMConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's fused ``linear_qkv`` weight [rows, hidden] or bias [rows] -> HF's q, k, v."""
     groups, head_dim = llm.num_query_groups, llm.head_dim
     per_group = llm.num_attention_heads // groups
-    hidden = qkv.shape[-1]
-    grouped = qkv.reshape(groups, per_group + 2, head_dim, hidden)
-    q = grouped[:, :per_group].reshape(groups * per_group * head_dim, hidden)
-    k = grouped[:, per_group].reshape(groups * head_dim, hidden)
-    v = grouped[:, per_group + 1].reshape(groups * head_dim, hidden)
+    rest = qkv.shape[1:]  # (hidden,) for the weight, () for the bias
+    grouped = qkv.reshape(groups, per_group + 2, head_dim, *rest)
+    q = grouped[:, :per_group].reshape(groups * per_group * head_dim, *rest)
+    k = grouped[:, per_group].reshape(groups * head_dim, *rest)
+    v = grouped[:, per_group + 1].reshape(groups * head_dim, *rest)
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, llm: LLMConfig) -> torch.Tensor:
+    """HF's q, k, v weights (or biases) -> megatron's per-query-group interleaved ``linear_qkv``."""
     groups, head_dim = llm.num_query_groups, llm.head_dim
     per_group = llm.num_attention_heads // groups
-    hidden = q.shape[-1]
+    rest = q.shape[1:]
     grouped = torch.cat([
-        q.reshape(groups, per_group, head_dim, hidden),
-        k.reshape(groups, 1, head_dim, hidden),
-        v.reshape(groups, 1, head_dim, hidden),
+        q.reshape(groups, per_group, head_dim, *rest),
+        k.reshape(groups, 1, head_dim, *rest),
+        v.reshape(groups, 1, head_dim, *rest),
     ], dim=1)
-    return grouped.reshape(-1, hidden).contiguous()
+    return grouped.reshape(-1, *rest).contiguous()
 
 
 # Whole-model tensors with a one-to-one name (ours -> HF Llama); the inverse serves the import.
@@ -94,14 +99,17 @@ def llm_to_hf(full: State, llm: LLMConfig) -> State:
     for name, tensor in full.items():
         if not name.startswith("llm."):
             continue
+        if name == "llm.output_layer.weight" and llm.tie_word_embeddings:
+            continue  # the embedding (HF ties lm_head to embed_tokens on load)
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = tensor
         elif (match := _LAYER.match(name)):
             prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
-            if rest == "self_attention.linear_qkv.weight":
+            if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                kind = rest.rsplit(".", 1)[1]
                 q, k, v = split_qkv(tensor, llm)
-                out.update({prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-                            prefix + "self_attn.v_proj.weight": v})
+                out.update({f"{prefix}self_attn.q_proj.{kind}": q, f"{prefix}self_attn.k_proj.{kind}": k,
+                            f"{prefix}self_attn.v_proj.{kind}": v})
             elif rest == "mlp.linear_fc1.weight":
                 gate, up = tensor.chunk(2, dim=0)
                 out[prefix + "mlp.gate_proj.weight"] = gate.contiguous()
@@ -129,15 +137,20 @@ def llm_from_hf(hf: State, llm: LLMConfig) -> State:
             continue  # recomputed from rope theta
         else:
             raise KeyError(f"unexpected HuggingFace Llama tensor {name!r}")
-    if "llm.output_layer.weight" not in out:
-        # A tied-embedding Llama has no lm_head tensor; our LM head is untied, so copy it.
-        out["llm.output_layer.weight"] = out["llm.embedding.word_embeddings.weight"].clone()
+    if llm.tie_word_embeddings:
+        # Our LM head is the embedding (an HF folder may still hold a tied lm_head copy).
+        out["llm.output_layer.weight"] = out["llm.embedding.word_embeddings.weight"]
+    elif "llm.output_layer.weight" not in out:
+        raise KeyError("the HuggingFace model has no lm_head.weight but its config says "
+                       "tie_word_embeddings=false")
     for index, parts in sorted(layers.items()):
         prefix = f"llm.decoder.layers.{index}."
         try:
-            out[prefix + "self_attention.linear_qkv.weight"] = fuse_qkv(
-                parts.pop("self_attn.q_proj.weight"), parts.pop("self_attn.k_proj.weight"),
-                parts.pop("self_attn.v_proj.weight"), llm)
+            kinds = ("weight", "bias") if llm.qkv_bias else ("weight",)
+            for kind in kinds:
+                out[f"{prefix}self_attention.linear_qkv.{kind}"] = fuse_qkv(
+                    parts.pop(f"self_attn.q_proj.{kind}"), parts.pop(f"self_attn.k_proj.{kind}"),
+                    parts.pop(f"self_attn.v_proj.{kind}"), llm)
             out[prefix + "mlp.linear_fc1.weight"] = torch.cat(
                 [parts.pop("mlp.gate_proj.weight"), parts.pop("mlp.up_proj.weight")], dim=0)
         except KeyError as exc:
@@ -145,7 +158,7 @@ def llm_from_hf(hf: State, llm: LLMConfig) -> State:
         for rest, tensor in parts.items():
             if rest not in _LOCAL_SPEC_RENAMES:
                 raise KeyError(f"unexpected HuggingFace Llama tensor 'model.layers.{index}.{rest}' "
-                               f"(attention/MLP biases are not supported by our Llama)")
+                               f"(biases other than Qwen2's q/k/v are not supported)")
             out[prefix + _LOCAL_SPEC_RENAMES[rest]] = tensor
     return out
 

@@ -44,9 +44,23 @@ def _check_choice(name: str, value: str, valid: Sequence[str],
     _check(value in valid, f"{name} must be one of {expected}; got {value!r}")
 
 
+# Llama-3.1's RoPE scaling (rope_type "llama3"): the keys its rope_scaling / rope_parameters holds.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLM_FAMILIES = ("llama", "qwen2")
+
+
 @dataclass
 class LLMConfig:
-    """A Llama-architecture decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings)."""
+    """A Llama-architecture decoder (RMSNorm, SwiGLU, RoPE, GQA), as Llama-2/3 or Qwen2 have it.
+
+    ``family``: ``llama`` (no biases) or ``qwen2`` (biases on the query, key and value
+    projections, none on the output projection: megatron-core's ``add_qkv_bias``); the export
+    writes that family's HF config. ``rope_scaling``: None (plain RoPE) or Llama-3.1's
+    ``{"rope_type": "llama3", factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}`` (models/llm.py rope_inverse_frequencies).
+    ``tie_word_embeddings``: the LM head is the token embedding (Llama-3.2-1B/3B, small Qwen2);
+    at PP > 1 the last stage holds a copy kept equal to it (models/llm.py LlamaDecoder).
+    """
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -63,8 +77,24 @@ class LLMConfig:
     # megatron (output layer + megatron-core's vocab-parallel cross-entropy).
     loss_impl: str = "auto"
     transformer_impl: str = "local"  # local | transformer_engine (GPU, when installed)
+    family: str = "llama"  # llama | qwen2 (query/key/value biases)
+    rope_scaling: Optional[Dict[str, Any]] = None  # None | Llama-3.1's "llama3" parameters
+    tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        _check_choice("llm.family", self.family, LLM_FAMILIES)
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type")
+            _check(rope_type == "llama3", f"llm.rope_scaling.rope_type must be 'llama3' (the one "
+                                          f"scaling supported); got {rope_type!r}")
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            _check(not missing, f"llm.rope_scaling (llama3) lacks {missing}")
+            unknown = sorted(set(self.rope_scaling) - {"rope_type", *LLAMA3_ROPE_KEYS})
+            _check(not unknown, f"llm.rope_scaling: unknown keys {unknown}")
+            _check(self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"] > 0
+                   and self.rope_scaling["factor"] > 0,
+                   f"llm.rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0; "
+                   f"got {self.rope_scaling}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         _check(self.hidden_size % self.num_attention_heads == 0,
@@ -84,12 +114,16 @@ class LLMConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
+
 
 @dataclass
 class VisionConfig:
     """A HuggingFace vision encoder (Dinov2 by default), built from a config or a local folder."""
 
-    model_type: str = "dinov2"  # dinov2 | dinov2_with_registers | siglip | clip
+    model_type: str = "dinov2"  # dinov2 | dinov2_with_registers | siglip | siglip2 | clip
     path: Optional[str] = None  # local HF folder; None: build from `hf_config` (random init)
     hf_config: Dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -103,14 +137,14 @@ class VisionConfig:
     drop_cls_token: bool = True  # keep only patch tokens (LLaVA's "patch" feature selection)
     frozen: bool = True
     # Pixel normalisation the encoder was trained with; None: its family's default
-    # (DINOv2: ImageNet; SigLIP: 0.5/0.5; CLIP: OpenAI CLIP's), see vision.image_normalization.
+    # (DINOv2: ImageNet; SigLIP, SigLIP2: 0.5/0.5; CLIP: OpenAI CLIP's), see vision.image_normalization.
     image_mean: Optional[List[float]] = None
     image_std: Optional[List[float]] = None
 
     def __post_init__(self):
-        _check(self.model_type in ("dinov2", "dinov2_with_registers", "siglip", "clip"),
-               f"vision.model_type must be dinov2, dinov2_with_registers, siglip or clip; got "
-               f"{self.model_type!r}")
+        _check(self.model_type in ("dinov2", "dinov2_with_registers", "siglip", "siglip2", "clip"),
+               f"vision.model_type must be dinov2, dinov2_with_registers, siglip, siglip2 or clip; "
+               f"got {self.model_type!r}")
         _check(self.image_size is None or self.image_size > 0,
                f"vision.image_size must be a positive number of pixels; got {self.image_size}")
 

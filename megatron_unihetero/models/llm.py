@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -78,7 +79,7 @@ def transformer_config(llm: LLMConfig, *, tp_size: int = 1, pp_size: int = 1,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=llm.qkv_bias,  # Qwen2: biases on q, k, v (fused in linear_qkv), none on o
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=llm.init_method_std,
@@ -156,23 +157,51 @@ def block_spec(llm: LLMConfig, config: TransformerConfig, vp_stage: int = None):
                                       layer_norm=RMSNorm)
 
 
+def rope_inverse_frequencies(head_dim: int, base: float, scaling: Optional[Mapping] = None) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim / 2], fp32: plain, or scaled as Llama-3.1 does
+    (``scaling`` of rope_type "llama3"), computed exactly as transformers'
+    ``_compute_llama3_parameters``: wavelengths shorter than ``original / high_freq_factor``
+    are kept, longer than ``original / low_freq_factor`` divided by ``factor``, those between
+    interpolated smoothly. Its attention factor is 1 (cos/sin are not rescaled)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """RoPE cos/sin at explicit position ids, so packed documents restart at 0.
 
     Returns (cos, sin), each [s, b, 1, head_dim] in fp32 (megatron's layout; the rotate-half
     convention of HF Llama), computed once per forward and applied in every layer's
-    CoreAttention.
+    CoreAttention (kernels/rope.py). ``scaling``: Llama-3.1's (rope_inverse_frequencies).
     """
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, scaling: Optional[Mapping] = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, base, scaling),
+                             persistent=False)
 
     def forward(self, position_ids: torch.Tensor):
         freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1).transpose(0, 1)[:, :, None, :]  # [s, b, 1, d]
         return emb.cos(), emb.sin()
+
+
+def _tied_head_from_embedding(module, state_dict, prefix, *args) -> None:
+    """A state dict that stores the tied LM head once, as the embedding (the sharded
+    checkpoint: LlamaDecoder.sharded_state_dict), loads into both names of the one Parameter."""
+    head, embedding = f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight"
+    if head not in state_dict and embedding in state_dict:
+        state_dict[head] = state_dict[embedding]
 
 
 class LlamaDecoder(MegatronModule):
@@ -197,17 +226,63 @@ class LlamaDecoder(MegatronModule):
                 config, vocab_size=llm.vocab_size, max_sequence_length=llm.max_sequence_length,
                 position_embedding_type="rope", scatter_to_sequence_parallel=False,
             )
-        self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base)
+        self.rotary = RotaryEmbedding(llm.head_dim, llm.rotary_base, llm.rope_scaling)
         self.decoder = TransformerBlock(config, block_spec(llm, config, vp_stage), pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
+        # Tied embeddings (megatron-core's share_embeddings_and_output_weights): with both ends
+        # on this stage the LM head's weight IS the embedding's Parameter, so every caller of
+        # ``output_layer`` (the loss kernels, scoring, generation) uses it; the last stage of a
+        # longer pipeline holds a copy, made equal to the first stage's at build time
+        # (parallel.build_model_chunks: sync_tied_embeddings) and kept equal by the
+        # all-reduce of their gradients over the embedding group (engine_megatron).
+        self.share_embeddings_and_output_weights = llm.tie_word_embeddings
         if post_process:
             # The heads read the gathered hidden state (forward()): the LM head is not
             # sequence-parallel, its input is the whole sequence.
+            tied_here = llm.tie_word_embeddings and pre_process
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 llm.hidden_size, llm.vocab_size, config=_without_sequence_parallel(config),
                 init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=True,
+                skip_weight_param_allocation=tied_here,
             )
+            if tied_here:
+                self.output_layer.weight = self.embedding.word_embeddings.weight
+                self.register_load_state_dict_pre_hook(_tied_head_from_embedding)
+            elif llm.tie_word_embeddings:
+                # megatron-core's marks: the grad norm counts the copy once (``shared``), and
+                # the distributed optimizer gives it a bucket of its own (``shared_embedding``).
+                self.output_layer.weight.shared = True
+                self.output_layer.weight.shared_embedding = True
+        if pre_process and llm.tie_word_embeddings and not post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+
+    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+        """The tied weight this stage holds (megatron-core's name: its
+        ``_allreduce_word_embedding_grads`` reduces its gradient over the embedding group)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """megatron-core's, with a tied LM head stored once, as the embedding (megatron-core's
+        LanguageModule does the same): on a stage that holds both it is the same Parameter
+        and is left out; on the last stage of a longer pipeline the copy is named as the
+        embedding and marked as its replica, so it loads from it at any pipeline size."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        head_key = f"{prefix}output_layer.weight"
+        if not (self.llm.tie_word_embeddings and head_key in state):
+            return state
+        if self.pre_process:
+            del state[head_key]
+            return state
+        sharded = state[head_key]
+        sharded.key = f"{prefix}embedding.word_embeddings.weight"
+        sharded.replica_id = (1, *sharded.replica_id[1:])  # (pipeline copy, TP, DP)
+        return state
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""

@@ -108,6 +108,15 @@ class UniHeteroModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
+    # megatron-core's names for a tied LM head, read by its _allreduce_word_embedding_grads
+    # (training/engine_megatron.py) on the model it finds under the DDP wrapper.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.cfg.llm.tie_word_embeddings
+
+    def shared_embedding_or_output_weight(self):
+        return self.llm.shared_embedding_or_output_weight()
+
     # -- checkpoint --------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:

@@ -1,5 +1,5 @@
 """The vision encoder: a HuggingFace vision model (DINOv2 by default, DINOv2 with registers,
-SigLIP or CLIP).
+SigLIP, SigLIP2 or CLIP).
 
 Built from a local folder (``from_pretrained`` with a path, never a hub id, never remote code)
 or from a config dict for tests and tiny runs. The encoder is replicated on every rank that
@@ -11,12 +11,22 @@ weights keep their shapes and transformers interpolates the position embeddings 
 ``interpolate_pos_encoding``; DINOv2 does it by itself for any input size, CLIP and SigLIP when
 asked). Every count of image tokens (:func:`tokens_per_image`) and every image size reads
 :func:`load_hf_vision_config`, which reports the run size.
+
+SigLIP2 (``siglip2``: transformers' Siglip2VisionModel, the NaFlex releases) takes patches, not
+images: ``pixel_values`` [n, N, C * p * p], a ``pixel_attention_mask`` and each image's
+``spatial_shapes`` (patch rows, columns), and resizes its position-embedding grid to every
+image by itself. Here it runs one fixed square grid at ``vision.image_size`` (default: its
+``num_patches`` grid, sqrt(num_patches) x patch_size px): images are patchified as its image
+processor does (``convert_image_to_patches``), every patch is real (mask of ones). Its
+config has no ``image_size``: :func:`load_hf_vision_config` sets that size on it. The
+fixed-resolution SigLIP2 releases are saved as ``siglip`` folders (SiglipVisionModel).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 from typing import Dict, Tuple
 
@@ -31,16 +41,18 @@ _HF_CLASSES = {
     "dinov2": ("Dinov2Config", "Dinov2Model", True),
     "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", True),
     "siglip": ("SiglipVisionConfig", "SiglipVisionModel", False),
+    "siglip2": ("Siglip2VisionConfig", "Siglip2VisionModel", False),
     "clip": ("CLIPVisionConfig", "CLIPVisionModel", True),
 }
 # The config.json model_type of each family's vision-only folder.
 HF_MODEL_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
-                  "siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+                  "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model",
+                  "clip": "clip_vision_model"}
 # Families whose forward needs ``interpolate_pos_encoding=True`` at a size other than their
 # config's (CLIP raises, SigLIP fails on the shapes); DINOv2 always interpolates when the
 # patch grid differs.
 _NEEDS_INTERPOLATE_FLAG = {"dinov2": False, "dinov2_with_registers": False, "siglip": True,
-                           "clip": True}
+                           "siglip2": False, "clip": True}
 # Where each family's position embeddings live: (embeddings module path in the HF vision
 # model, embeddings class (module, name), position parameter in that module).
 _POSITION_EMBEDDINGS = {
@@ -64,6 +76,7 @@ _FAMILY_NORMALIZATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "dinov2_with_registers": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "siglip2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 
@@ -84,11 +97,22 @@ def native_hf_vision_config(config: VisionConfig):
     return config_cls.from_pretrained(config.path)
 
 
+def _siglip2_grid_size(hf) -> int:
+    """SigLIP2's native square size: its ``num_patches`` position grid, in pixels."""
+    side = math.isqrt(hf.num_patches)
+    if side * side != hf.num_patches:
+        raise ConfigError(f"SigLIP2 num_patches={hf.num_patches} is not a square grid")
+    return side * hf.patch_size
+
+
 def load_hf_vision_config(config: VisionConfig):
     """The HF config of the encoder *as this model runs it*: the native config with
     ``image_size`` replaced by ``vision.image_size`` when that is set. Everything that sizes
     images or counts image tokens reads this; only the weights keep the native shapes."""
     hf = native_hf_vision_config(config)
+    if config.model_type == "siglip2":  # no image_size of its own (module docstring)
+        hf = copy.deepcopy(hf)
+        hf.image_size = _siglip2_grid_size(hf)
     if config.image_size is None or config.image_size == hf.image_size:
         return hf
     if config.image_size % hf.patch_size:
@@ -123,6 +147,9 @@ def position_embeddings_at_run_size(config: VisionConfig, vision_state: Dict[str
     natively, without interpolating, exactly as the native model does at that size. The
     export uses it (Llava cannot pass ``interpolate_pos_encoding`` to its tower)."""
     native, run = native_hf_vision_config(config), load_hf_vision_config(config)
+    if config.model_type == "siglip2":
+        raise ConfigError("SigLIP2 resizes its position embeddings per image itself; it has no "
+                          "fixed-size table to write")
     if native.image_size == run.image_size:
         return dict(vision_state)
     prefix, (module, name), param = _POSITION_EMBEDDINGS[config.model_type]
@@ -195,8 +222,23 @@ class VisionEncoder(nn.Module):
                 f"for this vision encoder; got {list(images.shape)}"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
-            out = self.model(pixel_values=images, output_hidden_states=True, **self._forward_kwargs)
+            inputs = (self._naflex_inputs(images) if self.config.model_type == "siglip2"
+                      else {"pixel_values": images})
+            out = self.model(**inputs, output_hidden_states=True, **self._forward_kwargs)
             features = out.hidden_states[self.config.feature_layer]
             if self.has_cls_token and self.config.drop_cls_token:
                 features = features[:, 1:]
         return features
+
+    def _naflex_inputs(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """SigLIP2's inputs for images [n, C, S, S] on one square grid: patches [n, N, p*p*C]
+        in its image processor's order (row-major patches, each patch's pixels row-major with
+        the channels last), every patch real, every image ``(S / p, S / p)`` patches."""
+        n, channels, height, width = images.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        patches = images.reshape(n, channels, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)
+        patches = patches.reshape(n, rows * cols, p * p * channels)
+        return {"pixel_values": patches,
+                "pixel_attention_mask": torch.ones(n, rows * cols, dtype=torch.int32, device=images.device),
+                "spatial_shapes": torch.tensor([[rows, cols]] * n, dtype=torch.long, device=images.device)}

@@ -160,7 +160,26 @@ def build_model_chunks(model_config, params_dtype: torch.dtype = torch.float32,
             apply_compile(chunk)
         chunks.append(chunk)
     sync_semantic_targets(chunks, ema=False)
+    sync_tied_embeddings(chunks)
     return chunks
+
+
+@torch.no_grad()
+def sync_tied_embeddings(model) -> None:
+    """A tied LM head (``llm.tie_word_embeddings``) at PP > 1: the last stage's copy takes the
+    first stage's embedding (megatron-core's LanguageModule does this at build time too), over
+    the embedding group. From then on the two stay equal: their gradients are all-reduced over
+    that group before every optimizer step (training/engine_megatron.py). No-op otherwise."""
+    chunks = _chunk_list(model)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if not chunks[0].cfg.llm.tie_word_embeddings or pp == 1:
+        return
+    first, last = chunks[0].plan.pre_process, chunks[-1].plan.post_process
+    if not (first or last):
+        return
+    weight = chunks[0].llm.embedding.word_embeddings.weight if first else chunks[-1].llm.output_layer.weight
+    dist.broadcast(weight.data, src=parallel_state.get_pipeline_model_parallel_first_rank(),
+                   group=parallel_state.get_embedding_group())
 
 
 def apply_compile(model) -> None:

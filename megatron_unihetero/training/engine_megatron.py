@@ -23,7 +23,8 @@ from typing import Dict, List, Mapping
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+from megatron.core.distributed.finalize_model_grads import (
+    _allreduce_non_tensor_model_parallel_grads, _allreduce_word_embedding_grads)
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
@@ -156,14 +157,18 @@ class MegatronEngine(Engine):
         reduction (``finish_grad_sync``: waits for the buckets already reducing with
         ``parallel.overlap_grad_reduce``), then the TP all-reduce of the gradients of
         parameters marked ``sequence_parallel`` (the norms, under sequence parallelism; a no-op
-        otherwise). ``finalize_model_grads`` itself is not called: its PP embedding-tying step
-        expects a GPTModel's shared-embedding attributes, which this model (untied
-        embeddings) does not have, and there is nothing tied to reduce.
+        otherwise), then, with tied embeddings at PP > 1, the all-reduce of the embedding's and
+        the last stage's LM-head copy's gradients over the embedding group (megatron-core's
+        ``_allreduce_word_embedding_grads``, reading UniHeteroModel's
+        ``shared_embedding_or_output_weight``; a no-op at PP = 1). ``finalize_model_grads``
+        itself is not called: it would divide by the schedule's token count (train_step says why).
         """
         for wrapped in self.wrapped:
             wrapped.finish_grad_sync()
         _allreduce_non_tensor_model_parallel_grads(self.wrapped, self.model.config,
                                                    parallel_state.get_tensor_model_parallel_group())
+        if self.cfg.model.llm.tie_word_embeddings:
+            _allreduce_word_embedding_grads(self.wrapped, self.model.config)
 
     @torch.no_grad()
     def _optimizer_step(self, loss) -> tuple:
