@@ -223,7 +223,9 @@ class LlamaDecoder(MegatronModule):
         """Hidden states [s, b, h] (after the final norm on the last stage).
 
         ``inference_context``: megatron-core's ``StaticInferenceContext`` when generating with
-        a KV cache (generation/text.py): megatron's SelfAttention appends this call's keys and
+        a KV cache (generation/text.py from token embeddings; generation/sample.py feeds the
+        semantic head's predicted embeddings, and left-padded batches of prompts whose
+        ``segment_ids`` then cover every key so far): megatron's SelfAttention appends this call's keys and
         values to the context's cache and hands the whole cache to our CoreAttention, which
         rotates the keys at their positions and attends under :meth:`_cached_inputs`' layout.
         The caller advances ``sequence_len_offset`` after each call, as megatron's own
@@ -287,8 +289,8 @@ class LlamaDecoder(MegatronModule):
             pads = _left_padding(segment_ids, offset + s)
         expected = torch.arange(offset, offset + s, device=device)[None] - pads
         if not torch.equal(position_ids, expected.clamp(min=0)):
-            raise ValueError(f"generation with a KV cache: position_ids must continue each row's "
-                             f"document ({offset} .. {offset + s - 1} less its left padding), got "
+            raise ValueError(f"generation with a KV cache: position_ids must continue the cache "
+                             f"({offset} .. {offset + s - 1}, less each row's left padding), got "
                              f"{position_ids[0].tolist()}")
         if offset == 0:
             layout = attention_layout(segment_ids if bool(pads.any()) else None, dtype=hidden_in.dtype,
