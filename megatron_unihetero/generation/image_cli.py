@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional
 
 from megatron_unihetero import console
@@ -115,8 +116,6 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _generate(args, log) -> int:
-    import time
-
     try:
         params = sample.ImageSampling(cfg_scale=args.cfg_scale, guide=args.guide,
                                       temperature=args.temperature, num_steps=args.steps,

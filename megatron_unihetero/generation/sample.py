@@ -149,6 +149,10 @@ def generate_latents(model, prompts: Sequence[Sequence[int]], params: ImageSampl
     # Left padding as a segment of its own (-1); None when no row is padded (plain causal).
     segments = torch.where(torch.arange(total, device=device)[None] < pads, -1, 0).to(torch.int32)
     padded = bool(pads.any())
+
+    def llm_segments(end: int) -> Optional[torch.Tensor]:
+        return segments[:, :end] if padded else None  # None: plain causal attention
+
     embeddings = model.llm.embed(tokens)  # [longest, rows, h]
     embeddings = torch.cat([embeddings, embeddings.new_zeros(count - 1, rows, embeddings.shape[-1])])
     generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(n)]
@@ -160,12 +164,11 @@ def generate_latents(model, prompts: Sequence[Sequence[int]], params: ImageSampl
         for k in range(count):
             end = longest + k
             if context is None:  # the whole sequence again: the reference for the cache
-                states = model.llm(embeddings[:end], positions[:, :end], segments[:, :end] if padded else None)
+                states = model.llm(embeddings[:end], positions[:, :end], llm_segments(end))
             else:
                 offset = context.sequence_len_offset
                 history.append(model.llm(embeddings[offset:end], positions[:, offset:end],
-                                         segments[:, :end] if padded else None,
-                                         inference_context=context))
+                                         llm_segments(end), inference_context=context))
                 context.increment_sequence_len_offset(end - offset)
                 context.enable_decode_mode()
                 states = torch.cat(history)
