@@ -58,7 +58,7 @@ python -m megatron_unihetero.pretrain --config examples/configs/tiny_cpu.yaml \
   --data.train="[$DATA/t2i, $DATA/train]" --data.weights="[0.7, 0.3]" \
   --data.tokenizer="$DATA/tokenizer.model" \
   --model.pixel.weight=1.0 --model.pixel.routing=hetero --model.pixel.denoiser_width=128 \
-  --model.pixel.num_sampling_steps=25 \
+  --model.pixel.num_sampling_steps=25 --model.pixel.prediction=v \
   --model.pixel.cond_dropout=0.1 --model.pixel.null_token_id="$PAD_ID" \
   --logging.eval_sets="[]" --train.steps="$STEPS" \
   --checkpoint.dir="$RUN/checkpoints" --logging.dir="$RUN"
