@@ -39,8 +39,10 @@ def checkpoints(tmp_path_factory):
     tokenizer = build_tokenizer(tokenizer_path)
     with parallel.single_process(seed=3):
         made = {}
-        for name, pixel in (("pixel", True), ("semantic_only", False)):
-            cfg = tiny_config(pixel_weight=1.0 if pixel else 0.0, routing="shared")
+        for name, pixel, semantic in (("pixel", True, True), ("semantic_only", False, True),
+                                      ("pixel_only", True, False)):
+            cfg = tiny_config(pixel_weight=1.0 if pixel else 0.0, routing="shared",
+                              semantic_weight=1.0 if semantic else 0.0)
             cfg.llm.vocab_size, cfg.image_token_id = 512, tokenizer.image_token_id
             if pixel:
                 cfg.pixel.cond_dropout, cfg.pixel.null_token_id = 0.1, tokenizer.pad_id
@@ -81,6 +83,7 @@ def test_errors_are_one_line(checkpoints, capsys):
     out = os.path.join(workdir, "x.png")
     cases = [
         (["--load", made["semantic_only"], "--prompt", "a", "--out", out], "model.pixel.weight > 0"),
+        (["--load", made["pixel_only"], "--prompt", "a", "--out", out], "model.semantic.weight > 0"),
         (["--load", os.path.join(workdir, "nothing"), "--prompt", "a", "--out", out], "does not exist"),
         (["--load", made["pixel"], "--prompt", "  ", "--out", out], "is empty"),
         (["--load", made["pixel"], "--prompt", "a", "--out", os.path.join(workdir, "no", "x.png")],
