@@ -191,9 +191,12 @@ class AttentionLayout(NamedTuple):
 def _reference_plan(segment_ids: torch.Tensor, dtype: torch.dtype):
     documents = segment_ids_to_cu_seqlens(segment_ids)
     num_docs, max_len = documents.cu_seqlens.numel() - 1, documents.max_seqlen
-    if (num_docs, max_len) == tuple(segment_ids.shape) and documents.indices.numel() == segment_ids.numel():
-        return None  # one document per row, no padding: plain causal (a row of one whole
-        # document beside a padded row also has b documents of length s: not this case)
+    valid = segment_ids >= 0
+    if (num_docs, max_len) == tuple(segment_ids.shape) and bool((valid[:, 1:] <= valid[:, :-1]).all()):
+        # One document per row, padding (if any) only after it: plain causal, the real tokens
+        # never see the padding behind them. Left padding (generation's batches of prompts)
+        # would be seen: it takes the paths below.
+        return None
     if _documents_pay(num_docs, max_len, *segment_ids.shape):
         return document_batch(segment_ids, documents)
     return dense_mask(segment_ids, dtype)
