@@ -191,8 +191,12 @@ class AttentionLayout(NamedTuple):
 def _reference_plan(segment_ids: torch.Tensor, dtype: torch.dtype):
     documents = segment_ids_to_cu_seqlens(segment_ids)
     num_docs, max_len = documents.cu_seqlens.numel() - 1, documents.max_seqlen
-    if (num_docs, max_len) == tuple(segment_ids.shape):
-        return None  # one document per row, no padding: plain causal
+    valid = segment_ids >= 0
+    if (num_docs, max_len) == tuple(segment_ids.shape) and bool((valid[:, 1:] <= valid[:, :-1]).all()):
+        # One document per row, padding (if any) only after it: plain causal, the real tokens
+        # never see the padding behind them. Left padding (generation's batches of prompts)
+        # would be seen: it takes the paths below.
+        return None
     if _documents_pay(num_docs, max_len, *segment_ids.shape):
         return document_batch(segment_ids, documents)
     return dense_mask(segment_ids, dtype)
@@ -221,17 +225,23 @@ def attention_layout(segment_ids: Optional[torch.Tensor], *, dtype: torch.dtype,
 
 
 def cached_layout(query_length: int, key_length: int, *, dtype: torch.dtype,
-                  device: torch.device) -> AttentionLayout:
+                  device: torch.device, key_valid: Optional[torch.Tensor] = None) -> AttentionLayout:
     """The layout of generation's steps past the prompt (a KV cache, models/llm.py): the
     ``query_length`` new tokens are the last of ``key_length`` keys and each sees every key up
     to its own position (causal aligned at the bottom right; one new token sees them all).
-    SDPA under that mask ("reference"): one document per row, no padding."""
+    SDPA under that mask ("reference"): one document per row; ``key_valid`` [b, key_length]
+    (None: all) hides a row's padding keys (left padding of a batch of prompts)."""
     if not 0 < query_length <= key_length:
         raise ValueError(f"{query_length} new tokens for {key_length} keys")
     offset = key_length - query_length
     allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril_(offset)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        if key_valid.dim() != 2 or key_valid.shape[1] != key_length:
+            raise ValueError(f"key_valid must be [b, {key_length}], got {tuple(key_valid.shape)}")
+        allowed = allowed & key_valid[:, None, None, :].to(device)
     zero = torch.zeros((), dtype=dtype, device=device)
-    additive = torch.where(allowed, zero, zero - float("inf"))[None, None]
+    additive = torch.where(allowed, zero, zero - float("inf"))
     return AttentionLayout(REFERENCE, None, DenseMask(additive, None))
 
 

@@ -218,9 +218,25 @@ class PixelGenConfig:
     ))
     vae_image_size: Optional[int] = None  # pixels fed to the VAE; None: the vision image size
     latent_channels: Optional[int] = None  # C_lat per token; None: derived from the VAE
+    # Classifier-free guidance (MAR / LlamaGen): in training, with this probability per
+    # document whose first image follows text, that text (the caption the image is generated
+    # from: every token between the document's first token, BOS, and the <image_start> right
+    # before the image) is fed as ``null_token_id`` instead, so the model also learns the
+    # image unconditionally; generation (generation/sample.py) guides with the same null
+    # prompt. Drawn on the first stage from torch's default generator (seeded with the run's
+    # seed, identical on its TP ranks, saved with the checkpoint's RNG states).
+    cond_dropout: float = 0.0
+    # The null condition's token: the tokenizer's <pad> id (never a target, and its embedding
+    # row is otherwise untrained). Needed when cond_dropout > 0.
+    null_token_id: Optional[int] = None
 
     def __post_init__(self):
         _check(self.weight >= 0.0, f"pixel.weight must be >= 0; got {self.weight}")
+        _check(0.0 <= self.cond_dropout < 1.0,
+               f"pixel.cond_dropout must be in [0, 1); got {self.cond_dropout}")
+        _check(self.cond_dropout == 0.0 or self.null_token_id is not None,
+               "pixel.null_token_id must be set when pixel.cond_dropout > 0 (the tokenizer's "
+               "<pad> id: the null condition the caption is replaced with)")
         _check(self.routing in ("shared", "hetero"),
                f"pixel.routing must be shared or hetero; got {self.routing!r}")
         _check(self.noise_schedule in ("cosine", "linear"),
@@ -258,3 +274,8 @@ class ModelConfig:
         _check(0 <= self.image_token_id < self.llm.vocab_size,
                f"model.image_token_id ({self.image_token_id}) must be a token id below "
                f"llm.vocab_size ({self.llm.vocab_size})")
+        _check(self.pixel.null_token_id is None or 0 <= self.pixel.null_token_id < self.llm.vocab_size,
+               f"model.pixel.null_token_id ({self.pixel.null_token_id}) must be a token id below "
+               f"llm.vocab_size ({self.llm.vocab_size})")
+        _check(self.pixel.null_token_id != self.image_token_id,
+               f"model.pixel.null_token_id must not be model.image_token_id ({self.image_token_id})")

@@ -119,6 +119,29 @@ def semantic_positions(visual_mask: torch.Tensor, segment_ids: torch.Tensor) -> 
     return mask
 
 
+def condition_positions(layout: Layout) -> torch.Tensor:
+    """[B, S] bool: the text each document's first image is generated from (the caption of a
+    text-to-image sample), the positions classifier-free guidance's condition dropout nulls.
+
+    Training lays a document out as ``BOS text <image_start> <image>*T <image_end> ...``
+    (data/preprocess/samples.py): the condition is every position after the document's first
+    one (BOS) and before the marker right before its first visual position. A document that
+    starts with its image (a caption sample: image first) or has none has no condition.
+    """
+    segments, visual = layout.segment_ids, layout.visual_mask
+    b, s = segments.shape
+    position = torch.arange(s, device=segments.device).expand(b, s)
+    valid = segments >= 0
+    # One slot per (row, document): the document's first position and first visual position.
+    slot = torch.arange(b, device=segments.device)[:, None] * s + segments.long().clamp(min=0)
+    start = torch.full((b * s,), s, dtype=torch.long, device=segments.device)
+    start.scatter_reduce_(0, slot[valid], position[valid], reduce="amin")
+    first_visual = torch.full((b * s,), -1, dtype=torch.long, device=segments.device)
+    first_visual.scatter_reduce_(0, slot[visual], position[visual], reduce="amin", include_self=False)
+    first_visual = first_visual[slot]
+    return (valid & ~visual & (position > start[slot]) & (position < first_visual - 1))
+
+
 def _validate_blocks(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     """Each row's placeholders must form whole runs of ``tokens_per_image``; returns images/row."""
     flags = is_image.to(torch.int8)

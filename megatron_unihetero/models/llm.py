@@ -298,7 +298,9 @@ class LlamaDecoder(MegatronModule):
         """Hidden states [s, b, h] (after the final norm on the last stage).
 
         ``inference_context``: megatron-core's ``StaticInferenceContext`` when generating with
-        a KV cache (generation/text.py): megatron's SelfAttention appends this call's keys and
+        a KV cache (generation/text.py from token embeddings; generation/sample.py feeds the
+        semantic head's predicted embeddings, and left-padded batches of prompts whose
+        ``segment_ids`` then cover every key so far): megatron's SelfAttention appends this call's keys and
         values to the context's cache and hands the whole cache to our CoreAttention, which
         rotates the keys at their positions and attends under :meth:`_cached_inputs`' layout.
         The caller advances ``sequence_len_offset`` after each call, as megatron's own
@@ -339,30 +341,52 @@ class LlamaDecoder(MegatronModule):
         return hidden
 
     def _cached_inputs(self, context, position_ids, segment_ids, hidden_in, cos, sin) -> AttentionInputs:
-        """The attention inputs of one call under a KV cache: ``position_ids`` [b, s] must
-        continue the cache (offset, offset + 1, ...: one document per row, no packing). The
-        prompt (offset 0) is attended as usual; later calls attend the cached keys plus their
-        own (kernels.attention.cached_layout), the keys rotated at positions 0 .. offset + s - 1
-        (the cache holds them unrotated: megatron-core writes it before core attention, where
-        this model applies RoPE; its own static path rotates the whole cache each step too)."""
+        """The attention inputs of one call under a KV cache: one document per row, no
+        packing. ``segment_ids``: None, or [b, offset + s] for every key so far (the cached and
+        this call's) with -1 on a row's left padding and 0 on its document (a batch of prompts
+        of different lengths, generation/sample.py); ``position_ids`` [b, s] must continue each
+        row's document (offset - pad, offset - pad + 1, ...: its first real token is at 0).
+        The prompt (offset 0) is attended as usual; later calls attend the cached keys plus
+        their own (kernels.attention.cached_layout, the padding keys hidden), the keys rotated
+        at their positions (the cache holds them unrotated: megatron-core writes it before core
+        attention, where this model applies RoPE; its own static path rotates the whole cache
+        each step too)."""
         if not context.is_static_batching():
             raise ValueError("generation with a KV cache takes megatron-core's StaticInferenceContext")
         if self.config.sequence_parallel or self.config.tensor_model_parallel_size != 1 \
                 or not (self.pre_process and self.post_process):
             raise ValueError("generation with a KV cache runs on one rank (TP=1, PP=1)")
-        if segment_ids is not None:
-            raise ValueError("generation with a KV cache takes one document per row (segment_ids=None)")
         offset = context.sequence_len_offset
         b, s = position_ids.shape
-        expected = torch.arange(offset, offset + s, device=position_ids.device)
-        if not torch.equal(position_ids, expected.expand(b, s)):
+        device = position_ids.device
+        pads = torch.zeros(b, 1, dtype=torch.long, device=device)
+        if segment_ids is not None:
+            pads = _left_padding(segment_ids, offset + s)
+        expected = torch.arange(offset, offset + s, device=device)[None] - pads
+        if not torch.equal(position_ids, expected.clamp(min=0)):
             raise ValueError(f"generation with a KV cache: position_ids must continue the cache "
-                             f"({offset} .. {offset + s - 1}), got {position_ids[0].tolist()}")
+                             f"({offset} .. {offset + s - 1}, less each row's left padding), got "
+                             f"{position_ids[0].tolist()}")
         if offset == 0:
-            layout = attention_layout(None, dtype=hidden_in.dtype, device=hidden_in.device,
-                                      impl=self.llm.attention_impl)
+            layout = attention_layout(segment_ids if bool(pads.any()) else None, dtype=hidden_in.dtype,
+                                      device=hidden_in.device, impl=self.llm.attention_impl)
             return AttentionInputs(layout=layout, cos=cos, sin=sin)
-        keys = torch.arange(offset + s, device=position_ids.device).expand(b, offset + s)
+        keys = (torch.arange(offset + s, device=device)[None] - pads).clamp(min=0)
         key_cos, key_sin = self.rotary(keys)
-        layout = cached_layout(s, offset + s, dtype=hidden_in.dtype, device=hidden_in.device)
+        layout = cached_layout(s, offset + s, dtype=hidden_in.dtype, device=hidden_in.device,
+                               key_valid=segment_ids >= 0 if bool(pads.any()) else None)
         return AttentionInputs(layout=layout, cos=cos, sin=sin, key_cos=key_cos, key_sin=key_sin)
+
+
+def _left_padding(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, 1] each row's left padding, from cached generation's ``segment_ids`` [b, length]
+    (-1: padding, then 0: the row's one document); anything else is refused by name."""
+    if segment_ids.dim() != 2 or segment_ids.shape[1] != length:
+        raise ValueError(f"generation with a KV cache: segment_ids must cover every key so far, "
+                         f"[b, {length}]; got {tuple(segment_ids.shape)}")
+    pads = (segment_ids < 0).sum(dim=1, keepdim=True)
+    expected = torch.where(torch.arange(length, device=segment_ids.device)[None] < pads, -1, 0)
+    if not torch.equal(segment_ids.to(expected.dtype), expected):
+        raise ValueError("generation with a KV cache: segment_ids must be -1 on a row's left "
+                         "padding and 0 after it (one document per row)")
+    return pads

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron_unihetero.models import interleaver
 from megatron_unihetero.models.config import PixelGenConfig
 from megatron_unihetero.models.heads import LossAndCount
 from megatron_unihetero.models.vae import require_diffusers
@@ -207,22 +208,65 @@ class PixelHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, num_steps: Optional[int] = None, temperature: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, *, noise: Optional[torch.Tensor] = None,
+               uncond: Optional[torch.Tensor] = None, cfg_scale: float = 1.0) -> torch.Tensor:
         """Latent tokens [N, C] for conditions [N, H] by deterministic DDIM (eta = 0) over
         ``num_steps`` trailing timesteps (:func:`sampling_schedule`).
 
         ``temperature`` scales the starting noise (MAR scales each step's noise instead; with
-        eta = 0 the start is the only randomness).
+        eta = 0 the start is the only randomness), drawn from ``generator`` or given as
+        ``noise`` [N, C] (standard normal; generation/sample.py draws each prompt's from its
+        own generator, so a batch samples what each prompt alone would).
+        ``uncond`` [N, H]: classifier-free guidance (MAR): the denoiser runs on the conditions
+        and the unconditional ones as one batch, and each step takes
+        ``uncond_out + cfg_scale * (cond_out - uncond_out)`` of its prediction (noise or v).
         """
         schedule = sampling_schedule(self.noise_scheduler, num_steps or self.cfg.num_sampling_steps)
         dtype = self.denoiser.output.weight.dtype
-        x = torch.randn(cond.shape[0], self.token_dim, generator=generator,
-                        device=cond.device, dtype=torch.float32) * temperature
+        if noise is None:
+            noise = torch.randn(cond.shape[0], self.token_dim, generator=generator,
+                                device=cond.device, dtype=torch.float32)
+        x = noise.float() * temperature
+        both = cond if uncond is None else torch.cat([cond, uncond])
         for t in schedule.timesteps.tolist():
-            out = self.denoiser(x.to(dtype), torch.full((x.shape[0],), t, device=x.device),
-                                cond.to(dtype)).float()
+            inputs = x if uncond is None else torch.cat([x, x])
+            out = self.denoiser(inputs.to(dtype), torch.full((inputs.shape[0],), t, device=x.device),
+                                both.to(dtype)).float()
+            if uncond is not None:
+                out_c, out_u = out.chunk(2)
+                out = out_u + cfg_scale * (out_c - out_u)
             x = schedule.step(out, t, x, eta=0.0).prev_sample
         return x
+
+
+def drop_conditions(tokens: torch.Tensor, layout: interleaver.Layout,
+                    config: PixelGenConfig) -> torch.Tensor:
+    """Classifier-free guidance's condition dropout (training, first stage): ``tokens`` [B, S]
+    with, in each document dropped (probability ``cond_dropout``), its condition (the caption
+    before its first image, :func:`interleaver.condition_positions`) replaced by
+    ``null_token_id``.
+
+    The drop is at the input, so everything downstream of the image positions sees the null
+    condition: the semantic and the pixel objectives both learn the image unconditionally
+    there, which is what guiding either prediction needs (generation/sample.py). The text loss
+    at the nulled positions is kept: the step's token counts are fixed from the batch before
+    it runs (training/losses.py), and those targets (the caption after null inputs) are only
+    an unconditional text prior. Image-first documents (captioning) have no condition and are
+    never changed.
+
+    One uniform draw per (row, document index) slot, [B, S], from torch's default CPU
+    generator on every call: parallel.initialize seeds it with the run's seed on every rank,
+    the TP ranks of the first stage consume it identically (so they agree), the checkpoint
+    keeps its state (a resumed run draws what the uninterrupted one would), and only the first
+    stage acts on it (the later stages need not know: their objectives are unchanged
+    functions of the hidden states). Approximation, as for the pixel head's noise: DP ranks
+    draw the same slots (their documents differ).
+    """
+    draws = torch.rand(tokens.shape, dtype=torch.float32)  # default CPU generator, any device
+    dropped = draws.to(tokens.device) < config.cond_dropout
+    documents = layout.segment_ids.long().clamp(min=0)
+    drop = dropped.gather(1, documents) & interleaver.condition_positions(layout)
+    return tokens.masked_fill(drop, config.null_token_id)
 
 
 def pixel_loss(head: PixelHead, cond: torch.Tensor, latents: torch.Tensor) -> LossAndCount:

@@ -10,7 +10,9 @@ the last stage's projector copy after each optimizer step is
 Pixel generation (optional, ``config.pixel``): the last stage also holds the diffusion head
 (models/pixel.py) and, with ``latent_source: vae``, a frozen VAE (models/vae.py) that encodes
 the batch's images into latent tokens there; with ``latent_source: batch`` the latents come
-precomputed as the batch key ``image_latents`` [n_img, T, C_lat].
+precomputed as the batch key ``image_latents`` [n_img, T, C_lat]. With ``pixel.cond_dropout``
+the first stage replaces, in training, some documents' captions before their image by the
+null token (classifier-free guidance; models/pixel.py ``drop_conditions``).
 
 The hidden states reaching the heads are megatron's [s, b, h], contiguous; the heads read them
 as rows in that order ([s * b, h]) and every per-position tensor they use ([b, s] in the
@@ -31,7 +33,7 @@ from megatron_unihetero.models import interleaver
 from megatron_unihetero.models.config import IGNORE_INDEX, ModelConfig
 from megatron_unihetero.models.heads import ModelLosses, SemanticHead, semantic_loss, text_loss
 from megatron_unihetero.models.llm import LlamaDecoder
-from megatron_unihetero.models.pixel import PixelHead, pixel_loss
+from megatron_unihetero.models.pixel import PixelHead, drop_conditions, pixel_loss
 from megatron_unihetero.models.projector import Projector
 from megatron_unihetero.models.stage_plan import StagePlan
 from megatron_unihetero.models.vae import PixelVAE, latent_token_dim, vision_grid
@@ -187,6 +189,8 @@ class UniHeteroModel(MegatronModule):
 
         decoder_input = None
         if self.pre_process:
+            if self.training and self.cfg.pixel.cond_dropout > 0.0:
+                tokens = drop_conditions(tokens, layout, self.cfg.pixel)  # guidance's null prompts
             embeddings = self.llm.embed(tokens)  # [s, b, h]
             if num_images:
                 visual = self.projector(features)

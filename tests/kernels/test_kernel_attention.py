@@ -105,6 +105,13 @@ def test_reference_plain_causal_and_scale(dtype):
     check_parity("reference", dtype, scale=0.3)
 
 
+def test_left_padding_beside_a_whole_row():
+    """One document per row, b documents of length s, yet row 0 is left-padded (generation's
+    batch of prompts): not the plain causal case, the padding must stay unseen."""
+    check_parity("reference", torch.float32, segment_ids=torch.tensor([[-1, -1, -1, 0, 0, 0, 0, 0],
+                                                                        [0, 0, 0, 0, 0, 0, 0, 0]]))
+
+
 def test_no_segments_equals_single_segment():
     q, k, v = _qkv(2, 9, 4, 2, 8, torch.float32)
     a = attention(q, k, v, impl="reference")

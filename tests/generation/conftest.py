@@ -1,0 +1,1 @@
+from tests.objectives.conftest import one_thread  # noqa: F401  (the fixture, shared)
