@@ -58,7 +58,12 @@ from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training.config import RunConfig, resolve_dtype
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
-from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
+from megatron_unihetero.training.optim import (
+    apply_module_multipliers,
+    build_lr_scheduler,
+    param_groups,
+    untie_step_counters,
+)
 from megatron_unihetero.training.step import all_finite, model_inputs
 
 _CKPT_TAG = "engine"
@@ -198,7 +203,7 @@ class DeepSpeedEngine(Engine):
         self._environment.enter_context(launcher_environment())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.train.weight_decay),
+            model_parameters=param_groups(model, cfg.train),
             config=self.ds_config,
             mpu=megatron_mpu(),
             dist_init_required=False,
@@ -206,7 +211,8 @@ class DeepSpeedEngine(Engine):
         self.grad_accumulation = int(self.ds_config["gradient_accumulation_steps"])
         # DeepSpeed's optimizer wrappers (ZeRO, bf16) hand out the param groups of the torch
         # optimizer inside, whose lr and weight_decay its step reads; each group carries the
-        # wd_mult of optim.param_groups. train_batch advances it (optim.advance_lr).
+        # module, max_lr / min_lr and wd_mult of optim.param_groups. train_batch advances it
+        # (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self._own_skip = False  # whether the last step was skipped by _drop_non_finite_grads
 
@@ -404,3 +410,5 @@ class DeepSpeedEngine(Engine):
                 load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load its checkpoint from {ckpt_dir}")
+        # The loaded groups carry the saved run's max_lr / min_lr: this run's config wins.
+        apply_module_multipliers(self.optimizer.param_groups, self.cfg.train)

@@ -17,6 +17,7 @@ save gathers the state, onto DP rank 0 alone with ``checkpoint.optimizer_save_lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Dict, List, Mapping
 
@@ -26,6 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_unihetero import parallel, platform
@@ -41,6 +43,7 @@ from megatron_unihetero.training.optim import (
     allocate_adam_state,
     build_megatron_optimizer,
     megatron_optimizers,
+    apply_module_multipliers,
     untie_step_counters,
     use_fused_torch_adam,
 )
@@ -79,6 +82,66 @@ def _param_state_loads_skip_adam_steps(optimizers):
         for opt in wrapped:
             for name in _PARAM_STATE_LOADERS:
                 delattr(opt, name)
+
+
+def _state_dict_without_parameter_state(opt: DistributedOptimizer, step: float) -> dict:
+    """What megatron-core 0.16's ``DistributedOptimizer.state_dict`` returns (torch AdamW, no
+    TE/apex), for a part that holds no parameter state: the param groups (no params) with
+    the Adam step given, and the grad scaler's state."""
+    inner = opt.optimizer.state_dict()
+    state = {"optimizer": {key: value for key, value in inner.items() if key != "state"}}
+    state["optimizer"]["param_groups"] = [
+        dict({key: value for key, value in group.items() if key != "params"}, step=step)
+        for group in inner["param_groups"]]
+    if opt.grad_scaler:
+        state["grad_scaler"] = opt.grad_scaler.state_dict()
+    return state
+
+
+@contextlib.contextmanager
+def _stateless_parts_report_the_step(optimizers):
+    """Work around megatron-core 0.16's distributed optimizer with torch AdamW (no TE/apex) on
+    a rank that holds no trainable parameter (a pipeline stage of frozen modules: a frozen
+    LLM's last stage).
+
+    Its ``state_dict`` (called by every checkpoint save and load) reads the Adam step from the
+    parameters' states and asserts there is exactly one: with no state at all it fails. Such a
+    part reports the step of the ranks that have one instead (MAX over the world: every rank
+    applies the same steps, the skip decision is global), so the param groups a checkpoint
+    keeps (per stage for dp_reshardable, global rank 0's for fully_reshardable, whichever
+    stage that is) carry the true step. Collective: every rank enters it.
+    """
+    wrapped = [opt for opt in optimizers if isinstance(opt, DistributedOptimizer)]
+    if HAVE_APEX_OR_TE or not wrapped:  # TE / apex keep the step in the param groups
+        yield
+        return
+    local = [max((float(state["step"]) for state in opt.optimizer.state.values() if "step" in state),
+                 default=0.0) for opt in wrapped]
+    steps = torch.tensor(local, dtype=torch.float64, device=platform.device())
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+    stateless = [opt for opt in wrapped if not opt.optimizer.state]
+    for opt, step in zip(wrapped, steps.tolist()):
+        if not opt.optimizer.state:
+            # shadows the method on this instance only
+            opt.state_dict = functools.partial(_state_dict_without_parameter_state, opt, step)
+    try:
+        yield
+    finally:
+        for opt in stateless:
+            del opt.state_dict
+
+
+def _saved_param_groups(state):
+    """The lists of param groups in a loaded megatron-core optimizer state (one per part of
+    the optimizer, wherever its sharded state dict nests them)."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield state["param_groups"]
+        for value in state.values():
+            yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
 
 
 class MegatronEngine(Engine):
@@ -125,8 +188,9 @@ class MegatronEngine(Engine):
             wrapped.broadcast_params()  # DP replicas start identical, before masters are copied
         params_dtype = next(p.dtype for p in self.model.parameters())
         self.optimizer = build_megatron_optimizer(self.wrapped, cfg, params_dtype)
-        # Sets each param group's learning rate and weight decay (times its wd_mult: none on
-        # biases and norms) on every step; train_batch advances it (optim.advance_lr).
+        # Sets each param group's learning rate (its module's max_lr / min_lr) and weight decay
+        # (times its wd_mult: none on biases and norms) on every step; train_batch advances it
+        # (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
 
     def _step_model(self):
@@ -224,8 +288,9 @@ class MegatronEngine(Engine):
                     # one naming of the optimizer's parts whatever the number of sub-optimizers
                     "chained_optim_avoid_prefix": True}
         state = dist_ckpt.model_sharded_state_dict(self.chunks)
-        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                               metadata=metadata)
+        with _stateless_parts_report_the_step(megatron_optimizers(self.optimizer)):
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                                   metadata=metadata)
         return state
 
     def save(self, iter_dir: str) -> AsyncRequest:
@@ -268,17 +333,27 @@ class MegatronEngine(Engine):
                 f"dp_reshardable at (TP, PP, VPP) = {saved_layout}; this run has {layout}: that "
                 f"format reshards over data-parallel ranks only. Resume at the saved layout (and "
                 f"save with fully_reshardable to change it), or {restart[0].lower() + restart[1:]}")
+        # megatron-core's distributed optimizer matches each saved param group to one of its own
+        # by (wd_mult, lr_mult, ...) alone, and copies the saved group's keys over, here and
+        # already in the sharded state dict to load into: two modules with the same multipliers
+        # could trade their "module" tags, and a wd_mult changed since the save would match
+        # none. The saved groups get this run's wd_mult (by their tags) first; the tags, which
+        # the model alone decides, in order, are put back after.
+        tags = [(group["module"], group["decay"]) for group in self.optimizer.param_groups]
         state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
                                folder)
         for i, chunk in enumerate(self.chunks):
             dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
+        for groups in _saved_param_groups(state["optimizer"]):
+            apply_module_multipliers(groups, self.cfg.train)
         with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
             # no_grad: for fp32 models the master shards are views of the parameters
             self.optimizer.load_state_dict(state["optimizer"])
+        for group, (module, decay) in zip(self.optimizer.param_groups, tags):
+            group.update(module=module, decay=decay)
         # The loaded param groups carry the saved run's max_lr / min_lr, which the LR scheduler
         # reads: this run's config wins, as for the rest of the schedule (optim.build_lr_scheduler).
-        for group in self.optimizer.param_groups:
-            group["max_lr"], group["min_lr"] = self.cfg.train.lr, self.cfg.train.min_lr
+        apply_module_multipliers(self.optimizer.param_groups, self.cfg.train)
         for opt in megatron_optimizers(self.optimizer):
             untie_step_counters(opt.optimizer)  # restored as one tensor shared by every parameter
         use_fused_torch_adam(self.optimizer)  # the loaded param groups replaced its switch
