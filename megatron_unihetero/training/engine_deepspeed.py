@@ -240,6 +240,8 @@ class DeepSpeedEngine(Engine):
             with self.timer.phase("forward_backward"):
                 total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
                 if backward:
+                    if not total.requires_grad:
+                        total = self._loss_reaching_nothing(total)
                     # DeepSpeed averages gradients over DP; the normalised losses must be
                     # summed (losses.py): times dp_size.
                     self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
@@ -252,6 +254,18 @@ class DeepSpeedEngine(Engine):
                 with self.timer.phase("optimizer"):
                     self._step(self._own_skip)
         return losses.summarize(reports, counts, weights)
+
+    def _loss_reaching_nothing(self, total: torch.Tensor) -> torch.Tensor:
+        """A micro-batch whose loss reaches no trainable parameter (a frozen LLM, no image in
+        it) still runs its backward, so that DeepSpeed's accumulation and its boundary
+        reduction go on. ZeRO-2 reduces gradients bucket by bucket from the parameters'
+        backward hooks and fails on a backward that gives none: there every trainable
+        parameter gets a zero gradient. Elsewhere the backward runs through nothing (ZeRO-3
+        holds only its partition of each parameter outside the forward)."""
+        if self.zero_stage == 2:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            return total + 0.0 * torch.stack([p.sum() for p in trainable]).sum()
+        return total.detach().requires_grad_()
 
     def _step(self, skipped: bool) -> None:
         """DeepSpeed's ``step()``: the optimizer steps at the accumulation boundary only."""

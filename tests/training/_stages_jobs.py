@@ -140,3 +140,37 @@ def param_groups_job():
         assert [(g["module"], g["decay"]) for g in groups] == [(g["module"], g["decay"]) for g in ds_groups]
     finally:
         parallel.destroy()
+
+
+def text_only_micro_batch_job(engine_name: str, zero_stage: int = 1, text_only_last: bool = False):
+    """A frozen LLM and a step whose first micro-batch has no image: that micro-batch's loss
+    reaches no trainable parameter; the step still runs, and the projector learns from the
+    other micro-batch."""
+    import dataclasses
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.training.config import ParallelConfig, RunConfig, TrainConfig
+    from megatron_unihetero.training.engine import engine_class
+
+    from tests.models import _parity_jobs as parity
+
+    parallel.initialize(1, 1, seed=7)
+    try:
+        model_cfg = dataclasses.replace(parity.tiny_config(), freeze_llm=True,
+                                        semantic=dataclasses.replace(parity.tiny_config().semantic, weight=0.0))
+        cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(engine=engine_name, zero_stage=zero_stage),
+                        train=TrainConfig(lr=1e-3, warmup_steps=0, grad_accumulation=2, dtype="fp32"))
+        model = parallel.build_model(model_cfg, params_dtype=engine_class(cfg).params_dtype(cfg))
+        engine = engine_class(cfg)([model], cfg)
+        text_only, with_images = parity.make_batches()
+        text_only["tokens"][text_only["tokens"] == parity.IMAGE_TOKEN] = 10
+        text_only["labels"][text_only["labels"] == parity.IMAGE_TOKEN] = 10
+        del text_only["images"]
+        before = [p.detach().clone() for p in model.projector.parameters()]
+        batches = [with_images, text_only] if text_only_last else [text_only, with_images]
+        result = engine.train_batch(batches, 0)
+        assert not result.skipped, result
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.projector.parameters()))
+        engine.close()
+    finally:
+        parallel.destroy()

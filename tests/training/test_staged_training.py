@@ -131,3 +131,13 @@ def test_module_lr_entries_are_typed_sections():
     assert cfg.train.module_multipliers("projector").lr_mult == 10.0
     assert cfg.train.module_multipliers("projector").wd_mult == 1.0
     assert cfg.train.module_multipliers("llm").lr_mult == 1.0
+
+
+@pytest.mark.parametrize("engine,zero_stage,text_only_last", [
+    ("megatron", 1, True), ("deepspeed", 2, False), ("deepspeed", 2, True), ("deepspeed", 3, True)],
+    ids=["megatron", "zero2-first", "zero2-last", "zero3-last"])
+def test_a_micro_batch_reaching_nothing_trainable_still_steps(engine, zero_stage, text_only_last):
+    """A frozen LLM and a micro-batch without an image: its loss reaches no trainable
+    parameter (megatron-core's schedule skips such a backward; DeepSpeed needs one, and ZeRO-2
+    one that gives every parameter a gradient); the step applies the other micro-batch's."""
+    run_distributed_test(stages.text_only_micro_batch_job, 1, engine, zero_stage, text_only_last)
