@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from typing import Dict, List, Mapping
 
 import torch
@@ -129,6 +130,47 @@ def _stateless_parts_report_the_step(optimizers):
     finally:
         for opt in stateless:
             del opt.state_dict
+
+
+@contextlib.contextmanager
+def _matching_groups_by_tags(optimizer, train, folder: str):
+    """Work around megatron-core 0.16's matching of a checkpoint's param groups to the
+    optimizer's (both the float16 and the distributed optimizer): by their (wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr) alone. Two modules with equal multipliers have equal
+    keys: the float16 optimizer then gives both groups one group's parameters (a size error),
+    the distributed optimizer trades their "module" tags; a wd_mult changed since the save
+    matches nothing.
+
+    While loading, every group's ``lr_mult`` (which megatron-core 0.16's scheduler does not
+    read: the rates are each group's max_lr / min_lr) is its position in the order of the
+    (decay, module) tags, in the optimizer's groups and, through the function this yields, in
+    the checkpoint's, which also get this run's wd_mult: the match is one to one. After the
+    load ``lr_mult`` is 1 again. A checkpoint whose groups are other modules (freezing
+    changed) or untagged (saved before per-module groups) is a CheckpointError.
+    """
+    tags = sorted({(group["decay"], group["module"]) for group in optimizer.param_groups})
+    position = {tag: float(i + 1) for i, tag in enumerate(tags)}
+    for group in optimizer.param_groups:
+        group["lr_mult"] = position[(group["decay"], group["module"])]
+
+    def mark_saved(groups: list) -> None:
+        saved = {(group.get("decay"), group.get("module")) for group in groups}
+        if saved != set(tags):
+            raise CheckpointError(
+                f"{folder}: its optimizer has param groups for (decay, module) "
+                f"{sorted(saved, key=str)}, this run {tags}: it trains other modules "
+                f"(model.*.frozen, model.freeze_llm) or was saved before per-module param "
+                f"groups. Start from its weights with --checkpoint.load={os.path.dirname(folder)} "
+                f"--checkpoint.resume=false")
+        apply_module_multipliers(groups, train)
+        for group in groups:
+            group["lr_mult"] = position[(group["decay"], group["module"])]
+
+    try:
+        yield mark_saved
+    finally:
+        for group in optimizer.param_groups:
+            group["lr_mult"] = 1.0
 
 
 def _saved_param_groups(state):
@@ -333,24 +375,19 @@ class MegatronEngine(Engine):
                 f"dp_reshardable at (TP, PP, VPP) = {saved_layout}; this run has {layout}: that "
                 f"format reshards over data-parallel ranks only. Resume at the saved layout (and "
                 f"save with fully_reshardable to change it), or {restart[0].lower() + restart[1:]}")
-        # megatron-core's distributed optimizer matches each saved param group to one of its own
-        # by (wd_mult, lr_mult, ...) alone, and copies the saved group's keys over, here and
-        # already in the sharded state dict to load into: two modules with the same multipliers
-        # could trade their "module" tags, and a wd_mult changed since the save would match
-        # none. The saved groups get this run's wd_mult (by their tags) first; the tags, which
-        # the model alone decides, in order, are put back after.
-        tags = [(group["module"], group["decay"]) for group in self.optimizer.param_groups]
-        state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
-                               folder)
-        for i, chunk in enumerate(self.chunks):
-            dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
-        for groups in _saved_param_groups(state["optimizer"]):
-            apply_module_multipliers(groups, self.cfg.train)
-        with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
-            # no_grad: for fp32 models the master shards are views of the parameters
-            self.optimizer.load_state_dict(state["optimizer"])
-        for group, (module, decay) in zip(self.optimizer.param_groups, tags):
-            group.update(module=module, decay=decay)
+        # megatron-core 0.16 matches the checkpoint's param groups to the optimizer's by their
+        # (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) alone, in this sharded state
+        # dict already: _matching_groups_by_tags makes that one to one (module, decay).
+        with _matching_groups_by_tags(self.optimizer, self.cfg.train, folder) as mark_saved:
+            state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
+                                   folder)
+            for i, chunk in enumerate(self.chunks):
+                dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
+            for groups in _saved_param_groups(state["optimizer"]):
+                mark_saved(groups)
+            with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
+                # no_grad: for fp32 models the master shards are views of the parameters
+                self.optimizer.load_state_dict(state["optimizer"])
         # The loaded param groups carry the saved run's max_lr / min_lr, which the LR scheduler
         # reads: this run's config wins, as for the rest of the schedule (optim.build_lr_scheduler).
         apply_module_multipliers(self.optimizer.param_groups, self.cfg.train)

@@ -35,18 +35,22 @@ def test_stage1_at_pp2_trains_the_projector_only_and_stage2_starts_fresh_from_it
     #1166's empty optimizer); the projector's gradient comes back across the pipeline through
     the frozen layers. Every LLM and encoder weight stays bit-identical, the projector moves,
     only its parameters have Adam state, its decoupled weight decay is off (wd_mult 0) and the
-    log shows its own rate (lr_mult 2). Its checkpoint saves and is the start of stage 2.
+    log shows its own rate (lr_mult 2). Its checkpoint saves, resumes on one process (PP=1)
+    and is the start of stage 2.
 
     Stage 2 at another layout (PP=1, one process) loads stage 1's weights
     (checkpoint.load): it starts from exactly them, at step 0, with a fresh optimizer (Adam
-    step counts 1..2, not 3..4) and the LR warmup from 0, and moves every module, each at its
+    step counts 1..2, not 4..5) and the LR warmup from 0, and moves every module, each at its
     own rate."""
     stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
     out1.mkdir(), out2.mkdir()
-    run_distributed_test(stages.stage_job, 2, jobs.overrides(data_prefix, stage1, **{
-        "parallel.pipeline_parallel": 2, "model.freeze_llm": True, "model.semantic.weight": 0,
-        "train.module_lr": "{projector: {lr_mult: 2.0, wd_mult: 0.0}}", "train.steps": 2}), str(out1))
+    stage1_settings = {
+        "model.freeze_llm": True, "model.semantic.weight": 0, "train.steps": 2,
+        "train.module_lr": "{projector: {lr_mult: 2.0, wd_mult: 0.0}}",
+        "checkpoint.optimizer_format": "fully_reshardable"}  # resumed below at PP=1
+    run_distributed_test(stages.stage_job, 2, jobs.overrides(data_prefix, stage1, **dict(
+        stage1_settings, **{"parallel.pipeline_parallel": 2})), str(out1))
     first, last = stages.read_reports(str(out1))
     assert first["submodules"] == {"vision": "identical", "projector": "moved", "llm": "identical"}
     assert last["submodules"] == {"llm": "identical"}
@@ -63,7 +67,23 @@ def test_stage1_at_pp2_trains_the_projector_only_and_stage2_starts_fresh_from_it
         assert set(record) == {"lr", "lr/projector"}
         assert record["lr/projector"] == pytest.approx(2.0 * record["lr"], rel=1e-12)
     assert lrs[1]["lr"] == pytest.approx(LR / WARMUP)
-    stage1_iter = os.path.join(stage1, "ckpt", "iter_0000002")
+    assert ckpt.latest_iteration_dir(os.path.join(stage1, "ckpt")) == os.path.join(stage1, "ckpt", "iter_0000002")
+
+    # Stage 1 resumes (the same command, one more step) on one process: the optimizer saved
+    # by the two stages, one of them without state, goes on (Adam's step 3) with its groups
+    # (the projector's decayed and undecayed groups have equal multipliers: megatron-core
+    # alone would mix them up) at their rates.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    run_distributed_test(stages.stage_job, 1, jobs.overrides(data_prefix, stage1, **dict(
+        stage1_settings, **{"train.steps": 3})), str(resumed))
+    (report,) = stages.read_reports(str(resumed))
+    assert report["adam_steps"] == [3.0] and report["step"] == 3
+    assert sorted((g["module"], g["decay"]) for g in report["groups"]) == [
+        ("projector", False), ("projector", True)]
+    lrs = _lr_records(stage1)
+    assert sorted(lrs) == [1, 2, 3] and lrs[3]["lr/projector"] == pytest.approx(2.0 * lrs[3]["lr"], rel=1e-12)
+    stage1_iter = os.path.join(stage1, "ckpt", "iter_0000003")
     assert ckpt.latest_iteration_dir(os.path.join(stage1, "ckpt")) == stage1_iter
 
     run_distributed_test(stages.stage_job, 1, jobs.overrides(data_prefix, stage2, **{
@@ -73,7 +93,7 @@ def test_stage1_at_pp2_trains_the_projector_only_and_stage2_starts_fresh_from_it
         str(out2), dump_start=True)
     (report,) = stages.read_reports(str(out2))
     assert report["submodules"] == {"vision": "moved", "projector": "moved", "llm": "moved"}
-    assert report["adam_steps"] == [2.0]  # a fresh optimizer: stage 1's two steps are not in it
+    assert report["adam_steps"] == [2.0]  # a fresh optimizer: stage 1's three steps are not in it
     assert report["adam_numel"] == report["trainable_numel"]
     start = torch.load(str(out2 / "start.pt"), weights_only=True)
     saved = ckpt.load_model_weights(stage1_iter)
