@@ -40,11 +40,11 @@ from megatron_unihetero.training.config import OPTIMIZER_FORMATS, RunConfig, res
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import (
-    build_lr_scheduler,
     allocate_adam_state,
+    apply_module_multipliers,
+    build_lr_scheduler,
     build_megatron_optimizer,
     megatron_optimizers,
-    apply_module_multipliers,
     untie_step_counters,
     use_fused_torch_adam,
 )
