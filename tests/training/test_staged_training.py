@@ -40,8 +40,8 @@ def test_stage1_at_pp2_trains_the_projector_only_and_stage2_starts_fresh_from_it
 
     Stage 2 at another layout (PP=1, one process) loads stage 1's weights
     (checkpoint.load): it starts from exactly them, at step 0, with a fresh optimizer (Adam
-    step counts 1..2, not 4..5) and the LR warmup from 0, and moves every module, each at its
-    own rate."""
+    step counts 1..2, not 4..5) and the LR warmup from 0, and moves the encoder (unfrozen
+    here), the projector and the LLM, each at its own rate. (The heads: the DeepSpeed test.)"""
     stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
     out1.mkdir(), out2.mkdir()
