@@ -120,7 +120,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigLoadError(f"{path} must be a mapping, got {value!r}")
-        return dict(value)
+        inner = args[1] if args else Any
+        return {k: _convert(inner, v, _join(path, str(k))) for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

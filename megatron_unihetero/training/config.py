@@ -11,7 +11,7 @@ import glob
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_unihetero import platform
 from megatron_unihetero.models.config import ConfigError, ModelConfig
@@ -24,6 +24,10 @@ RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 # The values of train.exit_signal: signals a process can catch that no launcher sends for
 # another reason (SIGINT is a terminal's ^C, SIGKILL / SIGSTOP cannot be caught).
 EXIT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGTERM", "NONE")
+# The modules train.module_lr names (training/optim.py module_of maps each parameter to one):
+# the vision encoder, the projector, the LLM (its token embedding, layers, final norm and output
+# layer: everything under model.llm) and the heads (semantic head, pixel head).
+MODULES = ("vision", "projector", "llm", "heads")
 
 
 @dataclass
@@ -70,6 +74,17 @@ class ParallelConfig:
 
 
 @dataclass
+class ModuleOptimConfig:
+    """One module's multipliers (``train.module_lr.MODULE``): its param groups' learning rate
+    is ``lr_mult`` x the schedule (train.lr, train.min_lr, warmup and cosine: each group its
+    own ``max_lr`` / ``min_lr``), its weight decay ``wd_mult`` x train.weight_decay (norms and
+    biases get none, whatever the multiplier)."""
+
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     grad_accumulation: int = 1  # micro-batches per step on each data-parallel rank
@@ -107,8 +122,23 @@ class TrainConfig:
     # The signal that asks for that stop (SIGTERM always does too); examples/launch/slurm.sbatch
     # has Slurm send it ahead of the time limit. none: SIGTERM only.
     exit_signal: str = "SIGUSR1"
-    # Freezing lives in the model config: model.vision.frozen, model.projector.frozen,
-    # model.freeze_llm.
+    # Per-module learning rate and weight decay: {module: {lr_mult, wd_mult}} for the modules
+    # of MODULES (vision | projector | llm | heads); a module not named has 1 and 1. Freezing
+    # lives in the model config (model.vision.frozen, model.projector.frozen, model.freeze_llm):
+    # a frozen module is in no param group, and its entry here changes nothing.
+    module_lr: Dict[str, ModuleOptimConfig] = field(default_factory=dict)
+
+    def module_multipliers(self, module: str) -> ModuleOptimConfig:
+        """``module``'s multipliers (1 and 1 when ``module_lr`` does not name it)."""
+        return self.module_lr.get(module, ModuleOptimConfig())
+
+
+def trainable_modules(model: ModelConfig) -> Tuple[str, ...]:
+    """The modules of MODULES with parameters that train under ``model``'s freezing (the heads:
+    when semantic or pixel generation is on), in MODULES' order."""
+    trains = {"vision": not model.vision.frozen, "projector": not model.projector.frozen,
+              "llm": not model.freeze_llm, "heads": model.semantic.enabled or model.pixel.enabled}
+    return tuple(m for m in MODULES if trains[m])
 
 
 # megatron-core's distributed-optimizer checkpoint formats this project offers (engine_megatron).
@@ -283,6 +313,7 @@ class RunConfig:
         for key, value, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {expected}; got {value}")
+        self._validate_modules()
         if exit_signal_name(train.exit_signal) not in EXIT_SIGNALS:
             raise ConfigError(f"train.exit_signal must be one of {' | '.join(EXIT_SIGNALS)}; got "
                               f"{train.exit_signal!r}")
@@ -310,6 +341,23 @@ class RunConfig:
                 raise ConfigError(f"{key}.max_rows, .generate_rows and .max_new_tokens must be >= 1")
         if log.eval_sets and not data.tokenizer:
             raise ConfigError("logging.eval_sets needs data.tokenizer (the held-out rows are tokenized in the run)")
+
+    def _validate_modules(self) -> None:
+        """``train.module_lr``'s names and multipliers, and that something trains at all."""
+        for name, mults in self.train.module_lr.items():
+            key = f"train.module_lr.{name}"
+            if name not in MODULES:
+                raise ConfigError(f"{key}: unknown module {name!r}; the modules are "
+                                  f"{' | '.join(MODULES)}")
+            if not (math.isfinite(mults.lr_mult) and mults.lr_mult > 0):
+                raise ConfigError(f"{key}.lr_mult must be > 0 (to keep a module as it is, freeze "
+                                  f"it in the model config); got {mults.lr_mult}")
+            if not (math.isfinite(mults.wd_mult) and mults.wd_mult >= 0):
+                raise ConfigError(f"{key}.wd_mult must be >= 0; got {mults.wd_mult}")
+        if not trainable_modules(self.model):
+            raise ConfigError("nothing trains: model.vision.frozen, model.projector.frozen and "
+                              "model.freeze_llm are all true and neither semantic nor pixel "
+                              "generation (whose heads would train) is on")
 
     def validate(self, world_size: int) -> None:
         """Check what needs the world: parallel layout, data paths, engine options."""

@@ -35,7 +35,7 @@ import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 from megatron_unihetero.training.config import RunConfig
-from megatron_unihetero.training.optim import advance_lr
+from megatron_unihetero.training.optim import advance_lr, module_lrs
 from megatron_unihetero.training.monitor import PhaseTimer
 from megatron_unihetero.training.results import StepResult
 
@@ -93,6 +93,7 @@ class Engine(abc.ABC):
         lr = advance_lr(self.lr_scheduler, step, self.cfg.train)
         result = self.train_step(batches, objective_weights(self.cfg, step))
         result.lr = lr
+        result.module_lrs = module_lrs(self.lr_scheduler.optimizer.param_groups)
         result.times.update(self.timer.pop())
         return result
 

@@ -58,7 +58,12 @@ from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.training.config import RunConfig, resolve_dtype
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
-from megatron_unihetero.training.optim import build_lr_scheduler, param_groups, untie_step_counters
+from megatron_unihetero.training.optim import (
+    apply_module_multipliers,
+    build_lr_scheduler,
+    param_groups,
+    untie_step_counters,
+)
 from megatron_unihetero.training.step import all_finite, model_inputs
 
 _CKPT_TAG = "engine"
@@ -198,7 +203,7 @@ class DeepSpeedEngine(Engine):
         self._environment.enter_context(launcher_environment())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.train.weight_decay),
+            model_parameters=param_groups(model, cfg.train),
             config=self.ds_config,
             mpu=megatron_mpu(),
             dist_init_required=False,
@@ -206,7 +211,8 @@ class DeepSpeedEngine(Engine):
         self.grad_accumulation = int(self.ds_config["gradient_accumulation_steps"])
         # DeepSpeed's optimizer wrappers (ZeRO, bf16) hand out the param groups of the torch
         # optimizer inside, whose lr and weight_decay its step reads; each group carries the
-        # wd_mult of optim.param_groups. train_batch advances it (optim.advance_lr).
+        # module, max_lr / min_lr and wd_mult of optim.param_groups. train_batch advances it
+        # (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self._own_skip = False  # whether the last step was skipped by _drop_non_finite_grads
 
@@ -234,6 +240,8 @@ class DeepSpeedEngine(Engine):
             with self.timer.phase("forward_backward"):
                 total, report = losses.assemble_loss(self.engine(**model_inputs(batch, device)), counts, weights)
                 if backward:
+                    if not total.requires_grad:
+                        total = self._loss_reaching_nothing(total)
                     # DeepSpeed averages gradients over DP; the normalised losses must be
                     # summed (losses.py): times dp_size.
                     self.engine.backward(total * self.dp_size, scale_wrt_gas=False)
@@ -246,6 +254,18 @@ class DeepSpeedEngine(Engine):
                 with self.timer.phase("optimizer"):
                     self._step(self._own_skip)
         return losses.summarize(reports, counts, weights)
+
+    def _loss_reaching_nothing(self, total: torch.Tensor) -> torch.Tensor:
+        """A micro-batch whose loss reaches no trainable parameter (a frozen LLM, no image in
+        it) still runs its backward, so that DeepSpeed's accumulation and its boundary
+        reduction go on. ZeRO-2 reduces gradients bucket by bucket from the parameters'
+        backward hooks and fails on a backward that gives none: there every trainable
+        parameter gets a zero gradient. Elsewhere the backward runs through nothing (ZeRO-3
+        holds only its partition of each parameter outside the forward)."""
+        if self.zero_stage == 2:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            return total + 0.0 * torch.stack([p.sum() for p in trainable]).sum()
+        return total.detach().requires_grad_()
 
     def _step(self, skipped: bool) -> None:
         """DeepSpeed's ``step()``: the optimizer steps at the accumulation boundary only."""
@@ -404,3 +424,5 @@ class DeepSpeedEngine(Engine):
                 load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load its checkpoint from {ckpt_dir}")
+        # The loaded groups carry the saved run's max_lr / min_lr: this run's config wins.
+        apply_module_multipliers(self.optimizer.param_groups, self.cfg.train)

@@ -17,7 +17,9 @@ save gathers the state, onto DP rank 0 alone with ``checkpoint.optimizer_save_lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from typing import Dict, List, Mapping
 
 import torch
@@ -27,6 +29,7 @@ from megatron.core.distributed.finalize_model_grads import (
     _allreduce_non_tensor_model_parallel_grads, _allreduce_word_embedding_grads)
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_unihetero import parallel, platform
@@ -38,8 +41,9 @@ from megatron_unihetero.training.config import OPTIMIZER_FORMATS, RunConfig, res
 from megatron_unihetero.training.engine import Engine
 from megatron_unihetero.training.results import StepResult
 from megatron_unihetero.training.optim import (
-    build_lr_scheduler,
     allocate_adam_state,
+    apply_module_multipliers,
+    build_lr_scheduler,
     build_megatron_optimizer,
     megatron_optimizers,
     untie_step_counters,
@@ -80,6 +84,107 @@ def _param_state_loads_skip_adam_steps(optimizers):
         for opt in wrapped:
             for name in _PARAM_STATE_LOADERS:
                 delattr(opt, name)
+
+
+def _state_dict_without_parameter_state(opt: DistributedOptimizer, step: float) -> dict:
+    """What megatron-core 0.16's ``DistributedOptimizer.state_dict`` returns (torch AdamW, no
+    TE/apex), for a part that holds no parameter state: the param groups (no params) with
+    the Adam step given, and the grad scaler's state."""
+    inner = opt.optimizer.state_dict()
+    state = {"optimizer": {key: value for key, value in inner.items() if key != "state"}}
+    state["optimizer"]["param_groups"] = [
+        dict({key: value for key, value in group.items() if key != "params"}, step=step)
+        for group in inner["param_groups"]]
+    if opt.grad_scaler:
+        state["grad_scaler"] = opt.grad_scaler.state_dict()
+    return state
+
+
+@contextlib.contextmanager
+def _stateless_parts_report_the_step(optimizers):
+    """Work around megatron-core 0.16's distributed optimizer with torch AdamW (no TE/apex) on
+    a rank that holds no trainable parameter (a pipeline stage of frozen modules: a frozen
+    LLM's last stage).
+
+    Its ``state_dict`` (called by every checkpoint save and load) reads the Adam step from the
+    parameters' states and asserts there is exactly one: with no state at all it fails. Such a
+    part reports the step of the ranks that have one instead (MAX over the world: every rank
+    applies the same steps, the skip decision is global), so the param groups a checkpoint
+    keeps (per stage for dp_reshardable, global rank 0's for fully_reshardable, whichever
+    stage that is) carry the true step. Collective: every rank enters it.
+    """
+    wrapped = [opt for opt in optimizers if isinstance(opt, DistributedOptimizer)]
+    if HAVE_APEX_OR_TE or not wrapped:  # TE / apex keep the step in the param groups
+        yield
+        return
+    local = [max((float(state["step"]) for state in opt.optimizer.state.values() if "step" in state),
+                 default=0.0) for opt in wrapped]
+    steps = torch.tensor(local, dtype=torch.float64, device=platform.device())
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+    stateless = [opt for opt in wrapped if not opt.optimizer.state]
+    for opt, step in zip(wrapped, steps.tolist()):
+        if not opt.optimizer.state:
+            # shadows the method on this instance only
+            opt.state_dict = functools.partial(_state_dict_without_parameter_state, opt, step)
+    try:
+        yield
+    finally:
+        for opt in stateless:
+            del opt.state_dict
+
+
+@contextlib.contextmanager
+def _matching_groups_by_tags(optimizer, train, folder: str):
+    """Work around megatron-core 0.16's matching of a checkpoint's param groups to the
+    optimizer's (both the float16 and the distributed optimizer): by their (wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr) alone. Two modules with equal multipliers have equal
+    keys: the float16 optimizer then gives both groups one group's parameters (a size error),
+    the distributed optimizer trades their "module" tags; a wd_mult changed since the save
+    matches nothing.
+
+    While loading, every group's ``lr_mult`` (which megatron-core 0.16's scheduler does not
+    read: the rates are each group's max_lr / min_lr) is its position in the order of the
+    (decay, module) tags, in the optimizer's groups and, through the function this yields, in
+    the checkpoint's, which also get this run's wd_mult: the match is one to one. After the
+    load ``lr_mult`` is 1 again. A checkpoint whose groups are other modules (freezing
+    changed) or untagged (saved before per-module groups) is a CheckpointError.
+    """
+    tags = sorted({(group["decay"], group["module"]) for group in optimizer.param_groups})
+    position = {tag: float(i + 1) for i, tag in enumerate(tags)}
+    for group in optimizer.param_groups:
+        group["lr_mult"] = position[(group["decay"], group["module"])]
+
+    def mark_saved(groups: list) -> None:
+        saved = {(group.get("decay"), group.get("module")) for group in groups}
+        if saved != set(tags):
+            raise CheckpointError(
+                f"{folder}: its optimizer has param groups for (decay, module) "
+                f"{sorted(saved, key=str)}, this run {tags}: it trains other modules "
+                f"(model.*.frozen, model.freeze_llm) or was saved before per-module param "
+                f"groups. Start from its weights with --checkpoint.load={os.path.dirname(folder)} "
+                f"--checkpoint.resume=false")
+        apply_module_multipliers(groups, train)
+        for group in groups:
+            group["lr_mult"] = position[(group["decay"], group["module"])]
+
+    try:
+        yield mark_saved
+    finally:
+        for group in optimizer.param_groups:
+            group["lr_mult"] = 1.0
+
+
+def _saved_param_groups(state):
+    """The lists of param groups in a loaded megatron-core optimizer state (one per part of
+    the optimizer, wherever its sharded state dict nests them)."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield state["param_groups"]
+        for value in state.values():
+            yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
 
 
 class MegatronEngine(Engine):
@@ -126,8 +231,9 @@ class MegatronEngine(Engine):
             wrapped.broadcast_params()  # DP replicas start identical, before masters are copied
         params_dtype = next(p.dtype for p in self.model.parameters())
         self.optimizer = build_megatron_optimizer(self.wrapped, cfg, params_dtype)
-        # Sets each param group's learning rate and weight decay (times its wd_mult: none on
-        # biases and norms) on every step; train_batch advances it (optim.advance_lr).
+        # Sets each param group's learning rate (its module's max_lr / min_lr) and weight decay
+        # (times its wd_mult: none on biases and norms) on every step; train_batch advances it
+        # (optim.advance_lr).
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
 
     def _step_model(self):
@@ -229,8 +335,9 @@ class MegatronEngine(Engine):
                     # one naming of the optimizer's parts whatever the number of sub-optimizers
                     "chained_optim_avoid_prefix": True}
         state = dist_ckpt.model_sharded_state_dict(self.chunks)
-        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                               metadata=metadata)
+        with _stateless_parts_report_the_step(megatron_optimizers(self.optimizer)):
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                                   metadata=metadata)
         return state
 
     def save(self, iter_dir: str) -> AsyncRequest:
@@ -273,17 +380,22 @@ class MegatronEngine(Engine):
                 f"dp_reshardable at (TP, PP, VPP) = {saved_layout}; this run has {layout}: that "
                 f"format reshards over data-parallel ranks only. Resume at the saved layout (and "
                 f"save with fully_reshardable to change it), or {restart[0].lower() + restart[1:]}")
-        state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
-                               folder)
-        for i, chunk in enumerate(self.chunks):
-            dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
-        with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
-            # no_grad: for fp32 models the master shards are views of the parameters
-            self.optimizer.load_state_dict(state["optimizer"])
+        # megatron-core 0.16 matches the checkpoint's param groups to the optimizer's by their
+        # (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) alone, in this sharded state
+        # dict already: _matching_groups_by_tags makes that one to one (module, decay).
+        with _matching_groups_by_tags(self.optimizer, self.cfg.train, folder) as mark_saved:
+            state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
+                                   folder)
+            for i, chunk in enumerate(self.chunks):
+                dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
+            for groups in _saved_param_groups(state["optimizer"]):
+                mark_saved(groups)
+            with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
+                # no_grad: for fp32 models the master shards are views of the parameters
+                self.optimizer.load_state_dict(state["optimizer"])
         # The loaded param groups carry the saved run's max_lr / min_lr, which the LR scheduler
         # reads: this run's config wins, as for the rest of the schedule (optim.build_lr_scheduler).
-        for group in self.optimizer.param_groups:
-            group["max_lr"], group["min_lr"] = self.cfg.train.lr, self.cfg.train.min_lr
+        apply_module_multipliers(self.optimizer.param_groups, self.cfg.train)
         for opt in megatron_optimizers(self.optimizer):
             untie_step_counters(opt.optimizer)  # restored as one tensor shared by every parameter
         use_fused_torch_adam(self.optimizer)  # the loaded param groups replaced its switch

@@ -134,9 +134,14 @@ def step_flops(cfg: ModelConfig, batch: Mapping[str, torch.Tensor], *, vision_fl
     image_tokens = n_images * tokens_per_image(cfg.vision)
     llm = cfg.llm
 
-    llm_factor = 6.0 if not cfg.freeze_llm else (4.0 if projector_trainable else 2.0)
+    # A frozen LLM still backpropagates to its input when a module before it trains (the
+    # projector, or the encoder on pixels): no weight gradients then, the input gradients
+    # (attention's included) all the same; with nothing before it training, forward only.
+    inputs_train = projector_trainable or (vision_trainable and features is None)
+    llm_factor = 6.0 if not cfg.freeze_llm else (4.0 if inputs_train else 2.0)
     flops = llm_factor * llm_matmul_params(cfg) * tokens
-    flops += 6.0 * llm.num_layers * llm.hidden_size * doc_sq
+    attention_factor = 6.0 if not cfg.freeze_llm or inputs_train else 2.0
+    flops += attention_factor * llm.num_layers * llm.hidden_size * doc_sq
     if features is None and n_images:  # the encoder runs on pixels, not on given features
         if vision_trainable:  # the pixels need no gradient: the patch embedding has no dgrad
             flops += n_images * (3.0 * vision_flops - vision_patch_flops)

@@ -14,19 +14,41 @@ keeps fp32 master weights for a bf16 model. On CPU it runs through the megatron-
 
 deepspeed engine: DeepSpeed builds its own from :func:`param_groups`.
 
-Both: no weight decay on norms and biases (1-D tensors), AdamW (decoupled weight decay).
+Both: AdamW (decoupled weight decay); param groups per module and weight decay. Each trainable
+parameter belongs to one module of ``train.module_lr`` (:func:`module_of`: vision, projector,
+llm, heads) and is decayed or not (megatron-core's standard rule: no weight decay on biases and
+1-D tensors); one param group per (decayed, module) pair, tagged with both (``"decay"``,
+``"module"``). :func:`apply_module_multipliers` gives each group its module's ``max_lr`` /
+``min_lr`` (train.lr / train.min_lr x ``lr_mult``), which the scheduler's curve runs between,
+and ``wd_mult`` (the module's on decayed groups, 0 on the others). Frozen parameters are in no
+group: no optimizer state, no weight decay.
 """
 
 from __future__ import annotations
 
-from typing import List
+import functools
+from typing import Dict, List
 
 import torch
-from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    ChainedOptimizer,
+    OptimizerConfig,
+    ParamKey,
+    ParamWithNamePredicate,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_unihetero.models.config import ConfigError
-from megatron_unihetero.training.config import RunConfig, TrainConfig
+from megatron_unihetero.training.config import MODULES, RunConfig, TrainConfig
+
+# UniHeteroModel's top-level submodules -> the module of train.module_lr that holds their
+# parameters. The LLM's token embedding and output layer are the LLM's (they live in it, are
+# pretrained with it and tied to its vocabulary). target_projector (a copy of the projector) and
+# pixel_vae are always frozen: a trainable parameter outside this table is an error.
+_MODULE_OF_SUBMODULE = {"vision": "vision", "projector": "projector", "llm": "llm",
+                        "semantic_head": "heads", "pixel_head": "heads"}
 
 
 def build_lr_scheduler(optimizer, train: TrainConfig):
@@ -63,35 +85,117 @@ def advance_lr(scheduler, step: int, train: TrainConfig) -> float:
 
     Call it once per training step, in order: from step 0 on a fresh scheduler, or from step k on
     one loaded with the state saved after step k - 1 (:func:`build_lr_scheduler` explains the
-    held count). Returns the learning rate set (the first param group's; all groups share it).
+    held count). Returns the schedule's base learning rate at this step: ``train.lr``'s curve,
+    what a module with ``lr_mult`` 1 trains at (each group's is its module's ``lr_mult`` times
+    it: :func:`module_lrs`).
     """
     scheduler.step(0 if step == train.warmup_steps else 1)
-    return float(scheduler.optimizer.param_groups[0]["lr"])
+    return float(scheduler.get_lr({}))  # no group keys: the scheduler's own max_lr / min_lr
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Weight decay on matrices only: norms, biases (1-D tensors) get none.
+def module_of(name: str) -> str:
+    """The module of ``train.module_lr`` (config.MODULES) that holds parameter ``name`` of
+    UniHeteroModel (a DDP wrapper's ``module.`` prefixes dropped)."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    module = _MODULE_OF_SUBMODULE.get(name.split(".", 1)[0])
+    if module is None:
+        raise ValueError(f"trainable parameter {name!r} belongs to no module of train.module_lr "
+                         f"({' | '.join(MODULES)}): add its submodule to "
+                         f"training/optim.py _MODULE_OF_SUBMODULE")
+    return module
 
-    ``wd_mult`` is what the LR scheduler multiplies its weight decay by (as in megatron-core's
-    own groups).
+
+def _no_decay_keys() -> List[ParamKey]:
+    """megatron-core's standard no-weight-decay rule (biases and 1-D tensors), as its keys."""
+    standard = get_standard_config_overrides(OptimizerConfig(lr=1.0))
+    return [key for key, override in standard.items() if override.get("wd_mult") == 0.0]
+
+
+def is_decayed(param: torch.Tensor, name: str, no_decay_keys: List[ParamKey]) -> bool:
+    """Whether weight decay applies to ``param`` (megatron-core's standard rule: not to biases
+    and 1-D tensors)."""
+    return not any(key.matches(param, name) for key in no_decay_keys)
+
+
+def _in_group(module: str, decay: bool, no_decay_keys: List[ParamKey], param, name: str) -> bool:
+    return module_of(name) == module and is_decayed(param, name, no_decay_keys) == decay
+
+
+def module_overrides(config: OptimizerConfig, train: TrainConfig) -> dict:
+    """megatron-core's param-group overrides (``get_megatron_optimizer(config_overrides=)``):
+    its standard ones (no weight decay on biases and 1-D tensors; decoupled LR if configured)
+    plus one key per (module, decayed) that tags the group (``"module"``, ``"decay"``) and
+    sets the decayed groups' ``wd_mult`` to the module's.
+
+    The learning rates are not overrides: megatron-core orders the groups by their sorted
+    override items, and ``max_lr`` would sort before ``module``, so a resume with another
+    ``lr_mult`` could reorder the groups against the checkpoint's. With ``decay`` and ``module``
+    first the order is fixed by the model alone; :func:`apply_module_multipliers` sets the rates.
     """
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.dim() < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0})
+    overrides = get_standard_config_overrides(config)
+    no_decay = [key for key, override in overrides.items() if override.get("wd_mult") == 0.0]
+    for module in MODULES:
+        for decay in (True, False):
+            predicate = ParamWithNamePredicate(
+                name=f"{module}_{'decay' if decay else 'no_decay'}",
+                fn=functools.partial(_in_group, module, decay, no_decay))
+            override = {"module": module, "decay": decay}
+            if decay:
+                override["wd_mult"] = train.module_multipliers(module).wd_mult
+            overrides[ParamKey(with_name_predicate=predicate)] = override
+    return overrides
+
+
+def apply_module_multipliers(groups: List[dict], train: TrainConfig) -> None:
+    """Give each module-tagged param group its module's schedule and weight decay: ``max_lr``
+    and ``min_lr`` (what megatron-core's OptimizerParamScheduler reads per group) are
+    train.lr and train.min_lr times the module's ``lr_mult``; ``wd_mult`` is the module's on a
+    decayed group, 0 on the others. Called when the optimizer is built and after a checkpoint
+    load (whose groups carry the saved run's: this run's config wins, as for the rest of the
+    schedule). megatron-core's own ``lr_mult`` key is left at 1: megatron-core matches saved
+    param groups to the optimizer's by it (and ``wd_mult``) when it loads a checkpoint."""
+    for group in groups:
+        mults = train.module_multipliers(group["module"])
+        group.update(max_lr=train.lr * mults.lr_mult, min_lr=train.min_lr * mults.lr_mult,
+                     wd_mult=mults.wd_mult if group["decay"] else 0.0)
+
+
+def module_lrs(groups: List[dict]) -> Dict[str, float]:
+    """{module: the learning rate the scheduler last set} for the modules with param groups
+    (those that train; megatron-core gives every rank every group, empty where a stage holds
+    none of the module, so the last stage knows the first stage's projector)."""
+    return {group["module"]: float(group["lr"]) for group in groups if "module" in group}
+
+
+def param_groups(model: torch.nn.Module, train: TrainConfig) -> List[dict]:
+    """The DeepSpeed engine's param groups: the megatron engine's (:func:`module_overrides`),
+    built directly: one per (decayed, module) with parameters, in megatron-core's order
+    (undecayed first, then by module name), ``wd_mult`` the module's on decayed groups and 0 on
+    the others, the learning rates set by :func:`apply_module_multipliers`."""
+    no_decay = _no_decay_keys()
+    members: Dict[tuple, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = (is_decayed(param, name, no_decay), module_of(name))
+            members.setdefault(key, []).append(param)
+    groups = []
+    for decay, module in sorted(members):
+        wd_mult = train.module_multipliers(module).wd_mult if decay else 0.0  # until the scheduler sets it
+        groups.append({"params": members[(decay, module)], "module": module, "decay": decay,
+                       "weight_decay": train.weight_decay * wd_mult})
+    apply_module_multipliers(groups, train)
     return groups
 
 
 def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConfig, params_dtype: torch.dtype):
-    """megatron-core's optimizer over DDP-wrapped chunks (distributed when configured).
+    """megatron-core's optimizer over DDP-wrapped chunks (distributed when configured), its
+    param groups per module and weight decay (:func:`module_overrides`). The learning rate and
+    weight decay are set every step by the LR scheduler (:func:`build_lr_scheduler`).
 
-    Weight decay follows megatron-core's standard rule, which is ours: none on biases and 1-D
-    tensors (``wd_mult`` 0). The learning rate and weight decay are set every step by the LR
-    scheduler (:func:`build_lr_scheduler`).
+    Every rank gets every group (megatron-core all-gathers the group keys, for the distributed
+    checkpoint), empty where this rank holds none of its parameters: a pipeline stage with
+    nothing trainable (a frozen LLM's last stage) still has an optimizer, with no state.
     """
     train = cfg.train
     config = OptimizerConfig(
@@ -101,7 +205,9 @@ def build_megatron_optimizer(wrapped_chunks: List[torch.nn.Module], cfg: RunConf
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         params_dtype=params_dtype, use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, list(wrapped_chunks))
+    optimizer = get_megatron_optimizer(config, list(wrapped_chunks),
+                                       config_overrides=module_overrides(config, train))
+    apply_module_multipliers(optimizer.param_groups, train)
     use_fused_torch_adam(optimizer)
     return optimizer
 

@@ -33,6 +33,7 @@ REDUCTIONS: Dict[str, str] = {
     "grad_norm": GLOBAL,  # megatron-core's and DeepSpeed's norms are global
     "skipped": GLOBAL,  # one all-reduced flag decided it on every rank
     "lr": GLOBAL,
+    "module_lrs": GLOBAL,  # the param groups' rates: the same on every rank (all hold every group)
     "times": MAX,  # the slowest DP rank's time of each phase of the step
 }
 
@@ -48,7 +49,9 @@ class StepResult:
     ``loss``, their weighted total; ``counts``: each objective's global target tokens;
     ``stats``: the diagnostics' sufficient statistics by name (eval/diagnostics.py: ``semantic``,
     ``pixel``, ``embedding``; float64 sums); ``grad_norm`` / ``skipped``: the optimizer step's
-    (None / False for evaluation); ``lr``: the learning rate the step ran at; ``times``: the
+    (None / False for evaluation); ``lr``: the schedule's base learning rate the step ran at
+    (train.lr's curve: a module with ``lr_mult`` 1 trains at it); ``module_lrs``: each training
+    module's own (``train.module_lr``: ``lr_mult`` x ``lr``), logged as ``lr/MODULE``; ``times``: the
     wall time of the step's phases in seconds (training/monitor.py: ``data``,
     ``forward_backward``, ``optimizer``, ``checkpoint``).
     """
@@ -59,12 +62,13 @@ class StepResult:
     grad_norm: Optional[float] = None
     skipped: bool = False
     lr: Optional[float] = None
+    module_lrs: Dict[str, float] = dataclasses.field(default_factory=dict)
     times: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def figures(self, prefix: str = "") -> Dict[str, float]:
         """The flat record to log: the losses, the diagnostics' figures (R², baselines, ...;
         computed from the statistics, so call it after the DP reduction), the gradient norm,
-        whether the step was skipped, the learning rate."""
+        whether the step was skipped, the learning rates (the base, and ``lr/MODULE``)."""
         out: Dict[str, float] = {prefix + k: v for k, v in self.losses.items()}
         for name, stats in self.stats.items():
             out.update(diagnostics.figures(name, stats, prefix))
@@ -73,6 +77,7 @@ class StepResult:
             out["skipped"] = 1.0 if self.skipped else 0.0
         if self.lr is not None:
             out["lr"] = self.lr
+        out.update({f"lr/{module}": lr for module, lr in self.module_lrs.items()})
         out.update({f"time_{name}_s": seconds for name, seconds in self.times.items()})
         return out
 

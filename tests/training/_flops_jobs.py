@@ -75,6 +75,17 @@ def flop_count_job(report_path):
         model.projector(model.vision(batch["images"]))
     measured_copy = counter.get_total_flops()
     formula_copy = step_flops(cfg, batch, **flop_terms(cfg, pipeline_parallel=2)) - formula
+    # Staged training: the LLM frozen with the projector training (its gradient goes back
+    # through the LLM: input gradients only), and with only the heads training (the LLM
+    # forward only).
+    frozen = []
+    for projector_frozen in (False, True):
+        frozen_cfg = flops_config()
+        frozen_cfg.freeze_llm, frozen_cfg.projector.frozen = True, projector_frozen
+        frozen_model = parallel.build_model(frozen_cfg)
+        with _counter() as counter:
+            forward_backward(frozen_model, [batch], weights=weights, image_token_id=cfg.image_token_id)
+        frozen += [counter.get_total_flops(), step_flops(frozen_cfg, batch, **flop_terms(frozen_cfg))]
     with open(report_path, "w") as handle:
-        handle.write(f"{measured} {formula} {measured_copy} {formula_copy}\n")
+        handle.write(" ".join(str(v) for v in [measured, formula, measured_copy, formula_copy, *frozen]) + "\n")
     parallel.destroy()

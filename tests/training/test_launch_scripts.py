@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from megatron_unihetero.config_io import load_config
+from megatron_unihetero.config_io import load_config, to_dict
 from megatron_unihetero.models.config import ConfigError
-from megatron_unihetero.training.config import RunConfig
+from megatron_unihetero.training.config import RunConfig, trainable_modules
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "examples" / "launch"
 TINY = "examples/configs/tiny_cpu.yaml"
 PAPER = REPO / "examples" / "configs" / "paper_7b.yaml"
+STAGE1 = REPO / "examples" / "configs" / "stage1_align_7b.yaml"
+STAGE2 = REPO / "examples" / "configs" / "stage2_full_7b.yaml"
 SCRIPTS = ["torchrun_single_node.sh", "torchrun_multi_node.sh", "deepspeed_hostfile.sh",
            "slurm.sbatch", "_common.sh"]
 
@@ -252,6 +254,32 @@ def test_paper_7b_config_loads_and_validates(tmp_path):
     load_config(RunConfig, str(PAPER), [f"--data.train=[{prefix}]", "--parallel.engine=deepspeed",
                                         "--parallel.tensor_parallel=2",
                                         "--checkpoint.async_save=false"]).validate(world)
+
+
+def test_7b_stage_configs_are_paper_7b_in_two_stages(tmp_path):
+    """stage1_align_7b.yaml and stage2_full_7b.yaml: paper_7b.yaml's model, data and parallel
+    sections (stage 1 with the LLM frozen); stage 1 trains the projector and the semantic
+    head at LLaVA-1.5's pretrain rate from the import, stage 2 everything but the encoder from
+    stage 1's checkpoint folder; both validate for 64 GPUs."""
+    paper, stage1, stage2 = (load_config(RunConfig, str(path)) for path in (PAPER, STAGE1, STAGE2))
+    for section in ("data", "parallel"):
+        assert to_dict(getattr(stage1, section)) == to_dict(getattr(paper, section)), section
+        assert to_dict(getattr(stage2, section)) == to_dict(getattr(paper, section)), section
+    assert to_dict(stage2.model) == to_dict(paper.model)
+    assert to_dict(stage1.model) == dict(to_dict(paper.model), freeze_llm=True)
+    assert trainable_modules(stage1.model) == ("projector", "heads")
+    assert trainable_modules(stage2.model) == ("projector", "llm", "heads")
+    assert (stage1.train.lr, stage1.train.weight_decay) == (1e-3, 0.0)
+    assert 0 < stage1.train.warmup_steps <= 0.05 * stage1.train.steps
+    assert to_dict(stage2.train) == to_dict(paper.train)
+    assert stage1.checkpoint.load == paper.checkpoint.load  # the import
+    assert stage2.checkpoint.load == stage1.checkpoint.dir  # stage 1's newest checkpoint
+    assert len({paper.checkpoint.dir, stage1.checkpoint.dir, stage2.checkpoint.dir}) == 3
+    assert len({paper.logging.dir, stage1.logging.dir, stage2.logging.dir}) == 3
+    prefix = tmp_path / "pairs"
+    (tmp_path / "pairs_00000.json").write_text("{}")
+    for path in (STAGE1, STAGE2):
+        load_config(RunConfig, str(path), [f"--data.train=[{prefix}]"]).validate(64)
 
 
 def test_paper_7b_dry_run_on_8_nodes():
