@@ -240,10 +240,22 @@ def check_calling_paths(folder: str, model: ModelConfig, ours: "ours_lib.Tokeniz
     if bad:
         raise ConversionError(f"the exported processor's calling paths disagree ({', '.join(bad)}): "
                               + "; ".join(f"{name}: {ids[:8]}..." for name, ids in paths.items()))
-    text = conversation.render_text(sample_conversation(image), None, processor.tokenizer.eos_token,
-                                    add_generation_prompt=True)
-    training = ours.bos_ids + ours.encode(text)
+    training = _training_prompt_ids(ours, image, size)
     if unexpanded != training:
         raise ConversionError(f"the exported processor gives {unexpanded[:8]}... for the sample chat, "
                               f"training's ids are {training[:8]}... (BOS id {ours.bos_id}; "
                               f"tokenizer {ours.path!r})")
+
+
+def _training_prompt_ids(ours, image, size: int) -> List[int]:
+    """The ids preprocessing writes for :func:`sample_conversation`'s generation prompt
+    (samples.encode_document: BOS or none, images by id, text by ``encode_plain``), without the
+    EOS that closes a document."""
+    import io
+
+    from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
+
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    segments = conversation.generation_prompt(sample_conversation(encoded.getvalue()))
+    return encode_document(segments, ours, SampleConfig(template="qa", image_size=size)).tokens.tolist()[:-1]
