@@ -9,6 +9,7 @@ test_llama3_rope_frequencies_match_transformers shows), the same tied (Llama-3.2
 Qwen2-style one (non-zero q/k/v biases, tied, rope_theta 1e6).
 """
 
+import dataclasses
 import io
 import os
 
@@ -373,13 +374,17 @@ def test_qwen2_tokenizer_without_bos_end_to_end(sources, tmp_path):
     from transformers import AutoProcessor, GenerationConfig
 
     from megatron_unihetero.data import conversation
+    from megatron_unihetero.data.dataset import MultimodalDataset
     from megatron_unihetero.data.demo_world import write_demo_data
     from megatron_unihetero.data.preprocess.readers import iter_texts
     from megatron_unihetero.data.shards import ShardReader
     from megatron_unihetero.data.tokenizer import build_tokenizer
     from megatron_unihetero.hf.rehearsal import logits_parity
     from megatron_unihetero.testing.tools import load_tool
+    from megatron_unihetero.models.config import ConfigError, PixelGenConfig
     from megatron_unihetero.training import checkpoint as ckpt
+    from megatron_unihetero.training.config import RunConfig
+    from megatron_unihetero.training.trainer import check_tokenizer_matches
 
     write_demo_data(str(tmp_path / "demo"), 4, seed=3, image_size=24, valid_fraction=0.0)
     parquet = str(tmp_path / "demo" / "train.parquet")
@@ -403,6 +408,13 @@ def test_qwen2_tokenizer_without_bos_end_to_end(sources, tmp_path):
     img = [tok.image_start_id, tok.image_token_id, tok.image_end_id]
     caption, qa = reader.tokens(0).tolist(), reader.tokens(1).tolist()
     assert caption[:3] == img and qa[:3] == img and caption[-1] == qa[-1] == tok.eos_id
+    # Condition dropout reads model.documents_start_with_bos: the trainer checks it against
+    # the shards' tokenizer (here false, as the import set it).
+    guided = dataclasses.replace(cfg, pixel=PixelGenConfig(cond_dropout=0.1, null_token_id=tok.pad_id))
+    check_tokenizer_matches(RunConfig(model=guided), [MultimodalDataset(prefix)])
+    with pytest.raises(ConfigError, match="without a BOS token.*documents_start_with_bos: false"):
+        check_tokenizer_matches(RunConfig(model=dataclasses.replace(guided, documents_start_with_bos=True)),
+                                [MultimodalDataset(prefix)])
 
     run_dir = str(tmp_path / "run")
     args = ["--config", os.path.join(init, "iter_0000000", "config.yaml"), f"--checkpoint.load={init}",
