@@ -31,6 +31,7 @@ and :func:`check_image_tokens` that one ``<image>`` becomes tokens_per_image ima
 
 from __future__ import annotations
 
+import io
 from typing import List
 
 import numpy as np
@@ -41,6 +42,7 @@ from transformers.convert_slow_tokenizer import SpmConverter
 
 from megatron_unihetero.data import conversation
 from megatron_unihetero.data import tokenizer as ours_lib
+from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
 from megatron_unihetero.models.vision import (
@@ -242,19 +244,17 @@ def check_calling_paths(folder: str, model: ModelConfig, ours: "ours_lib.Tokeniz
                               + "; ".join(f"{name}: {ids[:8]}..." for name, ids in paths.items()))
     training = _training_prompt_ids(ours, image, size)
     if unexpanded != training:
-        raise ConversionError(f"the exported processor gives {unexpanded[:8]}... for the sample chat, "
-                              f"training's ids are {training[:8]}... (BOS id {ours.bos_id}; "
-                              f"tokenizer {ours.path!r})")
+        at = next((k for k, (a, b) in enumerate(zip(unexpanded, training)) if a != b),
+                  min(len(unexpanded), len(training)))
+        raise ConversionError(f"the exported processor's ids for the sample chat differ from "
+                              f"training's at position {at}: {unexpanded[at:at + 8]} vs "
+                              f"{training[at:at + 8]} (BOS id {ours.bos_id}; tokenizer {ours.path!r})")
 
 
 def _training_prompt_ids(ours, image, size: int) -> List[int]:
     """The ids preprocessing writes for :func:`sample_conversation`'s generation prompt
     (samples.encode_document: BOS or none, images by id, text by ``encode_plain``), without the
     EOS that closes a document."""
-    import io
-
-    from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
-
     encoded = io.BytesIO()
     image.save(encoded, format="PNG")
     segments = conversation.generation_prompt(sample_conversation(encoded.getvalue()))

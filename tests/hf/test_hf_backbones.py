@@ -438,6 +438,7 @@ def test_qwen2_tokenizer_without_bos_end_to_end(sources, tmp_path):
     result = logits_parity(iter_dir, out, image, " " + row["caption"])
     assert result["num_image_tokens"] == 16 and result["max_abs_logit"] > 0.1
     assert result["max_abs_diff"] < 1e-4
+    assert model_config(import_hf(out, str(tmp_path / "back"))).documents_start_with_bos is False
 
 
 def test_tied_head_is_the_embedding_in_every_text_loss():
