@@ -262,8 +262,9 @@ def choice_question(question: str, letters, options) -> str:
 
 def _prompt_sample(segments, tokenizer, cfg: SampleConfig, tokens_per_image: int,
                    normalize: ImageNormalizer) -> TextSample:
-    """A generation prompt tokenized like training (BOS unless the tokenizer has none, images by id, the text between two
-    special tokens as one string) without the EOS a document ends with, placeholders expanded."""
+    """A generation prompt tokenized like training (BOS unless the tokenizer has none, images
+    by id, the text between two special tokens as one string) without the EOS a document ends
+    with, placeholders expanded."""
     sample = encode_document(segments, tokenizer, cfg)
     sample.tokens = sample.tokens[:-1]  # encode_document closes the document with EOS
     sample.loss_mask = None

@@ -146,8 +146,9 @@ def _generate(args, log) -> int:
                              f"the model was trained with model.image_token_id="
                              f"{run_config.model.image_token_id}")
         if params.guided and (tokenizer.bos_id is not None) != run_config.model.documents_start_with_bos:
-            raise UsageError(f"tokenizer {tokenizer_path!r} has {'a' if tokenizer.bos_id is not None else 'no'} "
-                             f"BOS but the model was trained with model.documents_start_with_bos="
+            has = "a" if tokenizer.bos_id is not None else "no"
+            raise UsageError(f"tokenizer {tokenizer_path!r} has {has} BOS but the model was "
+                             f"trained with model.documents_start_with_bos="
                              f"{run_config.model.documents_start_with_bos}: guidance's null prompt "
                              f"would differ from training's")
         prompts = [sample.image_prompt(tokenizer, text) for text in args.prompt]

@@ -6,8 +6,7 @@
 
 A prompt is laid out as training lays out a caption before its image (data/preprocess/
 samples.py: ``BOS caption <image_start>``, no BOS for a tokenizer without one, then the
-image's T visual tokens). For each of the
-T visual positions in turn (one rank: TP=1, PP=1):
+image's T visual tokens). For each of the T visual positions in turn (one rank: TP=1, PP=1):
   1. the LLM runs on the prompt + the visual positions generated so far;
   2. at the last position the semantic head predicts the next visual INPUT embedding (through
      the projector when the semantic target is the encoder output), which becomes the next
@@ -32,12 +31,12 @@ generator seeded ``seed + i``: run alone with that seed, it gives the same image
 
 **Classifier-free guidance** (``cfg_scale``; the model must have been trained with
 ``model.pixel.cond_dropout`` > 0, which nulls captions to ``pixel.null_token_id``): each
-prompt also runs as its *null prompt* (the caption's tokens replaced by the null token, BOS (when
-``model.documents_start_with_bos``) and ``<image_start>`` kept: what training's dropout feeds,
-same length, same positions) in the same
-batch; the semantic prediction and/or the pixel head's noise prediction (``guide``) is
-``uncond + cfg_scale * (cond - uncond)``, and the guided embedding is fed to both streams (the
-unconditional stream continues the same image, as in LlamaGen / MAR). ``cfg_scale == 1``
+prompt also runs as its *null prompt* (the caption's tokens replaced by the null token, BOS
+(when ``model.documents_start_with_bos``) and ``<image_start>`` kept: what training's dropout
+feeds, same length, same positions) in the same batch; the semantic prediction and/or the
+pixel head's noise prediction (``guide``) is ``uncond + cfg_scale * (cond - uncond)``, and the
+guided embedding is fed to both streams (the unconditional stream continues the same image, as
+in LlamaGen / MAR). ``cfg_scale == 1``
 (default) is off: the null stream is not run, the sampler is the unguided one exactly;
 ``cfg_scale == 0`` samples the unconditional model.
 """

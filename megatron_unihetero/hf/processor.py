@@ -19,8 +19,9 @@ calling the export gives the ids training used, with ONE BOS (or none, as traini
 a rendered chat without special tokens there), and the usual two-step recipe (lmms-eval's
 ``llava_hf``, VLMEvalKit) that renders with ``tokenize=False`` and then calls
 ``processor(text=..., images=...)`` or ``tokenizer(text)``. A prompt written by hand, without
-the template, starts with ``<s>`` itself (with nothing for a tokenizer without BOS). :func:`check_calling_paths` proves the paths agree
-on the saved folder before the export is published.
+the template, starts with ``<s>`` itself (with nothing for a tokenizer without BOS).
+:func:`check_calling_paths` proves the paths agree, and give the ids preprocessing writes, on
+the saved folder before the export is published.
 
 A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
 SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the

@@ -78,7 +78,8 @@ def logits_parity(iter_dir: str, hf_dir: str, image, text: str) -> Dict[str, flo
     from megatron_unihetero.models.config import ModelConfig
 
     processor = AutoProcessor.from_pretrained(hf_dir)
-    inputs = processor(text=(processor.tokenizer.bos_token or "") + "<image>" + text, images=image, return_tensors="pt")
+    bos = processor.tokenizer.bos_token or ""  # none for a tokenizer without BOS (Qwen2's)
+    inputs = processor(text=bos + "<image>" + text, images=image, return_tensors="pt")
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(**inputs).logits[0]
