@@ -1,6 +1,6 @@
 """Llama-3.x, Qwen2 and SigLIP2 backbones: HF folder -> our checkpoint -> our model at TP=1,
 TP=2 and PP=2 -> exported Llava, logits against transformers' own models; tied embeddings
-trained at PP=2; the refusals.
+trained at PP=2; the refusals; a Qwen2 folder with its own tokenizer (no BOS) end to end.
 
 Three tiny LLM folders built from transformers configs with random weights: a Llama-3.1-style
 one (GQA, "llama3" RoPE scaling with original_max_position_embeddings=8 < the 24 test
