@@ -3,7 +3,8 @@
 
     # a Llama-2/3.x or Qwen2/2.5 LLM + a Dinov2 (with registers) / SigLIP / SigLIP2 / CLIP
     # vision encoder (projector and heads freshly initialised); the tokenizer is the LLM
-    # folder's own unless given (one without a BOS token, as Qwen2's, is refused)
+    # folder's own unless given (one without a BOS token, as Qwen2's, gives documents
+    # without BOS: model.documents_start_with_bos false)
     python tools/convert_hf_to_checkpoint.py --llm hf/llama --vision hf/dinov2 --save ckpt \
         [--image-size 224] [--vocab-divisible-by 1024] [--tokenizer PATH | --image-token-id N]
     # an exported Llava folder (tools/convert_checkpoint_to_hf.py) back to a checkpoint

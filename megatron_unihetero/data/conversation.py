@@ -16,12 +16,14 @@ user, assistant, user, ... ; images appear in user turns only. A document reads:
     <s> [images before the turn's first text] Question: <the rest of the user turn>
         Answer: <assistant text></s> Question: ... Answer: ...</s>
 
+(without the ``<s>`` for a tokenizer that has no BOS, as Qwen2's: data/tokenizer.py)
 with each image as ``<image_start><image><image_end>``. The loss is on the assistant text and
 its ``</s>`` only. A one-turn conversation with its image first is exactly the ``qa``
 template's layout: ``[image] Question: q Answer: a``.
 
-The template writes BOS (``bos_token``) and the exported tokenizer adds no special tokens of its
-own (hf/processor.py), so a rendered chat has one BOS however it is tokenized: by
+The template writes BOS (``bos_token``; nothing when it is None, the tokenizer having none) and
+the exported tokenizer adds no special tokens of its own (hf/processor.py), so a rendered chat
+has training's one BOS (or none) however it is tokenized: by
 ``apply_chat_template(tokenize=True)`` (the processor's or the tokenizer's), or rendered with
 ``tokenize=False`` and then given to the processor or the tokenizer.
 
@@ -33,7 +35,7 @@ the same and checks that the prompt/answer boundary falls on a token boundary.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megatron_unihetero.data.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN
 
@@ -127,10 +129,12 @@ def generation_prompt(messages: Sequence[Dict[str, Any]]) -> List[Segment]:
     return segments[:-2]  # drop the (empty) answer and its </s>: ... " Answer:" ends it
 
 
-def render_text(messages: Sequence[Dict[str, Any]], bos_token: str, eos_token: str) -> str:
-    """The string :func:`chat_template` renders for ``messages`` (for tests and debugging)."""
-    parts = [bos_token]
-    for seg in render(messages):
+def render_text(messages: Sequence[Dict[str, Any]], bos_token: Optional[str], eos_token: str,
+                add_generation_prompt: bool = False) -> str:
+    """The string :func:`chat_template` renders for ``messages`` (``bos_token`` None: the
+    tokenizer has no BOS, nothing is written); the export checks its processor against it."""
+    parts = [bos_token or ""]
+    for seg in generation_prompt(messages) if add_generation_prompt else render(messages):
         parts.append(IMAGE_PLACEHOLDER if seg[0] == "image" else eos_token if seg[0] == "eos" else seg[1])
     return "".join(parts)
 
@@ -143,7 +147,9 @@ def chat_template() -> str:
     q = _jinja_string(USER_PREFIX)
     image = _jinja_string(IMAGE_TOKEN)
     return (
-        "{{- bos_token -}}"
+        # No BOS: transformers leaves bos_token undefined (renders nothing); a caller that
+        # passes bos_token=None explicitly would otherwise get the text 'None'.
+        "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
         "{%- for message in messages -%}"
         "{%- if message['content'] is string -%}"  # string_items
         "{%- set ns = namespace(items=[]) -%}"

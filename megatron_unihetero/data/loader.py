@@ -169,10 +169,13 @@ class MultimodalLoader:
     def _make_collator(self, mean, std, image_size) -> Collator:
         first = self.datasets[0]
         for d in self.datasets[1:]:
-            for key in ("image_token_id", "pad_id"):
-                if d.tokenizer_ids[key] != first.tokenizer_ids[key]:
+            # bos_id too: documents with BOS and documents without (None, a tokenizer without
+            # one) come from different tokenizers even when the image and pad ids agree.
+            for key in ("image_token_id", "pad_id", "bos_id"):
+                if d.tokenizer_ids.get(key) != first.tokenizer_ids.get(key):
                     raise ValueError(f"datasets {first.name} and {d.name} disagree on {key} "
-                                     f"({first.tokenizer_ids[key]} vs {d.tokenizer_ids[key]}): preprocess with one tokenizer")
+                                     f"({first.tokenizer_ids.get(key)} vs {d.tokenizer_ids.get(key)}): "
+                                     f"preprocess with one tokenizer")
             if (d.image_store in PIXEL_STORES) != (first.image_store in PIXEL_STORES):
                 raise ValueError(f"datasets {first.name} ({first.image_store}) and {d.name} ({d.image_store}) "
                                  "store images differently: cannot blend pixels with features")

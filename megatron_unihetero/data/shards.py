@@ -5,9 +5,9 @@ A shard is a set of files sharing a path prefix ``S`` (datasets are split into s
 
 ``S.text.bin/.idx``
     megatron.core IndexedDataset, dtype int32, ONE sequence (and one document) per sample:
-    ``BOS ... EOS``. Every image of the sample appears as exactly one placeholder wrapped as
-    ``<image_start> <image> <image_end>``; the loader expands ``<image>`` to the model's
-    tokens-per-image.
+    ``BOS ... EOS`` (no BOS from a tokenizer without one). Every image of the sample appears
+    as exactly one placeholder wrapped as ``<image_start> <image> <image_end>``; the loader
+    expands ``<image>`` to the model's tokens-per-image.
 ``S.encoded.bin/.idx``  (``image_store == "encoded"``, the preprocessing default; format 2)
     IndexedDataset, dtype uint8, one sequence per image: the image's encoded file bytes
     (JPEG, PNG or WebP, see ``ENCODED_FORMATS``), already at ``image_size`` x ``image_size``

@@ -1,6 +1,7 @@
 """Small synthetic shards in the real format, for the loader's tests and benchmark.
 
-Samples are ``BOS text [<image_start> <image> <image_end> text]* EOS`` with random text ids and
+Samples are ``BOS text [<image_start> <image> <image_end> text]* EOS`` (``bos=False``: no BOS,
+as from a tokenizer without one, whose metadata says ``bos_id: null``) with random text ids and
 random images; every image's pixels are filled with a value derived from (dataset tag, sample,
 image) so a test can recognise which image landed where after loading.
 """
@@ -30,10 +31,11 @@ def image_fill_value(tag: int, sample: int, image: int) -> int:
 
 
 def make_sample(rng: np.random.Generator, *, tag: int, sample: int, text_len: Tuple[int, int],
-                max_images: int, image_size: int, qa: bool) -> Tuple[np.ndarray, List[np.ndarray], Optional[np.ndarray]]:
+                max_images: int, image_size: int, qa: bool,
+                bos: bool = True) -> Tuple[np.ndarray, List[np.ndarray], Optional[np.ndarray]]:
     """(tokens, images, loss_mask) of one synthetic sample."""
     n_images = int(rng.integers(0, max_images + 1))
-    parts: List[int] = [TOKENIZER["bos_id"]]
+    parts: List[int] = [TOKENIZER["bos_id"]] if bos else []
     images = []
     for k in range(n_images + 1):
         n = int(rng.integers(text_len[0], text_len[1] + 1))
@@ -65,6 +67,7 @@ def write_synthetic_dataset(
     qa: bool = False,
     extra_samples: Sequence[Tuple[np.ndarray, List[np.ndarray]]] = (),
     image_store: str = "pixels",
+    bos: bool = True,
 ) -> List[str]:
     """Write ``num_samples`` samples over ``num_shards`` shards ``prefix_0000N``; returns their prefixes.
 
@@ -77,10 +80,11 @@ def write_synthetic_dataset(
     for s in range(num_shards):
         path = shard_name(prefix, s)
         with ShardWriter(path, image_store=image_store, image_size=image_size, with_loss_mask=qa,
-                         metadata={"tokenizer": TOKENIZER}) as w:
+                         metadata={"tokenizer": {**TOKENIZER, "bos_id": TOKENIZER["bos_id"] if bos else None}}) as w:
             for i in range(bounds[s], bounds[s + 1]):
                 tokens, images, mask = make_sample(rng, tag=tag, sample=i, text_len=text_len,
-                                                   max_images=max_images, image_size=image_size, qa=qa)
+                                                   max_images=max_images, image_size=image_size, qa=qa,
+                                                   bos=bos)
                 if image_store == "encoded":
                     images = [png_bytes(im) for im in images]
                 w.add_sample(tokens, images, mask)

@@ -14,6 +14,10 @@ Every tokenizer exposes the same interface: ``vocab_size``, ``bos_id``, ``eos_id
 ``image_token_id``, ``image_start_id``, ``image_end_id``, ``encode_plain`` and ``encode`` (no
 BOS/EOS added), ``decode``, ``save(folder)`` and ``metadata()`` (stored in every shard's json).
 
+BOS: ``bos_id`` is None for a tokenizer without one (Qwen2's ``bos_token: null``, GPT-2's):
+its model never saw a BOS, so a document is just its tokens. Whatever writes a document start
+writes ``bos_ids`` (``[bos_id]`` or ``[]``), never EOS in BOS's place.
+
 Two encodings, because text comes from two places:
   * ``encode_plain(text)``: text from a data set (captions, questions, answers, conversation
     turns). Special strings written in it (``<image>``, ``<pad>``, ``<s>``, ...) are plain
@@ -30,7 +34,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import sentencepiece as spm
 
@@ -51,12 +55,17 @@ class Tokenizer:
     kind: str
     path: str
     vocab_size: int
-    bos_id: int
+    bos_id: Optional[int]  # None: the tokenizer has no BOS (module docstring)
     eos_id: int
     pad_id: int
     image_token_id: int
     image_start_id: int
     image_end_id: int
+
+    @property
+    def bos_ids(self) -> List[int]:
+        """What starts a document: ``[bos_id]``, or nothing for a tokenizer without BOS."""
+        return [] if self.bos_id is None else [self.bos_id]
 
     def encode_plain(self, text: str) -> List[int]:
         """Data set text: special strings in it are plain text (module docstring)."""
@@ -109,9 +118,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
         self.sp_plain = _without_user_defined(self.sp, [t for t in SPECIAL_TOKENS if t not in self.appended])
         self.vocab_size = base + len(self.appended)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_path}: the SentencePiece model has no BOS/EOS piece (bos_id={self.bos_id}, eos_id={self.eos_id})")
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"{model_path}: the SentencePiece model has no EOS piece (eos_id={self.sp.eos_id()})")
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None  # trained with bos_id=-1
         # A model trained with pad_id keeps its own pad; otherwise "<pad>" is ours.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.special_ids[PAD_TOKEN]
         self.image_token_id = self.special_ids[IMAGE_TOKEN]
@@ -174,11 +184,12 @@ class HFTokenizer(Tokenizer):
             self.tok.add_tokens(missing, special_tokens=True)
         if self.tok.pad_token is None:
             self.tok.add_special_tokens({"pad_token": PAD_TOKEN})
-        # Tokenizers without BOS (GPT-2 style) reuse EOS as document start, as their models do.
         if self.tok.eos_token_id is None:
             raise ValueError(f"{folder}: the HF tokenizer has no eos_token; set one in its tokenizer_config.json")
         self.eos_id = int(self.tok.eos_token_id)
-        self.bos_id = int(self.tok.bos_token_id) if self.tok.bos_token_id is not None else self.eos_id
+        # Without BOS (Qwen2, GPT-2) documents start with their first token, as those models'
+        # own pretraining did: EOS in BOS's place would be an id never seen at a start.
+        self.bos_id = None if self.tok.bos_token_id is None else int(self.tok.bos_token_id)
         self.pad_id = int(self.tok.pad_token_id)
         ids = self.tok.convert_tokens_to_ids(list(SPECIAL_TOKENS[:3]))
         self.image_token_id, self.image_start_id, self.image_end_id = (int(i) for i in ids)

@@ -208,7 +208,8 @@ def _text_sample(doc, tokenizer, cfg: SampleConfig, tokens_per_image: int,
     sample = encode_document(doc, tokenizer, cfg)
     tokens, mask = expand_sample(sample, tokenizer.image_token_id, tokens_per_image)
     # A caption shard has no loss mask (every token is a target in training, image markers
-    # included); the metrics score text only: never the image tokens, their markers or BOS.
+    # included); the metrics score text only: never the image tokens, their markers or the
+    # first token (BOS, or the first text token without BOS: nothing before it predicts it).
     image_specials = [tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
     mask = mask & ~np.isin(tokens, image_specials)
     mask[0] = False
@@ -261,8 +262,9 @@ def choice_question(question: str, letters, options) -> str:
 
 def _prompt_sample(segments, tokenizer, cfg: SampleConfig, tokens_per_image: int,
                    normalize: ImageNormalizer) -> TextSample:
-    """A generation prompt tokenized like training (BOS, images by id, the text between two
-    special tokens as one string) without the EOS a document ends with, placeholders expanded."""
+    """A generation prompt tokenized like training (BOS unless the tokenizer has none, images
+    by id, the text between two special tokens as one string) without the EOS a document ends
+    with, placeholders expanded."""
     sample = encode_document(segments, tokenizer, cfg)
     sample.tokens = sample.tokens[:-1]  # encode_document closes the document with EOS
     sample.loss_mask = None

@@ -10,7 +10,9 @@ semantic head (``model.semantic.weight`` > 0) and the pixel head (``model.pixel.
 with its VAE (``pixel.latent_source: vae``); ``--cfg-scale`` other than 1 needs
 ``model.pixel.cond_dropout`` > 0 (classifier-free guidance, generation/sample.py).
 Each prompt is laid out as training lays out a caption before its image:
-``BOS caption <image_start>`` (tokenizer: ``--tokenizer`` or the run's ``data.tokenizer``).
+``BOS caption <image_start>`` (tokenizer: ``--tokenizer`` or the run's ``data.tokenizer``; no
+BOS for a tokenizer without one, which a model guided here must have been trained for:
+``model.documents_start_with_bos``).
 One prompt: ``--out`` is a .png file (its folder must exist); several: ``--out`` is an
 existing folder and prompt i is written to ``image_{i:03d}.png``. All prompts run as one
 batch; prompt i draws from ``--seed`` + i (alone with that seed it gives the same image).
@@ -143,6 +145,12 @@ def _generate(args, log) -> int:
             raise UsageError(f"tokenizer {tokenizer_path!r} has <image> id {tokenizer.image_token_id}, "
                              f"the model was trained with model.image_token_id="
                              f"{run_config.model.image_token_id}")
+        if params.guided and (tokenizer.bos_id is not None) != run_config.model.documents_start_with_bos:
+            has = "a" if tokenizer.bos_id is not None else "no"
+            raise UsageError(f"tokenizer {tokenizer_path!r} has {has} BOS but the model was "
+                             f"trained with model.documents_start_with_bos="
+                             f"{run_config.model.documents_start_with_bos}: guidance's null prompt "
+                             f"would differ from training's")
         prompts = [sample.image_prompt(tokenizer, text) for text in args.prompt]
         _, model = evaluate.build_from_checkpoint(iteration_dir)
         start = time.perf_counter()

@@ -5,8 +5,8 @@
     images = sample_images(model, prompts, params)          # PIL images, one per prompt
 
 A prompt is laid out as training lays out a caption before its image (data/preprocess/
-samples.py: ``BOS caption <image_start>``, then the image's T visual tokens). For each of the
-T visual positions in turn (one rank: TP=1, PP=1):
+samples.py: ``BOS caption <image_start>``, no BOS for a tokenizer without one, then the
+image's T visual tokens). For each of the T visual positions in turn (one rank: TP=1, PP=1):
   1. the LLM runs on the prompt + the visual positions generated so far;
   2. at the last position the semantic head predicts the next visual INPUT embedding (through
      the projector when the semantic target is the encoder output), which becomes the next
@@ -31,11 +31,12 @@ generator seeded ``seed + i``: run alone with that seed, it gives the same image
 
 **Classifier-free guidance** (``cfg_scale``; the model must have been trained with
 ``model.pixel.cond_dropout`` > 0, which nulls captions to ``pixel.null_token_id``): each
-prompt also runs as its *null prompt* (the caption's tokens replaced by the null token, BOS and
-``<image_start>`` kept: what training's dropout feeds, same length, same positions) in the same
-batch; the semantic prediction and/or the pixel head's noise prediction (``guide``) is
-``uncond + cfg_scale * (cond - uncond)``, and the guided embedding is fed to both streams (the
-unconditional stream continues the same image, as in LlamaGen / MAR). ``cfg_scale == 1``
+prompt also runs as its *null prompt* (the caption's tokens replaced by the null token, BOS
+(when ``model.documents_start_with_bos``) and ``<image_start>`` kept: what training's dropout
+feeds, same length, same positions) in the same batch; the semantic prediction and/or the
+pixel head's noise prediction (``guide``) is ``uncond + cfg_scale * (cond - uncond)``, and the
+guided embedding is fed to both streams (the unconditional stream continues the same image, as
+in LlamaGen / MAR). ``cfg_scale == 1``
 (default) is off: the null stream is not run, the sampler is the unguided one exactly;
 ``cfg_scale == 0`` samples the unconditional model.
 """
@@ -87,16 +88,19 @@ class ImageTokens:
 
 def image_prompt(tokenizer, caption: str) -> List[int]:
     """``BOS caption <image_start>``: a text-to-image sample's ids before its image tokens
-    (data/preprocess/samples.py encodes the text between specials as one plain string)."""
+    (data/preprocess/samples.py encodes the text between specials as one plain string; no BOS
+    for a tokenizer without one)."""
     if not caption.strip():
         raise ValueError("the prompt is empty: give the caption of the image to generate")
-    return [tokenizer.bos_id] + tokenizer.encode_plain(caption) + [tokenizer.image_start_id]
+    return tokenizer.bos_ids + tokenizer.encode_plain(caption) + [tokenizer.image_start_id]
 
 
-def null_prompt(prompt: Sequence[int], null_token_id: int) -> List[int]:
+def null_prompt(prompt: Sequence[int], null_token_id: int, starts_with_bos: bool) -> List[int]:
     """The prompt as condition dropout trains it (models/pixel.py ``drop_conditions``): every
-    token between the first (BOS) and the last (``<image_start>``) is the null token."""
-    return [prompt[0]] + [null_token_id] * (len(prompt) - 2) + [prompt[-1]]
+    token before the last (``<image_start>``) is the null token, but the first when it is BOS
+    (``starts_with_bos``: model.documents_start_with_bos)."""
+    kept = list(prompt[:1]) if starts_with_bos else []
+    return kept + [null_token_id] * (len(prompt) - 1 - len(kept)) + [prompt[-1]]
 
 
 def check_model(model, params: ImageSampling) -> None:
@@ -128,7 +132,7 @@ def generate_latents(model, prompts: Sequence[Sequence[int]], params: ImageSampl
 
     check_model(model, params)
     if not prompts or any(len(p) < 2 for p in prompts):
-        raise ValueError("each prompt needs at least BOS and <image_start>")
+        raise ValueError("each prompt needs a caption token (or BOS) and <image_start>")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -136,7 +140,8 @@ def generate_latents(model, prompts: Sequence[Sequence[int]], params: ImageSampl
     n = len(prompts)
     streams = [list(p) for p in prompts]
     if params.guided:
-        streams += [null_prompt(p, model.cfg.pixel.null_token_id) for p in prompts]
+        streams += [null_prompt(p, model.cfg.pixel.null_token_id, model.cfg.documents_start_with_bos)
+                    for p in prompts]
     rows, longest = len(streams), max(len(p) for p in streams)
     total = longest + count - 1  # the last visual token is predicted, never fed
     limit = model.cfg.llm.max_sequence_length

@@ -9,7 +9,8 @@
 The prompt is the one template's (data/conversation.py :func:`generation_prompt`: the chat
 rendered up to ``... Answer:``, what the exported processor's ``apply_chat_template(...,
 add_generation_prompt=True)`` writes), tokenized like training (samples.encode_document, BOS
-first, no EOS) with every image placeholder expanded to ``tokens_per_image`` copies.
+first unless the tokenizer has none, no EOS) with every image placeholder expanded to
+``tokens_per_image`` copies.
 Generation stops at EOS (kept in the output, as transformers' ``generate`` keeps it) or after
 ``max_new_tokens``, or when the sequence reaches ``model.llm.max_sequence_length``.
 
@@ -130,8 +131,8 @@ def generate(model, prompt: Sequence[int], images: Optional[torch.Tensor] = None
              eos_id: int, params: SamplingParams = SamplingParams(),
              suppress_ids: Sequence[int] = (), use_cache: bool = True) -> Generation:
     """Continue ``prompt`` (expanded token ids: each image's placeholders already
-    ``tokens_per_image`` copies, BOS first) given its ``images`` [n, 3, S, S] (normalised like
-    training's). ``suppress_ids``: ids never generated (the image placeholder id always is:
+    ``tokens_per_image`` copies, training's BOS first) given its ``images`` [n, 3, S, S]
+    (normalised like training's). ``suppress_ids``: ids never generated (the image placeholder id always is:
     an ``<image>`` without its image cannot be run)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 

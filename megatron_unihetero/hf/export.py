@@ -132,7 +132,7 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
         _generation_config(ours_tok, model.llm.vocab_size).save_pretrained(staging)
         save_hf_weights(cast_floats(disk, target), staging)
         hf_processor.save_pretrained(staging)
-        processor_lib.check_calling_paths(staging, model, ours_tok.bos_id)  # as it will be loaded
+        processor_lib.check_calling_paths(staging, model, ours_tok)  # as it will be loaded
         heads_lib.save_heads(staging, cast_floats(head_part, target), model)
     return save
 

@@ -15,7 +15,8 @@ Usage (no trust_remote_code; the heads are plain torch modules from this package
     model = LlavaForConditionalGeneration.from_pretrained(HF_DIR)
     processor = AutoProcessor.from_pretrained(HF_DIR)
     heads = load_unihetero_heads(HF_DIR)
-    # a prompt written by hand brings its own BOS <s> (apply_chat_template writes it for you)
+    # a prompt written by hand brings its own BOS <s> (apply_chat_template writes it for you;
+    # a tokenizer without BOS, as Qwen2's, starts the prompt with its text)
     inputs = processor(text="<s><image> a red circle", images=image, return_tensors="pt")
     hidden = model.model(**inputs).last_hidden_state       # after the final RMSNorm
     next_visual = heads(hidden)                             # [B, S, target_dim]

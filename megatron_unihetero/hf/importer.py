@@ -229,7 +229,8 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
                                   f"do not give --vision")
         if tokenizer is None and os.path.isfile(os.path.join(llm, "tokenizer_config.json")):
             tokenizer = os.path.abspath(llm)
-        tokenizer_vocab = _tokenizer_vocab(tokenizer, llm_json.get("image_token_index"))
+        ours = _our_tokenizer(tokenizer)
+        tokenizer_vocab = _tokenizer_vocab(ours, tokenizer, llm_json.get("image_token_index"))
         model, full = from_llava(llm, llm_json, tokenizer_vocab=tokenizer_vocab,
                                  vocab_divisible_by=vocab_divisible_by, seed=seed,
                                  image_size=image_size)
@@ -241,7 +242,8 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
             raise ConversionError(f"--llm folder {llm!r} has no tokenizer (tokenizer.model or "
                                   f"tokenizer.json): give --tokenizer (its <image> id is used) "
                                   f"or --image-token-id")
-        image_token_id, tokenizer_vocab = _resolve_image_token(image_token_id, tokenizer)
+        ours = _our_tokenizer(tokenizer)
+        image_token_id, tokenizer_vocab = _resolve_image_token(image_token_id, ours, tokenizer)
         model, full = from_llama_and_vision(
             llm, vision, image_token_id=image_token_id, tokenizer_vocab=tokenizer_vocab,
             vocab_divisible_by=vocab_divisible_by,
@@ -256,12 +258,15 @@ def import_hf(llm: str, save: str, *, vision: Optional[str] = None,
         raise ConversionError(f"image token id {model.image_token_id} is outside the vocabulary "
                               f"(llm.vocab_size = {model.llm.vocab_size})")
     tokens_per_image(model.vision)  # a bad --image-size fails here, naming the patch size
+    if ours is not None:  # a tokenizer without BOS (Qwen2's): documents start with their text
+        model.documents_start_with_bos = ours.bos_id is not None
     return write_checkpoint(full, model, save, tokenizer)
 
 
 # What a training config must say to train from an imported checkpoint (checkpoint.load).
-TRAINING_KEYS = ("model.llm.vocab_size", "model.image_token_id", "model.vision.model_type",
-                 "model.vision.path", "model.vision.image_size", "data.tokenizer")
+TRAINING_KEYS = ("model.llm.vocab_size", "model.image_token_id", "model.documents_start_with_bos",
+                 "model.vision.model_type", "model.vision.path", "model.vision.image_size",
+                 "data.tokenizer")
 
 
 def training_settings(save: str) -> Dict[str, object]:
@@ -278,21 +283,24 @@ def training_settings(save: str) -> Dict[str, object]:
     return out
 
 
-def _tokenizer_vocab(tokenizer: Optional[str], image_token_id: Optional[int]) -> int:
-    if tokenizer is None:
+def _our_tokenizer(tokenizer: Optional[str]):
+    """Our tokenizer at ``tokenizer`` (checked against its HF form: hf_tokenizer), or None."""
+    return None if tokenizer is None else hf_tokenizer(tokenizer)[0]
+
+
+def _tokenizer_vocab(ours, tokenizer: Optional[str], image_token_id: Optional[int]) -> int:
+    if ours is None:
         return 0
-    ours, _ = hf_tokenizer(tokenizer)
     if image_token_id is not None and ours.image_token_id != image_token_id:
         raise ConversionError(f"tokenizer {tokenizer!r} maps <image> to {ours.image_token_id} but "
                               f"the Llava config's image_token_index is {image_token_id}")
     return ours.vocab_size
 
 
-def _resolve_image_token(image_token_id: Optional[int], tokenizer: Optional[str]):
+def _resolve_image_token(image_token_id: Optional[int], ours, tokenizer: Optional[str]):
     """(image token id, tokenizer vocab size or 0): --image-token-id, else the tokenizer's
-    <image> id; one of them must say it."""
-    if tokenizer is not None:
-        ours, _ = hf_tokenizer(tokenizer)
+    (``ours``, read from path ``tokenizer``) <image> id; one of them must say it."""
+    if ours is not None:
         if image_token_id is not None and image_token_id != ours.image_token_id:
             raise ConversionError(f"--image-token-id {image_token_id} but tokenizer {tokenizer!r} "
                                   f"maps <image> to {ours.image_token_id}")

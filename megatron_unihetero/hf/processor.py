@@ -1,6 +1,7 @@
 """The exported tokenizer and LlavaProcessor: inputs prepared the way training prepared them.
 
-Training (data/preprocess) tokenizes a document as BOS + segments + EOS, each text segment
+Training (data/preprocess) tokenizes a document as BOS + segments + EOS (no BOS for a
+tokenizer without one, e.g. Qwen2's: data/tokenizer.py), each text segment
 encoded on its own (so each gets SentencePiece's dummy prefix) and each image written as
 ``<image_start><image><image_end>``; the loader then repeats ``<image>`` ``tokens_per_image``
 times. Images were resized (shorter side, bicubic), centre-cropped and normalised with the
@@ -11,14 +12,16 @@ and LLaVA conversations with (``<s>[image] Question: q Answer: a</s>``): ``apply
 gives the token ids training saw, and ``add_generation_prompt`` ends the prompt with
 `` Answer:``, where training's answers begin.
 
-BOS: the template writes it and the tokenizer adds no special tokens (``tokenizer(text)`` is
-``add_special_tokens=False``'s ids), so every way of calling the export gives ONE BOS:
+BOS: the template writes it (nothing when the tokenizer has none) and the tokenizer adds no
+special tokens (``tokenizer(text)`` is ``add_special_tokens=False``'s ids), so every way of
+calling the export gives the ids training used, with ONE BOS (or none, as training had none):
 ``apply_chat_template(tokenize=True)`` of the processor or the tokenizer (transformers 5 tokenizes
 a rendered chat without special tokens there), and the usual two-step recipe (lmms-eval's
 ``llava_hf``, VLMEvalKit) that renders with ``tokenize=False`` and then calls
 ``processor(text=..., images=...)`` or ``tokenizer(text)``. A prompt written by hand, without
-the template, starts with ``<s>`` itself. :func:`check_calling_paths` proves the paths agree
-on the saved folder before the export is published.
+the template, starts with ``<s>`` itself (with nothing for a tokenizer without BOS).
+:func:`check_calling_paths` proves the paths agree, and give the ids preprocessing writes, on
+the saved folder before the export is published.
 
 A SentencePiece ``.model`` becomes a ``tokenizers`` fast tokenizer through transformers' own
 SentencePiece-proto converter in "legacy" mode (every chunk between special tokens gets the
@@ -29,6 +32,7 @@ and :func:`check_image_tokens` that one ``<image>`` becomes tokens_per_image ima
 
 from __future__ import annotations
 
+import io
 from typing import List
 
 import numpy as np
@@ -39,6 +43,7 @@ from transformers.convert_slow_tokenizer import SpmConverter
 
 from megatron_unihetero.data import conversation
 from megatron_unihetero.data import tokenizer as ours_lib
+from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
 from megatron_unihetero.hf.configs import ConversionError, feature_select_strategy
 from megatron_unihetero.models.config import ModelConfig
 from megatron_unihetero.models.vision import (
@@ -68,7 +73,7 @@ def _sentencepiece_to_fast(ours: "ours_lib.SentencePieceTokenizer"):
     else:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
-    bos = ours.sp.id_to_piece(ours.bos_id)
+    bos = None if ours.bos_id is None else ours.sp.id_to_piece(ours.bos_id)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=ours.sp.id_to_piece(ours.eos_id),
         unk_token=ours.sp.id_to_piece(ours.sp.unk_id()), clean_up_tokenization_spaces=False)
@@ -88,7 +93,6 @@ def hf_tokenizer(path: str):
         ours = ours_lib.build_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"data.tokenizer {path!r} cannot be loaded: {exc}") from None
-    _require_bos(ours, path)
     if isinstance(ours, ours_lib.SentencePieceTokenizer):
         fast = _sentencepiece_to_fast(ours)
     else:
@@ -99,22 +103,9 @@ def hf_tokenizer(path: str):
     return ours, fast
 
 
-def _require_bos(ours, path: str) -> None:
-    """Every document here starts with BOS (data/preprocess/samples.py, the one chat template
-    data/conversation.py, the "one BOS" check below); a tokenizer without one (Qwen2's:
-    bos_token null) would get EOS in its place (data/tokenizer.HFTokenizer), an id its model
-    never saw at a document start. Refused for the import and the export, before anything
-    is written."""
-    if isinstance(ours, ours_lib.HFTokenizer) and ours.tok.bos_token_id is None:
-        raise ConversionError(
-            f"tokenizer {path!r} has no BOS token (bos_token is null, as Qwen2's is); this "
-            f"codebase starts every document and chat with BOS, so it cannot train or export "
-            f"with it: give a tokenizer with a BOS token (--tokenizer)")
-
-
 def _no_automatic_specials(fast, ours) -> None:
     """The chat template writes BOS: make ``fast(text)`` add no BOS/EOS of its own, so a rendered
-    chat tokenized with the default ``add_special_tokens=True`` keeps its one BOS."""
+    chat tokenized with the default ``add_special_tokens=True`` keeps its one BOS (or none)."""
     for flag in ("add_bos_token", "add_eos_token"):  # transformers' own switches, where it has them
         if getattr(fast, flag, False):
             setattr(fast, flag, False)
@@ -134,12 +125,13 @@ def _adds_specials(fast) -> bool:
 
 
 def check_token_ids(ours, fast, texts=SAMPLE_TEXTS) -> None:
-    """Raise unless the HF tokenizer gives our ids on sample text and for every special."""
+    """Raise unless the HF tokenizer gives our ids on sample text and for every special (and
+    has a BOS exactly when ours has one: its chat template writes ``bos_token``)."""
     for name in ("bos_id", "eos_id", "pad_id", "image_token_id", "image_start_id", "image_end_id"):
         token = {"bos_id": fast.bos_token, "eos_id": fast.eos_token, "pad_id": fast.pad_token,
                  "image_token_id": ours_lib.IMAGE_TOKEN, "image_start_id": ours_lib.IMAGE_START_TOKEN,
                  "image_end_id": ours_lib.IMAGE_END_TOKEN}[name]
-        hf_id = fast.convert_tokens_to_ids(token)
+        hf_id = None if token is None else fast.convert_tokens_to_ids(token)
         if hf_id != getattr(ours, name):
             raise ConversionError(f"the exported tokenizer maps {token!r} to {hf_id}, ours to "
                                   f"{getattr(ours, name)} ({name}; tokenizer {ours.path!r})")
@@ -230,10 +222,12 @@ def calling_paths(processor, messages, images, add_generation_prompt: bool = Tru
     }
 
 
-def check_calling_paths(folder: str, model: ModelConfig, bos_id: int) -> None:
-    """Raise unless the processor saved in ``folder`` gives the same ids, starting with one BOS,
-    whichever common way it is called (:func:`calling_paths`; the tokenizer's paths have one
-    ``<image>`` per image). tests/data/test_llava_input.py checks the ids are the shard's."""
+def check_calling_paths(folder: str, model: ModelConfig, ours: "ours_lib.Tokenizer") -> None:
+    """Raise unless the processor saved in ``folder`` gives the same ids whichever common way
+    it is called (:func:`calling_paths`; the tokenizer's paths have one ``<image>`` per image),
+    and they are the ids training writes (``ours``: its BOS, one at the start or none when it
+    has none, then data/conversation.py's text). tests/data/test_llava_input.py checks the ids
+    are the shard's."""
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -246,6 +240,23 @@ def check_calling_paths(folder: str, model: ModelConfig, bos_id: int) -> None:
                   if i != model.image_token_id or expanded[n - 1] != model.image_token_id]
     want = {name: unexpanded if name.startswith("tokenizer") else expanded for name in paths}
     bad = [name for name, ids in paths.items() if ids != want[name]]
-    if bad or expanded[:1] != [bos_id] or expanded[1:2] == [bos_id]:
-        raise ConversionError(f"the exported processor's calling paths disagree ({', '.join(bad) or 'BOS'}): "
+    if bad:
+        raise ConversionError(f"the exported processor's calling paths disagree ({', '.join(bad)}): "
                               + "; ".join(f"{name}: {ids[:8]}..." for name, ids in paths.items()))
+    training = _training_prompt_ids(ours, image, size)
+    if unexpanded != training:
+        at = next((k for k, (a, b) in enumerate(zip(unexpanded, training)) if a != b),
+                  min(len(unexpanded), len(training)))
+        raise ConversionError(f"the exported processor's ids for the sample chat differ from "
+                              f"training's at position {at}: {unexpanded[at:at + 8]} vs "
+                              f"{training[at:at + 8]} (BOS id {ours.bos_id}; tokenizer {ours.path!r})")
+
+
+def _training_prompt_ids(ours, image, size: int) -> List[int]:
+    """The ids preprocessing writes for :func:`sample_conversation`'s generation prompt
+    (samples.encode_document: BOS or none, images by id, text by ``encode_plain``), without the
+    EOS that closes a document."""
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    segments = conversation.generation_prompt(sample_conversation(encoded.getvalue()))
+    return encode_document(segments, ours, SampleConfig(template="qa", image_size=size)).tokens.tolist()[:-1]

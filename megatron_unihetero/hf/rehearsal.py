@@ -67,7 +67,7 @@ def save_dinov2_folder(folder: str, *, hidden_size: int, num_layers: int, num_he
 
 def logits_parity(iter_dir: str, hf_dir: str, image, text: str) -> Dict[str, float]:
     """Feed BOS + ``<image>`` + ``text`` with ``image`` (PIL) through ``hf_dir``'s processor (a
-    prompt written by hand brings its own BOS: the tokenizer adds none); return
+    prompt written by hand brings its own BOS, if the tokenizer has one: it adds none); return
     ``{max_abs_diff, max_abs_logit, num_image_tokens, seq_len}`` between its
     LlavaForConditionalGeneration's logits and our model's (checkpoint ``iter_dir``, TP=1, fp32)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -78,7 +78,8 @@ def logits_parity(iter_dir: str, hf_dir: str, image, text: str) -> Dict[str, flo
     from megatron_unihetero.models.config import ModelConfig
 
     processor = AutoProcessor.from_pretrained(hf_dir)
-    inputs = processor(text=processor.tokenizer.bos_token + "<image>" + text, images=image, return_tensors="pt")
+    bos = processor.tokenizer.bos_token or ""  # none for a tokenizer without BOS (Qwen2's)
+    inputs = processor(text=bos + "<image>" + text, images=image, return_tensors="pt")
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(**inputs).logits[0]

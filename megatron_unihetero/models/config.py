@@ -220,8 +220,8 @@ class PixelGenConfig:
     latent_channels: Optional[int] = None  # C_lat per token; None: derived from the VAE
     # Classifier-free guidance (MAR / LlamaGen): in training, with this probability per
     # document whose first image follows text, that text (the caption the image is generated
-    # from: every token between the document's first token, BOS, and the <image_start> right
-    # before the image) is fed as ``null_token_id`` instead, so the model also learns the
+    # from: every token before the <image_start> right before the image, BOS excepted, see
+    # model.documents_start_with_bos) is fed as ``null_token_id`` instead, so the model also learns the
     # image unconditionally; generation (generation/sample.py) guides with the same null
     # prompt. Drawn on the first stage from torch's default generator (seeded with the run's
     # seed, identical on its TP ranks, saved with the checkpoint's RNG states).
@@ -268,6 +268,11 @@ class ModelConfig:
     semantic: SemanticGenConfig = field(default_factory=SemanticGenConfig)
     pixel: PixelGenConfig = field(default_factory=PixelGenConfig)
     image_token_id: int = 3
+    # Whether each document starts with the tokenizer's BOS (data/tokenizer.py bos_ids: false
+    # for a tokenizer without one, as Qwen2's). Condition dropout keeps that first position
+    # and nulls the caption after it (pixel.cond_dropout); the importer sets it from the
+    # tokenizer and the trainer checks it against the shards when cond_dropout > 0.
+    documents_start_with_bos: bool = True
     freeze_llm: bool = False
 
     def __post_init__(self):

@@ -119,14 +119,15 @@ def semantic_positions(visual_mask: torch.Tensor, segment_ids: torch.Tensor) -> 
     return mask
 
 
-def condition_positions(layout: Layout) -> torch.Tensor:
+def condition_positions(layout: Layout, starts_with_bos: bool) -> torch.Tensor:
     """[B, S] bool: the text each document's first image is generated from (the caption of a
     text-to-image sample), the positions classifier-free guidance's condition dropout nulls.
 
     Training lays a document out as ``BOS text <image_start> <image>*T <image_end> ...``
-    (data/preprocess/samples.py): the condition is every position after the document's first
-    one (BOS) and before the marker right before its first visual position. A document that
-    starts with its image (a caption sample: image first) or has none has no condition.
+    (data/preprocess/samples.py; no BOS for a tokenizer without one): the condition is every
+    position before the marker right before its first visual position, except the document's
+    first one when it is BOS (``starts_with_bos``: model.documents_start_with_bos). A document
+    that starts with its image (a caption sample: image first) or has none has no condition.
     """
     segments, visual = layout.segment_ids, layout.visual_mask
     b, s = segments.shape
@@ -139,7 +140,8 @@ def condition_positions(layout: Layout) -> torch.Tensor:
     first_visual = torch.full((b * s,), -1, dtype=torch.long, device=segments.device)
     first_visual.scatter_reduce_(0, slot[visual], position[visual], reduce="amin", include_self=False)
     first_visual = first_visual[slot]
-    return (valid & ~visual & (position > start[slot]) & (position < first_visual - 1))
+    after_bos = position > start[slot] if starts_with_bos else position >= start[slot]
+    return valid & ~visual & after_bos & (position < first_visual - 1)
 
 
 def _validate_blocks(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:

@@ -240,11 +240,11 @@ class PixelHead(nn.Module):
 
 
 def drop_conditions(tokens: torch.Tensor, layout: interleaver.Layout,
-                    config: PixelGenConfig) -> torch.Tensor:
+                    config: PixelGenConfig, *, starts_with_bos: bool) -> torch.Tensor:
     """Classifier-free guidance's condition dropout (training, first stage): ``tokens`` [B, S]
     with, in each document dropped (probability ``cond_dropout``), its condition (the caption
-    before its first image, :func:`interleaver.condition_positions`) replaced by
-    ``null_token_id``.
+    before its first image, BOS excepted when ``starts_with_bos``:
+    :func:`interleaver.condition_positions`) replaced by ``null_token_id``.
 
     The drop is at the input, so everything downstream of the image positions sees the null
     condition: the semantic and the pixel objectives both learn the image unconditionally
@@ -265,7 +265,7 @@ def drop_conditions(tokens: torch.Tensor, layout: interleaver.Layout,
     draws = torch.rand(tokens.shape, dtype=torch.float32)  # default CPU generator, any device
     dropped = draws.to(tokens.device) < config.cond_dropout
     documents = layout.segment_ids.long().clamp(min=0)
-    drop = dropped.gather(1, documents) & interleaver.condition_positions(layout)
+    drop = dropped.gather(1, documents) & interleaver.condition_positions(layout, starts_with_bos)
     return tokens.masked_fill(drop, config.null_token_id)
 
 

@@ -190,7 +190,8 @@ class UniHeteroModel(MegatronModule):
         decoder_input = None
         if self.pre_process:
             if self.training and self.cfg.pixel.cond_dropout > 0.0:
-                tokens = drop_conditions(tokens, layout, self.cfg.pixel)  # guidance's null prompts
+                tokens = drop_conditions(tokens, layout, self.cfg.pixel,  # guidance's null prompts
+                                         starts_with_bos=self.cfg.documents_start_with_bos)
             embeddings = self.llm.embed(tokens)  # [s, b, h]
             if num_images:
                 visual = self.projector(features)

@@ -329,13 +329,23 @@ class Trainer:
 
 
 def check_tokenizer_matches(cfg: RunConfig, datasets) -> None:
-    """The shards' tokenizer must agree with the model's image token and vocabulary."""
+    """The shards' tokenizer must agree with the model's image token, vocabulary and (for
+    condition dropout) documents_start_with_bos."""
     for dataset in datasets:
         ids = dataset.tokenizer_ids
         image_id = ids.get("image_token_id")
         if image_id is not None and image_id != cfg.model.image_token_id:
             raise ConfigError(f"data {dataset.name!r} was tokenized with <image> = {image_id}, but "
                               f"model.image_token_id = {cfg.model.image_token_id}")
+        # Condition dropout keeps a document's first token when it is BOS (models/interleaver.py
+        # condition_positions): whether it is must be what the shards' tokenizer wrote.
+        has_bos = ids["bos_id"] is not None if "bos_id" in ids else None
+        if cfg.model.pixel.cond_dropout > 0 and has_bos not in (None, cfg.model.documents_start_with_bos):
+            raise ConfigError(f"data {dataset.name!r} was tokenized {'with' if has_bos else 'without'} a "
+                              f"BOS token, but model.documents_start_with_bos = "
+                              f"{cfg.model.documents_start_with_bos}: condition dropout would "
+                              f"{'null BOS' if has_bos else 'keep the caption first token'}; set "
+                              f"model.documents_start_with_bos: {str(has_bos).lower()}")
         vocab = ids.get("vocab_size")
         if vocab is not None and vocab > cfg.model.llm.vocab_size:
             raise ConfigError(f"data {dataset.name!r} uses a tokenizer of {vocab} tokens, more than "

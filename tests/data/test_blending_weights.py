@@ -76,3 +76,23 @@ def test_weight_validation_and_data_path():
     assert parse_data_path(["a"]) == (["a"], [1.0])
     with pytest.raises(ValueError, match="weight prefix"):
         parse_data_path(["a", "b"])
+
+
+def test_documents_without_bos_blend_only_with_their_kind(datasets, tmp_path):
+    """Shards of a tokenizer without BOS (metadata bos_id null) read back None, blend with each
+    other and batch with no BOS anywhere; beside shards with BOS they are refused by name, in
+    one dataset and across the loader's datasets."""
+    from megatron_unihetero.data.loader import MultimodalLoader
+    from megatron_unihetero.data.synthetic_shards import TOKENIZER
+
+    plain = [MultimodalDataset(write_synthetic_dataset(str(tmp_path / f"n{tag}"), num_samples=12, tag=tag,
+                                                       seed=tag, bos=False)) for tag in range(2)]
+    assert plain[0].tokenizer_ids["bos_id"] is None
+    batch = next(iter(MultimodalLoader(plain, seq_length=64, micro_batch_size=2, tokens_per_image=4,
+                                       num_samples=8, pack_window=64)))
+    assert not (batch["tokens"] == TOKENIZER["bos_id"]).any()
+    with pytest.raises(ValueError, match="tokenizer differs.*bos_id"):
+        MultimodalDataset(plain[0].readers + datasets[0].readers)
+    with pytest.raises(ValueError, match="disagree on bos_id"):
+        MultimodalLoader([datasets[0], plain[0]], seq_length=64, micro_batch_size=2, tokens_per_image=4,
+                         num_samples=8, pack_window=64)

@@ -98,3 +98,48 @@ def test_train_tokenizer_cli_on_jsonl(tmp_path):
     tok = T.build_tokenizer(str(tmp_path / "m.model"))
     _check_common(tok)
     assert tok.pad_id == tok.sp.piece_to_id(T.PAD_TOKEN)
+
+
+def test_tokenizers_without_bos_write_none(tmp_path):
+    """A GPT-2-style HF tokenizer (EOS, no BOS, no pad) and a SentencePiece model trained with
+    bos_id=-1: bos_id None (never EOS in its place), kept through save/reload and the shard
+    metadata's JSON; documents, chat renderings and image prompts start with their content."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_unihetero.data import conversation
+    from megatron_unihetero.data.preprocess.samples import SampleConfig, encode_document
+    from megatron_unihetero.generation.sample import image_prompt
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|endoftext|>"] + TEXT.split())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=None,
+                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2")
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(png, format="PNG")
+    png = png.getvalue()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT] * 50), model_prefix=str(tmp_path / "nobos"),
+                                   vocab_size=30, hard_vocab_limit=False, bos_id=-1, minloglevel=2)
+    for tok in (T.build_tokenizer(str(tmp_path / "gpt2")), T.build_tokenizer(str(tmp_path / "nobos.model"))):
+        assert tok.bos_id is None and tok.bos_ids == [] and tok.eos_id >= 0, tok.kind
+        assert json.loads(json.dumps(tok.metadata()))["bos_id"] is None
+        tok.save(str(tmp_path / f"saved_{tok.kind}"))
+        assert T.build_tokenizer(str(tmp_path / f"saved_{tok.kind}")).bos_id is None
+
+        img = [tok.image_start_id, tok.image_token_id, tok.image_end_id]
+        caption = encode_document([("image", png), ("text", TEXT, True)], tok, SampleConfig(image_size=16))
+        assert caption.tokens.tolist() == img + tok.encode_plain(TEXT) + [tok.eos_id]
+        qa = encode_document(conversation.render([{"role": "user", "content": "left?"},
+                                                  {"role": "assistant", "content": "top"}]),
+                             tok, SampleConfig(template="qa"))
+        assert qa.tokens.tolist() == tok.encode_plain("Question: left? Answer: top") + [tok.eos_id]
+        assert image_prompt(tok, "red") == tok.encode_plain("red") + [tok.image_start_id]
+    messages = [{"role": "user", "content": "<image>left?"}]
+    assert conversation.render_text(messages, None, "</s>", add_generation_prompt=True) == \
+        conversation.IMAGE_PLACEHOLDER + "Question: left? Answer:"

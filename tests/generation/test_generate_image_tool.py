@@ -47,6 +47,13 @@ def checkpoints(tmp_path_factory):
             if pixel:
                 cfg.pixel.cond_dropout, cfg.pixel.null_token_id = 0.1, tokenizer.pad_id
             made[name] = _save(workdir, name, cfg, tokenizer_path)
+        # Trained on documents without BOS: with this tokenizer's BOS, guidance would null
+        # another prompt than training did.
+        cfg = tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=1.0)
+        cfg.llm.vocab_size, cfg.image_token_id = 512, tokenizer.image_token_id
+        cfg.pixel.cond_dropout, cfg.pixel.null_token_id = 0.1, tokenizer.pad_id
+        cfg.documents_start_with_bos = False
+        made["no_bos"] = _save(workdir, "no_bos", cfg, tokenizer_path)
         yield workdir, made
 
 
@@ -93,6 +100,8 @@ def test_errors_are_one_line(checkpoints, capsys):
         (["--load", made["pixel"], "--prompt", "a " * 60, "--out", out], "max_sequence_length"),
         (["--load", made["pixel"], "--prompt", "a", "--out", out, "--tokenizer",
           os.path.join(workdir, "missing.model")], "not found"),
+        (["--load", made["no_bos"], "--prompt", "a", "--out", out, "--cfg-scale", "2"],
+         "has a BOS but the model was trained with model.documents_start_with_bos=False"),
     ]
     for argv, message in cases:
         code, stdout, err = _run(argv, capsys)

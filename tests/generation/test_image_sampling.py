@@ -87,8 +87,15 @@ def test_guidance(models, one_thread):
     # Scale 0 is the unconditional model: the null prompt run alone, unguided; the mixing and
     # the two streams in one batch are exact.
     uncond = generate_latents(model, [prompt], ImageSampling(cfg_scale=0.0, seed=2))
-    alone = generate_latents(model, [null_prompt(prompt, NULL)], ImageSampling(seed=2))
+    alone = generate_latents(model, [null_prompt(prompt, NULL, True)], ImageSampling(seed=2))
     _close(uncond, alone)
+
+
+def test_null_prompt_keeps_bos_only_when_documents_start_with_it():
+    from megatron_unihetero.generation.sample import null_prompt
+
+    assert null_prompt(CAPTIONS[0], NULL, True) == [1, NULL, NULL, 6]
+    assert null_prompt([20, 30, 6], NULL, False) == [NULL, NULL, 6]  # a tokenizer without BOS
 
 
 def test_guidance_needs_condition_dropout(models):
@@ -129,14 +136,18 @@ def test_condition_dropout_rate_and_determinism():
     tokens, segments = _documents(32, 80)
     layout = interleaver.layout(tokens, image_token_id=IMAGE_TOKEN, tokens_per_image=1,
                                 num_images=32 * 80, segment_ids=segments)
-    caption = interleaver.condition_positions(layout)
+    caption = interleaver.condition_positions(layout, starts_with_bos=True)
     # Exactly the three caption tokens of each text-to-image document: not BOS, not the marker.
     assert torch.equal(caption[0, :14], torch.tensor([0, 1, 1, 1, 0, 0, 0] + [0] * 7, dtype=torch.bool))
+    # Documents without BOS (Qwen2's tokenizer): the first token is the caption's, so it is
+    # nulled too (and the second document reads as a one-token caption before its image).
+    no_bos = interleaver.condition_positions(layout, starts_with_bos=False)
+    assert torch.equal(no_bos[0, :14], torch.tensor([1, 1, 1, 1, 0, 0, 0] + [1] + [0] * 6, dtype=torch.bool))
     config = PixelGenConfig(weight=1.0, cond_dropout=0.1, null_token_id=NULL)
     torch.manual_seed(11)
-    dropped = drop_conditions(tokens, layout, config)
+    dropped = drop_conditions(tokens, layout, config, starts_with_bos=True)
     torch.manual_seed(11)
-    assert torch.equal(dropped, drop_conditions(tokens, layout, config))  # the seed decides
+    assert torch.equal(dropped, drop_conditions(tokens, layout, config, starts_with_bos=True))  # the seed decides
     changed = dropped != tokens
     assert torch.equal(changed, changed & caption)  # nothing but captions changes
     assert bool((dropped[changed] == NULL).all())
@@ -146,7 +157,7 @@ def test_condition_dropout_rate_and_determinism():
     rate = per_doc.all(-1).float().mean().item()
     assert abs(rate - 0.1) < 0.025, rate  # 1280 documents: 4 standard deviations
     torch.manual_seed(12)
-    assert not torch.equal(dropped, drop_conditions(tokens, layout, config))
+    assert not torch.equal(dropped, drop_conditions(tokens, layout, config, starts_with_bos=True))
 
 
 def test_model_feeds_dropped_conditions_in_training_only(models):
@@ -166,7 +177,7 @@ def test_model_feeds_dropped_conditions_in_training_only(models):
         expected = {}
         for seed in range(40):  # until a draw drops row 1's caption
             torch.manual_seed(seed)
-            expected = drop_conditions(batch["tokens"], layout, model.cfg.pixel)
+            expected = drop_conditions(batch["tokens"], layout, model.cfg.pixel, starts_with_bos=True)
             if not torch.equal(expected, batch["tokens"]):
                 break
         assert not torch.equal(expected, batch["tokens"])

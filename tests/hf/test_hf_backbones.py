@@ -1,6 +1,6 @@
 """Llama-3.x, Qwen2 and SigLIP2 backbones: HF folder -> our checkpoint -> our model at TP=1,
 TP=2 and PP=2 -> exported Llava, logits against transformers' own models; tied embeddings
-trained at PP=2; the refusals.
+trained at PP=2; the refusals; a Qwen2 folder with its own tokenizer (no BOS) end to end.
 
 Three tiny LLM folders built from transformers configs with random weights: a Llama-3.1-style
 one (GQA, "llama3" RoPE scaling with original_max_position_embeddings=8 < the 24 test
@@ -9,6 +9,8 @@ test_llama3_rope_frequencies_match_transformers shows), the same tied (Llama-3.2
 Qwen2-style one (non-zero q/k/v biases, tied, rope_theta 1e6).
 """
 
+import dataclasses
+import io
 import os
 
 import pytest
@@ -336,21 +338,109 @@ def test_llm_config_refusals_name_the_field(change, fragments):
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
-def test_tokenizer_without_bos_is_refused(sources, tmp_path):
-    """Qwen2's tokenizer has no BOS (bos_token null): refused at import, naming why."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+# -- a tokenizer without BOS (Qwen2's) ------------------------------------------------------
+def pretrain_job(args):
+    from megatron_unihetero.pretrain import main
+
+    main(args)
+
+
+def _qwen2_tokenizer(folder, texts):
+    """Qwen2's kind of tokenizer.json: byte-level BPE, bos_token null, <|endoftext|> as eos and
+    pad, <|im_start|> / <|im_end|> as added specials; trained here on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<unk>", "<|endoftext|>", *"abcdefgh"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    folder = str(tmp_path / "tok")
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>",
-                            bos_token=None).save_pretrained(folder)
-    out = str(tmp_path / "ckpt")
-    with pytest.raises(ConversionError, match="has no BOS token") as info:
-        import_hf(sources["qwen2_tied"], out, vision=sources["dinov2"], tokenizer=folder)
-    assert folder in str(info.value) and not os.path.exists(out)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=None,
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
+
+
+def test_qwen2_tokenizer_without_bos_end_to_end(sources, tmp_path):
+    """A Qwen2 folder with its own tokenizer (no BOS) -> import (the vocabulary grown for our
+    specials; model.documents_start_with_bos false) -> shards without BOS (caption and qa rows)
+    -> 2 training steps -> export: the processor has no BOS, the export's own check proved every
+    calling path gives training's ids, the chat template gives exactly the shard's qa sample,
+    and the Llava's logits are ours."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from transformers import AutoProcessor, GenerationConfig
+
+    from megatron_unihetero.data import conversation
+    from megatron_unihetero.data.dataset import MultimodalDataset
+    from megatron_unihetero.data.demo_world import write_demo_data
+    from megatron_unihetero.data.preprocess.readers import iter_texts
+    from megatron_unihetero.data.shards import ShardReader
+    from megatron_unihetero.data.tokenizer import build_tokenizer
+    from megatron_unihetero.hf.rehearsal import logits_parity
+    from megatron_unihetero.testing.tools import load_tool
+    from megatron_unihetero.models.config import ConfigError, PixelGenConfig
+    from megatron_unihetero.training import checkpoint as ckpt
+    from megatron_unihetero.training.config import RunConfig
+    from megatron_unihetero.training.trainer import check_tokenizer_matches
+
+    write_demo_data(str(tmp_path / "demo"), 4, seed=3, image_size=24, valid_fraction=0.0)
+    parquet = str(tmp_path / "demo" / "train.parquet")
+    folder = str(tmp_path / "qwen2")
+    rows = _qwen2_tokenizer(folder, iter_texts([parquet], ["caption", "question", "answer"]))
+    hf_causal_lm("qwen2", vocab_size=rows, tie_word_embeddings=True).save_pretrained(folder)
+    tok = build_tokenizer(folder)
+    assert tok.bos_id is None and tok.bos_ids == [] and tok.eos_id == tok.pad_id == 0
+    assert (tok.image_token_id, tok.vocab_size) == (rows, rows + 3)  # <pad> is <|endoftext|>
+
+    init = import_hf(folder, str(tmp_path / "init"), vision=sources["dinov2"])  # its own tokenizer
+    cfg = model_config(init)
+    assert (cfg.image_token_id, cfg.llm.vocab_size, cfg.documents_start_with_bos) == (rows, 1024, False)
+
+    prefix = str(tmp_path / "shards" / "train")
+    assert load_tool("preprocess_data").main(
+        ["--input", parquet, "--output-prefix", prefix, "--tokenizer-model", folder, "--template", "both",
+         "--image-size", "32", "--workers", "1", "--no-progress"]) == 0
+    reader = ShardReader(prefix + "_00000")
+    assert reader.metadata["tokenizer"]["bos_id"] is None  # stored as null, read back as None
+    img = [tok.image_start_id, tok.image_token_id, tok.image_end_id]
+    caption, qa = reader.tokens(0).tolist(), reader.tokens(1).tolist()
+    assert caption[:3] == img and qa[:3] == img and caption[-1] == qa[-1] == tok.eos_id
+    # Condition dropout reads model.documents_start_with_bos: the trainer checks it against
+    # the shards' tokenizer (here false, as the import set it).
+    guided = dataclasses.replace(cfg, pixel=PixelGenConfig(cond_dropout=0.1, null_token_id=tok.pad_id))
+    check_tokenizer_matches(RunConfig(model=guided), [MultimodalDataset(prefix)])
+    with pytest.raises(ConfigError, match="without a BOS token.*documents_start_with_bos: false"):
+        check_tokenizer_matches(RunConfig(model=dataclasses.replace(guided, documents_start_with_bos=True)),
+                                [MultimodalDataset(prefix)])
+
+    run_dir = str(tmp_path / "run")
+    args = ["--config", os.path.join(init, "iter_0000000", "config.yaml"), f"--checkpoint.load={init}",
+            f"--checkpoint.dir={run_dir}/ckpt", f"--logging.dir={run_dir}", f"--data.train=[{prefix}]",
+            "--data.seq_length=64", "--data.micro_batch_size=2", "--data.num_workers=0",
+            "--data.pack_window=64", "--train.steps=2", "--train.lr=1e-3", "--train.warmup_steps=1",
+            "--train.dtype=fp32", "--checkpoint.save_interval=2", "--logging.log_interval=1",
+            "--logging.eval_interval=0", "--logging.tensorboard=false", "--logging.progress_bar=false",
+            "--model.llm.attention_impl=reference"]
+    run_distributed_test(pretrain_job, 1, args, timeout_s=240)
+    iter_dir = ckpt.latest_iteration_dir(f"{run_dir}/ckpt")
+    assert iter_dir.endswith("iter_0000002")
+
+    out = export_checkpoint(f"{run_dir}/ckpt", str(tmp_path / "hf"))  # checks the calling paths
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.bos_token is None
+    assert GenerationConfig.from_pretrained(out).bos_token_id is None
+    row = pq.read_table(parquet).to_pylist()[0]
+    messages = conversation.qa_messages(None, row["question"], row["answer"])
+    chat = processor.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+    assert chat["input_ids"] == qa  # the shard's qa sample of the row, exactly
+    image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+    result = logits_parity(iter_dir, out, image, " " + row["caption"])
+    assert result["num_image_tokens"] == 16 and result["max_abs_logit"] > 0.1
+    assert result["max_abs_diff"] < 1e-4
+    assert model_config(import_hf(out, str(tmp_path / "back"))).documents_start_with_bos is False
 
 
 def test_tied_head_is_the_embedding_in_every_text_loss():

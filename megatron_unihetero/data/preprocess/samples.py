@@ -7,7 +7,8 @@ in a caption stays plain text, and a sample's placeholders are exactly its image
 the text between two special tokens is encoded as one string (as the exported HF tokenizer
 encodes a rendered chat), and the target/prompt boundaries inside it must fall on token
 boundaries (else the row is rejected, reason ``token_boundary``). The sample is
-``BOS + segments + EOS`` (no second EOS when the document ends with one).
+``BOS + segments + EOS`` (no second EOS when the document ends with one; no BOS for a
+tokenizer without one, ``Tokenizer.bos_ids``).
 
 Templates (``--template``):
   caption       [image] caption                          every text token is a target
@@ -286,8 +287,8 @@ def encode_document(doc: List[tuple], tokenizer, cfg: SampleConfig, cache: Optio
     # BOS counts as a target unless the document has a prompt: a caption sample's mask then
     # equals the default a shard without a loss mask implies (ShardReader.loss_mask).
     has_prompt = any(seg[0] == "text" and not seg[2] for seg in doc)
-    ids: List[int] = [tokenizer.bos_id]
-    mask: List[int] = [0 if has_prompt else 1]
+    ids: List[int] = list(tokenizer.bos_ids)
+    mask: List[int] = [0 if has_prompt else 1] * len(ids)
     images: List[Any] = []
     n_text = 0
     image_ids = [tokenizer.image_start_id, tokenizer.image_token_id, tokenizer.image_end_id]
