@@ -44,6 +44,9 @@ with console.held_warnings() as _import_warnings:
     from megatron_unihetero.training.config import RunConfig
 
 LOG_NAME = "generate_image.log"
+# Sampled latent tokens with a standard deviation above this are a diverged sampler, not an
+# image: the VAE's latents are scaled to about unit variance (a converged head gives ~0.1-2).
+DIVERGED_LATENT_STD = 50.0
 
 
 class UsageError(Exception):
@@ -154,10 +157,19 @@ def _generate(args, log) -> int:
         prompts = [sample.image_prompt(tokenizer, text) for text in args.prompt]
         _, model = evaluate.build_from_checkpoint(iteration_dir)
         start = time.perf_counter()
-        images = sample.sample_images(model, prompts, params, use_cache=not args.no_cache)
+        vae = sample.model_vae(model)
+        latents = sample.generate_latents(model, prompts, params, use_cache=not args.no_cache).latents
+        images = sample.latents_to_images(vae, latents)
         seconds = time.perf_counter() - start
     except (FileNotFoundError, CheckpointError, ConfigLoadError, ConfigError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    for i, std in enumerate(latents.float().std(dim=(1, 2)).tolist()):
+        if not std < DIVERGED_LATENT_STD:  # NaN too
+            print(f"warning: prompt {i + 1}'s latents have std {std:.3g} (the VAE's are scaled to "
+                  f"about 1): the pixel head's sampler diverged and the image is noise. Typical of "
+                  f"a short run with pixel.prediction=epsilon (its first DDIM step divides by "
+                  f"sqrt(alpha-bar) ~ 5e-5); train longer, or with pixel.prediction=v",
+                  file=sys.stderr)
     for path, image, text in zip(paths, images, args.prompt):
         image.save(path, format="PNG")
         print(f"wrote {path} ({image.size[0]}x{image.size[1]}): {text!r}")

@@ -54,6 +54,14 @@ def checkpoints(tmp_path_factory):
         cfg.pixel.cond_dropout, cfg.pixel.null_token_id = 0.1, tokenizer.pad_id
         cfg.documents_start_with_bos = False
         made["no_bos"] = _save(workdir, "no_bos", cfg, tokenizer_path)
+        # Untrained denoisers: with epsilon prediction DDIM's first step (from alpha-bar ~ 2e-9)
+        # multiplies the head's error by ~2e4; with v prediction the clean latent stays bounded.
+        for prediction in ("epsilon", "v"):
+            cfg = tiny_config(pixel_weight=1.0, routing="shared", semantic_weight=1.0)
+            cfg.llm.vocab_size, cfg.image_token_id = 512, tokenizer.image_token_id
+            cfg.pixel.prediction = prediction
+            made[f"untrained_{prediction}"] = _save(workdir, f"untrained_{prediction}", cfg,
+                                                    tokenizer_path)
         yield workdir, made
 
 
@@ -109,3 +117,15 @@ def test_errors_are_one_line(checkpoints, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, err)
         assert not os.path.exists(out)
+
+
+def test_a_diverged_sampler_is_named_not_silent(checkpoints, capsys):
+    workdir, made = checkpoints
+    out_path = os.path.join(workdir, "diverged.png")
+    code, out, err = _run(["--load", made["untrained_epsilon"], "--prompt", "a red circle", "--out", out_path,
+                           "--steps", "3"], capsys)
+    assert code == 0 and os.path.isfile(out_path), err
+    assert "warning: prompt 1's latents have std" in err and "pixel.prediction=v" in err
+    code, out, err = _run(["--load", made["untrained_v"], "--prompt", "a red circle", "--out",
+                           out_path, "--steps", "3"], capsys)
+    assert code == 0 and "warning" not in err, err
