@@ -328,6 +328,8 @@ def test_siglip2_exports_as_a_siglip_llava(sources, siglip2_folder, tmp_path):
         model.eval()
         with torch.no_grad():
             features = model.projector(model.vision(images))
+            # The pooling head (unused by Llava, but exported): Siglip2's on its own inputs.
+            pooled = model.vision.model(**model.vision._naflex_inputs(images)).pooler_output
             hidden = model(tokens, torch.arange(SEQ)[None], images=images,
                            segment_ids=torch.zeros_like(tokens, dtype=torch.int32))
             ours = _gathered_logits(model, hidden, tensor_parallel)
@@ -342,7 +344,9 @@ def test_siglip2_exports_as_a_siglip_llava(sources, siglip2_folder, tmp_path):
     with torch.no_grad():
         theirs = llava.model.get_image_features(pixel_values=images).pooler_output[0]
         exported = llava(input_ids=tokens, pixel_values=images).logits
+        their_pooled = llava.model.vision_tower(pixel_values=images).pooler_output
     assert (theirs - features[0]).abs().max() < 1e-4, (theirs - features[0]).abs().max()
+    assert (their_pooled - pooled).abs().max() < 1e-4
     assert (exported - ours).abs().max() < 1e-4 and ours.abs().max() > 0.1
     image_processor = AutoProcessor.from_pretrained(out).image_processor
     assert image_processor.crop_size == {"height": 16, "width": 16}
