@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 from transformers import LlamaConfig, LlavaConfig, Qwen2Config
 
+from megatron_unihetero.hf.siglip2 import siglip_vision_config
 from megatron_unihetero.models.config import LLAMA3_ROPE_KEYS, LLMConfig, ModelConfig, VisionConfig
 from megatron_unihetero.models.vision import (
     _HF_CLASSES, HF_MODEL_TYPES, load_hf_vision_config, tokens_per_image)
@@ -155,11 +156,19 @@ def feature_select_strategy(vision: VisionConfig) -> str:
     return "default" if has_cls and vision.drop_cls_token else "full"
 
 
+def exported_vision_type(vision: VisionConfig) -> str:
+    """Our vision.model_type of the tower an export writes: a siglip2 tower is written as the
+    SigLIP tower it equals at its fixed grid (hf/siglip2.py), every other as itself."""
+    return "siglip" if vision.model_type == "siglip2" else vision.model_type
+
+
 def llava_config(model: ModelConfig, *, pad_token_id: Optional[int], bos_token_id: Optional[int],
                  eos_token_id: Optional[int], dtype: str):
     """The LlavaConfig of an exported model (the vision config from the encoder's own, at the
-    size the model runs it: the export writes position embeddings of that size)."""
-    hf_vision = load_hf_vision_config(model.vision)
+    size the model runs it: the export writes position embeddings of that size; a siglip2
+    encoder's is the equal SiglipVisionConfig, :func:`exported_vision_type`)."""
+    hf_vision = (siglip_vision_config(model.vision) if model.vision.model_type == "siglip2"
+                 else load_hf_vision_config(model.vision))
     text = text_config(model.llm, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                         eos_token_id=eos_token_id)
     # Where the encoder came from is not part of the exported model (and would break the

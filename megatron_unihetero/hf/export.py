@@ -13,6 +13,8 @@ length may be smaller: the rows past it are padding, which generation_config.jso
 The vision tower is written at the size the model ran it (``vision.image_size``): its position
 embeddings interpolated once, the LlavaConfig's vision image_size and the processor's crop that
 size, so one ``<image>`` expands to the tokens_per_image the model was trained with.
+A SigLIP2 (NaFlex) tower, which Llava cannot call, is written as the SigLIP tower it equals at
+that size (hf/siglip2.py); the export then re-imports as ``siglip``.
 """
 
 from __future__ import annotations
@@ -30,22 +32,14 @@ from megatron_unihetero.checkpointing.errors import CheckpointError
 from megatron_unihetero.hf import heads as heads_lib
 from megatron_unihetero.hf import processor as processor_lib
 from megatron_unihetero.hf.common import DTYPES, cast_floats, save_hf_weights, staged_output
-from megatron_unihetero.hf.configs import ConversionError, llava_config
+from megatron_unihetero.hf.configs import ConversionError, exported_vision_type, llava_config
+from megatron_unihetero.hf.siglip2 import siglip2_state_as_siglip
 from megatron_unihetero.hf.weights import full_to_llava_disk, split_heads
 from megatron_unihetero.models.config import ModelConfig
 from megatron_unihetero.models.vision import position_embeddings_at_run_size
 from megatron_unihetero.training import checkpoint as ckpt
 
 CONFIG_FILE = "config.yaml"
-# Vision towers a transformers Llava cannot run, and why (checked with transformers 5.25).
-NOT_EXPORTABLE_TOWERS = {
-    "siglip2": "transformers' LlavaForConditionalGeneration calls its vision tower with "
-               "pixel_values only, and Siglip2VisionModel (NaFlex) also needs "
-               "pixel_attention_mask and spatial_shapes, so the exported model could not run "
-               "an image. Use the checkpoint with this codebase (evaluate.py, generation/), or "
-               "train with a fixed-resolution SigLIP2 release (saved as model_type 'siglip', "
-               "which exports)",
-}
 
 
 def iteration_dir(load: str, iteration: Optional[int] = None) -> str:
@@ -96,10 +90,6 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
     iter_dir = iteration_dir(load, iteration)
     run = read_run_config(iter_dir)
     model = config_io.from_dict(ModelConfig, run["model"], "model")
-    if model.vision.model_type in NOT_EXPORTABLE_TOWERS:
-        raise ConversionError(f"{os.path.join(iter_dir, CONFIG_FILE)}: vision.model_type="
-                              f"{model.vision.model_type!r}: "
-                              f"{NOT_EXPORTABLE_TOWERS[model.vision.model_type]}")
     tokenizer = tokenizer or (run.get("data") or {}).get("tokenizer")
     if not tokenizer:
         raise ConversionError(f"{os.path.join(iter_dir, CONFIG_FILE)}: data.tokenizer is empty; "
@@ -118,7 +108,7 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
     if unknown:
         raise ConversionError(f"{iter_dir}: tensors with no place in the export: {unknown[:5]}")
     try:
-        disk = full_to_llava_disk(llava_part, model.llm, model.vision.model_type)
+        disk = full_to_llava_disk(llava_part, model.llm, exported_vision_type(model.vision))
     except KeyError as exc:
         raise ConversionError(f"{iter_dir}: {exc.args[0]}") from None
     target = DTYPES[dtype]
@@ -140,10 +130,14 @@ def export_checkpoint(load: str, save: str, iteration: Optional[int] = None, dty
 def _vision_at_run_size(full: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
     """The vision tower with position embeddings for ``vision.image_size`` (the LlavaConfig
     says that size): Llava calls its tower without ``interpolate_pos_encoding``, so the
-    interpolation our encoder does at run time is done once here, by transformers' own code."""
+    interpolation our encoder does at run time is done once here, by transformers' own code.
+    A siglip2 tower becomes the SigLIP tower it equals at that grid (hf/siglip2.py)."""
     prefix = "vision.model."
     own = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    resized = position_embeddings_at_run_size(model.vision, own)
+    if model.vision.model_type == "siglip2":
+        resized = siglip2_state_as_siglip(model.vision, own)
+    else:
+        resized = position_embeddings_at_run_size(model.vision, own)
     out = {k: v for k, v in full.items() if not k.startswith(prefix)}
     out.update({prefix + k: v for k, v in resized.items()})
     return out

@@ -149,7 +149,8 @@ def position_embeddings_at_run_size(config: VisionConfig, vision_state: Dict[str
     native, run = native_hf_vision_config(config), load_hf_vision_config(config)
     if config.model_type == "siglip2":
         raise ConfigError("SigLIP2 resizes its position embeddings per image itself; it has no "
-                          "fixed-size table to write")
+                          "fixed-size table to write (hf/siglip2.py writes the SigLIP tower it "
+                          "equals at one grid)")
     if native.image_size == run.image_size:
         return dict(vision_state)
     prefix, (module, name), param = _POSITION_EMBEDDINGS[config.model_type]

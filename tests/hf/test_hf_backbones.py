@@ -305,15 +305,55 @@ def test_siglip2_features_equal_transformers(siglip2_folder, image_size):
     assert mine.shape == (2, grid * grid, 32) and torch.equal(mine, expected)
 
 
-def test_siglip2_imports_and_its_export_is_refused(sources, siglip2_folder, tmp_path):
+def test_siglip2_exports_as_a_siglip_llava(sources, siglip2_folder, tmp_path):
+    """A siglip2 checkpoint (run at 16 px: its 4 x 4 position grid resized to 2 x 2) exports as
+    a Llava whose tower is a SiglipVisionModel at 16 px (hf/siglip2.py), giving our image
+    features and our logits on a row with an image; the export re-imports as ``siglip``."""
+    from megatron.core import tensor_parallel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, SiglipVisionModel
+
+    from megatron_unihetero import parallel
+    from megatron_unihetero.checkpointing import dist as dist_ckpt
+
     ckpt = import_hf(sources["llama31"], str(tmp_path / "ckpt"), vision=siglip2_folder,
-                     tokenizer=sources["tokenizer"])
+                     tokenizer=sources["tokenizer"], image_size=16)
     cfg = model_config(ckpt)
     assert cfg.vision.model_type == "siglip2" and cfg.vision.path == os.path.abspath(siglip2_folder)
-    with pytest.raises(ConversionError, match="pixel_attention_mask and spatial_shapes") as info:
-        export_checkpoint(ckpt, str(tmp_path / "hf"))
-    assert "vision.model_type='siglip2'" in str(info.value) and "'siglip'" in str(info.value)
-    assert not os.path.exists(tmp_path / "hf")
+    tokens = sample_tokens()
+    tokens[0, 3:7] = cfg.image_token_id  # 2 x 2 patches, no CLS
+    images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with parallel.single_process():
+        model = parallel.build_model(cfg)
+        dist_ckpt.load_model([model], dist_ckpt.dist_dir(os.path.join(ckpt, "iter_0000000")))
+        model.eval()
+        with torch.no_grad():
+            features = model.projector(model.vision(images))
+            # The pooling head (unused by Llava, but exported): Siglip2's on its own inputs.
+            pooled = model.vision.model(**model.vision._naflex_inputs(images)).pooler_output
+            hidden = model(tokens, torch.arange(SEQ)[None], images=images,
+                           segment_ids=torch.zeros_like(tokens, dtype=torch.int32))
+            ours = _gathered_logits(model, hidden, tensor_parallel)
+
+    out = export_checkpoint(ckpt, str(tmp_path / "hf"))
+    llava, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    llava.eval()
+    assert type(llava.model.vision_tower) is SiglipVisionModel
+    assert (llava.config.vision_config.model_type, llava.config.vision_config.image_size) == (
+        "siglip_vision_model", 16)
+    with torch.no_grad():
+        theirs = llava.model.get_image_features(pixel_values=images).pooler_output[0]
+        exported = llava(input_ids=tokens, pixel_values=images).logits
+        their_pooled = llava.model.vision_tower(pixel_values=images).pooler_output
+    assert (theirs - features[0]).abs().max() < 1e-4, (theirs - features[0]).abs().max()
+    assert (their_pooled - pooled).abs().max() < 1e-4
+    assert (exported - ours).abs().max() < 1e-4 and ours.abs().max() > 0.1
+    image_processor = AutoProcessor.from_pretrained(out).image_processor
+    assert image_processor.crop_size == {"height": 16, "width": 16}
+    assert tuple(image_processor.image_mean) == tuple(image_processor.image_std) == (0.5,) * 3
+
+    back = model_config(import_hf(out, str(tmp_path / "back")))
+    assert back.vision.model_type == "siglip" and back.vision.hf_config["image_size"] == 16
 
 
 # -- refusals -------------------------------------------------------------------------------
