@@ -86,8 +86,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = 
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy()
     if vpp is not None and pp < 2:
         raise ValueError("virtual pipeline stages need pipeline_parallel >= 2")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
@@ -100,9 +99,31 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: Optional[int] = 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def _megatron_process_groups() -> list:
+    """The process groups megatron-core created for this rank: its ``parallel_state`` lists
+    each one it creates (``_global_process_group_list``, read by its own group-name lookup),
+    once; None and the groups this rank is not in are left out."""
+    created = parallel_state._global_process_group_list or []
+    return [group for group in created
+            if isinstance(group, dist.ProcessGroup) and group is not dist.GroupMember.WORLD]
+
+
 def destroy() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    """Tear down megatron-core's TP/PP/DP groups; the world's process group stays.
+
+    megatron-core's ``destroy_model_parallel`` only forgets its groups: torch keeps each one
+    registered, with its gloo threads, until the world is destroyed. A process that builds
+    the groups again over a world that stays (a tool run in a test process, evaluate and
+    generate_image called in turn) would keep every earlier set (about 25 groups and 50
+    threads each time), so they are destroyed here, one by one (a local operation, as
+    megatron-core's own destroy of its gloo groups is)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    # Before megatron-core's own teardown, which destroys a few of its gloo groups itself when
+    # torch still has them (it then finds none) and forgets the list.
+    for group in _megatron_process_groups():
+        dist.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
 
 
 @contextlib.contextmanager
