@@ -58,3 +58,23 @@ def lend_launcher_variables() -> None:
         os.environ["LOCAL_RANK"] = "7"  # changed inside (DeepSpeed may): restored too
     print("after", "restored" if dict(os.environ) == before else "changed", flush=True)
     dist.destroy_process_group()
+
+
+def rebuild_groups_over_a_world_that_stays() -> None:
+    """For tests/platform/test_init_distributed.py: megatron-core's groups built five times over
+    one world (a test process running the tools in turn); prints the process's thread count
+    after the first build and after the last (gloo starts threads per group)."""
+    from megatron_unihetero import parallel
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    parallel.init_distributed(0.5)
+    for build in range(5):
+        parallel.initialize(1, 1, seed=build)
+        if build == 0:
+            first = threads()
+    print("threads", first, threads(), flush=True)
+    parallel.destroy()
+    print("after destroy", threads(), flush=True)
+    dist.destroy_process_group()

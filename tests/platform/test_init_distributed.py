@@ -46,3 +46,15 @@ def test_deepspeed_variables_are_lent_for_the_block_and_restored():
     proc = _fresh(jobs.lend_launcher_variables)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inside 0 1 0" in proc.stdout and "after restored" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_rebuilt_groups_do_not_pile_up_over_a_world_that_stays():
+    # megatron-core's destroy_model_parallel forgets its groups; torch kept them (about 50 gloo
+    # threads per build) until parallel.destroy destroyed them: 4000 threads in the test process.
+    proc = _fresh(jobs.rebuild_groups_over_a_world_that_stays)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, last = (int(n) for n in proc.stdout.split("threads", 1)[1].split()[:2])
+    assert last <= first + 2, proc.stdout
+    after = int(proc.stdout.split("after destroy", 1)[1].split()[0])
+    assert after < first - 20, proc.stdout  # the groups' threads are gone
