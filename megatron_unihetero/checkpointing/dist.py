@@ -91,6 +91,13 @@ def content(folder: str) -> dict:
     return dist_checkpointing.load_content_metadata(folder) or {}
 
 
+def load_common(folder: str) -> dict:
+    """The checkpoint's non-sharded state (``common.pt``: param groups, steps, ...), read on
+    this rank alone without building a sharded state dict (scanned first, see :func:`_require`)."""
+    _require(folder)
+    return dist_checkpointing.load_common_state_dict(folder)
+
+
 def load(sharded_state_dict: dict, folder: str) -> dict:
     """Read this rank's slices of ``sharded_state_dict`` from ``folder`` (any saved layout).
 

@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import (
     _allreduce_non_tensor_model_parallel_grads, _allreduce_word_embedding_grads)
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
@@ -133,6 +134,42 @@ def _stateless_parts_report_the_step(optimizers):
             del opt.state_dict
 
 
+def _is_legacy(groups: list) -> bool:
+    """``groups`` are megatron-core's two standard param groups, untagged: a checkpoint saved
+    before per-module param groups (wd_mult 1 on matrices, 0 on biases and 1-D tensors)."""
+    return (len(groups) == 2 and not any("decay" in g or "module" in g for g in groups)
+            and sorted(g.get("wd_mult") for g in groups) == [0.0, 1.0]
+            and all(g.get("lr_mult") == 1.0 and not g.get("is_expert_parallel")
+                    and not g.get("is_decoupled_lr") for g in groups))
+
+
+def _per_module_groups(legacy: list, current: list) -> list:
+    """A legacy checkpoint's two param groups laid out as the optimizer's per-module ones
+    (``current``: its inner optimizer's state-dict groups): each group a copy of the legacy
+    group of the same decay (its step and other hyperparameters), tagged and with the
+    parameter indices of the current group."""
+    by_decay = {group["wd_mult"] == 1.0: group for group in legacy}
+    return [dict(by_decay[group["decay"]], decay=group["decay"], module=group["module"],
+                 params=group["params"]) for group in current]
+
+
+def _group_tags(groups: list) -> list:
+    """The sorted (decay, module) tags of param groups."""
+    return sorted({(group["decay"], group["module"]) for group in groups})
+
+
+def _check_saved_tags(saved_groups: list, tags: list, folder: str) -> None:
+    """A checkpoint's param groups are for this run's (decay, module) ``tags``, or a
+    CheckpointError: the checkpoint trains other modules."""
+    saved = {(group.get("decay"), group.get("module")) for group in saved_groups}
+    if saved != set(tags):
+        raise CheckpointError(
+            f"{folder}: its optimizer has param groups for (decay, module) "
+            f"{sorted(saved, key=str)}, this run {tags}: it trains other modules "
+            f"(model.*.frozen, model.freeze_llm). Start from its weights with "
+            f"--checkpoint.load={os.path.dirname(folder)} --checkpoint.resume=false")
+
+
 @contextlib.contextmanager
 def _matching_groups_by_tags(optimizer, train, folder: str):
     """Work around megatron-core 0.16's matching of a checkpoint's param groups to the
@@ -146,23 +183,21 @@ def _matching_groups_by_tags(optimizer, train, folder: str):
     read: the rates are each group's max_lr / min_lr) is its position in the order of the
     (decay, module) tags, in the optimizer's groups and, through the function this yields, in
     the checkpoint's, which also get this run's wd_mult: the match is one to one. After the
-    load ``lr_mult`` is 1 again. A checkpoint whose groups are other modules (freezing
-    changed) or untagged (saved before per-module groups) is a CheckpointError.
+    load ``lr_mult`` is 1 again. A checkpoint saved before per-module groups (megatron-core's
+    two standard groups, untagged, :func:`_is_legacy`) is first laid out as this optimizer's
+    groups (:func:`_per_module_groups`, from ``part``'s inner optimizer: the saved groups'
+    part of the megatron optimizer).
+    A checkpoint whose groups are other modules (freezing changed) is a CheckpointError.
     """
-    tags = sorted({(group["decay"], group["module"]) for group in optimizer.param_groups})
+    tags = _group_tags(optimizer.param_groups)
     position = {tag: float(i + 1) for i, tag in enumerate(tags)}
     for group in optimizer.param_groups:
         group["lr_mult"] = position[(group["decay"], group["module"])]
 
-    def mark_saved(groups: list) -> None:
-        saved = {(group.get("decay"), group.get("module")) for group in groups}
-        if saved != set(tags):
-            raise CheckpointError(
-                f"{folder}: its optimizer has param groups for (decay, module) "
-                f"{sorted(saved, key=str)}, this run {tags}: it trains other modules "
-                f"(model.*.frozen, model.freeze_llm) or was saved before per-module param "
-                f"groups. Start from its weights with --checkpoint.load={os.path.dirname(folder)} "
-                f"--checkpoint.resume=false")
+    def mark_saved(groups: list, part) -> None:
+        if _is_legacy(groups):
+            groups[:] = _per_module_groups(groups, part.optimizer.state_dict()["param_groups"])
+        _check_saved_tags(groups, tags, folder)
         apply_module_multipliers(groups, train)
         for group in groups:
             group["lr_mult"] = position[(group["decay"], group["module"])]
@@ -185,6 +220,22 @@ def _saved_param_groups(state):
     elif isinstance(state, (list, tuple)):
         for value in state:
             yield from _saved_param_groups(value)
+
+
+def _request_saved_groups(request: dict, common: dict, tags: list, folder: str,
+                          distributed: bool) -> None:
+    """Check the param groups in the checkpoint's common state (the float16 / fp32 optimizer's,
+    the distributed optimizer's in fully_reshardable form) before the load: other modules'
+    groups are the CheckpointError of :func:`_check_saved_tags` here, not megatron-core's
+    merge or shape error. For the float16 / fp32 optimizer a legacy pair (:func:`_is_legacy`)
+    is requested as two groups: megatron-core merges the saved groups into the requested list
+    (the lengths must agree), their parameter indices are not saved (LocalNonpersistentObject),
+    the state is keyed by parameter, and mark_saved lays the groups out again."""
+    for requested, saved in zip(_saved_param_groups(request), _saved_param_groups(common)):
+        if not _is_legacy(saved):
+            _check_saved_tags(saved, tags, folder)
+        elif not distributed:
+            requested[:] = [{"params": LocalNonpersistentObject([])} for _ in saved]
 
 
 class MegatronEngine(Engine):
@@ -383,13 +434,23 @@ class MegatronEngine(Engine):
         # megatron-core 0.16 matches the checkpoint's param groups to the optimizer's by their
         # (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) alone, in this sharded state
         # dict already: _matching_groups_by_tags makes that one to one (module, decay).
+        # A checkpoint saved before per-module param groups has megatron-core's two standard
+        # groups; they are laid out as this optimizer's after reading (mark_saved), the
+        # float16 / fp32 optimizer's request asks for two (_request_saved_groups).
+        parts = megatron_optimizers(self.optimizer)
         with _matching_groups_by_tags(self.optimizer, self.cfg.train, folder) as mark_saved:
-            state = dist_ckpt.load(self._sharded_state_dict(saved["optimizer_format"], is_loading=True),
-                                   folder)
+            request = self._sharded_state_dict(saved["optimizer_format"], is_loading=True)
+            _request_saved_groups(request["optimizer"], dist_ckpt.load_common(folder).get("optimizer", {}),
+                                  _group_tags(self.optimizer.param_groups), folder, self.distributed)
+            state = dist_ckpt.load(request, folder)
             for i, chunk in enumerate(self.chunks):
                 dist_ckpt.load_model_state(chunk, state[dist_ckpt.model_key(i, len(self.chunks))], folder)
-            for groups in _saved_param_groups(state["optimizer"]):
-                mark_saved(groups)
+            loaded = list(_saved_param_groups(state["optimizer"]))
+            if len(loaded) != len(parts):
+                raise CheckpointError(f"{folder}: its optimizer has {len(loaded)} parts, this "
+                                      f"run's {len(parts)}. {restart}")
+            for groups, part in zip(loaded, parts):
+                mark_saved(groups, part)
             with torch.no_grad(), _param_state_loads_skip_adam_steps(megatron_optimizers(self.optimizer)):
                 # no_grad: for fp32 models the master shards are views of the parameters
                 self.optimizer.load_state_dict(state["optimizer"])

@@ -1,5 +1,6 @@
 """Jobs for the staged-training tests (module-level so the forkserver workers can import them)."""
 
+import contextlib
 import json
 import os
 
@@ -174,3 +175,95 @@ def text_only_micro_batch_job(engine_name: str, zero_stage: int = 1, text_only_l
         engine.close()
     finally:
         parallel.destroy()
+
+
+@contextlib.contextmanager
+def _megatron_core_standard_groups():
+    """Build megatron optimizers as before per-module param groups: megatron-core's two standard
+    groups (no config_overrides), untagged, with its default rates."""
+    from megatron_unihetero.training import optim
+
+    saved = optim.module_overrides, optim.apply_module_multipliers
+    optim.module_overrides = lambda config, train: None
+    optim.apply_module_multipliers = lambda groups, train: None
+    try:
+        yield
+    finally:
+        optim.module_overrides, optim.apply_module_multipliers = saved
+
+
+def _train(args, legacy: bool = False):
+    """Train a run in this process: ({name: parameter after training}, the param groups, the
+    Adam steps)."""
+    from megatron_unihetero import parallel
+    from megatron_unihetero.config_io import load_config
+    from megatron_unihetero.training.config import RunConfig
+    from megatron_unihetero.training.trainer import Trainer
+
+    cfg = load_config(RunConfig, None, args)
+    cfg.validate(dist.get_world_size())
+    parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    try:
+        with _megatron_core_standard_groups() if legacy else contextlib.nullcontext():
+            trainer = Trainer(cfg)
+        trainer.train()
+        params = {f"{i}.{n}": p.detach().clone() for i, c in enumerate(trainer.chunks)
+                  for n, p in c.named_parameters()}
+        groups = list(trainer.engine.optimizer.param_groups)
+        return params, groups, {float(s["step"]) for s in _adam_states(trainer.engine)}
+    finally:
+        parallel.destroy()
+
+
+def legacy_groups_resume_job(legacy_args, resume_args, resume_dir: str, refusal: str):
+    """A megatron-engine run with megatron-core's standard param groups (as saved before
+    per-module groups) trains 3 steps and checkpoints after step 2; a run with per-module groups
+    resumes that checkpoint and trains step 3 (the projector at twice the rate): the same loss,
+    bit-identical parameters but the projector's (every Adam moment restored), the same Adam
+    step, each group tagged and at this run's rates. A resume of that run with the projector
+    frozen is refused (its checkpoint's groups are other modules)."""
+    import shutil
+
+    from megatron_unihetero.testing.runs import train_records
+    from megatron_unihetero.training import checkpoint as ckpt
+
+    legacy_params, legacy_groups, legacy_steps = _train(legacy_args, legacy=True)
+    assert len(legacy_groups) == 2 and not any("module" in g for g in legacy_groups)
+    legacy_dir = _run_dir(legacy_args)
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.join(resume_dir, "ckpt"))
+        shutil.copytree(os.path.join(legacy_dir, "ckpt", "iter_0000002"),
+                        os.path.join(resume_dir, "ckpt", "iter_0000002"))
+        ckpt.mark_latest(os.path.join(resume_dir, "ckpt"), os.path.join(resume_dir, "ckpt", "iter_0000002"))
+    dist.barrier()
+    params, groups, steps = _train(resume_args)
+    assert sorted((g["module"], g["decay"]) for g in groups) == sorted(
+        (module, decay) for module in ("heads", "llm", "projector") for decay in (True, False))
+    assert all(g["max_lr"] == 2e-3 for g in groups if g["module"] == "projector"), groups
+    assert steps == legacy_steps == {3.0}, (steps, legacy_steps)
+    records = train_records(resume_dir)
+    assert set(records) == {3}, records  # resumed after step 2
+    record, legacy_record = records[3], train_records(legacy_dir)[3]
+    assert record["loss"] == legacy_record["loss"]  # the data position and the weights
+    assert record["lr/projector"] == 2 * record["lr"] == 2 * legacy_record["lr"]
+    assert params.keys() == legacy_params.keys()
+    for name, value in params.items():
+        # the projector's rate is this run's (twice the legacy run's), every other module's
+        # step is the legacy run's own: its Adam moments and step came back
+        moved_alike = torch.equal(value, legacy_params[name])
+        assert moved_alike != (".projector." in f".{name}"), name
+
+    # The resumed run's checkpoint has per-module groups: a resume that trains other modules
+    # (the projector frozen now) stays refused, with ``refusal`` in the message.
+    from megatron_unihetero.checkpointing.errors import CheckpointError
+    try:
+        _train(resume_args + ["--model.projector.frozen=true", "--train.steps=4"])
+    except CheckpointError as exc:
+        assert refusal in str(exc), exc
+    else:
+        raise AssertionError("a checkpoint of other modules resumed")
+
+
+def _run_dir(args) -> str:
+    """The logging.dir of a run's --key=value arguments (its checkpoints are under ckpt/)."""
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--logging.dir="))

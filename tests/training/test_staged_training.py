@@ -161,3 +161,32 @@ def test_a_micro_batch_reaching_nothing_trainable_still_steps(engine, zero_stage
     parameter (megatron-core's schedule skips such a backward; DeepSpeed needs one, and ZeRO-2
     one that gives every parameter a gradient); the step applies the other micro-batch's."""
     run_distributed_test(stages.text_only_micro_batch_job, 1, engine, zero_stage, text_only_last)
+
+
+# A resume that trains other modules: the param groups in the checkpoint's common state say so
+# before the load; dp_reshardable keeps them with the flat buffers, whose sizes differ first.
+TRAINS_OTHER_MODULES = "it trains other modules"
+
+
+@pytest.mark.parametrize("distributed,optimizer_format,refusal", [
+    (False, "dp_reshardable", TRAINS_OTHER_MODULES),
+    (True, "dp_reshardable", "Global shape mismatch"),
+    (True, "fully_reshardable", TRAINS_OTHER_MODULES)],
+    ids=["replicated", "distributed-dp", "distributed-fully"])
+def test_a_checkpoint_saved_before_per_module_groups_resumes_exactly(
+        data_prefix, tmp_path, distributed, optimizer_format, refusal):
+    """megatron-core's two standard param groups in the checkpoint, per-module groups in the
+    run: the resume continues the step, the data, the schedule and every Adam moment (the next
+    step's loss and parameters are the legacy run's own), at this run's module rates. A
+    checkpoint with per-module groups of other modules stays a CheckpointError."""
+    # No clipping: the global grad norm sums over the param groups in their order, so the
+    # legacy run's two groups and the resumed run's per-module ones differ in its last bit.
+    settings = {"train.steps": 3, "checkpoint.save_interval": 2, "train.clip_grad": 0,
+                "parallel.distributed_optimizer": distributed,
+                "checkpoint.optimizer_format": optimizer_format}
+    legacy, resumed = str(tmp_path / "legacy"), str(tmp_path / "resumed")
+    run_distributed_test(stages.legacy_groups_resume_job, 1,
+                         jobs.overrides(data_prefix, legacy, **settings),
+                         jobs.overrides(data_prefix, resumed, **dict(
+                             settings, **{"train.module_lr": "{projector: {lr_mult: 2.0}}"})),
+                         resumed, refusal)
