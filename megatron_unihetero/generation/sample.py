@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
+
+from megatron_unihetero.generation import text
 
 GUIDES = ("both", "semantic", "pixel")
 
@@ -105,12 +106,7 @@ def null_prompt(prompt: Sequence[int], null_token_id: int, starts_with_bos: bool
 
 def check_model(model, params: ImageSampling) -> None:
     """The model can generate images as asked; each refusal names the option to train with."""
-    if not (model.pre_process and model.post_process):
-        raise ValueError("image generation needs the whole model on one rank (PP=1): load the "
-                         "checkpoint at PP=1 (tools/generate_image.py does)")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp != 1:
-        raise ValueError(f"image generation runs at TP=1; tensor parallel size is {tp}")
+    text.check_model(model, "image generation", "tools/generate_image.py")
     if model.semantic_head is None:
         raise ValueError("the model has no semantic head (image generation feeds its predictions "
                          "back as the next input embeddings): train with model.semantic.weight > 0")

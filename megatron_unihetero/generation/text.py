@@ -83,15 +83,16 @@ def never_generated(tokenizer, vocab_size: int) -> List[int]:
     return padding + [tokenizer.image_token_id, tokenizer.image_start_id, tokenizer.image_end_id]
 
 
-def check_model(model) -> None:
-    """Generation runs the whole model on one rank: refuse other layouts by name."""
+def check_model(model, task: str = "text generation", loader: str = "evaluate.py") -> None:
+    """Generation (text here, images in generation/sample.py) runs the whole model on one rank:
+    refuse other layouts by name; ``loader`` is the tool that loads a checkpoint at PP=1."""
     if not (model.pre_process and model.post_process):
-        raise ValueError("text generation needs the whole model on one rank (PP=1): this model "
-                         "is one pipeline stage; load the checkpoint at PP=1 (evaluate.py does)")
+        raise ValueError(f"{task} needs the whole model on one rank (PP=1): this model is one "
+                         f"pipeline stage; load the checkpoint at PP=1 ({loader} does)")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != 1:
-        raise ValueError(f"text generation runs at TP=1 (the logits are not gathered); "
-                         f"tensor parallel size is {tp}")
+        raise ValueError(f"{task} runs at TP=1 (the outputs are not gathered); tensor parallel "
+                         f"size is {tp}")
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
