@@ -63,11 +63,11 @@ class ImageSampling:
     seed: int = 0  # prompt i draws from seed + i
 
     def __post_init__(self):
-        if self.cfg_scale < 0:
+        if not self.cfg_scale >= 0:  # NaN too: it would guide every pixel to NaN
             raise ValueError(f"cfg_scale must be >= 0 (1: off, 0: unconditional), got {self.cfg_scale}")
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {', '.join(GUIDES)}; got {self.guide!r}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
@@ -113,6 +113,10 @@ def check_model(model, params: ImageSampling) -> None:
     if model.pixel_head is None:
         raise ValueError("the model has no pixel head (it turns each visual token into pixels): "
                          "train with model.pixel.weight > 0")
+    levels = model.cfg.pixel.num_diffusion_steps
+    if params.num_steps is not None and params.num_steps > levels:
+        raise ValueError(f"num_steps {params.num_steps} is more than the {levels} noise levels the "
+                         f"pixel head was trained on (model.pixel.num_diffusion_steps)")
     if params.guided and model.cfg.pixel.cond_dropout == 0.0:
         raise ValueError(f"cfg_scale {params.cfg_scale} needs a model trained with "
                          f"model.pixel.cond_dropout > 0 (it learns the null prompt): this one was "

@@ -105,6 +105,8 @@ def test_errors_are_one_line(checkpoints, capsys):
          "does not exist"),
         (["--load", made["pixel"], "--prompt", "a", "--prompt", "b", "--out", out], "existing folder"),
         (["--load", made["pixel"], "--prompt", "a", "--out", out, "--cfg-scale", "-1"], "cfg_scale"),
+        (["--load", made["pixel"], "--prompt", "a", "--out", out, "--cfg-scale", "nan"], "cfg_scale"),
+        (["--load", made["pixel"], "--prompt", "a", "--out", out, "--steps", "5000"], "noise levels"),
         (["--load", made["pixel"], "--prompt", "a " * 60, "--out", out], "max_sequence_length"),
         (["--load", made["pixel"], "--prompt", "a", "--out", out, "--tokenizer",
           os.path.join(workdir, "missing.model")], "not found"),
